@@ -1,0 +1,120 @@
+"""The gate's verdict types: the closed set of reasons, account state, Decision.
+
+``decide()`` (in :mod:`agent.gate.decide`) builds a :class:`Decision` from a
+policy, an :class:`AccountState`, a :class:`~agent.calls.CallInfo` request and
+``now``. The reason codes below are a documented, closed set: dialplans,
+dashboards and MQTT consumers match on them, so a code is never renamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+
+from agent.calls import HangupCause
+from agent.rating import Tariff
+
+
+class Reason(StrEnum):
+    """Why a call was allowed or refused (``CALLGATE_REASON`` / ``callgate_reason``)."""
+
+    ALLOWED = "allowed"
+    INBOUND = "inbound"
+    OUTSIDE_HOURS = "outside_hours"
+    CLOSED_DATE = "closed_date"
+    INSUFFICIENT_BALANCE = "insufficient_balance"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    ACCOUNT_SUSPENDED = "account_suspended"
+    ACCOUNT_CLOSED = "account_closed"
+    DESTINATION_NOT_ALLOWED = "destination_not_allowed"
+    INVALID_NUMBER = "invalid_number"
+    DO_NOT_CALL = "do_not_call"
+    FREQUENCY_CAP = "frequency_cap"
+    RATE_CAP = "rate_cap"
+    CALLER_ID_NOT_OWNED = "caller_id_not_owned"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+    LEDGER_UNAVAILABLE = "ledger_unavailable"
+    SHUTTING_DOWN = "shutting_down"
+
+
+REASON_HELP: dict[Reason, str] = {
+    Reason.ALLOWED: "the call may go out",
+    Reason.INBOUND: "inbound calls are never gated",
+    Reason.OUTSIDE_HOURS: "outside the account's calling hours",
+    Reason.CLOSED_DATE: "outbound calling is closed on this date",
+    Reason.INSUFFICIENT_BALANCE: "the balance cannot pay the first billing increment",
+    Reason.UNKNOWN_ACCOUNT: "no account in the policy matches the call",
+    Reason.ACCOUNT_SUSPENDED: "the account is suspended in the policy",
+    Reason.ACCOUNT_CLOSED: "the account was refunded and closed in the ledger",
+    Reason.DESTINATION_NOT_ALLOWED: "the destination is outside the allowed scope",
+    Reason.INVALID_NUMBER: "the destination is not a dialable number",
+    Reason.DO_NOT_CALL: "the destination is on a do-not-call list",
+    Reason.FREQUENCY_CAP: "too many attempts to this number in the cap period",
+    Reason.RATE_CAP: "too many attempts by this account in the rate period",
+    Reason.CALLER_ID_NOT_OWNED: "the caller ID is not one of the account's own numbers",
+    Reason.CONCURRENCY_LIMIT: "all the account's rented lines are busy",
+    Reason.LEDGER_UNAVAILABLE: "the ledger could not be read in time (fail closed)",
+    Reason.SHUTTING_DOWN: "the agent is stopping and takes no new calls",
+}
+
+_DENY_CAUSE: dict[Reason, HangupCause] = {
+    Reason.OUTSIDE_HOURS: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.CLOSED_DATE: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.DESTINATION_NOT_ALLOWED: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.DO_NOT_CALL: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.CALLER_ID_NOT_OWNED: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.CONCURRENCY_LIMIT: HangupCause.NORMAL_TEMPORARY_FAILURE,
+    Reason.LEDGER_UNAVAILABLE: HangupCause.NORMAL_TEMPORARY_FAILURE,
+    Reason.SHUTTING_DOWN: HangupCause.NORMAL_TEMPORARY_FAILURE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AccountState:
+    """What the ledger knows of an account at decision time.
+
+    ``balance`` is the *available* balance (postings minus open holds), or
+    ``None`` when the ledger could not be read. Attempts are the times of
+    earlier *allowed* outbound attempts: ``callee_attempts`` to this
+    destination, ``account_attempts`` to any, each at least as far back as the
+    longest cap period of the policy.
+    """
+
+    balance: Decimal | None
+    live_calls: int = 0
+    callee_attempts: tuple[datetime, ...] = ()
+    account_attempts: tuple[datetime, ...] = ()
+    closed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One rule the decision looked at, for ``policy explain``."""
+
+    rule: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allow: bool
+    reason: Reason
+    message: str
+    account: str | None = None
+    tariff: Tariff | None = None
+    max_seconds: int | None = None
+    destination: str = ""
+    checks: tuple[Check, ...] = ()
+
+    @property
+    def result(self) -> str:
+        """``ALLOW`` or ``DENY``, as the channel variables spell it."""
+        return "ALLOW" if self.allow else "DENY"
+
+    @property
+    def hangup_cause(self) -> HangupCause:
+        """The cause a refused call is hung up with."""
+        return _DENY_CAUSE.get(self.reason, HangupCause.CALL_REJECTED)

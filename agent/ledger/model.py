@@ -1,0 +1,177 @@
+"""The ledger's contract: its types, its errors and the interface both backends keep.
+
+Five money invariants, checked by the contract tests and the meter's simulation:
+
+1. Every ended answered call is charged exactly its rated amount, once
+   (idempotency keys: a replayed event never charges twice).
+2. No call talks beyond what its holds paid for (the meter reserves first,
+   then extends the PBX deadline).
+3. No balance goes below zero through calls: a hold succeeds only if the
+   available balance covers it, checked and written atomically. Only
+   penalties and negative adjustments may take a balance below zero.
+4. The postings sum to the balances: ``posted`` = top-ups − charges −
+   penalties − refunds ± adjustments; ``held`` = holds − charged − released.
+5. No hold stays open for a call that has ended: settling a call charges and
+   releases all of its holds in one transaction.
+
+Amounts are :class:`~decimal.Decimal` in this API and integers of the minor
+unit in storage. Times are timezone-aware UTC datetimes passed in by the
+caller (the clock is injected; the ledger never reads the wall clock for
+business data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Protocol
+
+
+class LedgerError(Exception):
+    """Base of every ledger error; the message is meant for the user."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The store could not be reached or stayed locked past the timeout."""
+
+
+class UnknownAccount(LedgerError):
+    pass
+
+
+class AccountClosed(LedgerError):
+    pass
+
+
+class IdempotencyConflict(LedgerError):
+    """An idempotency key (or reference) was reused with different content."""
+
+
+class RefusedOperation(LedgerError):
+    """A well-formed request the rules refuse (first top-up below the minimum,
+    refund while calls are in progress, an unknown call, …)."""
+
+
+class PostingKind(StrEnum):
+    TOPUP = "topup"
+    HOLD = "hold"
+    RELEASE = "release"
+    CHARGE = "charge"
+    PENALTY = "penalty"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    id: int
+    account: str
+    kind: PostingKind
+    amount: Decimal  # positive; the kind gives the sign (adjustments are signed)
+    at: datetime
+    ref: str
+    key: str
+    call_id: str | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account: str
+    posted: Decimal  # top-ups − charges − penalties − refunds ± adjustments
+    held: Decimal  # open holds
+    closed: bool = False
+
+    @property
+    def available(self) -> Decimal:
+        return self.posted - self.held
+
+
+class CallStatus(StrEnum):
+    ADMITTED = "admitted"  # allowed by the gate, not answered yet
+    ANSWERED = "answered"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A call the ledger knows: admitted by the gate, metered, or ended."""
+
+    call_id: str
+    account: str
+    node: str
+    caller: str
+    callee: str
+    tariff_name: str
+    rate: Decimal
+    increment: int
+    minimum: int
+    admitted_at: datetime
+    answered_at: datetime | None = None
+    paid_seconds: int = 0  # talk time the call's holds pay for
+    held: Decimal = Decimal(0)  # sum of its holds still open
+    steps: int = 0  # holds taken so far
+    status: CallStatus = CallStatus.ADMITTED
+
+
+@dataclass(frozen=True, slots=True)
+class Cdr:
+    """The settled record of one call (a statement line)."""
+
+    call_id: str
+    account: str
+    caller: str
+    callee: str
+    answered_at: datetime | None
+    ended_at: datetime
+    billsec: int
+    billed_seconds: int
+    amount: Decimal
+    cause: str
+    cut_off: bool = False
+    flags: tuple[str, ...] = field(default_factory=tuple)
+    node: str = ""
+
+
+class Ledger(Protocol):
+    """Both backends (SQLite, PostgreSQL) implement exactly this."""
+
+    async def close(self) -> None: ...
+
+    # -- finance --------------------------------------------------------------
+    async def topup(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime,
+        first_minimum: Decimal = Decimal(0), note: str = "",
+    ) -> Posting: ...
+    async def penalty(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting: ...
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting: ...
+    async def adjust(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting: ...
+    async def balance(self, account: str) -> Balance: ...
+    async def balances(self) -> list[Balance]: ...
+    async def history(self, account: str, since: datetime | None = None) -> list[Posting]: ...
+
+    # -- calls (the meter) ----------------------------------------------------
+    async def admit_call(self, call: CallRecord, max_live: int | None) -> bool: ...
+    async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord: ...
+    async def hold(
+        self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
+    ) -> bool: ...
+    async def settle_call(self, cdr: Cdr) -> Cdr: ...
+    async def get_call(self, call_id: str) -> CallRecord | None: ...
+    async def live_calls(self, account: str | None = None) -> list[CallRecord]: ...
+    async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]: ...
+
+    # -- attempts (frequency and rate caps) -----------------------------------
+    async def record_attempt(
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+    ) -> None: ...
+    async def attempts(
+        self, account: str, since: datetime, destination: str | None = None
+    ) -> list[datetime]: ...
+    async def prune_attempts(self, before: datetime) -> int: ...
