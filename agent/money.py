@@ -30,7 +30,7 @@ def parse_amount(
 
     Floats are refused outright: a float cannot carry an exact decimal amount.
     """
-    if isinstance(text, float) or isinstance(text, bool):
+    if isinstance(text, (float, bool)):
         raise AmountError(f"amount {text!r} must be written as a decimal string, not a float")
     raw = str(text).strip()
     try:

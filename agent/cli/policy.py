@@ -1,0 +1,146 @@
+"""``callgate policy check|explain``: validate a policy; show what it decides for one call."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from agent.calls import CallInfo, Direction
+from agent.cli.common import CheckFailed, UsageError, load_policy, now, policy_path, print_json
+from agent.gate.decide import decide
+from agent.gate.decision import AccountState
+from agent.money import AmountError, format_amount, parse_amount
+from agent.yamlfile import ConfigError
+
+
+def register(sub: Any) -> None:
+    policy = sub.add_parser("policy", help="check a policy or explain a decision")
+    commands = policy.add_subparsers(dest="policy_command", required=True,
+                                     parser_class=type(policy))
+
+    check = commands.add_parser("check", help="validate a policy file")
+    check.add_argument("path", nargs="?", help="policy file (default: the configured one)")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(func=_check)
+
+    explain = commands.add_parser("explain", help="show the decision for one call")
+    explain.add_argument("--account", required=True, help="account id (its accountcode)")
+    explain.add_argument("--to", required=True, dest="destination", help="dialled number")
+    explain.add_argument("--from", dest="caller_id",
+                         help="caller ID (default: the account's first)")
+    explain.add_argument("--at", help="ISO time (default: now); without a zone: the account's")
+    explain.add_argument("--direction", choices=["outbound", "inbound"], default="outbound")
+    explain.add_argument("--balance", help="available balance (default: the ledger's)")
+    explain.add_argument("--live-calls", type=int, default=None)
+    explain.add_argument("--json", action="store_true")
+    explain.set_defaults(func=_explain)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from agent.gate.policy import load_policy as load
+
+    path = Path(args.path) if args.path else policy_path(args)
+    try:
+        policy = load(path)
+    except ConfigError as exc:
+        if args.json:
+            print_json({"valid": False, "errors": [
+                {"file": e.file, "line": e.line, "path": e.path, "message": e.message}
+                for e in exc.errors]})
+            return 1
+        raise CheckFailed(str(exc)) from None
+    if args.json:
+        print_json({"valid": True, "file": path, "accounts": sorted(policy.accounts)})
+    else:
+        print(policy.summary())
+    return 0
+
+
+async def _ledger_state(args: argparse.Namespace, account: str) -> tuple[Decimal | None, int, bool]:
+    """Balance, live calls and closed flag from the ledger (None balance: unreachable)."""
+    from agent.cli.common import ledger_url
+    from agent.ledger import LedgerError, UnknownAccount, open_ledger
+
+    try:
+        ledger = await open_ledger(ledger_url(args))
+    except LedgerError as exc:
+        raise UsageError(f"cannot open the ledger for --balance: {exc}") from None
+    try:
+        try:
+            balance = await ledger.balance(account)
+        except UnknownAccount:
+            return Decimal(0), 0, False
+        live = len(await ledger.live_calls(account))
+        return balance.available, live, balance.closed
+    finally:
+        await ledger.close()
+
+
+async def _explain(args: argparse.Namespace) -> int:
+    policy = load_policy(args)
+    account = policy.accounts.get(args.account)
+    if account is None:
+        known = ", ".join(sorted(policy.accounts)) or "none"
+        raise UsageError(f"unknown account {args.account!r} (accounts: {known})")
+    if args.at:
+        try:
+            at = datetime.fromisoformat(args.at)
+        except ValueError:
+            raise UsageError(
+                f"--at {args.at!r} is not an ISO time (e.g. 2026-11-24T09:30)"
+            ) from None
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=account.hours.timezone)
+        at = at.astimezone(UTC)
+    else:
+        at = now()
+    closed = False
+    if args.balance is not None:
+        try:
+            balance: Decimal | None = parse_amount(args.balance, allow_zero=True,
+                                                   allow_negative=True)
+        except AmountError as exc:
+            raise UsageError(f"--balance: {exc}") from None
+        live = args.live_calls or 0
+    else:
+        balance, live, closed = await _ledger_state(args, account.id)
+        if args.live_calls is not None:
+            live = args.live_calls
+    caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
+    request = CallInfo(
+        call_id="explain", direction=Direction(args.direction), caller_id=caller,
+        destination=args.destination, accountcode=args.account,
+    )
+    state = AccountState(balance=balance, live_calls=live, closed=closed)
+    decision = decide(policy, state, request, at, explain=True)
+    if args.json:
+        tariff = decision.tariff
+        print_json({
+            "allow": decision.allow,
+            "result": decision.result,
+            "reason": decision.reason.value,
+            "message": decision.message,
+            "max_seconds": decision.max_seconds,
+            "tariff": None if tariff is None else {
+                "name": tariff.name, "rate": tariff.rate, "increment": tariff.increment,
+                "minimum": tariff.minimum, "rounding": tariff.rounding.value},
+            "account": decision.account,
+            "destination": decision.destination,
+            "at": at,
+            "balance": balance,
+            "checks": [{"rule": c.rule, "passed": c.passed, "detail": c.detail}
+                       for c in decision.checks],
+        })
+        return 0
+    print(f"{decision.result}  reason={decision.reason.value}  {decision.message}")
+    for c in decision.checks:
+        print(f"  {'ok  ' if c.passed else 'FAIL'}  {c.rule:<14} {c.detail}")
+    if decision.tariff is not None:
+        t = decision.tariff
+        print(f"  tariff {t.name}: {format_amount(t.rate)} CNY per {t.increment} s, "
+              f"minimum {t.minimum} s, rounding {t.rounding.value}")
+    print(f"  max_seconds {decision.max_seconds if decision.max_seconds is not None else '-'}")
+    return 0

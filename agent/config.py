@@ -1,0 +1,204 @@
+"""The agent config (``agent.yaml``): node, policy path, ledger URL, PBX, MQTT, metrics, logs.
+
+Validated like the policy (file, line, field on every error; unknown keys are
+errors). Paths are relative to the config file. Secrets (AMI secret, ESL
+password, MQTT password) may be written inline, or taken from the environment
+(``secret_env: NAME``) or from a systemd credential (``secret_file:`` a path,
+or ``secret_credential: NAME`` read from ``$CREDENTIALS_DIRECTORY``). Secrets
+never appear in logs or in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictStr, model_validator
+
+from agent.yamlfile import ConfigError, LocatedError, read_yaml, validate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:4573')")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+Listen = Annotated[StrictStr, Field(pattern=r"^.*:\d{1,5}$")]
+
+
+class SecretSource(_Strict):
+    """A secret inline, from an environment variable, a file or a systemd credential."""
+
+    secret: SecretStr | None = None
+    secret_env: StrictStr | None = None
+    secret_file: StrictStr | None = None
+    secret_credential: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Self:
+        given = [n for n in ("secret", "secret_env", "secret_file", "secret_credential")
+                 if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the secret one way only, not {', '.join(given)}")
+        return self
+
+    def resolve(self, base: Path) -> str:
+        if self.secret is not None:
+            return self.secret.get_secret_value()
+        if self.secret_env is not None:
+            value = os.environ.get(self.secret_env)
+            if value is None:
+                raise ValueError(f"environment variable {self.secret_env} is not set")
+            return value
+        if self.secret_credential is not None:
+            directory = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not directory:
+                raise ValueError("secret_credential needs systemd's $CREDENTIALS_DIRECTORY "
+                                 "(LoadCredential= in the unit)")
+            return (Path(directory) / self.secret_credential).read_text().strip()
+        if self.secret_file is not None:
+            return (base / self.secret_file).read_text().strip()
+        return ""
+
+
+class AmiSpec(SecretSource):
+    host: StrictStr = "127.0.0.1"
+    port: int = Field(5038, ge=1, le=65535)
+    username: StrictStr = "callgate"
+
+
+class FastAgiSpec(_Strict):
+    listen: Listen = "127.0.0.1:4573"
+
+
+class EslSpec(_Strict):
+    host: StrictStr = "127.0.0.1"
+    port: int = Field(8021, ge=1, le=65535)
+    password: SecretStr | None = None
+    password_env: StrictStr | None = None
+    password_credential: StrictStr | None = None
+
+    def resolve(self) -> str:
+        return SecretSource(secret=self.password, secret_env=self.password_env,
+                            secret_credential=self.password_credential).resolve(Path("."))
+
+
+class OutboundSocketSpec(_Strict):
+    listen: Listen = "127.0.0.1:8084"
+
+
+class PbxSpec(_Strict):
+    kind: Literal["asterisk", "freeswitch"]
+    ami: AmiSpec | None = None
+    fastagi: FastAgiSpec | None = None
+    esl: EslSpec | None = None
+    outbound_socket: OutboundSocketSpec | None = None
+    outbound_contexts: list[StrictStr] = Field(default_factory=list)
+    watch_only_contexts: list[StrictStr] = Field(default_factory=list)
+    decision_budget_ms: int = Field(500, ge=10, le=10_000)
+
+    @model_validator(mode="after")
+    def _matches_kind(self) -> Self:
+        if self.kind == "asterisk" and (self.esl or self.outbound_socket):
+            raise ValueError("esl/outbound_socket belong to kind: freeswitch")
+        if self.kind == "freeswitch" and (self.ami or self.fastagi):
+            raise ValueError("ami/fastagi belong to kind: asterisk")
+        return self
+
+
+class MqttSpec(_Strict):
+    url: StrictStr = "mqtt://127.0.0.1:1883"
+    username: StrictStr | None = None
+    password: SecretStr | None = None
+    password_env: StrictStr | None = None
+    topic_prefix: StrictStr = "callgate"
+    buffer: int = Field(10_000, ge=1, le=10_000_000)
+    tls: bool = False
+    ca_file: StrictStr | None = None
+
+
+class MetricsSpec(_Strict):
+    listen: Listen = "127.0.0.1:9108"
+
+
+class LogSpec(_Strict):
+    format: Literal["json", "console", "auto"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class MeterSpec(_Strict):
+    grace_seconds: int = Field(2, ge=0, le=30)
+    lead_seconds: int = Field(5, ge=1, le=60)
+    warning_seconds: int = Field(0, ge=0, le=300)
+
+
+class AgentSpec(_Strict):
+    node: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    policy: StrictStr = "policy.yaml"
+    ledger: StrictStr | None = None
+    state_directory: StrictStr | None = None
+    pbx: PbxSpec
+    mqtt: MqttSpec | None = None
+    metrics: MetricsSpec | None = None
+    log: LogSpec = Field(default_factory=LogSpec)
+    meter: MeterSpec = Field(default_factory=MeterSpec)
+
+
+class AgentConfig:
+    """The validated config with paths resolved and secrets read."""
+
+    def __init__(self, spec: AgentSpec, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        base = path.parent
+        self.node = spec.node
+        self.policy_path = (base / spec.policy).resolve()
+        state = spec.state_directory or os.environ.get("STATE_DIRECTORY") or "/var/lib/callgate"
+        self.state_directory = (base / state).resolve()
+        if spec.ledger:
+            ledger = spec.ledger
+            if ledger.startswith("sqlite:///") and not ledger.startswith("sqlite:////"):
+                relative = ledger[len("sqlite:///"):]
+                if not relative.startswith("/"):
+                    ledger = "sqlite:///" + str((base / relative).resolve())
+            self.ledger = ledger
+        else:
+            self.ledger = "sqlite:///" + str(self.state_directory / "ledger.db")
+
+    def __repr__(self) -> str:
+        return f"AgentConfig(node={self.node!r}, path={str(self.path)!r})"
+
+    def listen(self, value: str) -> tuple[str, int]:
+        return _address(value)
+
+
+def load_agent_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    doc = read_yaml(path)
+    spec = validate(doc, AgentSpec)
+    config = AgentConfig(spec, path)
+    errors = []
+    for where, source in (
+        (("pbx", "ami"), spec.pbx.ami),
+    ):
+        if source is not None:
+            try:
+                source.resolve(path.parent)
+            except (OSError, ValueError) as exc:
+                errors.append(doc.error(where, f"secret: {exc}"))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def config_error(path: Path, message: str) -> ConfigError:
+    return ConfigError([LocatedError(str(path), None, "", message)])
+
+

@@ -1,0 +1,168 @@
+"""``decide()``: may this call go out? Pure: everything it needs is an argument.
+
+The same function serves the live gate (FastAGI / outbound socket / watch-only)
+and ``callgate policy explain``. Rules are checked in a fixed order and the
+first that fails gives the reason; with ``explain=True`` every rule looked at
+is recorded in ``Decision.checks``. Inbound calls are never gated.
+
+Order: account match → status → caller-ID ownership → number → scope →
+do-not-call → closed date → calling hours → concurrency → rate cap →
+frequency cap → ledger reachable → balance. Cheap, static rules come first;
+rules that depend on the ledger come last, so a ledger outage still refuses
+out-of-hours calls with the precise reason.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from agent.calls import CallInfo, Direction
+from agent.gate.decision import AccountState, Check, Decision, Reason
+from agent.gate.numbers import is_dialable
+from agent.gate.policy import AccountPolicy, Policy
+from agent.money import format_amount
+from agent.rating import payable_seconds
+
+
+def decide(
+    policy: Policy,
+    state: AccountState,
+    request: CallInfo,
+    now: datetime,
+    *,
+    explain: bool = False,
+) -> Decision:
+    checks: list[Check] = []
+
+    def check(rule: str, passed: bool, detail: str) -> bool:
+        if explain:
+            checks.append(Check(rule, passed, detail))
+        return passed
+
+    def deny(reason: Reason, message: str, account: AccountPolicy | None = None,
+             destination: str = "") -> Decision:
+        return Decision(False, reason, message, account.id if account else None,
+                        destination=destination, checks=tuple(checks))
+
+    if request.direction is Direction.INBOUND:
+        check("direction", True, "inbound: never gated")
+        return Decision(True, Reason.INBOUND, "inbound calls are not gated",
+                        checks=tuple(checks))
+    check("direction", True, "outbound")
+
+    account = policy.match_account(request)
+    if not check("account", account is not None,
+                 f"matched {account.id!r}" if account else
+                 f"no account for accountcode {request.accountcode!r}, endpoint "
+                 f"{request.endpoint!r}, caller ID {request.caller_id!r}"):
+        return deny(Reason.UNKNOWN_ACCOUNT,
+                    f"no account matches accountcode {request.accountcode!r}")
+    assert account is not None
+
+    if not check("status", not account.suspended,
+                 "suspended" if account.suspended else "active"):
+        return deny(Reason.ACCOUNT_SUSPENDED, f"account {account.id} is suspended", account)
+    if not check("ledger_account", not state.closed,
+                 "closed by refund" if state.closed else "open"):
+        return deny(Reason.ACCOUNT_CLOSED, f"account {account.id} was refunded and closed",
+                    account)
+
+    owned = account.owns_caller_id(request.caller_id)
+    if not check("caller_id", owned, f"{request.caller_id!r} "
+                 + ("is one of the account's numbers" if owned else "is not the account's")):
+        return deny(Reason.CALLER_ID_NOT_OWNED,
+                    f"caller ID {request.caller_id} is not registered to {account.id}", account)
+
+    destination = account.normalize(request.destination)
+    if not check("number", is_dialable(destination),
+                 f"{request.destination!r} normalised to {destination!r}"):
+        return deny(Reason.INVALID_NUMBER,
+                    f"{request.destination!r} is not a dialable number", account, destination)
+
+    hit = account.scope.longest(destination) if account.scope else None
+    if hit is not None:
+        in_scope, scope_detail = hit[1], f"longest prefix {hit[0]!r} is " + (
+            "allowed" if hit[1] else "denied")
+    else:
+        in_scope = not account.allow_list_only
+        scope_detail = "no prefix rule matches" + (
+            "; only allowed prefixes may be called" if account.allow_list_only else "")
+    if not check("scope", in_scope, scope_detail):
+        return deny(Reason.DESTINATION_NOT_ALLOWED,
+                    f"{destination} is outside the allowed destinations", account, destination)
+
+    listed = destination in account.dnc
+    if not check("do_not_call", not listed,
+                 f"{destination} {'is' if listed else 'is not'} on the do-not-call list "
+                 f"({len(account.dnc)} numbers)"):
+        return deny(Reason.DO_NOT_CALL, f"{destination} is on a do-not-call list", account,
+                    destination)
+
+    hours = account.hours
+    closed = hours.is_closed_date(now)
+    if not check("closed_date", not closed,
+                 f"{hours.local(now).date()} is {'a closed date' if closed else 'open'}"):
+        return deny(Reason.CLOSED_DATE,
+                    f"outbound calling is closed on {hours.local(now).date()}", account,
+                    destination)
+    window = hours.window_at(now)
+    if not check("calling_hours", window is not None, hours.describe(now)):
+        return deny(Reason.OUTSIDE_HOURS,
+                    f"outside calling hours ({hours.describe(now)})", account, destination)
+
+    limit = account.max_concurrent_calls
+    if not check("concurrency", limit is None or state.live_calls < limit,
+                 f"{state.live_calls} live of {limit if limit is not None else 'unlimited'}"):
+        return deny(Reason.CONCURRENCY_LIMIT,
+                    f"all {limit} lines of {account.id} are in use", account, destination)
+
+    if account.rate_cap is not None:
+        since = account.rate_cap.since(now, hours.timezone)
+        used = sum(1 for t in state.account_attempts if t >= since)
+        if not check("rate_cap", used < account.rate_cap.max_attempts,
+                     f"{used} attempts, {account.rate_cap.describe()}"):
+            return deny(Reason.RATE_CAP,
+                        f"{account.id} made {used} attempts ({account.rate_cap.describe()})",
+                        account, destination)
+    if account.callee_cap is not None:
+        since = account.callee_cap.since(now, hours.timezone)
+        used = sum(1 for t in state.callee_attempts if t >= since)
+        if not check("frequency_cap", used < account.callee_cap.max_attempts,
+                     f"{used} attempts to {destination}, {account.callee_cap.describe()}"):
+            return deny(Reason.FREQUENCY_CAP,
+                        f"{destination} was tried {used} times "
+                        f"({account.callee_cap.describe()})", account, destination)
+
+    tariff = account.tariff.for_destination(destination)
+    window_left = hours.seconds_to_close(now) if account.at_window_end == "cut" else None
+
+    if state.balance is None:
+        fail_open = policy.prepaid.fail_mode == "open"
+        check("ledger", fail_open, "ledger unreachable; fail mode "
+              + policy.prepaid.fail_mode)
+        if not fail_open:
+            return deny(Reason.LEDGER_UNAVAILABLE,
+                        "the ledger cannot be read and the policy fails closed", account,
+                        destination)
+        seconds = policy.prepaid.fail_open_max_seconds
+        if window_left is not None:
+            seconds = min(seconds, window_left)
+        return Decision(True, Reason.LEDGER_UNAVAILABLE,
+                        "ledger unreachable; allowed because the policy fails open",
+                        account.id, tariff, seconds, destination, tuple(checks))
+
+    paid = payable_seconds(tariff, state.balance)
+    if not check("balance", paid > 0,
+                 f"available {format_amount(state.balance)}, first increment costs "
+                 f"{format_amount(tariff.first_unit_cost)} ({tariff.name})"):
+        return deny(Reason.INSUFFICIENT_BALANCE,
+                    f"balance {format_amount(state.balance)} cannot pay "
+                    f"{format_amount(tariff.first_unit_cost)} for the first "
+                    f"{tariff.first_unit_seconds} s", account, destination)
+
+    max_seconds = paid
+    if window_left is not None:
+        check("window_end", True, f"window closes in {window_left} s and the policy cuts")
+        max_seconds = min(max_seconds, window_left)
+    return Decision(True, Reason.ALLOWED, f"allowed for up to {max_seconds} s",
+                    account.id, tariff, max_seconds, destination, tuple(checks))

@@ -1,0 +1,252 @@
+"""The policy file's schema: what ops may write in ``policy.yaml`` (pydantic v2).
+
+Unknown keys are errors (a typo must never be silently ignored), dial prefixes
+and phone numbers must be quoted strings, amounts are exact decimals with no
+more places than the minor unit. ``defaults`` apply to every account; an
+account overrides only what it names. Cross-references (tariff names, files,
+duplicate account codes) are checked when the policy is compiled
+(:mod:`agent.gate.policy`), also with file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    model_validator,
+)
+
+from agent.gate.hours import WEEKDAYS, parse_time_of_day
+from agent.money import AmountError, parse_amount
+from agent.rating import Rounding
+
+
+def _money(value: Any) -> Decimal:
+    if isinstance(value, float):
+        raise ValueError("write amounts as decimals (e.g. '0.13'), never as floats")
+    if isinstance(value, bool) or not isinstance(value, int | str | Decimal):
+        raise ValueError(f"{value!r} is not an amount")
+    try:
+        return parse_amount(value, allow_zero=True)
+    except AmountError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _prefix(value: str) -> str:
+    if not value.isdigit():
+        raise ValueError(f"{value!r} is not a dial prefix (digits only, quoted: '00')")
+    return value
+
+
+def _strip_prefix(value: str) -> str:
+    if not re.fullmatch(r"\+?\d+", value):
+        raise ValueError(f"{value!r} is not a number prefix (digits, optionally after '+')")
+    return value
+
+
+def _number(value: str) -> str:
+    if not re.fullmatch(r"\+?\d{2,18}", value.replace(" ", "").replace("-", "")):
+        raise ValueError(f"{value!r} is not a phone number (quoted digits, e.g. '02158880000')")
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"unknown timezone {value!r} (use an IANA name such as 'Asia/Shanghai')"
+        ) from None
+    return value
+
+
+def _time(value: str) -> str:
+    parse_time_of_day(value)
+    return value
+
+
+def _days(value: Any) -> Any:
+    """Accept ``[mon, tue]``, ``mon-fri`` or ``all``."""
+    if isinstance(value, str):
+        if value == "all":
+            return list(WEEKDAYS)
+        if "-" in value:
+            first, _, last = value.partition("-")
+            if first in WEEKDAYS and last in WEEKDAYS:
+                a, b = WEEKDAYS.index(first), WEEKDAYS.index(last)
+                if a <= b:
+                    return list(WEEKDAYS[a : b + 1])
+            raise ValueError(f"{value!r} is not a day range (e.g. 'mon-fri')")
+        return [value]
+    return value
+
+
+def _period(value: Any) -> int | str:
+    """``day`` (calendar day in the account's timezone) or a duration: 90, '30s', '10m', '24h'."""
+    if value == "day":
+        return "day"
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"(\d+)\s*([smhd])", value)
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    raise ValueError(f"{value!r} is not a period (use 'day' or a duration like '10m', '24h')")
+
+
+Money = Annotated[Decimal, BeforeValidator(_money)]
+DialPrefix = Annotated[StrictStr, AfterValidator(_prefix)]
+StripPrefix = Annotated[StrictStr, AfterValidator(_strip_prefix)]
+PhoneNumber = Annotated[StrictStr, AfterValidator(_number)]
+Timezone = Annotated[StrictStr, AfterValidator(_timezone)]
+TimeOfDay = Annotated[StrictStr, AfterValidator(_time)]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+Period = Annotated[int | str, BeforeValidator(_period)]
+Identifier = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WindowSpec(Strict):
+    start: TimeOfDay
+    end: TimeOfDay
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if parse_time_of_day(self.start) >= parse_time_of_day(self.end):
+            raise ValueError(f"window start {self.start} must be before its end {self.end}")
+        if parse_time_of_day(self.start) >= 86400:
+            raise ValueError("a window cannot start at 24:00")
+        return self
+
+
+class HoursSpec(Strict):
+    days: Annotated[list[Weekday], BeforeValidator(_days)] = Field(min_length=1)
+    windows: list[WindowSpec]
+
+
+class TariffSpec(Strict):
+    rate: Money = Field(description="price of one increment")
+    increment: int = Field(60, gt=0, le=3600)
+    minimum: int = Field(60, ge=0, le=86400)
+    rounding: Rounding = Rounding.UP
+    destinations: dict[str, Money] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.rate <= 0:
+            raise ValueError("rate must be greater than zero")
+        if self.minimum % self.increment:
+            raise ValueError(
+                f"minimum {self.minimum} s must be a whole number of {self.increment} s increments"
+            )
+        for prefix, rate in self.destinations.items():
+            _prefix(prefix)
+            if rate <= 0:
+                raise ValueError(f"destinations.{prefix}: rate must be greater than zero")
+        return self
+
+
+class NumbersSpec(Strict):
+    strip_prefixes: list[StripPrefix] = Field(default_factory=list)
+    international_prefix: DialPrefix = "00"
+
+
+class ScopeSpec(Strict):
+    allow: list[DialPrefix] = Field(default_factory=list)
+    deny: list[DialPrefix] = Field(default_factory=list)
+
+
+class DoNotCallSpec(Strict):
+    numbers: list[PhoneNumber] = Field(default_factory=list)
+    files: list[StrictStr] = Field(default_factory=list)
+
+
+class CapSpec(Strict):
+    max_attempts: int = Field(gt=0)
+    period: Period
+
+
+class MatchSpec(Strict):
+    accountcodes: list[StrictStr] | None = None
+    caller_id_prefixes: list[DialPrefix] = Field(default_factory=list)
+    endpoint_prefixes: list[StrictStr] = Field(default_factory=list)
+
+
+class RulesSpec(Strict):
+    """What an account may override; ``None`` means 'as in defaults'."""
+
+    timezone: Timezone | None = None
+    calling_hours: list[HoursSpec] | None = None
+    closed_dates: list[date] | None = None
+    at_window_end: Literal["finish", "cut"] | None = None
+    tariff: Identifier | None = None
+    numbers: NumbersSpec | None = None
+    destinations: ScopeSpec | None = None
+    do_not_call: DoNotCallSpec | None = None
+    callee_cap: CapSpec | None = None
+    rate_cap: CapSpec | None = None
+    max_concurrent_calls: int | None = Field(None, gt=0)
+    low_balance_warning: Money | None = None
+
+
+class DefaultsSpec(RulesSpec):
+    timezone: Timezone | None = "Asia/Shanghai"
+    calling_hours: list[HoursSpec] | None = Field(
+        default_factory=lambda: [
+            HoursSpec(days=_days("all"), windows=[WindowSpec(start="08:00", end="19:30")])
+        ]
+    )
+    closed_dates: list[date] | None = Field(default_factory=list)
+    at_window_end: Literal["finish", "cut"] | None = "finish"
+    tariff: Identifier | None = "standard"
+    numbers: NumbersSpec | None = Field(default_factory=NumbersSpec)
+    destinations: ScopeSpec | None = Field(default_factory=ScopeSpec)
+    do_not_call: DoNotCallSpec | None = Field(default_factory=DoNotCallSpec)
+    low_balance_warning: Money | None = Decimal("20")
+
+
+class AccountSpec(RulesSpec):
+    name: StrictStr
+    status: Literal["active", "suspended"] = "active"
+    match: MatchSpec = Field(default_factory=MatchSpec)
+    caller_ids: list[PhoneNumber] = Field(default_factory=list)
+    caller_id_prefixes: list[DialPrefix] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not self.caller_ids and not self.caller_id_prefixes:
+            raise ValueError(
+                "an account must list the caller IDs it owns (caller_ids or caller_id_prefixes)"
+            )
+        return self
+
+
+class PrepaidSpec(Strict):
+    first_topup_minimum: Money = Decimal("100")
+    complaint_penalty: Money = Decimal("1000")
+    fail_mode: Literal["closed", "open"] = "closed"
+    fail_open_max_seconds: int = Field(300, gt=0)
+
+
+class PolicySpec(Strict):
+    version: Literal[1]
+    currency: Literal["CNY"] = "CNY"
+    prepaid: PrepaidSpec = Field(default_factory=PrepaidSpec)
+    tariffs: dict[Identifier, TariffSpec] = Field(
+        default_factory=lambda: {"standard": TariffSpec(rate=Decimal("0.13"))}
+    )
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    accounts: dict[Identifier, AccountSpec] = Field(default_factory=dict)

@@ -1,0 +1,185 @@
+"""YAML files edited by people: load with line numbers, validate, report located errors.
+
+Every error names the file, the line and the dotted path of the field, e.g.
+``policy.yaml:42: accounts.acme.calling_hours[0].end: ...``. Two YAML traps are
+closed here rather than in every model:
+
+- Floats: ``rate: 0.13`` is read as the exact decimal the person wrote, never as a
+  binary float (money is never a float).
+- Numbers that are really strings: ``0900`` or ``+86`` read as integers by YAML.
+  Fields that hold dial prefixes or phone numbers are strict strings, and the
+  error message says to quote them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import DuplicateKeyError, RoundTripConstructor
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+Path_ = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True, slots=True)
+class LocatedError:
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """One or more located errors in a file a person edits."""
+
+    def __init__(self, errors: Iterable[LocatedError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class _DecimalConstructor(RoundTripConstructor):
+    """Read YAML floats as the exact Decimal written in the file."""
+
+    def construct_yaml_float(self, node: Any) -> Any:
+        text = str(node.value).replace("_", "")
+        try:
+            return Decimal(text)
+        except ArithmeticError:
+            return super().construct_yaml_float(node)
+
+
+_DecimalConstructor.add_constructor(
+    "tag:yaml.org,2002:float", _DecimalConstructor.construct_yaml_float
+)
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class YamlDocument:
+    file: str
+    data: Any
+    lines: dict[Path_, int]
+
+    def line_of(self, path: Path_) -> int | None:
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(tuple(path[:end]))
+            if line is not None:
+                return line
+        return None
+
+    def error(self, path: Path_, message: str) -> LocatedError:
+        return LocatedError(self.file, self.line_of(path), dotted(path), message)
+
+
+def read_yaml(path: Path) -> YamlDocument:
+    """Parse ``path`` into plain data plus a map from field path to line number."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([LocatedError(name, None, "", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([LocatedError(name, None, "", f"cannot read: {exc}")]) from None
+    yaml = YAML(typ="rt")
+    yaml.Constructor = _DecimalConstructor
+    try:
+        raw = yaml.load(text)
+    except DuplicateKeyError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        raise ConfigError([LocatedError(name, line, "", f"duplicate key: {exc.problem}")]) from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([LocatedError(name, line, "", f"YAML syntax: {what}")]) from None
+    except YAMLError as exc:
+        raise ConfigError([LocatedError(name, None, "", f"YAML syntax: {exc}")]) from None
+    lines: dict[Path_, int] = {(): 1}
+    errors: list[LocatedError] = []
+
+    def plain(node: Any, at: Path_) -> Any:
+        if isinstance(node, CommentedMap):
+            out: dict[str, Any] = {}
+            for key, value in node.items():
+                line = node.lc.key(key)[0] + 1
+                if not isinstance(key, str):
+                    errors.append(
+                        LocatedError(
+                            name, line, dotted(at),
+                            f"key {key!r} must be a quoted string (write '{key}' in quotes)",
+                        )
+                    )
+                    key = str(key)
+                lines[(*at, key)] = line
+                out[key] = plain(value, (*at, key))
+            return out
+        if isinstance(node, CommentedSeq):
+            items = []
+            for index, value in enumerate(node):
+                lines[(*at, index)] = node.lc.item(index)[0] + 1
+                items.append(plain(value, (*at, index)))
+            return items
+        if isinstance(node, bool) or node is None:
+            return node
+        if isinstance(node, int):
+            return int(node)
+        if isinstance(node, str):
+            return str(node)
+        return node
+
+    data = plain(raw, ())
+    if errors:
+        raise ConfigError(errors)
+    return YamlDocument(name, data, lines)
+
+
+def _message(err: Any) -> str:
+    kind = err.get("type", "")
+    value = err.get("input")
+    if kind in ("string_type",) and isinstance(value, int) and not isinstance(value, bool):
+        return (
+            f"must be a quoted string, not the number {value} "
+            "(YAML reads 0900 as 900 and +86 as 86: write '0900' in quotes)"
+        )
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling; unknown keys are not ignored)"
+    message = str(err.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    return message
+
+
+def validate(doc: YamlDocument, model: type[M], context: dict[str, Any] | None = None) -> M:
+    """Validate ``doc`` against ``model``; every failure becomes a located error."""
+    if doc.data is None:
+        raise ConfigError([LocatedError(doc.file, None, "", "the file is empty")])
+    try:
+        return model.model_validate(doc.data, context=context)
+    except ValidationError as exc:
+        located = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
+            located.append(doc.error(loc, _message(err)))
+        raise ConfigError(located) from None
