@@ -175,3 +175,9 @@ class Ledger(Protocol):
         self, account: str, since: datetime, destination: str | None = None
     ) -> list[datetime]: ...
     async def prune_attempts(self, before: datetime) -> int: ...
+
+    # -- consistency ----------------------------------------------------------
+    async def audit(self) -> list[str]:
+        """Recompute balances and call holds from the postings; the discrepancies
+        found (empty when the store is consistent). Invariants 4 and 5 above."""
+        ...

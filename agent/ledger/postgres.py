@@ -1,0 +1,634 @@
+"""The PostgreSQL ledger (asyncpg): one balance shared by agents on several PBX nodes.
+
+Same tables and the same rules as the SQLite ledger (agent/ledger/_rules.py).
+Concurrency comes from row locks under READ COMMITTED: a write first locks the
+row it decides on (the account for finance and admission, the call for holds and
+settlement), and a hold raises the account's ``held`` with one conditional
+UPDATE, which PostgreSQL re-evaluates against the newest row version after
+waiting for a concurrent writer, so holds from any node can never overdraw.
+Lock order is always call, then account, so two writers cannot deadlock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from agent.ledger import _rules as rules
+from agent.ledger.model import (
+    Balance,
+    CallRecord,
+    CallStatus,
+    Cdr,
+    IdempotencyConflict,
+    LedgerError,
+    LedgerUnavailable,
+    Posting,
+    PostingKind,
+    RefusedOperation,
+    UnknownAccount,
+)
+from agent.money import MINOR_UNIT
+
+T = TypeVar("T")
+
+MIGRATIONS: list[list[str]] = [
+    [  # 1: accounts, postings, calls and their CDRs
+        """CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            posted BIGINT NOT NULL DEFAULT 0,
+            held BIGINT NOT NULL DEFAULT 0,
+            closed BOOLEAN NOT NULL DEFAULT false,
+            created_at TIMESTAMPTZ NOT NULL)""",
+        """CREATE TABLE postings (
+            id BIGSERIAL PRIMARY KEY,
+            account TEXT NOT NULL REFERENCES accounts(id),
+            kind TEXT NOT NULL,
+            amount BIGINT NOT NULL,
+            at TIMESTAMPTZ NOT NULL,
+            ref TEXT NOT NULL,
+            key TEXT NOT NULL,
+            call_id TEXT,
+            note TEXT NOT NULL DEFAULT '',
+            UNIQUE (account, key))""",
+        "CREATE INDEX postings_account_at ON postings (account, at)",
+        "CREATE INDEX postings_call ON postings (call_id) WHERE call_id IS NOT NULL",
+        """CREATE TABLE calls (
+            call_id TEXT PRIMARY KEY,
+            account TEXT NOT NULL REFERENCES accounts(id),
+            node TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            tariff_name TEXT NOT NULL,
+            rate BIGINT NOT NULL,
+            increment INTEGER NOT NULL,
+            minimum INTEGER NOT NULL,
+            admitted_at TIMESTAMPTZ NOT NULL,
+            answered_at TIMESTAMPTZ,
+            paid_seconds INTEGER NOT NULL DEFAULT 0,
+            held BIGINT NOT NULL DEFAULT 0,
+            steps INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL,
+            ended_at TIMESTAMPTZ)""",
+        "CREATE INDEX calls_account_status ON calls (account, status)",
+        """CREATE TABLE cdrs (
+            call_id TEXT PRIMARY KEY REFERENCES calls(call_id),
+            account TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            answered_at TIMESTAMPTZ,
+            ended_at TIMESTAMPTZ NOT NULL,
+            billsec INTEGER NOT NULL,
+            billed_seconds INTEGER NOT NULL,
+            amount BIGINT NOT NULL,
+            cause TEXT NOT NULL,
+            cut_off BOOLEAN NOT NULL,
+            flags TEXT NOT NULL,
+            node TEXT NOT NULL,
+            submitted TEXT NOT NULL)""",
+        "CREATE INDEX cdrs_account_ended ON cdrs (account, ended_at)",
+    ],
+    [  # 2: the attempts log for frequency and rate caps, shared by every node
+        """CREATE TABLE attempts (
+            id BIGSERIAL PRIMARY KEY,
+            account TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL,
+            allowed BOOLEAN NOT NULL,
+            reason TEXT NOT NULL)""",
+        "CREATE INDEX attempts_account_at ON attempts (account, at)",
+        "CREATE INDEX attempts_at ON attempts (at)",
+    ],
+]
+assert len(MIGRATIONS) == rules.SCHEMA_VERSION
+
+# Any 64-bit constant: serialises schema creation/migration between agents
+# starting at once against the same database.
+MIGRATION_LOCK = 0x63616C6C67617465  # "callgate"
+
+# What a lost or unreachable server raises in asyncpg.
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+
+def _posting(row: asyncpg.Record, unit: Decimal) -> Posting:
+    return Posting(
+        id=row["id"],
+        account=row["account"],
+        kind=PostingKind(row["kind"]),
+        amount=rules.from_units(row["amount"], unit),
+        at=row["at"],
+        ref=row["ref"],
+        key=row["key"],
+        call_id=row["call_id"],
+        note=row["note"],
+    )
+
+
+def _call(row: asyncpg.Record, unit: Decimal) -> CallRecord:
+    return CallRecord(
+        call_id=row["call_id"],
+        account=row["account"],
+        node=row["node"],
+        caller=row["caller"],
+        callee=row["callee"],
+        tariff_name=row["tariff_name"],
+        rate=rules.from_units(row["rate"], unit),
+        increment=row["increment"],
+        minimum=row["minimum"],
+        admitted_at=row["admitted_at"],
+        answered_at=row["answered_at"],
+        paid_seconds=row["paid_seconds"],
+        held=rules.from_units(row["held"], unit),
+        steps=row["steps"],
+        status=CallStatus(row["status"]),
+    )
+
+
+def _cdr(row: asyncpg.Record, unit: Decimal) -> Cdr:
+    return Cdr(
+        call_id=row["call_id"],
+        account=row["account"],
+        caller=row["caller"],
+        callee=row["callee"],
+        answered_at=row["answered_at"],
+        ended_at=row["ended_at"],
+        billsec=row["billsec"],
+        billed_seconds=row["billed_seconds"],
+        amount=rules.from_units(row["amount"], unit),
+        cause=row["cause"],
+        cut_off=row["cut_off"],
+        flags=tuple(json.loads(row["flags"])),
+        node=row["node"],
+    )
+
+
+def _balance(row: asyncpg.Record, unit: Decimal) -> Balance:
+    return Balance(
+        account=row["id"],
+        posted=rules.from_units(row["posted"], unit),
+        held=rules.from_units(row["held"], unit),
+        closed=row["closed"],
+    )
+
+
+def _where(url: str) -> str:
+    """The server part of a URL, for messages (never the password)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path}"
+
+
+def split_options(url: str) -> tuple[str, dict[str, str]]:
+    """Take callgate's own query options out of a PostgreSQL URL.
+
+    asyncpg passes the remaining query parameters to the server as settings
+    (so ``?search_path=tenant1`` selects a schema).
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    ours = {k: v for k, v in query if k in ("minor_unit", "pool_size")}
+    rest = [(k, v) for k, v in query if k not in ours]
+    scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
+    return urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), "")), ours
+
+
+class PostgresLedger:
+    """The ledger in PostgreSQL. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str) -> None:
+        self._pool = pool
+        self.unit = unit
+        self.where = where
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        minor_unit: Decimal = MINOR_UNIT,
+        pool_size: int = 10,
+        connect_timeout: float = 5.0,
+    ) -> PostgresLedger:
+        """Connect, then create or migrate the schema (in the URL's search_path)."""
+        where = _where(url)
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=pool_size, timeout=connect_timeout,
+                command_timeout=30,
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise LedgerUnavailable(
+                f"cannot reach the PostgreSQL ledger at {where}: {exc}"
+            ) from exc
+        except asyncpg.PostgresError as exc:
+            raise LedgerUnavailable(f"the PostgreSQL ledger at {where} refused us: {exc}") from exc
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                unit = await _migrate(conn, where, minor_unit)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, unit, where)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def _tx(self, isolation: str = "read_committed") -> AsyncIterator[Any]:
+        try:
+            async with self._pool.acquire() as conn, conn.transaction(isolation=isolation):
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            raise LedgerUnavailable(f"lost the PostgreSQL ledger at {self.where}: {exc}") from exc
+
+    async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        async with self._tx() as conn:
+            return await fn(conn)
+
+    # -- finance --------------------------------------------------------------
+    async def topup(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime,
+        first_minimum: Decimal = Decimal(0), note: str = "",
+    ) -> Posting:
+        units = rules.positive_units(amount, self.unit)
+        minimum = rules.to_units(first_minimum, self.unit, what="first top-up minimum")
+        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
+
+    async def penalty(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = rules.positive_units(amount, self.unit)
+        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
+
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
+        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
+
+    async def adjust(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = rules.to_units(amount, self.unit)
+        if units == 0:
+            raise RefusedOperation("an adjustment must not be zero")
+        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)
+
+    async def _finance(
+        self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
+        note: str, first_minimum: int = 0,
+    ) -> Posting:
+        rules.check_ref(ref)
+        when = rules.check_time(at)
+        key = rules.finance_key(kind, ref)
+        unit = self.unit
+
+        async def run(conn: Any) -> Posting:
+            lock = "SELECT posted, held, closed FROM accounts WHERE id = $1 FOR UPDATE"
+            acc = await conn.fetchrow(lock, account)
+            if acc is None and kind is PostingKind.TOPUP:
+                assert units is not None
+                rules.first_topup_check(account, units, first_minimum, unit)
+                # Another node may create it at the same moment; then this one
+                # waits for that row and goes on as a later top-up.
+                await conn.execute(
+                    "INSERT INTO accounts (id, created_at) VALUES ($1, $2)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    account, when,
+                )
+                acc = await conn.fetchrow(lock, account)
+            if acc is None:
+                raise UnknownAccount(f"the ledger has no account {account!r}")
+            row = await conn.fetchrow(
+                "SELECT * FROM postings WHERE account = $1 AND key = $2", account, key
+            )
+            if row is not None:
+                if rules.finance_replay_matches(kind, row["amount"], row["note"], units, note):
+                    return _posting(row, unit)
+                raise rules.finance_conflict(kind, account, ref, row["amount"], unit)
+            if acc["closed"] and kind in (PostingKind.TOPUP, PostingKind.REFUND):
+                raise rules.closed_error(account)
+            amount = units
+            if kind is PostingKind.REFUND:
+                live = await conn.fetchval(
+                    "SELECT count(*) FROM calls WHERE account = $1 AND status != 'ended'",
+                    account,
+                )
+                amount = rules.refund_units(account, acc["posted"], acc["held"], live, unit)
+            assert amount is not None
+            await conn.execute(
+                "UPDATE accounts SET posted = posted + $1, closed = closed OR $2 WHERE id = $3",
+                rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account,
+            )
+            inserted = await conn.fetchrow(
+                "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
+                account, kind.value, amount, when, ref, key, note,
+            )
+            return _posting(inserted, unit)
+
+        return await self._run(run)
+
+    async def balance(self, account: str) -> Balance:
+        async with self._tx() as conn:
+            row = await conn.fetchrow("SELECT * FROM accounts WHERE id = $1", account)
+        if row is None:
+            raise UnknownAccount(f"the ledger has no account {account!r}")
+        return _balance(row, self.unit)
+
+    async def balances(self) -> list[Balance]:
+        async with self._tx() as conn:
+            rows = await conn.fetch("SELECT * FROM accounts ORDER BY id")
+        return [_balance(r, self.unit) for r in rows]
+
+    async def history(self, account: str, since: datetime | None = None) -> list[Posting]:
+        start = rules.check_time(since) if since is not None else None
+        async with self._tx() as conn:
+            if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account) is None:
+                raise UnknownAccount(f"the ledger has no account {account!r}")
+            rows = await conn.fetch(
+                "SELECT * FROM postings WHERE account = $1"
+                " AND ($2::timestamptz IS NULL OR at >= $2) ORDER BY id",
+                account, start,
+            )
+        return [_posting(r, self.unit) for r in rows]
+
+    # -- calls ----------------------------------------------------------------
+    async def admit_call(self, call: CallRecord, max_live: int | None) -> bool:
+        rate = rules.to_units(call.rate, self.unit, what="rate")
+        admitted = rules.check_time(call.admitted_at)
+        answered = rules.check_time(call.answered_at) if call.answered_at else None
+
+        async def run(conn: Any) -> bool:
+            # Locking the account row serialises admissions across every node.
+            acc = await conn.fetchrow(
+                "SELECT closed FROM accounts WHERE id = $1 FOR UPDATE", call.account
+            )
+            if acc is None:
+                raise UnknownAccount(f"the ledger has no account {call.account!r}")
+            existing = await conn.fetchrow(
+                "SELECT account, status FROM calls WHERE call_id = $1", call.call_id
+            )
+            if existing is not None:
+                return rules.readmit(call, existing["account"], existing["status"])
+            if acc["closed"]:
+                raise rules.closed_error(call.account)
+            if max_live is not None:
+                live = await conn.fetchval(
+                    "SELECT count(*) FROM calls WHERE account = $1 AND status != 'ended'",
+                    call.account,
+                )
+                if live >= max_live:
+                    return False
+            await conn.execute(
+                "INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+                " increment, minimum, admitted_at, answered_at, status)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                call.call_id, call.account, call.node, call.caller, call.callee,
+                call.tariff_name, rate, call.increment, call.minimum, admitted, answered,
+                (CallStatus.ANSWERED if answered is not None else CallStatus.ADMITTED).value,
+            )
+            return True
+
+        return await self._run(run)
+
+    async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord:
+        when = rules.check_time(answered_at)
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE calls SET status = 'answered', answered_at = $1"
+                " WHERE call_id = $2 AND status = 'admitted'",
+                when, call_id,
+            )
+            row = await conn.fetchrow("SELECT * FROM calls WHERE call_id = $1", call_id)
+        if row is None:
+            raise rules.unknown_call(call_id)
+        return _call(row, self.unit)
+
+    async def hold(
+        self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
+    ) -> bool:
+        units = rules.positive_units(amount, self.unit, what="hold")
+        when = rules.check_time(at)
+        key = rules.hold_key(call_id, step)
+        unit = self.unit
+
+        async def run(conn: Any) -> bool:
+            call = await conn.fetchrow(
+                "SELECT account, status FROM calls WHERE call_id = $1 FOR UPDATE", call_id
+            )
+            if call is None:
+                raise rules.unknown_call(call_id)
+            account = call["account"]
+            done = await conn.fetchval(
+                "SELECT amount FROM postings WHERE account = $1 AND key = $2", account, key
+            )
+            if done is not None:
+                if done != units:
+                    raise IdempotencyConflict(
+                        f"step {step} of call {call_id!r} was already held for "
+                        f"{rules.show(done, unit)}, not {rules.show(units, unit)}"
+                    )
+                return True
+            if call["status"] == CallStatus.ENDED:
+                raise RefusedOperation(f"call {call_id!r} has already been settled")
+            raised = await conn.fetchval(
+                "UPDATE accounts SET held = held + $1"
+                " WHERE id = $2 AND NOT closed AND posted - held >= $1 RETURNING true",
+                units, account,
+            )
+            if not raised:
+                if await conn.fetchval("SELECT closed FROM accounts WHERE id = $1", account):
+                    raise rules.closed_error(account)
+                return False
+            await conn.execute(
+                "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                " VALUES ($1, 'hold', $2, $3, $4, $5, $4)",
+                account, units, when, call_id, key,
+            )
+            await conn.execute(
+                "UPDATE calls SET held = held + $1, paid_seconds = greatest(paid_seconds, $2),"
+                " steps = steps + 1 WHERE call_id = $3",
+                units, paid_seconds, call_id,
+            )
+            return True
+
+        return await self._run(run)
+
+    async def settle_call(self, cdr: Cdr) -> Cdr:
+        fingerprint = rules.cdr_fingerprint(cdr)
+        amount = rules.to_units(cdr.amount, self.unit, what="call amount")
+        ended = rules.check_time(cdr.ended_at)
+        answered = rules.check_time(cdr.answered_at) if cdr.answered_at else None
+        unit = self.unit
+
+        async def run(conn: Any) -> Cdr:
+            call = await conn.fetchrow(
+                "SELECT account, held FROM calls WHERE call_id = $1 FOR UPDATE", cdr.call_id
+            )
+            if call is None:
+                raise rules.unknown_call(cdr.call_id)
+            stored = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", cdr.call_id)
+            if stored is not None:
+                if stored["submitted"] == fingerprint:
+                    return _cdr(stored, unit)
+                raise rules.settle_conflict(cdr.call_id)
+            account = call["account"]
+            if cdr.account != account:
+                raise RefusedOperation(
+                    f"call {cdr.call_id!r} belongs to account {account!r}, not {cdr.account!r}"
+                )
+            plan = rules.settle_plan(call["held"], amount)
+            for kind, units, key in (
+                (PostingKind.CHARGE, plan.charge, rules.charge_key(cdr.call_id)),
+                (PostingKind.RELEASE, plan.release, rules.release_key(cdr.call_id)),
+            ):
+                if units:
+                    await conn.execute(
+                        "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                        " VALUES ($1, $2, $3, $4, $5, $6, $5)",
+                        account, kind.value, units, ended, cdr.call_id, key,
+                    )
+            await conn.execute(
+                "UPDATE accounts SET posted = posted - $1, held = held - $2 WHERE id = $3",
+                plan.charge, plan.charge + plan.release, account,
+            )
+            await conn.execute(
+                "UPDATE calls SET held = 0, status = 'ended', ended_at = $1 WHERE call_id = $2",
+                ended, cdr.call_id,
+            )
+            flags = (*cdr.flags, "capped") if plan.capped else cdr.flags
+            row = await conn.fetchrow(
+                "INSERT INTO cdrs (call_id, account, caller, callee, answered_at, ended_at,"
+                " billsec, billed_seconds, amount, cause, cut_off, flags, node, submitted)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                " RETURNING *",
+                cdr.call_id, account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
+                cdr.billed_seconds, plan.charge, cdr.cause, cdr.cut_off,
+                json.dumps(list(flags)), cdr.node, fingerprint,
+            )
+            return _cdr(row, unit)
+
+        return await self._run(run)
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        async with self._tx() as conn:
+            row = await conn.fetchrow("SELECT * FROM calls WHERE call_id = $1", call_id)
+        return None if row is None else _call(row, self.unit)
+
+    async def live_calls(self, account: str | None = None) -> list[CallRecord]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM calls WHERE status != 'ended'"
+                " AND ($1::text IS NULL OR account = $1) ORDER BY admitted_at, call_id",
+                account,
+            )
+        return [_call(r, self.unit) for r in rows]
+
+    async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM cdrs WHERE account = $1 AND ended_at >= $2 AND ended_at < $3"
+                " ORDER BY ended_at, call_id",
+                account, rules.check_time(start), rules.check_time(end),
+            )
+        return [_cdr(r, self.unit) for r in rows]
+
+    # -- attempts -------------------------------------------------------------
+    async def record_attempt(
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+    ) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO attempts (account, destination, at, allowed, reason)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                account, destination, rules.check_time(at), allowed, reason,
+            )
+
+    async def attempts(
+        self, account: str, since: datetime, destination: str | None = None
+    ) -> list[datetime]:
+        async with self._tx() as conn:
+            rows = await conn.fetch(
+                "SELECT at FROM attempts WHERE account = $1 AND at >= $2 AND allowed"
+                " AND ($3::text IS NULL OR destination = $3) ORDER BY at",
+                account, rules.check_time(since), destination,
+            )
+        return [r["at"] for r in rows]
+
+    async def prune_attempts(self, before: datetime) -> int:
+        async with self._tx() as conn:
+            status = await conn.execute(
+                "DELETE FROM attempts WHERE at < $1", rules.check_time(before)
+            )
+        return int(status.split()[-1])  # "DELETE <count>"
+
+    # -- consistency ----------------------------------------------------------
+    async def audit(self) -> list[str]:
+        # REPEATABLE READ: every query below sees the same snapshot.
+        async with self._tx(isolation="repeatable_read") as conn:
+            accounts = [
+                rules.StoredAccount(r["id"], r["posted"], r["held"], r["closed"])
+                for r in await conn.fetch("SELECT id, posted, held, closed FROM accounts")
+            ]
+            account_sums = {
+                (r[0], r[1]): int(r[2])
+                for r in await conn.fetch(
+                    "SELECT account, kind, sum(amount) FROM postings GROUP BY account, kind"
+                )
+            }
+            calls = [
+                rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                for r in await conn.fetch(
+                    "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                    " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
+                )
+            ]
+            call_sums = {
+                (r[0], r[1]): int(r[2])
+                for r in await conn.fetch(
+                    "SELECT call_id, kind, sum(amount) FROM postings"
+                    " WHERE call_id IS NOT NULL GROUP BY call_id, kind"
+                )
+            }
+        return rules.audit(accounts, account_sums, calls, call_sums, self.unit)
+
+
+async def _migrate(conn: Any, where: str, minor_unit: Decimal) -> Decimal:
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+    if await conn.fetchval("SELECT to_regclass('meta')") is None:
+        if await conn.fetchval("SELECT to_regclass('accounts')") is not None:
+            raise LedgerError(f"{where} has an accounts table but is not a callgate ledger")
+        await conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        await conn.executemany(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)",
+            [("schema_version", "0"), ("minor_unit", str(minor_unit))],
+        )
+    meta = {r["key"]: r["value"] for r in await conn.fetch("SELECT key, value FROM meta")}
+    version = int(meta["schema_version"])
+    if version > rules.SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger {where} has schema version {version}, newer than this callgate "
+            f"understands ({rules.SCHEMA_VERSION}); upgrade callgate"
+        )
+    for step in MIGRATIONS[version:]:
+        for statement in step:
+            await conn.execute(statement)
+    if version < rules.SCHEMA_VERSION:
+        await conn.execute(
+            "UPDATE meta SET value = $1 WHERE key = 'schema_version'", str(rules.SCHEMA_VERSION)
+        )
+    return Decimal(meta["minor_unit"])
+

@@ -1,0 +1,793 @@
+"""The SQLite ledger: one file, durable commits, safe for the daemon and the CLI at once.
+
+Durability and sharing: WAL journal with ``synchronous=FULL`` (a commit is on
+disk before it is acknowledged), every write in ``BEGIN IMMEDIATE`` (the write
+lock is taken up front, so the check-then-write of a hold cannot interleave with
+another process's), and a busy timeout after which the store is reported
+unavailable rather than hanging.
+
+The event loop never waits on an fsync: one worker thread owns the connection
+and runs every statement. Writes that arrive together are committed together
+(group commit): each runs in its own savepoint, so one refused request rolls
+back alone, and each is acknowledged only after the shared COMMIT is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.ledger import _rules as rules
+from agent.ledger.model import (
+    Balance,
+    CallRecord,
+    CallStatus,
+    Cdr,
+    IdempotencyConflict,
+    LedgerError,
+    LedgerUnavailable,
+    Posting,
+    PostingKind,
+    RefusedOperation,
+    UnknownAccount,
+)
+from agent.money import MINOR_UNIT
+
+T = TypeVar("T")
+
+# Migrations: MIGRATIONS[n] takes a store from schema version n to n + 1.
+MIGRATIONS: list[list[str]] = [
+    [  # 1: accounts, postings, calls and their CDRs
+        """CREATE TABLE accounts (
+            id TEXT PRIMARY KEY,
+            posted INTEGER NOT NULL DEFAULT 0,
+            held INTEGER NOT NULL DEFAULT 0,
+            closed INTEGER NOT NULL DEFAULT 0,
+            created_at INTEGER NOT NULL)""",
+        """CREATE TABLE postings (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL REFERENCES accounts(id),
+            kind TEXT NOT NULL,
+            amount INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            ref TEXT NOT NULL,
+            key TEXT NOT NULL,
+            call_id TEXT,
+            note TEXT NOT NULL DEFAULT '',
+            UNIQUE (account, key))""",
+        "CREATE INDEX postings_account_at ON postings (account, at)",
+        "CREATE INDEX postings_call ON postings (call_id) WHERE call_id IS NOT NULL",
+        """CREATE TABLE calls (
+            call_id TEXT PRIMARY KEY,
+            account TEXT NOT NULL REFERENCES accounts(id),
+            node TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            tariff_name TEXT NOT NULL,
+            rate INTEGER NOT NULL,
+            increment INTEGER NOT NULL,
+            minimum INTEGER NOT NULL,
+            admitted_at INTEGER NOT NULL,
+            answered_at INTEGER,
+            paid_seconds INTEGER NOT NULL DEFAULT 0,
+            held INTEGER NOT NULL DEFAULT 0,
+            steps INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL,
+            ended_at INTEGER)""",
+        "CREATE INDEX calls_account_status ON calls (account, status)",
+        """CREATE TABLE cdrs (
+            call_id TEXT PRIMARY KEY REFERENCES calls(call_id),
+            account TEXT NOT NULL,
+            caller TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            answered_at INTEGER,
+            ended_at INTEGER NOT NULL,
+            billsec INTEGER NOT NULL,
+            billed_seconds INTEGER NOT NULL,
+            amount INTEGER NOT NULL,
+            cause TEXT NOT NULL,
+            cut_off INTEGER NOT NULL,
+            flags TEXT NOT NULL,
+            node TEXT NOT NULL,
+            submitted TEXT NOT NULL)""",
+        "CREATE INDEX cdrs_account_ended ON cdrs (account, ended_at)",
+    ],
+    [  # 2: the attempts log for frequency and rate caps
+        """CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY,
+            account TEXT NOT NULL,
+            destination TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            allowed INTEGER NOT NULL,
+            reason TEXT NOT NULL)""",
+        "CREATE INDEX attempts_account_at ON attempts (account, at)",
+        "CREATE INDEX attempts_at ON attempts (at)",
+    ],
+]
+assert len(MIGRATIONS) == rules.SCHEMA_VERSION
+
+# Writes that arrive while a commit is in flight are batched, up to this many,
+# into the next transaction: enough to amortise the fsync, small enough that
+# one batch never holds the write lock for long.
+MAX_BATCH = 128
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    write: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled; the work stands (it is idempotent)
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        return LedgerUnavailable(
+            f"ledger {path} stayed locked by another process past the timeout ({text})"
+        )
+    return LedgerUnavailable(f"ledger {path} cannot be used: {text}")
+
+
+class _Worker(threading.Thread):
+    """The one thread that owns the sqlite3 connection."""
+
+    def __init__(self, path: Path, busy_timeout: float) -> None:
+        super().__init__(name=f"ledger-sqlite:{path.name}", daemon=True)
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self.jobs.put(_Job(fn, write, loop, future))
+        return future
+
+    def run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        error: LedgerUnavailable | None = None
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=True,
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            error = _unavailable(self.path, exc)
+            conn = None
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                break
+            batch = [job]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    more = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+            if conn is None:
+                assert error is not None
+                for j in batch:
+                    self._reply(j, None, error)
+            else:
+                self._run_batch(conn, batch)
+            if stop:
+                break
+        if conn is not None:
+            conn.close()
+
+    def _reply(self, job: _Job, result: Any, error: BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+            job.loop.call_soon_threadsafe(_deliver, job.future, result, error)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        writes = []
+        for job in batch:
+            if job.write:
+                writes.append(job)
+                continue
+            try:
+                result = job.fn(conn)
+            except sqlite3.Error as exc:
+                self._reply(job, None, _unavailable(self.path, exc))
+            except Exception as exc:
+                self._reply(job, None, exc)
+            else:
+                self._reply(job, result, None)
+        if writes:
+            self._commit_group(conn, writes)
+
+    def _commit_group(self, conn: sqlite3.Connection, writes: list[_Job]) -> None:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            for job in writes:
+                self._reply(job, None, _unavailable(self.path, exc))
+            return
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        try:
+            for job in writes:
+                conn.execute("SAVEPOINT job")
+                try:
+                    result = job.fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    if isinstance(exc, sqlite3.Error):
+                        exc = _unavailable(self.path, exc)
+                    outcomes.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, result, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            failure = _unavailable(self.path, exc)
+            for job in writes:
+                self._reply(job, None, failure)
+            return
+        for job, result, error in outcomes:
+            self._reply(job, result, error)
+
+
+def _posting(row: sqlite3.Row, unit: Decimal) -> Posting:
+    return Posting(
+        id=row["id"],
+        account=row["account"],
+        kind=PostingKind(row["kind"]),
+        amount=rules.from_units(row["amount"], unit),
+        at=rules.from_micros(row["at"]),
+        ref=row["ref"],
+        key=row["key"],
+        call_id=row["call_id"],
+        note=row["note"],
+    )
+
+
+def _call(row: sqlite3.Row, unit: Decimal) -> CallRecord:
+    return CallRecord(
+        call_id=row["call_id"],
+        account=row["account"],
+        node=row["node"],
+        caller=row["caller"],
+        callee=row["callee"],
+        tariff_name=row["tariff_name"],
+        rate=rules.from_units(row["rate"], unit),
+        increment=row["increment"],
+        minimum=row["minimum"],
+        admitted_at=rules.from_micros(row["admitted_at"]),
+        answered_at=None if row["answered_at"] is None else rules.from_micros(row["answered_at"]),
+        paid_seconds=row["paid_seconds"],
+        held=rules.from_units(row["held"], unit),
+        steps=row["steps"],
+        status=CallStatus(row["status"]),
+    )
+
+
+def _cdr(row: sqlite3.Row, unit: Decimal) -> Cdr:
+    return Cdr(
+        call_id=row["call_id"],
+        account=row["account"],
+        caller=row["caller"],
+        callee=row["callee"],
+        answered_at=None if row["answered_at"] is None else rules.from_micros(row["answered_at"]),
+        ended_at=rules.from_micros(row["ended_at"]),
+        billsec=row["billsec"],
+        billed_seconds=row["billed_seconds"],
+        amount=rules.from_units(row["amount"], unit),
+        cause=row["cause"],
+        cut_off=bool(row["cut_off"]),
+        flags=tuple(json.loads(row["flags"])),
+        node=row["node"],
+    )
+
+
+def _balance(row: sqlite3.Row, unit: Decimal) -> Balance:
+    return Balance(
+        account=row["id"],
+        posted=rules.from_units(row["posted"], unit),
+        held=rules.from_units(row["held"], unit),
+        closed=bool(row["closed"]),
+    )
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal) -> Decimal:
+    """Bring the store to the current schema; return its minor unit."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" not in tables:
+        if tables - {"sqlite_sequence"}:
+            raise LedgerError(f"{path} is an SQLite database but not a callgate ledger")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [("schema_version", "0"), ("minor_unit", str(minor_unit))],
+        )
+    meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    version = int(meta["schema_version"])
+    if version > rules.SCHEMA_VERSION:
+        raise LedgerError(
+            f"ledger {path} has schema version {version}, newer than this callgate "
+            f"understands ({rules.SCHEMA_VERSION}); upgrade callgate"
+        )
+    for step in MIGRATIONS[version:]:
+        for statement in step:
+            conn.execute(statement)
+    if version < rules.SCHEMA_VERSION:
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(rules.SCHEMA_VERSION),)
+        )
+    return Decimal(meta["minor_unit"])
+
+
+class SqliteLedger:
+    """The ledger in one SQLite file. Open with :meth:`open`; close with :meth:`close`."""
+
+    def __init__(self, path: Path, unit: Decimal, worker: _Worker) -> None:
+        self.path = path
+        self.unit = unit
+        self._worker = worker
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        minor_unit: Decimal = MINOR_UNIT,
+        busy_timeout: float = 5.0,
+    ) -> SqliteLedger:
+        """Open (creating or migrating) the ledger at ``path``.
+
+        ``minor_unit`` applies only when the file is created; an existing store
+        keeps the unit recorded in its meta table.
+        """
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise LedgerUnavailable(f"ledger directory {path.parent} does not exist")
+        worker = _Worker(path, busy_timeout)
+        worker.start()
+        try:
+            unit = await worker.submit(
+                lambda conn: _migrate(conn, path, minor_unit), write=True
+            )
+        except BaseException:
+            worker.jobs.put(None)
+            raise
+        return cls(path, unit, worker)
+
+    async def close(self) -> None:
+        if not self._worker.is_alive():
+            return
+        self._worker.jobs.put(None)
+        await asyncio.to_thread(self._worker.join)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._worker.is_alive():
+            raise LedgerUnavailable(f"ledger {self.path} is closed")
+        return await self._worker.submit(fn, write=True)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._worker.is_alive():
+            raise LedgerUnavailable(f"ledger {self.path} is closed")
+        return await self._worker.submit(fn, write=False)
+
+    # -- finance --------------------------------------------------------------
+    async def topup(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime,
+        first_minimum: Decimal = Decimal(0), note: str = "",
+    ) -> Posting:
+        units = rules.positive_units(amount, self.unit)
+        minimum = rules.to_units(first_minimum, self.unit, what="first top-up minimum")
+        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
+
+    async def penalty(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = rules.positive_units(amount, self.unit)
+        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
+
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
+        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
+
+    async def adjust(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = rules.to_units(amount, self.unit)
+        if units == 0:
+            raise RefusedOperation("an adjustment must not be zero")
+        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)
+
+    async def _finance(
+        self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
+        note: str, first_minimum: int = 0,
+    ) -> Posting:
+        rules.check_ref(ref)
+        when = rules.to_micros(at)
+        key = rules.finance_key(kind, ref)
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Posting:
+            row = conn.execute(
+                "SELECT * FROM postings WHERE account = ? AND key = ?", (account, key)
+            ).fetchone()
+            if row is not None:
+                if rules.finance_replay_matches(kind, row["amount"], row["note"], units, note):
+                    return _posting(row, unit)
+                raise rules.finance_conflict(kind, account, ref, row["amount"], unit)
+            acc = conn.execute(
+                "SELECT posted, held, closed FROM accounts WHERE id = ?", (account,)
+            ).fetchone()
+            if acc is None:
+                if kind is not PostingKind.TOPUP:
+                    raise UnknownAccount(f"the ledger has no account {account!r}")
+                assert units is not None
+                rules.first_topup_check(account, units, first_minimum, unit)
+                conn.execute(
+                    "INSERT INTO accounts (id, created_at) VALUES (?, ?)", (account, when)
+                )
+            elif acc["closed"] and kind in (PostingKind.TOPUP, PostingKind.REFUND):
+                raise rules.closed_error(account)
+            amount = units
+            if kind is PostingKind.REFUND:
+                (live,) = conn.execute(
+                    "SELECT count(*) FROM calls WHERE account = ? AND status != 'ended'",
+                    (account,),
+                ).fetchone()
+                amount = rules.refund_units(account, acc["posted"], acc["held"], live, unit)
+            assert amount is not None
+            conn.execute(
+                "UPDATE accounts SET posted = posted + ?, closed = closed OR ? WHERE id = ?",
+                (rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account),
+            )
+            cur = conn.execute(
+                "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (account, kind.value, amount, when, ref, key, note),
+            )
+            return _posting(cur.fetchone(), unit)
+
+        return await self._write(run)
+
+    async def balance(self, account: str) -> Balance:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Balance:
+            row = conn.execute("SELECT * FROM accounts WHERE id = ?", (account,)).fetchone()
+            if row is None:
+                raise UnknownAccount(f"the ledger has no account {account!r}")
+            return _balance(row, unit)
+
+        return await self._read(run)
+
+    async def balances(self) -> list[Balance]:
+        unit = self.unit
+        return await self._read(
+            lambda conn: [
+                _balance(r, unit) for r in conn.execute("SELECT * FROM accounts ORDER BY id")
+            ]
+        )
+
+    async def history(self, account: str, since: datetime | None = None) -> list[Posting]:
+        start = rules.to_micros(since) if since is not None else None
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> list[Posting]:
+            if conn.execute("SELECT 1 FROM accounts WHERE id = ?", (account,)).fetchone() is None:
+                raise UnknownAccount(f"the ledger has no account {account!r}")
+            rows = conn.execute(
+                "SELECT * FROM postings WHERE account = ? AND (? IS NULL OR at >= ?) ORDER BY id",
+                (account, start, start),
+            )
+            return [_posting(r, unit) for r in rows]
+
+        return await self._read(run)
+
+    # -- calls ----------------------------------------------------------------
+    async def admit_call(self, call: CallRecord, max_live: int | None) -> bool:
+        rate = rules.to_units(call.rate, self.unit, what="rate")
+        admitted = rules.to_micros(call.admitted_at)
+        answered = rules.to_micros(call.answered_at) if call.answered_at else None
+
+        def run(conn: sqlite3.Connection) -> bool:
+            acc = conn.execute(
+                "SELECT closed FROM accounts WHERE id = ?", (call.account,)
+            ).fetchone()
+            if acc is None:
+                raise UnknownAccount(f"the ledger has no account {call.account!r}")
+            existing = conn.execute(
+                "SELECT account, status FROM calls WHERE call_id = ?", (call.call_id,)
+            ).fetchone()
+            if existing is not None:
+                return rules.readmit(call, existing["account"], existing["status"])
+            if acc["closed"]:
+                raise rules.closed_error(call.account)
+            if max_live is not None:
+                (live,) = conn.execute(
+                    "SELECT count(*) FROM calls WHERE account = ? AND status != 'ended'",
+                    (call.account,),
+                ).fetchone()
+                if live >= max_live:
+                    return False
+            conn.execute(
+                "INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+                " increment, minimum, admitted_at, answered_at, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    call.call_id, call.account, call.node, call.caller, call.callee,
+                    call.tariff_name, rate, call.increment, call.minimum, admitted, answered,
+                    (CallStatus.ANSWERED if answered is not None else CallStatus.ADMITTED).value,
+                ),
+            )
+            return True
+
+        return await self._write(run)
+
+    async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord:
+        when = rules.to_micros(answered_at)
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> CallRecord:
+            conn.execute(
+                "UPDATE calls SET status = 'answered', answered_at = ?"
+                " WHERE call_id = ? AND status = 'admitted'",
+                (when, call_id),
+            )
+            row = conn.execute("SELECT * FROM calls WHERE call_id = ?", (call_id,)).fetchone()
+            if row is None:
+                raise rules.unknown_call(call_id)
+            return _call(row, unit)
+
+        return await self._write(run)
+
+    async def hold(
+        self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
+    ) -> bool:
+        units = rules.positive_units(amount, self.unit, what="hold")
+        when = rules.to_micros(at)
+        key = rules.hold_key(call_id, step)
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> bool:
+            call = conn.execute(
+                "SELECT account, status FROM calls WHERE call_id = ?", (call_id,)
+            ).fetchone()
+            if call is None:
+                raise rules.unknown_call(call_id)
+            account = call["account"]
+            done = conn.execute(
+                "SELECT amount FROM postings WHERE account = ? AND key = ?", (account, key)
+            ).fetchone()
+            if done is not None:
+                if done["amount"] != units:
+                    raise IdempotencyConflict(
+                        f"step {step} of call {call_id!r} was already held for "
+                        f"{rules.show(done['amount'], unit)}, not {rules.show(units, unit)}"
+                    )
+                return True
+            if call["status"] == CallStatus.ENDED:
+                raise RefusedOperation(f"call {call_id!r} has already been settled")
+            # The conditional update is the atomic check: under BEGIN IMMEDIATE no
+            # other writer runs between reading the balance and raising the hold.
+            cur = conn.execute(
+                "UPDATE accounts SET held = held + ?"
+                " WHERE id = ? AND NOT closed AND posted - held >= ?",
+                (units, account, units),
+            )
+            if cur.rowcount == 0:
+                closed = conn.execute(
+                    "SELECT closed FROM accounts WHERE id = ?", (account,)
+                ).fetchone()["closed"]
+                if closed:
+                    raise rules.closed_error(account)
+                return False
+            conn.execute(
+                "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                " VALUES (?, 'hold', ?, ?, ?, ?, ?)",
+                (account, units, when, call_id, key, call_id),
+            )
+            conn.execute(
+                "UPDATE calls SET held = held + ?, paid_seconds = max(paid_seconds, ?),"
+                " steps = steps + 1 WHERE call_id = ?",
+                (units, paid_seconds, call_id),
+            )
+            return True
+
+        return await self._write(run)
+
+    async def settle_call(self, cdr: Cdr) -> Cdr:
+        fingerprint = rules.cdr_fingerprint(cdr)
+        amount = rules.to_units(cdr.amount, self.unit, what="call amount")
+        ended = rules.to_micros(cdr.ended_at)
+        answered = rules.to_micros(cdr.answered_at) if cdr.answered_at else None
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Cdr:
+            call = conn.execute(
+                "SELECT account, held FROM calls WHERE call_id = ?", (cdr.call_id,)
+            ).fetchone()
+            if call is None:
+                raise rules.unknown_call(cdr.call_id)
+            stored = conn.execute(
+                "SELECT * FROM cdrs WHERE call_id = ?", (cdr.call_id,)
+            ).fetchone()
+            if stored is not None:
+                if stored["submitted"] == fingerprint:
+                    return _cdr(stored, unit)
+                raise rules.settle_conflict(cdr.call_id)
+            account = call["account"]
+            if cdr.account != account:
+                raise RefusedOperation(
+                    f"call {cdr.call_id!r} belongs to account {account!r}, not {cdr.account!r}"
+                )
+            plan = rules.settle_plan(call["held"], amount)
+            for kind, units, key in (
+                (PostingKind.CHARGE, plan.charge, rules.charge_key(cdr.call_id)),
+                (PostingKind.RELEASE, plan.release, rules.release_key(cdr.call_id)),
+            ):
+                if units:
+                    conn.execute(
+                        "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (account, kind.value, units, ended, cdr.call_id, key, cdr.call_id),
+                    )
+            conn.execute(
+                "UPDATE accounts SET posted = posted - ?, held = held - ? WHERE id = ?",
+                (plan.charge, plan.charge + plan.release, account),
+            )
+            conn.execute(
+                "UPDATE calls SET held = 0, status = 'ended', ended_at = ? WHERE call_id = ?",
+                (ended, cdr.call_id),
+            )
+            flags = (*cdr.flags, "capped") if plan.capped else cdr.flags
+            row = conn.execute(
+                "INSERT INTO cdrs (call_id, account, caller, callee, answered_at, ended_at,"
+                " billsec, billed_seconds, amount, cause, cut_off, flags, node, submitted)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (
+                    cdr.call_id, account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
+                    cdr.billed_seconds, plan.charge, cdr.cause, cdr.cut_off,
+                    json.dumps(list(flags)), cdr.node, fingerprint,
+                ),
+            ).fetchone()
+            return _cdr(row, unit)
+
+        return await self._write(run)
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> CallRecord | None:
+            row = conn.execute("SELECT * FROM calls WHERE call_id = ?", (call_id,)).fetchone()
+            return None if row is None else _call(row, unit)
+
+        return await self._read(run)
+
+    async def live_calls(self, account: str | None = None) -> list[CallRecord]:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> list[CallRecord]:
+            rows = conn.execute(
+                "SELECT * FROM calls WHERE status != 'ended' AND (? IS NULL OR account = ?)"
+                " ORDER BY admitted_at, call_id",
+                (account, account),
+            )
+            return [_call(r, unit) for r in rows]
+
+        return await self._read(run)
+
+    async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]:
+        lo, hi = rules.to_micros(start), rules.to_micros(end)
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> list[Cdr]:
+            rows = conn.execute(
+                "SELECT * FROM cdrs WHERE account = ? AND ended_at >= ? AND ended_at < ?"
+                " ORDER BY ended_at, call_id",
+                (account, lo, hi),
+            )
+            return [_cdr(r, unit) for r in rows]
+
+        return await self._read(run)
+
+    # -- attempts -------------------------------------------------------------
+    async def record_attempt(
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+    ) -> None:
+        when = rules.to_micros(at)
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO attempts (account, destination, at, allowed, reason)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (account, destination, when, allowed, reason),
+            )
+
+        await self._write(run)
+
+    async def attempts(
+        self, account: str, since: datetime, destination: str | None = None
+    ) -> list[datetime]:
+        start = rules.to_micros(since)
+
+        def run(conn: sqlite3.Connection) -> list[datetime]:
+            rows = conn.execute(
+                "SELECT at FROM attempts WHERE account = ? AND at >= ? AND allowed"
+                " AND (? IS NULL OR destination = ?) ORDER BY at",
+                (account, start, destination, destination),
+            )
+            return [rules.from_micros(r[0]) for r in rows]
+
+        return await self._read(run)
+
+    async def prune_attempts(self, before: datetime) -> int:
+        cutoff = rules.to_micros(before)
+        return await self._write(
+            lambda conn: conn.execute("DELETE FROM attempts WHERE at < ?", (cutoff,)).rowcount
+        )
+
+    # -- consistency ----------------------------------------------------------
+    async def audit(self) -> list[str]:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            # One read transaction: a consistent snapshot even while others write.
+            conn.execute("BEGIN")
+            try:
+                accounts = [
+                    rules.StoredAccount(r["id"], r["posted"], r["held"], bool(r["closed"]))
+                    for r in conn.execute("SELECT id, posted, held, closed FROM accounts")
+                ]
+                account_sums = {
+                    (r[0], r[1]): r[2]
+                    for r in conn.execute(
+                        "SELECT account, kind, sum(amount) FROM postings GROUP BY account, kind"
+                    )
+                }
+                calls = [
+                    rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                    for r in conn.execute(
+                        "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                        " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
+                    )
+                ]
+                call_sums = {
+                    (r[0], r[1]): r[2]
+                    for r in conn.execute(
+                        "SELECT call_id, kind, sum(amount) FROM postings"
+                        " WHERE call_id IS NOT NULL GROUP BY call_id, kind"
+                    )
+                }
+            finally:
+                conn.execute("COMMIT")
+            return rules.audit(accounts, account_sums, calls, call_sums, unit)
+
+        return await self._read(run)
+
