@@ -212,7 +212,9 @@ class DefaultsSpec(RulesSpec):
     closed_dates: list[date] | None = Field(default_factory=list)
     at_window_end: Literal["finish", "cut"] | None = "finish"
     tariff: Identifier | None = "standard"
-    numbers: NumbersSpec | None = Field(default_factory=NumbersSpec)
+    numbers: NumbersSpec | None = Field(
+        default_factory=lambda: NumbersSpec(strip_prefixes=["+86", "0086"])
+    )
     destinations: ScopeSpec | None = Field(default_factory=ScopeSpec)
     do_not_call: DoNotCallSpec | None = Field(default_factory=DoNotCallSpec)
     low_balance_warning: Money | None = Decimal("20")

@@ -1,0 +1,75 @@
+"""``callgate policy check|explain``: exit codes, located errors, JSON shape."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+from agent.cli import main
+
+EXAMPLE = Path(__file__).parent.parent / "config" / "policy.yaml"
+
+
+def test_check_valid_policy_prints_summary(capsys):
+    assert main(["policy", "check", str(EXAMPLE)]) == 0
+    assert "is valid: 1 accounts" in capsys.readouterr().out
+
+
+def test_check_invalid_policy_exits_1_with_located_errors(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("version: 1\ndefaults:\n  destinations: {deny: [0900]}\n")
+    assert main(["policy", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:3: defaults.destinations.deny[0]: must be a quoted string" in err
+
+
+def test_check_json(tmp_path, capsys):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("version: 1\nbogus: 1\n")
+    assert main(["policy", "check", str(bad), "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["valid"] is False and out["errors"][0]["line"] == 2
+
+
+def test_check_uses_the_environment_when_no_path(monkeypatch, capsys):
+    monkeypatch.setenv("CALLGATE_POLICY", str(EXAMPLE))
+    assert main(["policy", "check"]) == 0
+
+
+def test_explain_json_has_the_contract_fields(capsys):
+    code = main(["--policy", str(EXAMPLE), "policy", "explain", "--account", "acme",
+                 "--to", "13800138000", "--at", "2026-11-24T19:29:59", "--balance", "0.26",
+                 "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["allow"] is True and out["reason"] == "allowed" and out["max_seconds"] == 120
+    assert Decimal(out["tariff"]["rate"]) == Decimal("0.13") and out["tariff"]["increment"] == 60
+    assert [c["rule"] for c in out["checks"]][-1] == "balance"
+
+
+def test_explain_human_output_shows_failed_rule(capsys):
+    code = main(["--policy", str(EXAMPLE), "policy", "explain", "--account", "acme",
+                 "--to", "13800138000", "--at", "2026-11-24T19:30:00", "--balance", "10"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("DENY  reason=outside_hours")
+    assert "FAIL  calling_hours" in out
+
+
+def test_explain_bad_input_exits_2(capsys):
+    base = ["--policy", str(EXAMPLE), "policy", "explain", "--to", "138"]
+    assert main([*base, "--account", "nobody", "--balance", "1"]) == 2
+    assert "unknown account 'nobody'" in capsys.readouterr().err
+    assert main([*base, "--account", "acme", "--balance", "abc"]) == 2
+    assert "not a number" in capsys.readouterr().err
+    assert main([*base, "--account", "acme", "--balance", "1", "--at", "noon"]) == 2
+    assert "not an ISO time" in capsys.readouterr().err
+
+
+def test_no_policy_anywhere_is_a_usage_error(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("CALLGATE_POLICY", raising=False)
+    monkeypatch.delenv("CALLGATE_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["policy", "explain", "--account", "a", "--to", "1"]) == 2
+    assert "no policy given" in capsys.readouterr().err
