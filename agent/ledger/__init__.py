@@ -50,11 +50,13 @@ def _minor_unit(options: dict[str, str], url: str) -> Decimal:
     if text is None:
         return MINOR_UNIT
     try:
-        unit = parse_amount(text)
+        unit = parse_amount(text).normalize()
     except AmountError as exc:
         raise LedgerError(f"ledger URL {url!r}: minor_unit {exc}") from None
-    if unit.as_tuple().digits != (1,):
-        raise LedgerError(f"ledger URL {url!r}: minor_unit must be 1, 0.1, 0.01, … (got {text})")
+    if unit.as_tuple().digits != (1,) or unit > 1:
+        raise LedgerError(
+            f"ledger URL {url!r}: minor_unit must be 1, 0.1, 0.01, 0.001 or 0.0001 (got {text})"
+        )
     return unit
 
 
