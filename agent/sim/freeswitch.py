@@ -31,6 +31,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -657,6 +658,41 @@ class FreeswitchSimulator:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+@dataclass(frozen=True)
+class TraceChunk:
+    """One message of a recorded trace: ``#@ <time> +<s> <conn> <SEND|RECV> <N>``."""
+
+    at: str
+    conn: str
+    direction: Literal["SEND", "RECV"]
+    data: bytes
+
+
+def read_trace(path: str | Path) -> list[TraceChunk]:
+    """Read a ``shared/traces/freeswitch`` file: by byte count, never by looking
+    for the next marker (README there, "File format")."""
+    raw = Path(path).read_bytes()
+    chunks: list[TraceChunk] = []
+    pos = 0
+    while pos < len(raw):
+        end = raw.index(b"\n", pos)
+        line = raw[pos:end]
+        pos = end + 1
+        if line.startswith(b"#@ "):
+            _, at, _, conn, direction, n = line.decode().split()
+            if direction not in ("SEND", "RECV"):
+                raise ValueError(f"{path}: bad marker {line!r}")
+            chunks.append(TraceChunk(at, conn, direction, raw[pos : pos + int(n)]))  # type: ignore[arg-type]
+            pos += int(n) + 1  # the data, then one "\n" that is not part of it
+    return chunks
+
+
+def trace_stream(path: str | Path, conn: str = "inbound", direction: str = "RECV") -> bytes:
+    """The exact TCP byte stream of one side of one connection."""
+    return b"".join(c.data for c in read_trace(path)
+                    if c.conn == conn and c.direction == direction)
 
 
 async def _wait(event: asyncio.Event, seconds: float | None) -> bool:

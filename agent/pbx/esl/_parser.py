@@ -130,7 +130,10 @@ class EslParser:
         self._closed_reported = False
 
     def receive_data(self, data: bytes | None) -> None:
-        """Add bytes from the socket; ``b""`` or ``None`` means end of stream."""
+        """Add bytes from the socket; ``b""`` or ``None`` means end of stream
+        (anything after it is ignored)."""
+        if self._eof:
+            return
         if not data:
             self._eof = True
             return

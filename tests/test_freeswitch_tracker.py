@@ -1,0 +1,158 @@
+"""The pure FreeSWITCH translation: recorded channel events -> agent.calls events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from agent.calls import CallAnswered, CallEnded, CallRequested, Direction
+from agent.gate.decision import Decision, Reason
+from agent.pbx.esl import ChannelData, EslEvent, EslParser
+from agent.pbx.freeswitch import (
+    GATE_REPLIES,
+    CallTracker,
+    FreeswitchSettings,
+    call_info,
+    gate_commands,
+    parse_show_channels,
+    usec_to_datetime,
+)
+from agent.sim.freeswitch import trace_stream
+
+TRACES = Path(__file__).parent / "fixtures" / "freeswitch"
+
+
+def frames(name: str, conn: str = "inbound") -> list[object]:
+    parser = EslParser()
+    parser.receive_data(trace_stream(TRACES / name, conn))
+    return list(parser.events())
+
+
+def replay(name: str, settings: FreeswitchSettings | None = None) -> list[object]:
+    tracker = CallTracker(settings or FreeswitchSettings())
+    out: list[object] = []
+    for f in frames(name):
+        if isinstance(f, EslEvent):
+            out.extend(tracker.feed(f))
+    return out
+
+
+def us(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1_000_000, UTC)
+
+
+def test_answered_call_caller_hangup_01b() -> None:
+    events = replay("01b-outbound-answered-caller-hangup.selected-events.esl.txt")
+    assert [type(e) for e in events] == [CallRequested, CallAnswered, CallEnded]
+    req, ans, end = events
+    a_leg = "e1b1b2d0-239f-4ad2-8910-d4b1cb52508f"
+    assert isinstance(req, CallRequested) and req.call.call_id == a_leg
+    assert req.call.accountcode == ""  # not set yet at CHANNEL_CREATE
+    assert req.call.destination == "15550102"
+    assert req.call.endpoint == "sofia/internal/sipp@127.0.0.1:5261"
+    # the A-leg's answer, not the B-leg's 20 ms earlier
+    assert isinstance(ans, CallAnswered) and ans.answered_at == us(1795557326342497)
+    assert ans.call is not None and ans.call.accountcode == "acme"
+    assert ans.call.direction is Direction.OUTBOUND
+    assert isinstance(end, CallEnded)
+    assert (end.call_id, end.cause, end.cause_code, end.billsec) == (
+        a_leg, "NORMAL_CLEARING", 16, 5)
+    assert end.answered_at == ans.answered_at and end.ended_at == us(1795557331362462)
+
+
+def test_all_events_subscription_gives_the_same_calls_01() -> None:
+    selected = replay("01b-outbound-answered-caller-hangup.selected-events.esl.txt")
+    everything = replay("01-outbound-answered-caller-hangup.all-events.esl.txt")
+    assert [type(e) for e in everything] == [type(e) for e in selected]
+    assert isinstance(everything[-1], CallEnded) and everything[-1].billsec == 5
+
+
+def test_callee_hangup_02_busy_03a_noanswer_03b() -> None:
+    callee = replay("02-outbound-answered-callee-hangup.esl.txt")
+    assert [type(e) for e in callee] == [CallRequested, CallAnswered, CallEnded]
+    assert isinstance(callee[-1], CallEnded) and callee[-1].billsec == 3
+    busy = replay("03a-outbound-busy.esl.txt")
+    assert [type(e) for e in busy] == [CallRequested, CallEnded]
+    assert isinstance(busy[-1], CallEnded)
+    assert (busy[-1].cause, busy[-1].billsec, busy[-1].answered_at) == ("USER_BUSY", 0, None)
+    noans = replay("03b-outbound-no-answer.esl.txt")
+    assert [type(e) for e in noans] == [CallRequested, CallEnded]
+    assert isinstance(noans[-1], CallEnded) and noans[-1].cause == "NORMAL_CLEARING"
+    assert noans[-1].billsec == 0
+
+
+@pytest.mark.parametrize(("name", "cause"), [
+    ("04a-answered-api-uuid_kill.esl.txt", "NORMAL_CLEARING"),
+    ("04b-answered-bgapi-uuid_kill.esl.txt", "NORMAL_CLEARING"),
+    ("05-answered-sched_hangup-allotted-timeout.esl.txt", "ALLOTTED_TIMEOUT"),
+    ("06a-outbound-socket-reject.inbound-events.esl.txt", "CALL_REJECTED"),
+])
+def test_end_causes(name: str, cause: str) -> None:
+    ends = [e for e in replay(name) if isinstance(e, CallEnded)]
+    assert len(ends) == 1 and ends[0].cause == cause
+
+
+def test_gated_calls_see_the_gate_variable_06b() -> None:
+    events = replay("06b-outbound-socket-allow-resume.inbound-events.esl.txt")
+    ans = [e for e in events if isinstance(e, CallAnswered)]
+    assert len(ans) == 1 and ans[0].call is not None
+    assert ans[0].call.destination == "15550602"  # variable_callgate_dest wins over 8...
+
+
+def test_inbound_and_local_calls_08() -> None:
+    inbound = replay("08a-inbound-call-external-profile.esl.txt",
+                     FreeswitchSettings(outbound_contexts=frozenset({"default"})))
+    assert all(getattr(e, "call", None) is None or e.call.direction is Direction.INBOUND  # type: ignore[attr-defined]
+               for e in inbound)
+    local = replay("08b-local-4digit-call-internal-profile.esl.txt")
+    end = next(e for e in local if isinstance(e, CallEnded))
+    assert end.call is not None and end.call.direction is Direction.INBOUND  # no accountcode
+
+
+def test_a_leg_answer_reported_once_even_with_bridge() -> None:
+    tracker = CallTracker(FreeswitchSettings())
+    evs = [f for f in frames("01b-outbound-answered-caller-hangup.selected-events.esl.txt")
+           if isinstance(f, EslEvent)]
+    bridge = next(e for e in evs if e.name == "CHANNEL_BRIDGE")
+    assert [type(x) for x in tracker.feed(bridge)] == [CallAnswered]
+    assert tracker.feed(bridge) == []
+    tracker.reset({bridge.headers["Unique-ID"]})  # after a reconnect that listed it
+    assert tracker.feed(bridge) == []
+
+
+def test_show_channels_json_07() -> None:
+    api = [f for f in frames("07-api-responses-and-errors.esl.txt")
+           if type(f).__name__ == "ApiResponse"]
+    assert parse_show_channels(api[0].body) == []  # {"row_count": 0}
+    rows = parse_show_channels(api[3].body)  # type: ignore[attr-defined]
+    assert [r["direction"] for r in rows] == ["inbound", "outbound"]
+    assert rows[0]["accountcode"] == "acme"
+
+
+def test_gate_reads_the_connect_reply_06a() -> None:
+    data = next(f for f in frames("06a-outbound-socket-reject.esl.txt", "outbound")
+            if isinstance(f, ChannelData))
+    call = call_info(data.headers, FreeswitchSettings(), Direction.OUTBOUND)
+    assert call.call_id == "50b19cc9-4a6f-4501-9baf-478d8196dbc6"
+    assert (call.caller_id, call.destination, call.accountcode, call.context) == (
+        "sipp", "15550601", "acme", "default")
+
+
+def test_gate_commands() -> None:
+    deny = Decision(False, Reason.OUTSIDE_HOURS, "closed")
+    out = gate_commands(deny)
+    assert out.count(b"\n\n") == GATE_REPLIES
+    assert b"execute-app-arg: callgate_result=DENY\n" in out
+    assert b"execute-app-arg: callgate_reason=outside_hours\n" in out
+    assert b"execute-app-name: hangup\nexecute-app-arg: OUTGOING_CALL_BARRED\n" in out
+    allow = gate_commands(Decision(True, Reason.ALLOWED, "ok", max_seconds=1380))
+    assert b"callgate_max_seconds=1380\n" in allow and b"resume\n\n" in allow
+    assert b"hangup" not in allow and allow.endswith(b"exit\n\n")
+
+
+def test_usec_times() -> None:
+    assert usec_to_datetime("0") is None and usec_to_datetime("") is None
+    assert usec_to_datetime("1795557326342497") == datetime(2026, 11, 24, 21, 55, 26, 342497,
+                                                             tzinfo=UTC)
