@@ -1,0 +1,622 @@
+"""The Asterisk adapter: FastAGI gate, AMI metering and control.
+
+Three jobs, one object (:class:`AsteriskAdapter`, an :class:`agent.calls.PbxControl`):
+
+* **Gate** (FastAGI): the dialplan's ``AGI(agi://127.0.0.1:4573/gate)``
+  connects here; we read the request within a timeout, ask ``gate`` within the
+  decision budget, and set ``CALLGATE_MAX_SECONDS``, ``CALLGATE_REASON`` and
+  last ``CALLGATE_RESULT``, checking each ``200 result=1``, then close the
+  socket ourselves (Asterisk never does, trace 06d). The shipped dialplan
+  dials only when ``CALLGATE_RESULT`` is exactly ``ALLOW`` (config/asterisk).
+* **Metering** (AMI): log in, list the live channels with ``CoreShowChannels``
+  before trusting any event, then turn events into :mod:`agent.calls` events
+  (:class:`agent.pbx.ami.CallTracker`). A ``Ping`` without a reply within
+  ``ping_timeout`` counts the connection as dead (half-open TCP); it is
+  reopened with exponential backoff.
+* **Control**: ``AbsoluteTimeout`` for the PBX-side deadline (a later one
+  replaces the earlier, DESIGN.md facts), ``Hangup`` with a numeric cause.
+  An action in flight when the connection drops fails with :class:`PbxError`
+  and is never re-sent by us after the reconnect: the caller (the meter)
+  decides, knowing the fresh ``PbxConnected`` list.
+
+The protocol code is sans-IO (agent/pbx/ami, agent/pbx/agi); this module only
+moves bytes, keeps time and reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from agent.calls import (
+    ActiveCall,
+    CallEvent,
+    CallGone,
+    CallInfo,
+    CallRequested,
+    Direction,
+    EventSink,
+    GateFunc,
+    HangupCause,
+    PbxConnected,
+    PbxDisconnected,
+    PbxError,
+)
+from agent.gate.decision import Decision, Reason
+from agent.pbx import agi, ami
+
+log = structlog.get_logger(__name__)
+
+AMI_EVENT_CLASSES = "call,cdr,system"
+"""``Events:`` sent with Login: the classes the tracker reads (``Privilege: call,all``,
+``cdr,all``; trace 01). ``dialplan`` (VarSet, Newexten), ``security`` and ``agi``
+events, most of the traffic in the traces, are then never sent to us."""
+NO_SUCH_CHANNEL = "No such channel"  # Getvar/Hangup on a gone channel (trace 07)
+READ_SIZE = 65536
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class AsteriskSettings:
+    ami_host: str = "127.0.0.1"
+    ami_port: int = 5038
+    username: str = "callgate"
+    secret: str = ""
+    fastagi_listen: tuple[str, int] | None = ("127.0.0.1", 4573)  # None = no inline gate
+    decision_budget: float = 0.5  # seconds; past it the gate answers DENY ledger_unavailable
+    watch_only_contexts: frozenset[str] = frozenset()  # decided from AMI events
+    outbound_contexts: frozenset[str] = frozenset()  # empty = any call with an accountcode / AGI
+    ping_interval: float = 10.0
+    ping_timeout: float = 5.0  # also the limit for any AMI action's reply
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    cdr_wait: float = 2.0  # wait for a Cdr after Hangup before computing billsec
+    fastagi_read_timeout: float = 5.0  # for the request headers and each reply
+
+
+class AmiLoginRefused(PbxError):
+    """Asterisk refused the username/secret: retrying cannot help, so run() stops."""
+
+
+class _SessionLost(Exception):
+    """The AMI connection ended (EOF, garbage banner, no Pong)."""
+
+
+@dataclass
+class _Pending:
+    name: str
+    future: asyncio.Future[tuple[ami.Message, list[ami.Message]]]
+    listing: bool = False
+    items: list[ami.Message] = field(default_factory=list)
+
+
+class _AmiSession:
+    """One connected AMI socket: writes actions, matches replies by ActionID."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_event: Callable[[ami.Message], None],
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.parser = ami.AmiParser()
+        self.on_event = on_event
+        self.banner: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count(1)
+        self.closed_reason = ""
+
+    async def read_loop(self) -> str:
+        """Read until EOF; returns why the stream ended."""
+        while True:
+            data = await self.reader.read(READ_SIZE)
+            self.parser.receive_data(data)
+            for event in self.parser.events():
+                if isinstance(event, ami.Message):
+                    self._dispatch(event)
+                elif isinstance(event, ami.Banner):
+                    if not self.banner.done():
+                        self.banner.set_result(event.version)
+                elif isinstance(event, ami.ParseFailed):
+                    if not self.banner.done():
+                        raise _SessionLost(f"not an Asterisk manager port: {event.reason}")
+                    log.warning("ami.parse_failed", reason=event.reason)
+                elif isinstance(event, ami.ConnectionClosed):
+                    return "AMI connection closed by Asterisk"
+            if not data:
+                return "AMI connection closed by Asterisk"
+
+    def _dispatch(self, msg: ami.Message) -> None:
+        action_id = msg.action_id
+        pending = self._pending.get(action_id) if action_id else None
+        if pending is None:
+            if msg.kind == "event":
+                self.on_event(msg)
+            return
+        if msg.kind == "response":
+            if msg.get("EventList") == "start":
+                pending.listing = True
+                pending.items = [msg]
+                return
+            self._finish(action_id, msg, [])
+        elif pending.listing:
+            if msg.get("EventList") == "Complete":
+                self._finish(action_id, pending.items[0], pending.items[1:])
+            else:
+                pending.items.append(msg)
+
+    def _finish(self, action_id: str, response: ami.Message, items: list[ami.Message]) -> None:
+        pending = self._pending.pop(action_id)
+        if not pending.future.done():
+            pending.future.set_result((response, items))
+
+    async def action(
+        self, name: str, fields: Mapping[str, str | int] | None, timeout: float
+    ) -> tuple[ami.Message, list[ami.Message]]:
+        """Send one action; its response (and list items). PbxError if the link drops."""
+        if self.closed_reason:
+            raise PbxError(f"AMI {name} not sent: {self.closed_reason}")
+        action_id = f"callgate-{next(self._ids)}"
+        future: asyncio.Future[tuple[ami.Message, list[ami.Message]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending[action_id] = _Pending(name, future)
+        self.writer.write(ami.format_action(name, action_id, fields))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise PbxError(f"AMI {name}: no reply within {timeout:g} s") from None
+        finally:
+            self._pending.pop(action_id, None)
+
+    def close(self, reason: str) -> None:
+        self.closed_reason = reason
+        for pending in self._pending.values():
+            if not pending.future.done():
+                # Not re-sent after a reconnect: the caller decides (issue 5).
+                pending.future.set_exception(
+                    PbxError(f"AMI {pending.name} lost: {reason}; not retried")
+                )
+        self._pending.clear()
+        self.writer.close()
+
+
+def _destination(request: agi.AgiRequest) -> str:
+    dnid = request.get("dnid")
+    if dnid and dnid != "unknown":
+        return dnid
+    return request.get("extension")
+
+
+def call_from_agi(request: agi.AgiRequest, tracker: ami.CallTracker) -> CallInfo:
+    """The gate request from FastAGI headers (trace 06: agi_uniqueid, agi_dnid, ...)."""
+    context = request.get("context")
+    if tracker.outbound_contexts or tracker.watch_only_contexts:
+        direction = tracker.direction(context, request.get("accountcode"), gated=True)
+    else:
+        direction = Direction.OUTBOUND  # it asked the outbound gate
+    caller = request.get("callerid")
+    name = request.get("calleridname")
+    return CallInfo(
+        call_id=request.get("uniqueid"),
+        direction=direction,
+        caller_id="" if caller == "unknown" else caller,
+        destination=_destination(request),
+        accountcode=request.get("accountcode"),
+        endpoint=request.get("channel"),
+        context=context,
+        caller_name="" if name == "unknown" else name,
+    )
+
+
+def gate_variables(decision: Decision) -> list[tuple[str, str]]:
+    """The channel variables for a decision, ``CALLGATE_RESULT`` last.
+
+    Last, so a connection that dies midway leaves no ``ALLOW`` without its
+    limit: the shipped dialplan refuses an ALLOW without a positive
+    ``CALLGATE_MAX_SECONDS``.
+    """
+    seconds = ""
+    if decision.allow and decision.max_seconds is not None:
+        seconds = str(decision.max_seconds)
+    elif not decision.allow:
+        seconds = "0"
+    return [
+        ("CALLGATE_MAX_SECONDS", seconds),
+        ("CALLGATE_REASON", decision.reason.value),
+        ("CALLGATE_RESULT", decision.result),
+    ]
+
+
+def ami_cause(cause: HangupCause) -> int:
+    """Asterisk takes the numeric Q.850 cause; it has no ALLOTTED_TIMEOUT (602)."""
+    return 16 if cause is HangupCause.ALLOTTED_TIMEOUT else int(cause)
+
+
+def deadline_seconds(at: datetime, now: datetime) -> int:
+    """``AbsoluteTimeout`` seconds: rounded down, so the PBX never ends later than ``at``."""
+    return math.floor((at - now).total_seconds())
+
+
+class AsteriskAdapter:
+    """Implements :class:`agent.calls.PbxControl` for one Asterisk."""
+
+    def __init__(
+        self,
+        settings: AsteriskSettings,
+        gate: GateFunc,
+        sink: EventSink,
+        *,
+        clock: Callable[[], datetime] = now_utc,
+    ) -> None:
+        self.settings = settings
+        self.gate = gate
+        self.sink = sink
+        self.clock = clock
+        self.tracker = ami.CallTracker(
+            outbound_contexts=settings.outbound_contexts,
+            watch_only_contexts=settings.watch_only_contexts,
+            cdr_wait=settings.cdr_wait,
+        )
+        self._session: _AmiSession | None = None
+        self._trusted = False  # events are buffered until CoreShowChannels is in
+        self._buffer: list[tuple[ami.Message, datetime]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connected_changed = asyncio.Event()
+        self.sessions = 0  # completed logins, for tests and health
+
+    # -- public ----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._session is not None and self._trusted
+
+    @property
+    def fastagi_address(self) -> tuple[str, int] | None:
+        if self._server is None or not self._server.sockets:
+            return None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return (host, port)
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Until the AMI is logged in and the live calls are listed (tests, daemon start)."""
+        async with asyncio.timeout(timeout):
+            while not self.connected:
+                self._connected_changed.clear()
+                await self._connected_changed.wait()
+
+    async def run(self) -> None:
+        """Serve FastAGI and keep the AMI connected until cancelled.
+
+        Raises :class:`AmiLoginRefused` on a wrong username/secret.
+        """
+        if self.settings.fastagi_listen is not None:
+            host, port = self.settings.fastagi_listen
+            self._server = await asyncio.start_server(self._serve_agi, host, port, limit=READ_SIZE)
+        try:
+            await self._ami_forever()
+        finally:
+            if self._server is not None:
+                self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def hangup(self, call_id: str, cause: HangupCause) -> None:
+        channel = self._channel(call_id, "Hangup")
+        await self._command("Hangup", {"Channel": channel, "Cause": ami_cause(cause)}, call_id)
+
+    async def set_deadline(self, call_id: str, at: datetime) -> None:
+        channel = self._channel(call_id, "AbsoluteTimeout")
+        seconds = deadline_seconds(at, self.clock())
+        if seconds < 1:
+            # "Timeout: 0" is refused by Asterisk and keeps the old deadline
+            # (DESIGN.md facts): a deadline already due is a hang-up now.
+            await self.hangup(call_id, HangupCause.ALLOTTED_TIMEOUT)
+            return
+        await self._command("AbsoluteTimeout", {"Channel": channel, "Timeout": seconds}, call_id)
+
+    async def active_calls(self) -> list[ActiveCall]:
+        session = self._require_session("CoreShowChannels")
+        items, answers = await self._list_channels(session)
+        probe = ami.CallTracker(
+            outbound_contexts=self.settings.outbound_contexts,
+            watch_only_contexts=self.settings.watch_only_contexts,
+        )
+        return list(probe.adopt(items, answers, self.clock()))
+
+    # -- AMI ---------------------------------------------------------------
+    def _require_session(self, what: str) -> _AmiSession:
+        if self._session is None or not self._trusted:
+            raise PbxError(f"AMI not connected to {self._where()}; {what} not sent")
+        return self._session
+
+    def _where(self) -> str:
+        return f"{self.settings.ami_host}:{self.settings.ami_port}"
+
+    def _channel(self, call_id: str, what: str) -> str:
+        self._require_session(what)
+        channel = self.tracker.channel_of(call_id)
+        if channel is None:
+            raise CallGone(f"call {call_id} is not live on the PBX; {what} not sent")
+        return channel
+
+    async def _command(
+        self, name: str, fields: Mapping[str, str | int], call_id: str
+    ) -> ami.Message:
+        session = self._require_session(name)
+        response, _ = await session.action(name, fields, self.settings.ping_timeout)
+        if response.name == "Success":
+            return response
+        message = response.get("Message")
+        if message == NO_SUCH_CHANNEL:
+            raise CallGone(f"call {call_id}: {name}: {message}")
+        raise PbxError(f"AMI {name} for call {call_id} refused: {message}")
+
+    async def _ami_forever(self) -> None:
+        delay = self.settings.reconnect_min
+        while True:
+            reason = ""
+            try:
+                await self._ami_session()
+            except AmiLoginRefused:
+                raise
+            except (OSError, TimeoutError, PbxError, _SessionLost) as exc:
+                reason = str(exc) or type(exc).__name__
+            was_trusted = self._trusted
+            self._session = None
+            self._trusted = False
+            self._connected_changed.set()
+            if was_trusted:
+                delay = self.settings.reconnect_min
+                for event in self.tracker.flush():
+                    self._emit(event)
+                self._emit(PbxDisconnected(reason))
+                log.warning("ami.disconnected", reason=reason, host=self._where())
+            else:
+                log.warning("ami.connect_failed", reason=reason, host=self._where(), retry=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.reconnect_max)
+
+    async def _ami_session(self) -> None:
+        s = self.settings
+        async with asyncio.timeout(s.ping_timeout):
+            reader, writer = await asyncio.open_connection(s.ami_host, s.ami_port, limit=READ_SIZE)
+        session = _AmiSession(reader, writer, self._on_message)
+        self._buffer = []
+        reading = asyncio.create_task(self._read(session))
+        try:
+            async with asyncio.timeout(s.ping_timeout):
+                await asyncio.wait({reading, session.banner}, return_when="FIRST_COMPLETED")
+            if not session.banner.done():
+                reading.result()  # raises why the stream ended
+                raise _SessionLost("AMI closed before its banner")
+            # A wrong secret answers after about 1 s (trace 07b), inside ping_timeout.
+            response, _ = await session.action(
+                "Login",
+                {"Username": s.username, "Secret": s.secret, "Events": AMI_EVENT_CLASSES},
+                max(s.ping_timeout, 2.0),
+            )
+            if response.name != "Success":
+                raise AmiLoginRefused(
+                    f"AMI login refused for user {s.username!r} at {self._where()}: "
+                    f"{response.get('Message') or response.name}"
+                )
+            self._session = session
+            items, answers = await self._list_channels(session)
+            calls = self.tracker.adopt(items, answers, self.clock())
+            self._trusted = True
+            self.sessions += 1
+            self._emit(PbxConnected(calls))
+            buffered, self._buffer = self._buffer, []
+            for msg, received_at in buffered:
+                self._feed(msg, received_at)
+            self._connected_changed.set()
+            log.info("ami.connected", host=self._where(), live_calls=len(calls))
+            pinging = asyncio.create_task(self._ping(session))
+            expiring = asyncio.create_task(self._expire())
+            try:
+                done, _ = await asyncio.wait(
+                    {reading, pinging, expiring}, return_when="FIRST_COMPLETED"
+                )
+                for task in done:
+                    task.result()
+                raise _SessionLost("AMI connection ended")
+            finally:
+                pinging.cancel()
+                expiring.cancel()
+        finally:
+            reason = ""
+            if reading.done() and not reading.cancelled():
+                exc = reading.exception()
+                reason = str(exc) if exc else (reading.result() or "")
+            reading.cancel()
+            session.close(reason or "AMI connection lost")
+
+    async def _read(self, session: _AmiSession) -> str:
+        reason = await session.read_loop()
+        raise _SessionLost(reason)
+
+    async def _ping(self, session: _AmiSession) -> None:
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.ping_interval)
+            try:
+                await session.action("Ping", None, s.ping_timeout)
+            except PbxError:
+                raise _SessionLost(
+                    f"no Pong within {s.ping_timeout:g} s: AMI connection presumed dead"
+                ) from None
+
+    async def _expire(self) -> None:
+        step = min(0.25, max(0.01, self.settings.cdr_wait / 4))
+        while True:
+            await asyncio.sleep(step)
+            for event in self.tracker.expire(self.clock()):
+                self._emit(event)
+
+    async def _list_channels(
+        self, session: _AmiSession
+    ) -> tuple[list[ami.Message], dict[str, datetime | None]]:
+        timeout = self.settings.ping_timeout
+        response, items = await session.action("CoreShowChannels", None, timeout)
+        if response.name != "Success":
+            raise PbxError(f"AMI CoreShowChannels refused: {response.get('Message')}")
+        channels = [m for m in items if m.name == "CoreShowChannel"]
+        up = [
+            m
+            for m in channels
+            if m.get("Uniqueid") == m.get("Linkedid") and m.get("ChannelState") == "6"
+        ]
+
+        async def answer_time(item: ami.Message) -> datetime | None:
+            # CDR(answer,u): the answer time as epoch seconds, free of the
+            # PBX's time zone (func_cdr "u" option); "0"/empty = not answered.
+            fields = {"Channel": item.get("Channel"), "Variable": "CDR(answer,u)"}
+            reply, _ = await session.action("Getvar", fields, timeout)
+            try:
+                value = float(reply.get("Value") or 0)
+            except ValueError:
+                return None
+            return datetime.fromtimestamp(value, UTC) if value > 0 else None
+
+        times = await asyncio.gather(*(answer_time(m) for m in up))
+        return channels, {m.get("Uniqueid"): t for m, t in zip(up, times, strict=True)}
+
+    def _on_message(self, msg: ami.Message) -> None:
+        now = self.clock()
+        if not self._trusted:
+            self._buffer.append((msg, now))
+            return
+        self._feed(msg, now)
+
+    def _feed(self, msg: ami.Message, received_at: datetime) -> None:
+        for event in self.tracker.feed(msg, received_at):
+            self._emit(event)
+
+    def _emit(self, event: CallEvent) -> None:
+        try:
+            self.sink(event)
+        except Exception:
+            log.exception("sink.failed", event=type(event).__name__)
+        if (
+            isinstance(event, CallRequested)
+            and event.call.context in self.settings.watch_only_contexts
+        ):
+            self._spawn(self._watch_only(event.call))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_only(self, call: CallInfo) -> None:
+        decision = await self.decide(call)
+        log.info(
+            "gate.watch_only",
+            call_id=call.call_id,
+            result=decision.result,
+            reason=decision.reason.value,
+            account=call.accountcode,
+        )
+        if decision.allow:
+            return
+        try:
+            await self.hangup(call.call_id, decision.hangup_cause)
+        except CallGone:
+            pass
+        except PbxError as exc:
+            log.error("gate.watch_only_hangup_failed", call_id=call.call_id, error=str(exc))
+
+    # -- gate ------------------------------------------------------------
+    async def decide(self, call: CallInfo) -> Decision:
+        """The gate's answer within the budget; refused (fail closed) past it."""
+        budget = self.settings.decision_budget
+        try:
+            async with asyncio.timeout(budget):
+                return await self.gate(call)
+        except TimeoutError:
+            return Decision(False, Reason.LEDGER_UNAVAILABLE, f"no decision within {budget:g} s")
+        except Exception as exc:
+            log.exception("gate.failed", call_id=call.call_id)
+            return Decision(False, Reason.LEDGER_UNAVAILABLE, f"gate failed: {exc}")
+
+    async def _serve_agi(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._gate_connection(reader, writer)
+        except (OSError, TimeoutError) as exc:
+            log.warning("fastagi.connection_failed", error=str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            # Shutdown. Returning (not re-raising) because Python 3.11's
+            # streams callback logs a bogus error for a cancelled handler.
+            pass
+        finally:
+            # Asterisk keeps the socket open after HANGUP (trace 06d): we close.
+            writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _next_agi_event(
+        self, conn: agi.FastAgiConnection, reader: asyncio.StreamReader
+    ) -> agi.AgiEvent:
+        async with asyncio.timeout(self.settings.fastagi_read_timeout):
+            while True:
+                event = conn.next_event()
+                if event is not None:
+                    return event
+                conn.receive_data(await reader.read(READ_SIZE))
+
+    async def _gate_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        conn = agi.FastAgiConnection()
+        request = await self._next_agi_event(conn, reader)
+        if not isinstance(request, agi.AgiRequest):
+            log.warning("fastagi.bad_request", event=repr(request))
+            return
+        if not request.get("uniqueid"):
+            log.warning("fastagi.bad_request", reason="no agi_uniqueid", script=request.script)
+            return
+        call = call_from_agi(request, self.tracker)
+        self.tracker.mark_gated(call.call_id)
+        decision = await self.decide(call)
+        log.info(
+            "gate.decided",
+            call_id=call.call_id,
+            account=call.accountcode,
+            result=decision.result,
+            reason=decision.reason.value,
+            max_seconds=decision.max_seconds,
+        )
+        for name, value in gate_variables(decision):
+            writer.write(conn.send_command("SET VARIABLE", name, value))
+            while True:
+                reply = await self._next_agi_event(conn, reader)
+                if not isinstance(reply, agi.AgiHangup):
+                    break
+                # The channel hung up; its reply still follows (trace 06d order).
+            if not (isinstance(reply, agi.AgiReply) and reply.ok and reply.result == "1"):
+                log.warning(
+                    "fastagi.set_variable_failed",
+                    call_id=call.call_id,
+                    variable=name,
+                    reply=repr(reply),
+                )
+                return
