@@ -389,7 +389,8 @@ class FreeswitchSimulator:
             self.hangup(b, "NORMAL_CLEARING")
 
     def hangup(self, chan: SimChannel, cause: str) -> None:
-        """Hang a channel up; the other leg follows with NORMAL_CLEARING (trace 05)."""
+        """Hang a channel up; once bridged, the other leg follows with
+        NORMAL_CLEARING (trace 05). Before answer the legs end separately (03a/03b)."""
         if chan.hangup_us:
             return
         chan.hangup_us = _now_us()
@@ -407,7 +408,7 @@ class FreeswitchSimulator:
             handle = self._handles.pop(chan.uuid, None)
             if handle is not None:
                 handle._finish()
-        if chan.other and chan.other in self.channels:
+        if chan.answered_us and chan.other and chan.other in self.channels:
             self.hangup(self.channels[chan.other], "NORMAL_CLEARING")
 
     # -- outbound socket (the gate) ----------------------------------------------

@@ -1,0 +1,307 @@
+"""The FreeSWITCH adapter against the simulator over real loopback sockets.
+
+Every test is bounded (``asyncio.timeout``) and uses ephemeral ports. Durations
+are a few hundred ms; the assertions are about what happened (causes, billsec,
+which deadline fired), never about how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import pytest
+
+from agent.calls import (
+    CallAnswered,
+    CallEnded,
+    CallEvent,
+    CallGone,
+    CallInfo,
+    CallRequested,
+    Direction,
+    HangupCause,
+    PbxConnected,
+    PbxDisconnected,
+    PbxError,
+)
+from agent.gate.decision import Decision, Reason
+from agent.pbx.freeswitch import EslAuthError, FreeswitchAdapter, FreeswitchSettings
+from agent.sim.freeswitch import FreeswitchSimulator
+
+PASSWORD = "not-ClueCon-4711"
+
+
+async def allow_all(call: CallInfo) -> Decision:
+    return Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=60)
+
+
+@dataclass
+class Rig:
+    sim: FreeswitchSimulator
+    adapter: FreeswitchAdapter
+    events: list[CallEvent] = field(default_factory=list)
+    asked: list[CallInfo] = field(default_factory=list)
+
+    def of(self, kind: type, call_id: str | None = None) -> list:
+        return [e for e in self.events if isinstance(e, kind)
+                and (call_id is None or getattr(e, "call_id", None) == call_id)]
+
+    async def until(self, pred: Callable[[], bool], timeout: float = 3.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not pred():
+                await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def rig(gate: Callable[[CallInfo], Awaitable[Decision]] = allow_all, *,
+              inline_gate: bool = True, **settings: object) -> AsyncIterator[Rig]:
+    async with FreeswitchSimulator(PASSWORD, show_channels_lag=1.0) as sim:
+        events: list[CallEvent] = []
+        asked: list[CallInfo] = []
+
+        async def recording_gate(call: CallInfo) -> Decision:
+            asked.append(call)
+            return await gate(call)
+
+        opts: dict[str, object] = dict(esl_port=sim.esl_address[1], password=PASSWORD,
+                                       outbound_listen=("127.0.0.1", 0) if inline_gate else None,
+                                       reconnect_min=0.05, reconnect_max=0.2)
+        opts.update(settings)
+        adapter = FreeswitchAdapter(FreeswitchSettings(**opts),  # type: ignore[arg-type]
+                                    recording_gate, events.append)
+        task = asyncio.create_task(adapter.run())
+        try:
+            async with asyncio.timeout(3):
+                await adapter.wait_connected()
+                if inline_gate:
+                    await adapter.wait_listening()
+            sim.outbound_address = adapter.outbound_address
+            yield Rig(sim, adapter, events, asked)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+
+async def test_answered_call_gives_answer_and_end_with_billsec() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call("2001", "15550101", talk_seconds=1.2)
+        result = await h.ended()
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        assert result.bridged and result.cause == "NORMAL_CLEARING" and result.billsec == 1
+        (req,) = [e for e in r.of(CallRequested) if e.call.call_id == h.call_id]
+        (ans,) = r.of(CallAnswered, h.call_id)
+        (end,) = r.of(CallEnded, h.call_id)
+        assert ans.answered_at == result.answered_at
+        assert ans.call.accountcode == "acme" and ans.call.direction is Direction.OUTBOUND
+        assert (end.billsec, end.cause, end.cause_code) == (1, "NORMAL_CLEARING", 16)
+        assert end.answered_at == result.answered_at and end.ended_at == result.ended_at
+        assert r.asked[0].call_id == h.call_id and r.asked[0].destination == "15550101"
+        assert r.events.index(req) < r.events.index(ans) < r.events.index(end)
+
+
+@pytest.mark.parametrize(("outcome", "cause"), [("busy", "USER_BUSY"),
+                                                ("noanswer", "NORMAL_CLEARING")])
+async def test_unanswered_calls_end_without_answer(outcome: str, cause: str) -> None:
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(outcome=outcome)  # type: ignore[arg-type]
+        await h.ended()
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        (end,) = r.of(CallEnded, h.call_id)
+        assert (end.cause, end.billsec, end.answered_at) == (cause, 0, None)
+        assert r.of(CallAnswered, h.call_id) == []
+
+
+async def test_callee_hangup() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(talk_seconds=0.3, hangup_by="callee")
+        await h.ended()
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        assert r.of(CallEnded, h.call_id)[0].cause == "NORMAL_CLEARING"
+
+
+async def test_set_deadline_replaces_the_previous_one_without_a_gap() -> None:
+    async with asyncio.timeout(15), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        clock = r.adapter.clock
+        # the dialplan's sched_hangup (+60) is replaced by the first step ...
+        await r.adapter.set_deadline(h.call_id, clock() + timedelta(seconds=1.9))
+        # ... and a later deadline replaces the earlier one: the call outlives +1 s
+        await r.adapter.set_deadline(h.call_id, clock() + timedelta(seconds=2.9))
+        result = await h.ended()
+        assert result.by_deadline and result.cause == "ALLOTTED_TIMEOUT"
+        assert result.billsec == 2
+        kills = [c for c in r.sim.api_log if c.startswith(("sched_api", "sched_del"))]
+        assert kills[0].startswith(f"sched_api +1 callgate_{h.call_id}_1 uuid_kill {h.call_id}")
+        assert kills[1] == f"sched_del {h.call_id}"  # the dialplan's sched_hangup group
+        assert kills[2].startswith(f"sched_api +2 callgate_{h.call_id}_2 ")
+        assert kills[3] == f"sched_del callgate_{h.call_id}_1"
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        assert r.of(CallEnded, h.call_id)[0].cause == "ALLOTTED_TIMEOUT"
+
+
+async def test_an_earlier_deadline_also_replaces_and_past_deadline_kills_now() -> None:
+    async with asyncio.timeout(15), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        now = r.adapter.clock()
+        await r.adapter.set_deadline(h.call_id, now + timedelta(seconds=30))
+        await r.adapter.set_deadline(h.call_id, now + timedelta(seconds=1.5))
+        result = await h.ended()
+        assert result.cause == "ALLOTTED_TIMEOUT" and result.billsec <= 1
+        h2 = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h2.call_id)))
+        await r.adapter.set_deadline(h2.call_id, r.adapter.clock() + timedelta(seconds=0.4))
+        assert (await h2.ended()).cause == "ALLOTTED_TIMEOUT"
+
+
+async def test_hangup_and_call_gone() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        await r.adapter.hangup(h.call_id, HangupCause.NORMAL_CLEARING)
+        assert (await h.ended()).cause == "NORMAL_CLEARING"
+        with pytest.raises(CallGone):
+            await r.adapter.hangup(h.call_id, HangupCause.NORMAL_CLEARING)
+        assert (await r.adapter.bgapi(f"uuid_kill {h.call_id}")) == "-ERR No such channel!\n"
+
+
+async def test_reconnect_lists_live_calls_not_the_recently_dead() -> None:
+    async with asyncio.timeout(15), rig() as r:
+        live = await r.sim.place_call(talk_seconds=None)
+        gone = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, live.call_id))
+                      and bool(r.of(CallAnswered, gone.call_id)))
+        r.sim.drop_esl_connections()
+        await r.until(lambda: bool(r.of(PbxDisconnected)))
+        # the call ends while the link is down; `show channels` still lists it
+        r.sim.hangup(r.sim.channels[gone.call_id], "NORMAL_CLEARING")
+        await r.until(lambda: len(r.of(PbxConnected)) == 2)
+        (_, again) = r.of(PbxConnected)
+        assert [c.call.call_id for c in again.calls] == [live.call_id]
+        listed = again.calls[0]
+        assert listed.answered_at == (r.of(CallAnswered, live.call_id)[0].answered_at)
+        assert listed.call.accountcode == "acme"
+        # a command that was in flight is not replayed: the next one works
+        await r.adapter.hangup(live.call_id, HangupCause.NORMAL_CLEARING)
+        await live.ended()
+
+
+async def test_pbx_restart_with_calls_gone() -> None:
+    async with asyncio.timeout(15), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        assert [c.call.call_id for c in await r.adapter.active_calls()] == [h.call_id]
+        await r.sim.restart()
+        await r.until(lambda: len(r.of(PbxConnected)) == 2)
+        assert r.of(PbxConnected)[-1].calls == ()
+        assert r.adapter.connected
+
+
+async def test_commands_while_disconnected_raise() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        await r.sim.stop()  # the PBX is gone and does not come back
+        await r.until(lambda: not r.adapter.connected)
+        with pytest.raises(PbxError):
+            await r.adapter.hangup("any", HangupCause.NORMAL_CLEARING)
+
+
+async def test_wrong_password_is_a_clear_error() -> None:
+    async with asyncio.timeout(5), FreeswitchSimulator(PASSWORD) as sim:
+        adapter = FreeswitchAdapter(
+            FreeswitchSettings(esl_port=sim.esl_address[1], password="ClueCon",
+                               outbound_listen=None), allow_all, lambda e: None)
+        with pytest.raises(EslAuthError, match=r"refused the ESL password \(-ERR invalid\)"):
+            await adapter.run()
+
+
+async def test_gate_deny_hangs_up_with_the_cause_and_sets_variables() -> None:
+    async def deny(call: CallInfo) -> Decision:
+        return Decision(False, Reason.OUTSIDE_HOURS, "closed", account="acme")
+
+    async with asyncio.timeout(10), rig(deny) as r:
+        h = await r.sim.place_call(destination="15550199")
+        result = await h.ended()
+        assert (result.cause, result.bridged, result.gate_result) == (
+            "OUTGOING_CALL_BARRED", False, "DENY")
+        assert h.a_leg.variables["callgate_reason"] == "outside_hours"
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        assert r.of(CallEnded, h.call_id)[0].cause_code == 52
+
+
+async def test_gate_allow_bridges_with_the_pbx_side_limit() -> None:
+    async def short(call: CallInfo) -> Decision:
+        return Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=1)
+
+    async with asyncio.timeout(10), rig(short) as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        result = await h.ended()  # nobody hangs up: the dialplan's sched_hangup does
+        assert result.bridged and result.gate_result == "ALLOW"
+        assert result.cause == "ALLOTTED_TIMEOUT" and result.billsec <= 1
+        assert h.a_leg.variables["callgate_max_seconds"] == "1"
+
+
+async def test_fails_closed_when_the_gate_is_down() -> None:
+    """06e: with nothing listening, the obvious dialplan bridges. Ours refuses."""
+    with socket.socket() as s:  # a port that is certainly closed
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()
+    async with asyncio.timeout(10), FreeswitchSimulator(PASSWORD, dead) as sim:
+        result = await (await sim.place_call(talk_seconds=1)).ended()
+        assert (result.cause, result.bridged, result.gate_result) == (
+            "CALL_REJECTED", False, "DENY")
+        ungated = await (await sim.place_call(talk_seconds=0.1, gate=False)).ended()
+        assert ungated.bridged  # the direct extension, for contrast
+
+
+@pytest.mark.parametrize("mode", ["slow", "raises"])
+async def test_gate_over_budget_or_broken_refuses(mode: str) -> None:
+    async def bad(call: CallInfo) -> Decision:
+        if mode == "raises":
+            raise RuntimeError("ledger exploded")
+        await asyncio.sleep(5)
+        raise AssertionError("not reached")
+
+    async with asyncio.timeout(10), rig(bad, decision_budget=0.2) as r:
+        result = await (await r.sim.place_call()).ended()
+        assert (result.cause, result.gate_result) == ("NORMAL_TEMPORARY_FAILURE", "DENY")
+
+
+async def test_silent_and_garbage_gate_peers_do_not_block_others() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        assert r.adapter.outbound_address is not None
+        silent = await asyncio.open_connection(*r.adapter.outbound_address)
+        garbage = await asyncio.open_connection(*r.adapter.outbound_address)
+        garbage[1].write(b"\xff" * 70_000 + b"\n\n")
+        result = await (await r.sim.place_call(talk_seconds=0.1)).ended()
+        assert result.bridged and result.gate_result == "ALLOW"
+        assert await asyncio.wait_for(garbage[0].read(), 3) in (b"connect\n\n", b"")
+        assert await asyncio.wait_for(silent[0].read(), 3) == b"connect\n\n"  # then closed
+        for _, w in (silent, garbage):
+            w.close()
+
+
+async def test_watch_only_kills_refused_new_channels() -> None:
+    async def by_destination(call: CallInfo) -> Decision:
+        if call.destination.startswith("1555"):
+            return Decision(True, Reason.ALLOWED, "ok", max_seconds=60)
+        return Decision(False, Reason.DESTINATION_NOT_ALLOWED, "no")
+
+    async with asyncio.timeout(10), rig(by_destination, inline_gate=False,
+                                        watch_only_contexts=frozenset({"sales"})) as r:
+        refused = await r.sim.place_call(destination="0099", context="sales",
+                                         ring_seconds=0.5, gate=False)
+        allowed = await r.sim.place_call(destination="15550101", context="sales",
+                                         talk_seconds=0.2, gate=False)
+        other = await r.sim.place_call(destination="0099", context="default",
+                                       talk_seconds=0.2, gate=False)
+        assert (await refused.ended()).cause == "OUTGOING_CALL_BARRED"
+        assert (await allowed.ended()).bridged and (await other.ended()).bridged
+        assert [c.destination for c in r.asked] == ["0099", "15550101"]
+        assert all(c.direction is Direction.OUTBOUND for c in r.asked)
