@@ -414,6 +414,9 @@ class FreeswitchAdapter:
         Raises :class:`EslAuthError` when FreeSWITCH refuses the password.
         """
         server: asyncio.Server | None = None
+        if self.settings.password == "ClueCon":
+            log.warning("freeswitch.default_esl_password",
+                        hint="set your own password in event_socket.conf.xml and agent.yaml")
         try:
             if self.settings.outbound_listen is not None:
                 host, port = self.settings.outbound_listen

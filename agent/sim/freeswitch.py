@@ -331,6 +331,7 @@ class FreeswitchSimulator:
             a.variables["callgate_dest"] = a.destination
             if gate:
                 a.variables["callgate_result"] = "DENY"  # fail closed: preset
+                a.variables.pop("callgate_max_seconds", None)  # `set callgate_max_seconds=`
                 await self._outbound_socket(a)
                 if a.hangup_us:
                     return
