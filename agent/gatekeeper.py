@@ -1,0 +1,139 @@
+"""The gate's shell: what a FastAGI or outbound-socket request actually runs.
+
+Reads the account's state from the ledger (available balance, live calls,
+recent attempts) within the decision budget, calls the pure
+:func:`~agent.gate.decide.decide`, then, for an allowed outbound call, admits
+it in the ledger (an atomic concurrency check across every node sharing the
+ledger) and logs the attempt for the frequency and rate caps. A ledger that
+does not answer in time is ``ledger_unavailable``, and the policy's fail mode
+decides. A stopping agent refuses new calls (``shutting_down``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from decimal import Decimal
+from typing import Any
+
+import structlog
+
+from agent.calls import CallInfo, Direction
+from agent.gate.decide import decide
+from agent.gate.decision import AccountState, Decision, Reason
+from agent.gate.policy import AccountPolicy, Policy
+from agent.ledger import CallRecord, Ledger, LedgerError, UnknownAccount
+from agent.meter.clock import Clock
+
+log = structlog.get_logger("callgate.gate")
+
+OnDecision = Callable[[CallInfo, Decision, float], None]
+
+
+class Gatekeeper:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        policy: Callable[[], Policy],
+        clock: Clock,
+        node: str,
+        budget: float = 0.45,
+        on_decision: OnDecision | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.policy = policy
+        self.clock = clock
+        self.node = node
+        self.budget = budget
+        self.on_decision = on_decision
+        self.accepting = True
+
+    async def __call__(self, call: CallInfo) -> Decision:
+        started = time.perf_counter()
+        decision = await self._decide(call)
+        elapsed = time.perf_counter() - started
+        log.info("gate.decision", call_id=call.call_id, account=decision.account,
+                 result=decision.result, reason=decision.reason.value,
+                 max_seconds=decision.max_seconds, caller=call.caller_id,
+                 callee=call.destination, ms=round(elapsed * 1000, 2))
+        if self.on_decision is not None:
+            self.on_decision(call, decision, elapsed)
+        return decision
+
+    async def _decide(self, call: CallInfo) -> Decision:
+        now = self.clock.now()
+        policy = self.policy()
+        if call.direction is Direction.INBOUND:
+            return decide(policy, AccountState(balance=None), call, now)
+        if not self.accepting:
+            return Decision(False, Reason.SHUTTING_DOWN, "the agent is stopping")
+        account = policy.match_account(call)
+        if account is None:
+            return decide(policy, AccountState(balance=None), call, now)
+        try:
+            async with asyncio.timeout(self.budget):
+                state = await self._state(account, call, now)
+        except (TimeoutError, LedgerError) as exc:
+            log.warning("gate.ledger_unavailable", call_id=call.call_id, error=str(exc)
+                        or type(exc).__name__)
+            state = AccountState(balance=None)
+        decision = decide(policy, state, call, now)
+        if decision.allow and decision.tariff is not None and state.balance is not None:
+            decision = await self._admit(account, call, decision, now)
+        await self._log_attempt(account, decision, now)
+        return decision
+
+    async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
+        try:
+            balance = await self.ledger.balance(account.id)
+            available, closed = balance.available, balance.closed
+        except UnknownAccount:
+            available, closed = Decimal(0), False
+        live = len(await self.ledger.live_calls(account.id))
+        since = account.attempts_since(now)
+        account_attempts: tuple[Any, ...] = ()
+        callee_attempts: tuple[Any, ...] = ()
+        if since is not None:
+            if account.rate_cap is not None:
+                account_attempts = tuple(await self.ledger.attempts(account.id, since))
+            if account.callee_cap is not None:
+                destination = account.normalize(call.destination)
+                callee_attempts = tuple(
+                    await self.ledger.attempts(account.id, since, destination=destination))
+        return AccountState(available, live, callee_attempts, account_attempts, closed)
+
+    async def _admit(self, account: AccountPolicy, call: CallInfo, decision: Decision,
+                     now: Any) -> Decision:
+        tariff = decision.tariff
+        assert tariff is not None
+        record = CallRecord(
+            call_id=call.call_id, account=account.id, node=self.node, caller=call.caller_id,
+            callee=decision.destination, tariff_name=tariff.name, rate=tariff.rate,
+            increment=tariff.increment, minimum=tariff.minimum, admitted_at=now,
+        )
+        try:
+            async with asyncio.timeout(self.budget):
+                admitted = await self.ledger.admit_call(record, account.max_concurrent_calls)
+        except (TimeoutError, LedgerError) as exc:
+            log.warning("gate.admit_failed", call_id=call.call_id, error=str(exc))
+            return replace(decision, allow=False, reason=Reason.LEDGER_UNAVAILABLE,
+                           message="the ledger could not admit the call", max_seconds=None)
+        if not admitted:
+            return replace(decision, allow=False, reason=Reason.CONCURRENCY_LIMIT,
+                           message=f"all {account.max_concurrent_calls} lines of {account.id} "
+                                   "are in use", max_seconds=None)
+        return decision
+
+    async def _log_attempt(self, account: AccountPolicy, decision: Decision, now: Any) -> None:
+        if not decision.destination:
+            return
+        try:
+            await self.ledger.record_attempt(account.id, decision.destination, now,
+                                             decision.allow, decision.reason.value)
+        except LedgerError as exc:  # caps degrade, calls do not
+            log.warning("gate.attempt_not_logged", account=account.id, error=str(exc))
+
+

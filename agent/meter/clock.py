@@ -1,0 +1,87 @@
+"""Clocks for the meter: the wall clock in production, a simulated clock in tests.
+
+The meter never reads time itself; it asks its clock. :class:`SimClock` lets
+tests run hours of calls in milliseconds: time moves only when the test calls
+:meth:`SimClock.advance_to`, which wakes the sleepers due by then, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+
+class Clock(Protocol):
+    def now(self) -> datetime: ...
+
+    def sleep_until(self, when: datetime) -> Awaitable[None]:
+        """An awaitable done at ``when``; the wait is registered when this is called."""
+        ...
+
+
+class WallClock:
+    """Aware UTC wall time; sleeps on the event loop."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def sleep_until(self, when: datetime) -> Awaitable[None]:
+        delay = (when - datetime.now(UTC)).total_seconds()
+        return asyncio.sleep(max(0.0, delay))
+
+
+class SimClock:
+    """A clock that moves only when told to; deterministic for a given schedule."""
+
+    def __init__(self, start: datetime) -> None:
+        self._now = start
+        # Awaited after each batch of wake-ups, so work the sleepers started (a
+        # ledger write on a worker thread) finishes before time moves on.
+        self.settle: Callable[[], Awaitable[None]] | None = None
+        self._sleepers: list[tuple[datetime, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    def now(self) -> datetime:
+        return self._now
+
+    def sleep_until(self, when: datetime) -> Awaitable[None]:
+        # Registered now, not when first awaited: advance_to must see every sleeper
+        # that exists by the time it looks for the next wake-up.
+        if when <= self._now:
+            return asyncio.sleep(0)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (when, next(self._seq), future))
+        return future
+
+    def next_wakeup(self) -> datetime | None:
+        while self._sleepers and self._sleepers[0][2].done():
+            heapq.heappop(self._sleepers)  # cancelled sleepers
+        return self._sleepers[0][0] if self._sleepers else None
+
+    async def advance_to(self, when: datetime) -> None:
+        """Move time forward to ``when``, waking each sleeper at its own time in order."""
+        await self._quiesce()
+        while True:
+            due = self.next_wakeup()
+            if due is None or due > when:
+                break
+            self._now = max(self._now, due)
+            while self._sleepers and self._sleepers[0][0] <= self._now:
+                _, _, future = heapq.heappop(self._sleepers)
+                if not future.done():
+                    future.set_result(None)
+            await self._quiesce()
+        self._now = max(self._now, when)
+
+    async def _quiesce(self) -> None:
+        for _ in range(3):  # let ready tasks run up to their next await
+            await asyncio.sleep(0)
+        if self.settle is not None:
+            await self.settle()
+
+    async def advance(self, seconds: float) -> None:
+        await self.advance_to(self._now + timedelta(seconds=seconds))

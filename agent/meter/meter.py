@@ -1,0 +1,661 @@
+"""The meter: answered calls charged increment by increment, cut off the moment they stop paying.
+
+Reserve ahead, settle exactly (DESIGN: Metering and cut-off; RFC 4006-style
+online charging, TigerBeetle-style two-phase holds):
+
+1. On answer the first billing unit is held in one ledger transaction, and only
+   then is the PBX told the call's hard deadline: answer + paid + grace. A crash
+   can therefore only end a call early, never leave talk time unpaid.
+2. ``lead`` seconds before each paid boundary the next increment is held. If it
+   cannot be (balance spent, account suspended, calling window closing with
+   ``at_window_end: cut``), the deadline stays where it is, a cut-off warning is
+   published and the meter hangs up itself at the boundary (belt and braces:
+   the PBX would end the call ``grace`` seconds later anyway).
+3. On hang-up the call is settled from the PBX's own ``billsec``: the rated
+   amount is charged from the holds and the rest released, in one transaction.
+   Up to ``grace`` seconds past the paid boundary are the provider's tolerance
+   for signalling delay and are not billed (flag ``grace``).
+4. Every write carries an idempotency key (call id + step; call id for the
+   settlement), so duplicate or replayed PBX events never charge twice.
+
+The five money invariants (see :mod:`agent.ledger.model`) are what the
+simulation tests check: exact charge from billsec; no talk beyond what was
+paid (billsec <= paid + grace, billed <= paid); no overdraw through calls;
+postings sum to balances; no open hold for an ended call.
+
+Recovery: on every :class:`~agent.calls.PbxConnected` (start and reconnect) and
+every ``reconcile_interval``, the PBX's live calls are compared with the
+ledger's open calls of this node: calls still up are adopted and metered on
+from their real answer time; calls gone while nobody watched are settled from
+what is known and flagged; answered outbound calls the agent never saw are
+metered from their elapsed time or cut, as ``unseen_calls`` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal
+
+import structlog
+
+from agent.calls import (
+    ActiveCall,
+    CallAnswered,
+    CallEnded,
+    CallEvent,
+    CallGone,
+    CallInfo,
+    CallRequested,
+    Direction,
+    HangupCause,
+    PbxConnected,
+    PbxControl,
+    PbxDisconnected,
+    PbxError,
+)
+from agent.gate.policy import Policy
+from agent.ledger import (
+    CallRecord,
+    CallStatus,
+    Cdr,
+    IdempotencyConflict,
+    Ledger,
+    LedgerError,
+    LedgerUnavailable,
+)
+from agent.meter.clock import Clock
+from agent.money import format_amount
+from agent.rating import Tariff, billed_seconds, rate
+
+log = structlog.get_logger("callgate.meter")
+
+Publish = Callable[[str, dict[str, Any]], None]
+WarningHook = Callable[[str, int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class MeterSettings:
+    grace_seconds: int = 2
+    lead_seconds: int = 5
+    warning_seconds: int = 0  # > 0: call the warning hook this long before a cut-off
+    reconcile_interval: float = 30.0
+    absent_grace: float = 3.0  # wait this long for a real hang-up event before settling
+    admitted_timeout: float = 30.0  # an admitted call the PBX never shows is dropped after this
+    ledger_retry: float = 1.0
+    unseen_calls: Literal["meter", "cut"] = "meter"
+
+
+@dataclass(eq=False)
+class LiveCall:
+    """A call the meter is watching; the ledger holds the durable truth."""
+
+    call_id: str
+    account: str
+    caller: str
+    callee: str
+    tariff: Tariff
+    answered_at: datetime | None
+    paid_seconds: int = 0
+    steps: int = 0
+    held: Decimal = Decimal(0)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    end_event: CallEnded | None = None
+    cut_reason: str | None = None
+    flags: list[str] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_record(cls, record: CallRecord) -> LiveCall:
+        tariff = Tariff(record.tariff_name, record.rate, record.increment, record.minimum)
+        return cls(record.call_id, record.account, record.caller, record.callee, tariff,
+                   record.answered_at, record.paid_seconds, record.steps, record.held)
+
+    @property
+    def paid_until(self) -> datetime | None:
+        if self.answered_at is None:
+            return None
+        return self.answered_at + timedelta(seconds=self.paid_seconds)
+
+    def end(self, event: CallEnded | None, flag: str | None = None) -> None:
+        if self.ended.is_set():
+            return
+        self.end_event = event
+        if flag:
+            self.flags.append(flag)
+        self.ended.set()
+
+
+class Meter:
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        pbx: PbxControl,
+        policy: Callable[[], Policy],
+        clock: Clock,
+        node: str,
+        settings: MeterSettings | None = None,
+        publish: Publish | None = None,
+        warning_hook: WarningHook | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.pbx = pbx
+        self.policy = policy
+        self.clock = clock
+        self.node = node
+        self.settings = settings or MeterSettings()
+        self.publish: Publish = publish or (lambda topic, payload: None)
+        self.warning_hook = warning_hook
+        self.live: dict[str, LiveCall] = {}
+        self.pbx_connected = False
+        self.cutoffs = 0
+        self._queue: asyncio.Queue[CallEvent] = asyncio.Queue()
+        self._settled: OrderedDict[str, None] = OrderedDict()  # recent, bounded
+        self._low_warned: set[str] = set()
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the adapter's sink -------------------------------------------------------
+    def on_event(self, event: CallEvent) -> None:
+        """Queue an event from the PBX adapter (never blocks)."""
+        self._busy += 1
+        self._idle.clear()
+        self._queue.put_nowait(event)
+
+    async def run(self) -> None:
+        """Consume events in order and reconcile periodically, until cancelled."""
+        reconciler = asyncio.create_task(self._reconcile_periodically())
+        try:
+            while True:
+                event = await self._queue.get()
+                try:
+                    await self._handle(event)
+                except Exception:  # one bad event must never stop metering
+                    log.exception("meter.event_failed", event=type(event).__name__)
+                finally:
+                    self._done()
+        finally:
+            reconciler.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(reconciler, *self._tasks, return_exceptions=True)
+
+    async def wait_idle(self) -> None:
+        """Return once no event, ledger write or PBX command is in flight (tests)."""
+        while True:
+            # A task woken a moment ago needs a few loop turns before it is busy again.
+            for _ in range(8):
+                await asyncio.sleep(0)
+            if self._busy == 0:
+                return
+            await self._idle.wait()
+
+    # -- bookkeeping --------------------------------------------------------------
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        self._busy += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    def _spawn(self, live: LiveCall) -> None:
+        self.live[live.call_id] = live
+        task = asyncio.create_task(self._run_call(live), name=f"call {live.call_id}")
+        live.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _remember_settled(self, call_id: str) -> None:
+        self._settled[call_id] = None
+        while len(self._settled) > 100_000:
+            self._settled.popitem(last=False)
+
+    # -- events -------------------------------------------------------------------
+    async def _handle(self, event: CallEvent) -> None:
+        if isinstance(event, CallAnswered):
+            await self._answered(event)
+        elif isinstance(event, CallEnded):
+            await self._ended(event)
+        elif isinstance(event, PbxConnected):
+            self.pbx_connected = True
+            await self._reconcile(list(event.calls))
+        elif isinstance(event, PbxDisconnected):
+            self.pbx_connected = False
+            log.warning("meter.pbx_disconnected", reason=event.reason,
+                        live_calls=len(self.live))
+        elif isinstance(event, CallRequested):
+            pass  # gating happens in the gate; the meter starts at answer
+
+    async def _record(self, call_id: str) -> CallRecord | None:
+        while True:
+            try:
+                return await self.ledger.get_call(call_id)
+            except LedgerUnavailable:
+                await asyncio.sleep(self.settings.ledger_retry)
+
+    async def _answered(self, event: CallAnswered) -> None:
+        call_id = event.call_id
+        if call_id in self.live or call_id in self._settled:
+            return  # duplicate or late
+        record = await self._record(call_id)
+        if record is None:
+            if event.call is not None:
+                await self._unseen(event.call, event.answered_at)
+            return
+        if record.status is CallStatus.ENDED:
+            return
+        live = LiveCall.from_record(record)
+        live.answered_at = record.answered_at or event.answered_at
+        self._spawn(live)
+
+    async def _ended(self, event: CallEnded) -> None:
+        call_id = event.call_id
+        live = self.live.get(call_id)
+        if live is not None:
+            if live.answered_at is None and event.answered_at is not None:
+                live.answered_at = event.answered_at
+            live.end(event)
+            return
+        if call_id in self._settled:
+            return
+        record = await self._record(call_id)
+        if record is None:
+            if event.call is not None and event.answered_at is not None:
+                await self._unseen(event.call, event.answered_at, ended=event)
+            return
+        if record.status is CallStatus.ENDED:
+            return
+        live = LiveCall.from_record(record)
+        live.answered_at = live.answered_at or event.answered_at
+        live.end(event)
+        self._spawn(live)
+
+    async def _unseen(self, call: CallInfo, answered_at: datetime,
+                      ended: CallEnded | None = None) -> None:
+        """An answered call the gate never admitted (watch-only, or missed while away)."""
+        if call.direction is not Direction.OUTBOUND:
+            return
+        policy = self.policy()
+        account = policy.match_account(call)
+        bound = log.bind(call_id=call.call_id, account=account.id if account else None)
+        if account is None or (self.settings.unseen_calls == "cut" and ended is None):
+            bound.warning("meter.unseen_call_cut", reason="no account" if account is None
+                          else "policy cuts unseen calls")
+            with self._working():
+                await self._hangup(call.call_id, HangupCause.CALL_REJECTED, bound)
+            if account is None:
+                return
+        tariff = account.tariff.for_destination(account.normalize(call.destination))
+        record = CallRecord(
+            call_id=call.call_id, account=account.id, node=self.node, caller=call.caller_id,
+            callee=call.destination, tariff_name=tariff.name, rate=tariff.rate,
+            increment=tariff.increment, minimum=tariff.minimum, admitted_at=answered_at,
+        )
+        try:
+            with self._working():
+                await self.ledger.admit_call(record, None)
+        except LedgerError as exc:
+            bound.error("meter.unseen_call_not_admitted", error=str(exc))
+            return
+        live = LiveCall.from_record(record)
+        live.answered_at = answered_at
+        live.flags.append("unseen")
+        if ended is not None:
+            live.end(ended)
+        elif self.settings.unseen_calls == "cut":
+            live.cut_reason = "unseen"
+        bound.warning("meter.unseen_call_adopted", answered_at=answered_at.isoformat())
+        self._spawn(live)
+
+    # -- one call -----------------------------------------------------------------
+    async def _sleep_or_end(self, live: LiveCall, until: datetime) -> bool:
+        """Sleep until ``until``; True if the call ended first."""
+        if live.ended.is_set():
+            return True
+        if until <= self.clock.now():
+            return False
+        sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
+        ender = asyncio.ensure_future(live.ended.wait())
+        try:
+            await asyncio.wait({sleeper, ender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            ender.cancel()
+        return live.ended.is_set()
+
+    def _stop_reason(self, live: LiveCall, policy: Policy) -> tuple[str | None, datetime | None]:
+        """Why the call may not be extended, and a hard stop time from the window (if any)."""
+        account = policy.accounts.get(live.account)
+        if account is None:
+            return "account_removed", None
+        if account.suspended:
+            return "account_suspended", None
+        if live.cut_reason == "unseen":
+            return "unseen", None
+        if account.at_window_end == "cut":
+            now = self.clock.now()
+            left = account.hours.seconds_to_close(now)
+            if left is None:
+                return "window_end", now
+            return None, now + timedelta(seconds=left)
+        return None, None
+
+    async def _run_call(self, live: LiveCall) -> None:
+        bound = log.bind(call_id=live.call_id, account=live.account)
+        try:
+            await self._meter(live, bound)
+            await self._settle(live, bound)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            bound.exception("meter.call_failed")
+        finally:
+            self.live.pop(live.call_id, None)
+
+    async def _meter(self, live: LiveCall, bound: Any) -> None:
+        if live.ended.is_set():
+            return
+        assert live.answered_at is not None
+        with self._working():
+            # The answered status is informational; holds and settlement carry the money.
+            with contextlib.suppress(LedgerUnavailable):
+                await self.ledger.answer_call(live.call_id, live.answered_at)
+            if live.steps == 0:
+                self.publish("call/start", {
+                    "call_id": live.call_id, "account": live.account, "caller": live.caller,
+                    "callee": live.callee, "answered_at": live.answered_at.isoformat(),
+                    "tariff": live.tariff.name})
+        settings = self.settings
+        grace = timedelta(seconds=settings.grace_seconds)
+        while not live.ended.is_set():
+            assert live.answered_at is not None
+            boundary = live.answered_at + timedelta(seconds=live.paid_seconds)
+            if live.steps > 0:
+                reserve_at = boundary - timedelta(seconds=settings.lead_seconds)
+                if await self._sleep_or_end(live, reserve_at):
+                    return
+                # Paying for time the PBX cannot be told to grant is charging for
+                # nothing: with the PBX link down, wait for it up to the boundary.
+                while not self.pbx_connected and self.clock.now() < boundary:
+                    poll = min(boundary, self.clock.now() + timedelta(seconds=1))
+                    if await self._sleep_or_end(live, poll):
+                        return
+                if not self.pbx_connected:
+                    live.flags.append("pbx_unreachable")
+                    bound.warning("meter.not_extended_pbx_down", paid_seconds=live.paid_seconds)
+                    await live.ended.wait()  # the PBX ends it at its deadline; reconcile settles
+                    return
+            with self._working():
+                reason, hard_stop = self._stop_reason(live, self.policy())
+                may_extend = reason is None and (hard_stop is None or hard_stop > boundary)
+                held_now = False
+                # An answered call always pays its first unit, whatever happens next.
+                if live.steps == 0 or may_extend:
+                    if await self._hold_next(live, boundary, bound):
+                        held_now = True
+                        boundary = live.answered_at + timedelta(seconds=live.paid_seconds)
+                    else:
+                        reason = reason or ("first_hold_failed" if live.steps == 0
+                                            else "balance")
+                if reason is None and (hard_stop is None or hard_stop > boundary):
+                    await self._set_deadline(live, boundary + grace, bound)
+                    continue
+                live.cut_reason = reason or "window_end"
+                cut_at = boundary if hard_stop is None else min(boundary, hard_stop)
+                if held_now:
+                    await self._set_deadline(
+                        live, cut_at + grace if cut_at == boundary else cut_at, bound)
+                self.publish("cutoff", {
+                    "call_id": live.call_id, "account": live.account,
+                    "reason": live.cut_reason, "at": cut_at.isoformat(),
+                    "paid_seconds": live.paid_seconds})
+                bound.info("meter.cutoff_planned", reason=live.cut_reason,
+                           at=cut_at.isoformat(), paid_seconds=live.paid_seconds)
+            await self._warn_then_cut(live, cut_at, bound)
+            await live.ended.wait()
+            return
+
+    async def _warn_then_cut(self, live: LiveCall, cut_at: datetime, bound: Any) -> None:
+        warning = self.settings.warning_seconds
+        if self.warning_hook is not None and warning > 0:
+            warn_at = cut_at - timedelta(seconds=warning)
+            if warn_at > self.clock.now():
+                if await self._sleep_or_end(live, warn_at):
+                    return
+                with self._working(), contextlib.suppress(Exception):
+                    await self.warning_hook(live.call_id, warning)
+        if await self._sleep_or_end(live, cut_at):
+            return
+        with self._working():
+            self.cutoffs += 1
+            lateness = (self.clock.now() - cut_at).total_seconds()
+            bound.info("meter.cutoff", reason=live.cut_reason, late_ms=round(lateness * 1000))
+            cause = (HangupCause.CALL_REJECTED if live.cut_reason == "first_hold_failed"
+                     else HangupCause.ALLOTTED_TIMEOUT)
+            await self._hangup(live.call_id, cause, bound)
+
+    async def _hold_next(self, live: LiveCall, boundary: datetime, bound: Any) -> bool:
+        """Hold the next billing unit; retry a ledger outage until the paid boundary."""
+        tariff = live.tariff
+        first = live.steps == 0
+        amount = tariff.first_unit_cost if first else tariff.rate
+        seconds = tariff.first_unit_seconds if first else tariff.increment
+        step = live.steps + 1
+        while True:
+            try:
+                ok = await self.ledger.hold(live.call_id, step, amount,
+                                            live.paid_seconds + seconds, self.clock.now())
+                break
+            except LedgerUnavailable as exc:
+                if first or self.clock.now() >= boundary:
+                    bound.error("meter.hold_unavailable", step=step, error=str(exc))
+                    return False
+                await self.clock.sleep_until(
+                    min(boundary, self.clock.now() + timedelta(seconds=self.settings.ledger_retry)))
+        if not ok:
+            bound.info("meter.hold_refused", step=step, amount=str(amount))
+            return False
+        live.steps = step
+        live.paid_seconds += seconds
+        live.held += amount
+        await self._check_low_balance(live.account, bound)
+        return True
+
+    async def _check_low_balance(self, account_id: str, bound: Any) -> None:
+        account = self.policy().accounts.get(account_id)
+        if account is None or account.low_balance_warning <= 0:
+            return
+        try:
+            balance = await self.ledger.balance(account_id)
+        except LedgerError:
+            return
+        if balance.available < account.low_balance_warning:
+            if account_id not in self._low_warned:
+                self._low_warned.add(account_id)
+                self.publish("balance/low", {
+                    "account": account_id, "available": str(balance.available),
+                    "threshold": str(account.low_balance_warning)})
+                bound.warning("meter.balance_low", available=format_amount(balance.available))
+        else:
+            self._low_warned.discard(account_id)
+
+    async def _set_deadline(self, live: LiveCall, at: datetime, bound: Any) -> None:
+        try:
+            await self.pbx.set_deadline(live.call_id, at)
+        except CallGone:
+            pass  # the hang-up event is on its way
+        except PbxError as exc:
+            # The earlier deadline stays in force on the PBX; the next step retries.
+            bound.warning("meter.deadline_not_set", error=str(exc), at=at.isoformat())
+
+    async def _hangup(self, call_id: str, cause: HangupCause, bound: Any) -> None:
+        try:
+            await self.pbx.hangup(call_id, cause)
+        except CallGone:
+            pass
+        except PbxError as exc:
+            bound.warning("meter.hangup_failed", error=str(exc))
+
+    # -- settlement ---------------------------------------------------------------
+    def _billable(self, live: LiveCall) -> tuple[int, int]:
+        """(billsec from the PBX or estimated, seconds to bill) for the ended call."""
+        event = live.end_event
+        if live.answered_at is None:
+            return 0, 0
+        if event is None:
+            live.flags.append("billsec_assumed_paid")
+            return live.paid_seconds, live.paid_seconds
+        if event.billsec is not None:
+            billsec = event.billsec
+        else:
+            talk = (event.ended_at - live.answered_at).total_seconds()
+            billsec = max(0, math.ceil(talk))
+            live.flags.append("billsec_from_times")
+        billable = billsec
+        if 0 < live.paid_seconds < billsec <= live.paid_seconds + self.settings.grace_seconds:
+            billable = live.paid_seconds
+            live.flags.append("grace")
+        return billsec, billable
+
+    async def _settle(self, live: LiveCall, bound: Any) -> None:
+        with self._working():
+            billsec, billable = self._billable(live)
+            amount = rate(live.tariff, billable)
+            if amount > live.held:
+                # The call talked without the meter reserving ahead (it ended before
+                # its answer was processed, or it was never seen): reserve the rest now.
+                try:
+                    ok = await self.ledger.hold(live.call_id, live.steps + 1, amount - live.held,
+                                                billable, self.clock.now())
+                except LedgerError:
+                    ok = False
+                if ok:
+                    live.steps += 1
+                    live.held = amount
+                else:
+                    live.flags.append("unpaid")
+            event = live.end_event
+            ended_at = event.ended_at if event is not None else self.clock.now()
+            cause = event.cause if event is not None else "UNKNOWN"
+            cut = live.cut_reason is not None or cause == "ALLOTTED_TIMEOUT"
+            cdr = Cdr(
+                call_id=live.call_id, account=live.account, caller=live.caller,
+                callee=live.callee, answered_at=live.answered_at, ended_at=ended_at,
+                billsec=billsec, billed_seconds=billed_seconds(live.tariff, billable),
+                amount=amount, cause=cause, cut_off=cut, flags=tuple(live.flags),
+                node=self.node,
+            )
+            while True:
+                try:
+                    stored = await self.ledger.settle_call(cdr)
+                    break
+                except LedgerUnavailable as exc:
+                    bound.warning("meter.settle_retry", error=str(exc))
+                    await asyncio.sleep(self.settings.ledger_retry)
+                except IdempotencyConflict:
+                    bound.warning("meter.settle_replayed_with_other_figures")
+                    return
+            self._remember_settled(live.call_id)
+            bound.info("meter.settled", billsec=billsec, amount=str(stored.amount),
+                       cut_off=cut, flags=list(stored.flags))
+            self.publish("call/end", _cdr_payload(stored))
+
+    # -- reconciliation -----------------------------------------------------------
+    async def _reconcile_periodically(self) -> None:
+        while True:
+            await self.clock.sleep_until(
+                self.clock.now() + timedelta(seconds=self.settings.reconcile_interval))
+            if not self.pbx_connected:
+                continue
+            try:
+                calls = await self.pbx.active_calls()
+            except PbxError as exc:
+                log.warning("meter.reconcile_failed", error=str(exc))
+                continue
+            self._busy += 1
+            self._idle.clear()
+            try:
+                await self._reconcile(calls)
+            except Exception:
+                log.exception("meter.reconcile_failed")
+            finally:
+                self._done()
+
+    async def _reconcile(self, calls: list[ActiveCall]) -> None:
+        on_pbx = {c.call.call_id: c for c in calls}
+        try:
+            records = [r for r in await self.ledger.live_calls() if r.node == self.node]
+        except LedgerError as exc:
+            log.error("meter.reconcile_ledger_unavailable", error=str(exc))
+            return
+        now = self.clock.now()
+        known = {r.call_id for r in records}
+        for record in records:
+            if record.call_id in self.live:
+                continue
+            active = on_pbx.get(record.call_id)
+            answered = (active.answered_at if active else None) or record.answered_at
+            if active is not None:
+                if answered is not None:
+                    live = LiveCall.from_record(record)
+                    live.answered_at = answered
+                    live.flags.append("adopted")
+                    log.info("meter.adopted", call_id=record.call_id, account=record.account)
+                    self._spawn(live)
+                continue
+            if record.status is CallStatus.ADMITTED and (
+                    now - record.admitted_at).total_seconds() < self.settings.admitted_timeout:
+                continue  # allowed a moment ago; its channel may not be listed yet
+            live = LiveCall.from_record(record)
+            live.end(None, "ended_while_away")
+            log.warning("meter.settle_ended_while_away", call_id=record.call_id,
+                        account=record.account, answered=record.answered_at is not None)
+            self._spawn(live)
+        for call_id, live in list(self.live.items()):
+            if call_id not in on_pbx and not live.ended.is_set():
+                self._track(self._end_if_still_absent(live))
+        for call_id, active in on_pbx.items():
+            if (call_id not in known and call_id not in self.live
+                    and call_id not in self._settled and active.answered_at is not None):
+                await self._unseen(active.call, active.answered_at)
+
+    def _track(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end_if_still_absent(self, live: LiveCall) -> None:
+        """The PBX no longer lists a metered call: wait briefly for its real hang-up event."""
+        ended_in_time = await self._sleep_or_end(
+            live, self.clock.now() + timedelta(seconds=self.settings.absent_grace))
+        if not ended_in_time:
+            log.warning("meter.call_vanished", call_id=live.call_id, account=live.account)
+            live.end(None, "vanished")
+
+
+def _cdr_payload(cdr: Cdr) -> dict[str, Any]:
+    return {
+        "call_id": cdr.call_id, "account": cdr.account, "caller": cdr.caller,
+        "callee": cdr.callee,
+        "answered_at": cdr.answered_at.isoformat() if cdr.answered_at else None,
+        "ended_at": cdr.ended_at.isoformat(), "billsec": cdr.billsec,
+        "billed_seconds": cdr.billed_seconds, "amount": str(cdr.amount), "cause": cdr.cause,
+        "cut_off": cdr.cut_off, "flags": list(cdr.flags), "node": cdr.node,
+    }

@@ -1,0 +1,214 @@
+"""The meter, one behaviour at a time, on a simulated clock with the real SQLite ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from agent.meter.meter import MeterSettings
+from tests.meter_harness import Harness, policy_text
+
+START = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
+
+
+@pytest.fixture
+async def h(tmp_path):
+    harness = await Harness(tmp_path, START).start()
+    yield harness
+    await harness.stop()
+
+
+async def balance(h, account="a0"):
+    return (await h.ledger.balance(account)).available
+
+
+async def test_call_is_charged_per_started_increment_while_it_runs(h):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=150, ring=2)
+    await h.advance(2 + 56)   # step 2 is reserved 5 s before the first boundary
+    record = await h.ledger.get_call(call.info.call_id)
+    assert record.steps == 2 and record.paid_seconds == 120 and record.held == Decimal("0.26")
+    await h.advance(200)
+    cdr = await h.cdr(call.info.call_id)
+    assert (cdr.billsec, cdr.billed_seconds, cdr.amount) == (150, 180, Decimal("0.39"))
+    assert not cdr.cut_off and call.ended_by == "party"
+    assert await balance(h) == Decimal("9.61")
+    await h.check_invariants()
+
+
+async def test_call_is_cut_at_the_end_of_the_last_paid_increment(h):
+    await h.topup("a0", "0.26")
+    decision, call = await h.dial(talk=600, ring=1)
+    assert decision.max_seconds == 120
+    await h.advance(1000)
+    cdr = await h.cdr(call.info.call_id)
+    assert call.billsec == 120 and call.ended_by == "hangup"  # the meter cut, not the PBX
+    assert cdr.cut_off and cdr.amount == Decimal("0.26")
+    assert await balance(h) == Decimal("0")
+    assert [t for t, _ in h.published].count("cutoff") == 1
+    await h.check_invariants()
+
+
+async def test_topup_during_a_call_extends_it_at_the_next_boundary(h):
+    await h.topup("a0", "0.26")
+    _, call = await h.dial(talk=200, ring=1)
+    await h.advance(100)
+    await h.topup("a0", "1.00")
+    await h.advance(300)
+    cdr = await h.cdr(call.info.call_id)
+    assert call.ended_by == "party" and cdr.amount == Decimal("0.52") and not cdr.cut_off
+    await h.check_invariants()
+
+
+async def test_penalty_that_empties_the_balance_ends_calls_at_their_paid_boundary(h):
+    await h.topup("a0", "100")
+    _, call = await h.dial(talk=3600, ring=1)
+    await h.advance(200)  # 4 increments paid by now (t=1..241)
+    await h.penalty("a0", "1000")
+    await h.advance(600)
+    cdr = await h.cdr(call.info.call_id)
+    assert call.billsec == 240 and cdr.amount == Decimal("0.52") and cdr.cut_off
+    assert await balance(h) == Decimal("100") - Decimal("0.52") - Decimal("1000")
+    refused, _ = await h.dial(talk=10)
+    assert refused.reason.value == "insufficient_balance"
+    await h.check_invariants()
+
+
+async def test_first_hold_failing_hangs_up_at_once(h):
+    await h.topup("a0", "0.13")
+    first, call1 = await h.dial(talk=30, ring=5)
+    second, call2 = await h.dial(talk=30, ring=6)  # decided on the same 0.13
+    assert first.allow and second.allow
+    await h.advance(120)
+    assert call1.billsec == 30
+    assert call2.ended_by == "hangup" and call2.billsec == 0
+    cdr2 = await h.cdr(call2.info.call_id)
+    assert cdr2.amount == 0 and cdr2.cut_off
+    await h.check_invariants()
+
+
+async def test_duplicate_and_replayed_events_never_charge_twice(h):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=70, ring=1)
+    await h.advance(100)
+    from agent.calls import CallAnswered, CallEnded
+    ended = CallEnded(call.info.call_id, call.ended_at, "NORMAL_CLEARING", billsec=70,
+                      answered_at=call.answered_at, call=call.info)
+    for _ in range(3):
+        h.meter.on_event(CallAnswered(call.info.call_id, call.answered_at, call.info))
+        h.meter.on_event(ended)
+    await h.advance(100)
+    assert await balance(h) == Decimal("9.74")
+    await h.check_invariants()
+
+
+async def test_hangup_before_answer_was_processed_still_charges_exactly(h):
+    await h.topup("a0", "10")
+    from agent.calls import CallAnswered
+    deliver = h.pbx.sink
+    # The answer event is lost: the meter first hears of the call at its end.
+    h.pbx.sink = lambda e: None if isinstance(e, CallAnswered) else deliver(e)
+    _, call = await h.dial(talk=95, ring=1)
+    await h.advance(200)
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.billsec == 95 and cdr.amount == Decimal("0.26")
+    await h.check_invariants()
+
+
+async def test_window_close_with_cut_ends_calls_at_the_close(tmp_path):
+    text = policy_text(extra_defaults="  at_window_end: cut\n").replace(
+        '"00:00", end: "24:00"', '"08:00", end: "19:30"')
+    start = datetime(2026, 11, 24, 11, 28, 0, tzinfo=UTC)  # 19:28 in Shanghai
+    h = await Harness(tmp_path, start, text).start()
+    try:
+        await h.topup("a0", "100")
+        _, call = await h.dial(talk=3600, ring=30)  # answered 19:28:30
+        await h.advance(600)
+        cdr = await h.cdr(call.info.call_id)
+        assert call.billsec == 90  # ended at 19:30:00 exactly
+        assert cdr.cut_off and cdr.amount == Decimal("0.26")  # the started increment is paid
+        await h.check_invariants()
+    finally:
+        await h.stop()
+
+
+async def test_agent_killed_mid_call_pbx_deadline_ends_it_and_restart_settles(h):
+    await h.topup("a0", "10")
+    _, long_call = await h.dial(talk=3000, ring=1)
+    _, short_call = await h.dial(talk=50, ring=1)
+    await h.advance(30)
+    await h.kill_agent()
+    await h.clock.advance(400)  # nobody meters: the PBX deadline (paid + grace) ends the long one
+    assert short_call.ended_by == "party" and short_call.billsec == 50
+    assert long_call.ended_by == "deadline" and long_call.billsec == 62
+    await h.restart_agent()
+    await h.advance(10)
+    cdr = await h.cdr(long_call.info.call_id)
+    assert "ended_while_away" in cdr.flags and cdr.amount == Decimal("0.13")
+    short = await h.cdr(short_call.info.call_id)
+    assert short.amount == Decimal("0.13") and "ended_while_away" in short.flags
+    await h.check_invariants()
+
+
+async def test_restart_adopts_calls_still_up_and_meters_them_on(h):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=500, ring=1)
+    await h.advance(30)
+    await h.kill_agent()
+    await h.clock.advance(20)
+    await h.restart_agent()  # t=51: the call is up; step 2 due at t=56
+    await h.advance(1000)
+    cdr = await h.cdr(call.info.call_id)
+    assert call.ended_by == "party" and cdr.billsec == 500 and cdr.amount == Decimal("1.17")
+    await h.check_invariants()
+
+
+async def test_unseen_answered_call_is_metered_from_its_elapsed_time(h):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=130, ring=1, gated=False)
+    await h.advance(300)
+    cdr = await h.cdr(call.info.call_id)
+    assert "unseen" in cdr.flags and cdr.amount == Decimal("0.39")
+    await h.check_invariants()
+
+
+async def test_unseen_call_with_policy_cut_is_hung_up(tmp_path):
+    h = await Harness(tmp_path, START, settings=MeterSettings(unseen_calls="cut")).start()
+    try:
+        await h.topup("a0", "10")
+        _, call = await h.dial(talk=130, ring=1, gated=False)
+        await h.advance(300)
+        assert call.ended_by == "hangup" and call.billsec == 0
+        await h.check_invariants()
+    finally:
+        await h.stop()
+
+
+async def test_pbx_disconnect_loses_the_hangup_and_reconcile_settles(h):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=100, ring=1)
+    await h.advance(50)
+    h.pbx.disconnect()
+    await h.clock.advance(100)  # step 2 cannot extend the PBX deadline: nothing is held
+    assert call.ended_by == "deadline" and call.billsec == 62  # the PBX held the line
+    h.pbx.reconnect()
+    await h.advance(10)
+    cdr = await h.cdr(call.info.call_id)  # its hang-up event was lost with the link
+    assert cdr is not None and "vanished" in cdr.flags and "pbx_unreachable" in cdr.flags
+    assert cdr.amount == Decimal("0.13")  # the paid 60 s; the 2 s of grace are free
+    await h.check_invariants()
+
+
+async def test_suspending_the_account_ends_calls_at_the_paid_boundary(h, tmp_path):
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=1000, ring=1)
+    await h.advance(70)
+    from agent.gate.policy import load_policy
+    path = tmp_path / "p2.yaml"
+    path.write_text(policy_text().replace("{name: A0,", "{name: A0, status: suspended,"))
+    h.policy = load_policy(path)
+    await h.advance(500)
+    assert call.billsec == 120 and call.ended_by == "hangup"
+    await h.check_invariants()
