@@ -177,6 +177,11 @@ class FastAgiConnection:
         if end < 0:
             if len(self._buf) - self._pos > MAX_LINE:
                 return ParseFailed(f"AGI line longer than {MAX_LINE} bytes")
+            partial = self._buf[self._pos : self._pos + 4]
+            if self.state is AgiState.HEADERS and len(partial) == 4 and partial != b"agi_":
+                # Fail fast on what is not AGI (a TLS hello, a port scan) rather
+                # than wait for a line end that may never come.
+                return ParseFailed(f"not an AGI request header: {bytes(partial)!r}...")
             return None
         raw = bytes(self._buf[self._pos : end])
         self._pos = end + 1
