@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import shlex
 import time
 from collections.abc import Iterable
@@ -490,6 +491,8 @@ class AsteriskSimulator:
         agi_status = ""
         limit: int | None = None
         if gate:
+            # Set(CALLGATE_RESULT=DENY), Set(CALLGATE_MAX_SECONDS=): fail closed.
+            ch.variables.update(CALLGATE_RESULT="DENY", CALLGATE_MAX_SECONDS="")
             self._newexten(ch, "AGI", "agi://127.0.0.1:4573/gate")
             agi_status = await self._agi(call)
             ch.variables["AGISTATUS"] = agi_status
@@ -658,7 +661,7 @@ class AsteriskSimulator:
         if variables.get("CALLGATE_RESULT") != "ALLOW":
             return False, None
         seconds = variables.get("CALLGATE_MAX_SECONDS", "")
-        if not seconds.isdigit() or int(seconds) < 1:
+        if re.fullmatch(r"[1-9][0-9]*", seconds) is None:  # REGEX("^[1-9][0-9]*$" ...)
             return False, None
         return True, int(seconds)
 
