@@ -248,3 +248,27 @@ def test_fuzz_never_raises_and_always_progresses(parts: list[bytes]) -> None:
     parser.receive_data(b"")
     frames += list(parser.events())
     assert isinstance(frames[-1], ConnectionClosed)
+
+
+def test_lazy_header_lookup_equals_a_full_split() -> None:
+    """HeaderBlock finds headers in place; it must agree with splitting every line."""
+    from agent.pbx.esl import HeaderBlock, split_header_lines
+
+    blocks = []
+    for path in ALL:
+        for chunk in read_trace(path):
+            if chunk.direction == "RECV":
+                head, _, body = chunk.data.partition(b"\n\n")
+                blocks.append(head.decode())
+                if b"event-plain" in head:
+                    blocks.append(body.partition(b"\n\n")[0].decode())
+    blocks += ["A: 1\nB:\nA: 2\nC: x: y", "Empty:", "X: \nY: z"]
+    for text in blocks:
+        split = split_header_lines(text)
+        lazy = HeaderBlock(text)
+        assert dict(lazy) == split
+        for name, value in split.items():
+            assert lazy[name] == value and name in lazy
+        assert "No-Such-Header" not in lazy and lazy.get("No-Such-Header") is None
+    assert HeaderBlock("A: 1\nB:\nA: 2")["A"] == "1"
+    assert HeaderBlock("A: 1\nB:\nA: 2")["B"] == ""

@@ -60,11 +60,11 @@ from agent.pbx.esl import (
     EncodedHeaders,
     EslEvent,
     EslParser,
+    HeaderBlock,
     Headers,
     ParseError,
     commands,
 )
-from agent.pbx.esl._parser import split_header_lines
 
 log = structlog.get_logger(__name__)
 
@@ -506,7 +506,7 @@ class FreeswitchAdapter:
             dump = await link.api(f"uuid_dump {row['uuid']}")
             if not dump.ok:
                 continue
-            headers = EncodedHeaders(split_header_lines(dump.text))
+            headers = EncodedHeaders(HeaderBlock(dump.text))
             calls.append(ActiveCall(
                 call=call_info(headers, self.settings),
                 answered_at=usec_to_datetime(headers.get("Caller-Channel-Answered-Time")),

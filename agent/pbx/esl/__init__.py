@@ -19,11 +19,13 @@ from agent.pbx.esl._frames import (
     EncodedHeaders,
     EslEvent,
     Frame,
+    HeaderBlock,
     Headers,
     LogData,
     ParseError,
     UnknownFrame,
     percent_decode,
+    split_header_lines,
 )
 from agent.pbx.esl._parser import (
     DEFAULT_MAX_BODY_BYTES,
@@ -47,6 +49,7 @@ __all__ = [
     "EslEvent",
     "EslParser",
     "Frame",
+    "HeaderBlock",
     "Headers",
     "LogData",
     "ParseError",
@@ -55,4 +58,5 @@ __all__ = [
     "parse_event_json",
     "parse_event_plain",
     "percent_decode",
+    "split_header_lines",
 ]

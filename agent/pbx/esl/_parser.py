@@ -29,6 +29,7 @@ from agent.pbx.esl._frames import (
     EncodedHeaders,
     EslEvent,
     Frame,
+    HeaderBlock,
     LogData,
     ParseError,
     UnknownFrame,
@@ -41,23 +42,11 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
-def split_header_lines(text: str) -> dict[str, str]:
-    """``Name: value`` lines to a dict; the first of a repeated name wins."""
-    headers: dict[str, str] = {}
-    for line in text.split("\n"):
-        name, sep, value = line.partition(": ")
-        if sep and name not in headers:
-            headers[name] = value
-        elif not sep and line.endswith(":") and line[:-1] not in headers:
-            headers[line[:-1]] = ""  # "Name:" with an empty value
-    return headers
-
-
 def parse_event_plain(body: bytes) -> EslEvent | ParseError:
     """Decode a ``text/event-plain`` body: encoded header lines, blank line,
     then an optional event body of the event's own ``Content-Length`` (04b)."""
     head, _, rest = body.partition(b"\n\n")
-    raw = split_header_lines(head.decode("utf-8", "replace"))
+    raw = HeaderBlock(head.decode("utf-8", "replace"))
     name = raw.get("Event-Name")
     if not name:
         return ParseError("text/event-plain without Event-Name")
@@ -80,10 +69,11 @@ def parse_event_json(body: bytes) -> EslEvent | ParseError:
         return ParseError("text/event-json without Event-Name")
     event_body = obj.pop("_body", "")
     headers = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in obj.items()}
+    # JSON values are plain text, not percent-encoded: a plain dict, no EncodedHeaders
     return EslEvent(obj["Event-Name"], headers, str(event_body).encode())
 
 
-def _frame(headers: dict[str, str], body: bytes) -> Frame:
+def _frame(headers: HeaderBlock, body: bytes) -> Frame:
     content_type = headers.get("Content-Type", "")
     if content_type == "text/event-plain":
         return parse_event_plain(body)
@@ -122,7 +112,7 @@ class EslParser:
         self._buf = bytearray()
         self._pos = 0  # start of unconsumed data in _buf
         self._scan = 0  # where the next blank-line search resumes
-        self._headers: dict[str, str] | None = None  # block waiting for its body
+        self._headers: HeaderBlock | None = None  # block waiting for its body
         self._body_len = 0
         self._skip = 0  # bytes of an oversize body still to discard
         self._skip_headers = False  # discarding an oversize header block
@@ -197,7 +187,7 @@ class EslParser:
                 continue
             if len(block) > self.max_header_bytes:
                 return ParseError(f"header block over {self.max_header_bytes} bytes; skipped")
-            headers = split_header_lines(block.decode("utf-8", "replace"))
+            headers = HeaderBlock(block.decode("utf-8", "replace"))
             length = headers.get("Content-Length")
             if length is None:
                 return _frame(headers, b"")

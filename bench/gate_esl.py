@@ -1,0 +1,222 @@
+"""Gate over the ESL outbound socket: calls/s and latency, against a do-nothing server.
+
+A load generator in a separate process plays FreeSWITCH's side of ``socket
+127.0.0.1:PORT async full``: it connects, waits for ``connect``, sends the
+recorded ``connect`` reply (trace 06a, ~6 KB of channel data), answers every
+command with ``+OK`` and stops at ``exit``. Latency is from the TCP connect to
+the ``exit``: how long the call waits in the dialplan.
+
+Servers, measured in the same run on the same load:
+* ``adapter``: :class:`agent.pbx.freeswitch.FreeswitchAdapter`'s gate with a
+  trivial gate function (always ALLOW) -- parse the channel data, build the
+  CallInfo, decide within the budget, write the variables, ``resume``, ``exit``;
+* ``baseline``: a do-nothing server that sends ``connect``, waits for the end
+  of the reply block, sends ``exit`` and closes.
+
+Loads: 300 calls/s open loop (arrivals on a fixed schedule), and saturation
+(a fixed number of callers back to back). Usage:
+``python bench/gate_esl.py [--seconds S] [--concurrency C]``; the last line is
+one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from agent.calls import CallInfo
+from agent.gate.decision import Decision, Reason
+from agent.pbx.freeswitch import FreeswitchAdapter, FreeswitchSettings
+from agent.sim.freeswitch import FreeswitchSimulator, read_trace
+
+TRACE = (Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "freeswitch"
+         / "06a-outbound-socket-reject.esl.txt")
+OK = b"Content-Type: command/reply\nReply-Text: +OK\n\n"
+BYE = (b"Content-Type: command/reply\nReply-Text: +OK bye\n\n"
+       b"Content-Type: text/disconnect-notice\nContent-Length: 67\n\n"
+       b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n")
+
+
+# -- load generator (runs in its own process) ---------------------------------
+
+
+async def one_call(host: str, port: int, reply: bytes) -> float:
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        buf = b""
+        while True:
+            while b"\n\n" not in buf:
+                data = await reader.read(65536)
+                if not data:
+                    raise ConnectionError(f"server closed early; got {buf[:80]!r}")
+                buf += data
+            block, buf = buf.split(b"\n\n", 1)
+            word = block.split(b"\n", 1)[0].split(b" ", 1)[0]
+            if word == b"connect":
+                writer.write(reply)
+            elif word == b"exit":
+                writer.write(BYE)
+                return time.perf_counter() - t0
+            else:
+                writer.write(OK)
+    finally:
+        writer.close()
+
+
+async def open_loop(host: str, port: int, reply: bytes, rate: float,
+                    seconds: float) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one_call(host, port, reply)))
+    lat = await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = loop.time() - start
+    return summarize([x for x in lat if isinstance(x, float)], n, elapsed)
+
+
+async def closed_loop(host: str, port: int, reply: bytes, concurrency: int,
+                      seconds: float) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    lat: list[float] = []
+    errors = 0
+
+    async def caller() -> None:
+        nonlocal errors
+        while loop.time() < end:
+            try:
+                lat.append(await one_call(host, port, reply))
+            except (OSError, ConnectionError):
+                errors += 1
+
+    start = loop.time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return summarize(lat, len(lat) + errors, loop.time() - start)
+
+
+def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, object]:
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {"calls": len(lat), "errors": attempted - len(lat),
+            "calls_per_s": round(len(lat) / elapsed, 1),
+            "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}
+
+
+def client_main(argv: list[str]) -> None:
+    host, port, mode, value, seconds = argv[0], int(argv[1]), argv[2], float(argv[3]), \
+        float(argv[4])
+    reply = next(c.data for c in read_trace(TRACE)
+                 if c.conn == "outbound" and c.direction == "RECV")
+    if mode == "rate":
+        result = asyncio.run(open_loop(host, port, reply, value, seconds))
+    else:
+        result = asyncio.run(closed_loop(host, port, reply, int(value), seconds))
+    print(json.dumps(result))
+
+
+# -- servers ---------------------------------------------------------------------
+
+
+async def do_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.write(b"connect\n\n")
+        buf = b""
+        while b"\n\n" not in buf:
+            data = await reader.read(65536)
+            if not data:
+                return
+            buf += data
+        writer.write(b"exit\n\n")
+        await reader.read(65536)
+    finally:
+        writer.close()
+
+
+async def trivial_gate(call: CallInfo) -> Decision:
+    return Decision(True, Reason.ALLOWED, "bench", account="acme", max_seconds=600)
+
+
+async def drive(address: tuple[str, int], mode: str, value: float,
+                seconds: float) -> dict[str, object]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", address[0], str(address[1]), mode, str(value),
+        str(seconds), stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def bench(seconds: float, rates: list[float], concurrency: int) -> dict[str, object]:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    results: dict[str, dict[str, object]] = {}
+    base_server = await asyncio.start_server(do_nothing, "127.0.0.1", 0, backlog=4096)
+    base_addr = base_server.sockets[0].getsockname()[:2]
+    async with FreeswitchSimulator("bench-secret") as sim:
+        adapter = FreeswitchAdapter(
+            FreeswitchSettings(esl_port=sim.esl_address[1], password="bench-secret",
+                               outbound_listen=("127.0.0.1", 0)),
+            trivial_gate, lambda e: None)
+        task = asyncio.create_task(adapter.run())
+        await asyncio.wait_for(adapter.wait_listening(), 5)
+        assert adapter.outbound_address is not None
+        for name, addr in (("baseline", base_addr), ("adapter", adapter.outbound_address)):
+            for rate in rates:
+                results[f"{name}_{rate:g}"] = await drive(addr, "rate", rate, seconds)
+            results[f"{name}_saturation"] = await drive(addr, "closed", concurrency, seconds)
+        served = adapter.gate_connections
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    base_server.close()
+    assert served >= int(results["adapter_saturation"]["calls"])  # type: ignore[call-overload]
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client_main(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rates", default="300,2000", help="open-loop arrival rates, calls/s")
+    ap.add_argument("--concurrency", type=int, default=32)
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    r = asyncio.run(bench(args.seconds, rates, args.concurrency))
+    for key, val in r.items():
+        print(f"  {key:22s} {val}")
+    a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
+    ratio = float(a_sat["calls_per_s"]) / float(b_sat["calls_per_s"])  # type: ignore[arg-type]
+    print(f"saturation ({args.concurrency} callers): adapter {a_sat['calls_per_s']} calls/s "
+          f"= {ratio:.2f} x the do-nothing server")
+    figures: dict[str, object] = {"bench": "gate_esl", "seconds": args.seconds,
+                                  "concurrency": args.concurrency}
+    for rate in rates:
+        a, b = r[f"adapter_{rate:g}"], r[f"baseline_{rate:g}"]
+        print(f"at {rate:g} calls/s: adapter p50 {a['p50_ms']} ms p99 {a['p99_ms']} ms; "
+              f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms")
+        for side, res in (("adapter", a), ("baseline", b)):
+            for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+                figures[f"{side}_{rate:g}_{key}"] = res[key]
+    for side, res in (("adapter", a_sat), ("baseline", b_sat)):
+        for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+            figures[f"{side}_sat_{key}"] = res[key]
+    figures["sat_vs_baseline"] = round(ratio, 3)
+    print(json.dumps(figures))
+
+if __name__ == "__main__":
+    main()
