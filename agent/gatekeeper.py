@@ -6,7 +6,9 @@ recent attempts) within the decision budget, calls the pure
 it in the ledger (an atomic concurrency check across every node sharing the
 ledger) and logs the attempt for the frequency and rate caps. A ledger that
 does not answer in time is ``ledger_unavailable``, and the policy's fail mode
-decides. A stopping agent refuses new calls (``shutting_down``).
+decides. The first billing unit is held at admission, and ``max_seconds`` of
+an allowed call becomes the talk time already paid: that is the limit the
+dialplan arms, and the meter extends it as the call pays on. A stopping agent refuses new calls (``shutting_down``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState, Decision, Reason
 from agent.gate.policy import AccountPolicy, Policy
-from agent.ledger import CallRecord, Ledger, LedgerError, UnknownAccount
+from agent.ledger import CallRecord, Cdr, Ledger, LedgerError, UnknownAccount
 from agent.meter.clock import Clock
 
 log = structlog.get_logger("callgate.gate")
@@ -125,7 +127,41 @@ class Gatekeeper:
             return replace(decision, allow=False, reason=Reason.CONCURRENCY_LIMIT,
                            message=f"all {account.max_concurrent_calls} lines of {account.id} "
                                    "are in use", max_seconds=None)
-        return decision
+        # Reserve the first billing unit at setup (RFC 4006's initial request): the
+        # PBX-side limit handed to the dialplan is then time already paid for, so an
+        # agent that dies before the answer cannot give talk time away.
+        try:
+            async with asyncio.timeout(self.budget):
+                held = await self.ledger.hold(call.call_id, 1, tariff.first_unit_cost,
+                                              tariff.first_unit_seconds, now)
+        except (TimeoutError, LedgerError) as exc:
+            log.warning("gate.first_hold_failed", call_id=call.call_id, error=str(exc))
+            held = False
+            refusal = replace(decision, allow=False, reason=Reason.LEDGER_UNAVAILABLE,
+                              message="the ledger could not reserve the first increment",
+                              max_seconds=None)
+        else:
+            refusal = replace(decision, allow=False, reason=Reason.INSUFFICIENT_BALANCE,
+                              message="the balance was spent by other calls meanwhile",
+                              max_seconds=None)
+        if not held:
+            await self._release(record, now)
+            return refusal
+        limit = tariff.first_unit_seconds
+        if decision.max_seconds is not None:
+            limit = min(limit, decision.max_seconds)
+        return replace(decision, max_seconds=limit)
+
+    async def _release(self, record: CallRecord, now: Any) -> None:
+        """Close an admitted call that the gate ends up refusing (nothing charged)."""
+        cdr = Cdr(call_id=record.call_id, account=record.account, caller=record.caller,
+                  callee=record.callee, answered_at=None, ended_at=now, billsec=0,
+                  billed_seconds=0, amount=Decimal(0), cause="REFUSED_AT_GATE",
+                  flags=("refused_at_gate",), node=self.node)
+        try:
+            await self.ledger.settle_call(cdr)
+        except LedgerError as exc:  # the meter's reconciliation closes it later
+            log.warning("gate.release_failed", call_id=record.call_id, error=str(exc))
 
     async def _log_attempt(self, account: AccountPolicy, decision: Decision, now: Any) -> None:
         if not decision.destination:

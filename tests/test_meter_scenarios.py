@@ -41,7 +41,7 @@ async def test_call_is_charged_per_started_increment_while_it_runs(h):
 async def test_call_is_cut_at_the_end_of_the_last_paid_increment(h):
     await h.topup("a0", "0.26")
     decision, call = await h.dial(talk=600, ring=1)
-    assert decision.max_seconds == 120
+    assert decision.max_seconds == 60  # the PBX-side limit is what is already paid
     await h.advance(1000)
     cdr = await h.cdr(call.info.call_id)
     assert call.billsec == 120 and call.ended_by == "hangup"  # the meter cut, not the PBX
@@ -76,16 +76,35 @@ async def test_penalty_that_empties_the_balance_ends_calls_at_their_paid_boundar
     await h.check_invariants()
 
 
-async def test_first_hold_failing_hangs_up_at_once(h):
+async def test_the_first_unit_is_reserved_at_setup_so_a_second_call_cannot_spend_it(h):
     await h.topup("a0", "0.13")
     first, call1 = await h.dial(talk=30, ring=5)
-    second, call2 = await h.dial(talk=30, ring=6)  # decided on the same 0.13
-    assert first.allow and second.allow
+    assert first.allow and (await h.ledger.balance("a0")).held == Decimal("0.13")
+    second, _ = await h.dial(talk=30, ring=6)
+    assert not second.allow and second.reason.value == "insufficient_balance"
     await h.advance(120)
-    assert call1.billsec == 30
-    assert call2.ended_by == "hangup" and call2.billsec == 0
-    cdr2 = await h.cdr(call2.info.call_id)
-    assert cdr2.amount == 0 and cdr2.cut_off
+    assert call1.billsec == 30 and (await h.cdr(call1.info.call_id)).amount == Decimal("0.13")
+    await h.check_invariants()
+
+
+async def test_unanswered_call_releases_its_setup_reservation(h):
+    await h.topup("a0", "1")
+    _, call = await h.dial(talk=None, ring=20)
+    await h.advance(60)
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.amount == 0 and cdr.billsec == 0 and call.cause == "NO_ANSWER"
+    assert await balance(h) == Decimal("1")
+    await h.check_invariants()
+
+
+async def test_unseen_call_that_cannot_pay_its_first_unit_is_hung_up_at_once(h):
+    await h.topup("a0", "0.13")
+    await h.penalty("a0", "0.13")
+    _, call = await h.dial(talk=30, ring=1, gated=False)
+    await h.advance(60)
+    assert call.ended_by == "hangup" and call.billsec == 0
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.amount == 0 and cdr.cut_off
     await h.check_invariants()
 
 

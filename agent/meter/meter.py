@@ -108,6 +108,7 @@ class LiveCall:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     end_event: CallEnded | None = None
     cut_reason: str | None = None
+    absent: bool = False  # the PBX no longer lists it: never extend, await its end
     flags: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
@@ -384,6 +385,13 @@ class Meter:
                     "tariff": live.tariff.name})
         settings = self.settings
         grace = timedelta(seconds=settings.grace_seconds)
+        if live.steps > 0:  # the gate reserved the first unit: arm the deadline from answer
+            with self._working():
+                _, hard_stop = self._stop_reason(live, self.policy())
+                deadline = live.answered_at + timedelta(seconds=live.paid_seconds) + grace
+                if hard_stop is not None and hard_stop < deadline:
+                    deadline = hard_stop
+                await self._set_deadline(live, deadline, bound)
         while not live.ended.is_set():
             assert live.answered_at is not None
             boundary = live.answered_at + timedelta(seconds=live.paid_seconds)
@@ -397,6 +405,9 @@ class Meter:
                     poll = min(boundary, self.clock.now() + timedelta(seconds=1))
                     if await self._sleep_or_end(live, poll):
                         return
+                if live.absent:
+                    await live.ended.wait()
+                    return
                 if not self.pbx_connected:
                     live.flags.append("pbx_unreachable")
                     bound.warning("meter.not_extended_pbx_down", paid_seconds=live.paid_seconds)
@@ -518,6 +529,10 @@ class Meter:
         """(billsec from the PBX or estimated, seconds to bill) for the ended call."""
         event = live.end_event
         if live.answered_at is None:
+            if event is None and live.paid_seconds > 0:
+                # Admitted, then it ended while nobody watched: whether it was answered is
+                # not known. It is not charged; the flag sends finance to the PBX's CDR.
+                live.flags.append("outcome_unknown")
             return 0, 0
         if event is None:
             live.flags.append("billsec_assumed_paid")
@@ -643,6 +658,7 @@ class Meter:
 
     async def _end_if_still_absent(self, live: LiveCall) -> None:
         """The PBX no longer lists a metered call: wait briefly for its real hang-up event."""
+        live.absent = True
         ended_in_time = await self._sleep_or_end(
             live, self.clock.now() + timedelta(seconds=self.settings.absent_grace))
         if not ended_in_time:
