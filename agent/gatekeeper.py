@@ -8,7 +8,8 @@ ledger) and logs the attempt for the frequency and rate caps. A ledger that
 does not answer in time is ``ledger_unavailable``, and the policy's fail mode
 decides. The first billing unit is held at admission, and ``max_seconds`` of
 an allowed call becomes the talk time already paid: that is the limit the
-dialplan arms, and the meter extends it as the call pays on. A stopping agent refuses new calls (``shutting_down``).
+dialplan arms, and the meter extends it as the call pays on. A stopping agent
+refuses new calls (``shutting_down``).
 """
 
 from __future__ import annotations

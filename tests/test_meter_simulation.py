@@ -1,4 +1,4 @@
-"""Deterministic simulation: thousands of random calls on a simulated clock, invariants after each run.
+"""Deterministic simulation: thousands of random calls on a simulated clock, invariants checked.
 
 Random accounts, talk times, top-ups and penalties mid-call, duplicated and
 reordered PBX events, PBX disconnects and agent restarts, all driven by one
