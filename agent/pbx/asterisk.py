@@ -305,7 +305,11 @@ class AsteriskAdapter:
         """
         if self.settings.fastagi_listen is not None:
             host, port = self.settings.fastagi_listen
-            self._server = await asyncio.start_server(self._serve_agi, host, port, limit=READ_SIZE)
+            # A burst of calls must not overflow the accept queue (a dropped SYN
+            # costs the caller a 1 s retransmit); 1024 as for the ESL gate.
+            self._server = await asyncio.start_server(
+                self._serve_agi, host, port, limit=READ_SIZE, backlog=1024
+            )
         try:
             await self._ami_forever()
         finally:

@@ -1,0 +1,228 @@
+"""FastAGI gate: calls/s and latency over loopback, against a do-nothing FastAGI server.
+
+A load generator in a separate process plays Asterisk's side of
+``AGI(agi://127.0.0.1:PORT/gate)``: it connects, writes the recorded request
+headers (trace 06-fastagi-deny.agi.txt, ~500 bytes), answers every command with
+``200 result=1`` and stops when the server closes the socket (Asterisk waits
+for that, trace 06d). Latency is from the TCP connect to that close: how long
+the call waits in the dialplan before it may dial.
+
+Servers, measured in the same run on the same load:
+* ``adapter``: :class:`agent.pbx.asterisk.AsteriskAdapter`'s gate with a trivial
+  gate function (always ALLOW): parse the request, build the CallInfo, decide
+  within the budget, ``SET VARIABLE`` x3 each checked for ``200 result=1``, close;
+* ``baseline``: a do-nothing server that reads up to the empty line, writes the
+  same three commands, reads each reply line unparsed, and closes.
+
+Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
+``--rates``), and saturation (a fixed number of callers back to back). Usage:
+``python bench/gate_fastagi.py [--seconds S] [--rates 300,2000] [--concurrency C]``;
+the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from agent.calls import CallInfo
+from agent.gate.decision import Decision, Reason
+from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
+from agent.sim.asterisk import AsteriskSimulator, read_trace
+
+TRACE = (Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "asterisk"
+         / "06-fastagi-deny.agi.txt")  # fmt: skip
+OK = b"200 result=1\n"
+COMMANDS = [b"SET VARIABLE CALLGATE_MAX_SECONDS 600\n", b"SET VARIABLE CALLGATE_REASON allowed\n",
+            b"SET VARIABLE CALLGATE_RESULT ALLOW\n"]  # fmt: skip
+
+
+# -- load generator (runs in its own process) ---------------------------------
+
+
+def recorded_request() -> bytes:
+    """The request headers Asterisk wrote, up to and including the empty line."""
+    out = b""
+    for chunk in read_trace(TRACE):
+        if chunk.direction == "<<<":
+            out += chunk.payload
+            if chunk.payload == b"\n":
+                return out
+    raise ValueError(f"no complete request in {TRACE}")
+
+
+async def one_call(host: str, port: int, request: bytes) -> float:
+    t0 = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        commands = 0
+        while await reader.readline():
+            commands += 1
+            writer.write(OK)
+        if commands != 3:
+            raise ConnectionError(f"expected 3 commands, got {commands}")
+        return time.perf_counter() - t0
+    finally:
+        writer.close()
+
+
+async def open_loop(host: str, port: int, request: bytes, rate: float,
+                    seconds: float) -> dict[str, object]:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one_call(host, port, request)))
+    lat = await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = loop.time() - start
+    return summarize([x for x in lat if isinstance(x, float)], n, elapsed)
+
+
+async def closed_loop(host: str, port: int, request: bytes, concurrency: int,
+                      seconds: float) -> dict[str, object]:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    lat: list[float] = []
+    errors = 0
+
+    async def caller() -> None:
+        nonlocal errors
+        while loop.time() < end:
+            try:
+                lat.append(await one_call(host, port, request))
+            except (OSError, ConnectionError):
+                errors += 1
+
+    start = loop.time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return summarize(lat, len(lat) + errors, loop.time() - start)
+
+
+def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, object]:
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {"calls": len(lat), "errors": attempted - len(lat),
+            "calls_per_s": round(len(lat) / elapsed, 1),
+            "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}  # fmt: skip
+
+
+def client_main(argv: list[str]) -> None:
+    host, port, mode = argv[0], int(argv[1]), argv[2]
+    value, seconds = float(argv[3]), float(argv[4])
+    request = recorded_request()
+    if mode == "rate":
+        result = asyncio.run(open_loop(host, port, request, value, seconds))
+    else:
+        result = asyncio.run(closed_loop(host, port, request, int(value), seconds))
+    print(json.dumps(result))
+
+
+# -- servers ---------------------------------------------------------------------
+
+
+async def do_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        await reader.readuntil(b"\n\n")
+        for command in COMMANDS:
+            writer.write(command)
+            await reader.readline()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def trivial_gate(call: CallInfo) -> Decision:
+    return Decision(True, Reason.ALLOWED, "bench", account="acme", max_seconds=600)
+
+
+async def drive(address: tuple[str, int], mode: str, value: float,
+                seconds: float) -> dict[str, object]:  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", address[0], str(address[1]), mode, str(value),
+        str(seconds), stdout=asyncio.subprocess.PIPE)  # fmt: skip
+    out, _ = await proc.communicate()
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def bench(seconds: float, rates: list[float], concurrency: int) -> dict[str, object]:
+    # Decisions are logged at info in production; here that would flood stdout.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    results: dict[str, dict[str, object]] = {}
+    base_server = await asyncio.start_server(do_nothing, "127.0.0.1", 0, backlog=4096)
+    base_addr = base_server.sockets[0].getsockname()[:2]
+    decided = 0
+
+    async def counting_gate(call: CallInfo) -> Decision:
+        nonlocal decided
+        decided += 1
+        return await trivial_gate(call)
+
+    async with AsteriskSimulator("callgate", "bench-secret") as sim:
+        settings = AsteriskSettings(ami_port=sim.ami_address[1], secret="bench-secret",
+                                    fastagi_listen=("127.0.0.1", 0))  # fmt: skip
+        adapter = AsteriskAdapter(settings, counting_gate, lambda e: None)
+        task = asyncio.create_task(adapter.run())
+        await adapter.wait_connected(5)
+        assert adapter.fastagi_address is not None
+        for name, addr in (("baseline", base_addr), ("adapter", adapter.fastagi_address)):
+            for rate in rates:
+                results[f"{name}_{rate:g}"] = await drive(addr, "rate", rate, seconds)
+            results[f"{name}_saturation"] = await drive(addr, "closed", concurrency, seconds)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    base_server.close()
+    assert decided >= int(results["adapter_saturation"]["calls"])  # type: ignore[call-overload]
+    return results
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        client_main(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--rates", default="300,2000", help="open-loop arrival rates, calls/s")
+    ap.add_argument("--concurrency", type=int, default=32)
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    r = asyncio.run(bench(args.seconds, rates, args.concurrency))
+    for key, val in r.items():
+        print(f"  {key:22s} {val}")
+    a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
+    ratio = float(a_sat["calls_per_s"]) / float(b_sat["calls_per_s"])  # type: ignore[arg-type]
+    print(f"saturation ({args.concurrency} callers): adapter {a_sat['calls_per_s']} calls/s "
+          f"= {ratio:.2f} x the do-nothing server")  # fmt: skip
+    figures: dict[str, object] = {"bench": "gate_fastagi", "seconds": args.seconds,
+                                  "concurrency": args.concurrency}  # fmt: skip
+    for rate in rates:
+        a, b = r[f"adapter_{rate:g}"], r[f"baseline_{rate:g}"]
+        print(f"at {rate:g} calls/s: adapter p50 {a['p50_ms']} ms p99 {a['p99_ms']} ms; "
+              f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms")  # fmt: skip
+        for side, res in (("adapter", a), ("baseline", b)):
+            for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+                figures[f"{side}_{rate:g}_{key}"] = res[key]
+    for side, res in (("adapter", a_sat), ("baseline", b_sat)):
+        for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+            figures[f"{side}_sat_{key}"] = res[key]
+    figures["sat_vs_baseline"] = round(ratio, 3)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
