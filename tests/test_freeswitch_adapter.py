@@ -305,3 +305,30 @@ async def test_watch_only_kills_refused_new_channels() -> None:
         assert (await allowed.ended()).bridged and (await other.ended()).bridged
         assert [c.destination for c in r.asked] == ["0099", "15550101"]
         assert all(c.direction is Direction.OUTBOUND for c in r.asked)
+
+
+async def test_half_open_link_is_detected_by_the_status_ping() -> None:
+    async with asyncio.timeout(10), rig(heartbeat_timeout=0.5) as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        r.sim.freeze_esl_connections()
+        await r.until(lambda: bool(r.of(PbxDisconnected)), timeout=5)
+        assert "api status" in r.of(PbxDisconnected)[0].reason
+        await r.until(lambda: len(r.of(PbxConnected)) == 2, timeout=5)
+        assert [c.call.call_id for c in r.of(PbxConnected)[-1].calls] == [h.call_id]
+
+
+async def test_a_failing_sink_does_not_stop_metering() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        good = r.adapter.sink
+
+        def flaky(event: CallEvent) -> None:
+            if isinstance(event, CallRequested):
+                raise RuntimeError("meter bug")
+            good(event)
+
+        r.adapter.sink = flaky
+        h = await r.sim.place_call(talk_seconds=0.1)
+        await h.ended()
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        assert r.adapter.connected

@@ -80,6 +80,7 @@ SUBSCRIBED_EVENTS = (
 )
 NO_SUCH_CHANNEL = "-ERR No such channel!"  # uuid_kill / uuid_getvar on a dead uuid (07)
 COMMAND_TIMEOUT = 5.0  # seconds for one api reply before the link counts as dead
+LIST_PIPELINE = 100  # uuid_dump commands in flight while listing live calls
 GATE_IO_TIMEOUT = 2.0  # seconds for the connect reply / command replies on the gate socket
 
 
@@ -340,7 +341,7 @@ class _EslLink:
             async with asyncio.timeout(timeout):
                 return await fut
         except TimeoutError:
-            self.close(f"no reply within {timeout:g} s")
+            self.close(f"FreeSWITCH did not answer `{label}` within {timeout:g} s")
             raise PbxError(f"FreeSWITCH did not answer `{label}` within {timeout:g} s") from None
 
     async def api(self, cmd: str, timeout: float = COMMAND_TIMEOUT) -> ApiResponse:
@@ -499,12 +500,15 @@ class FreeswitchAdapter:
         dump also has the answer time, which the list lacks.
         """
         rows = parse_show_channels((await link.api("show channels as json")).body)
+        uuids = [r["uuid"] for r in rows if r.get("direction") == "inbound" and r.get("uuid")]
+        dumps: list[ApiResponse] = []
+        for i in range(0, len(uuids), LIST_PIPELINE):
+            # Replies come back in command order, so a batch can be in flight at once.
+            dumps += await asyncio.gather(*(link.api(f"uuid_dump {u}")
+                                            for u in uuids[i : i + LIST_PIPELINE]))
         calls: list[ActiveCall] = []
-        for row in rows:
-            if row.get("direction") != "inbound" or not row.get("uuid"):
-                continue
-            dump = await link.api(f"uuid_dump {row['uuid']}")
-            if not dump.ok:
+        for dump in dumps:
+            if not dump.ok:  # listed but already gone: "-ERR No such channel!"
                 continue
             headers = EncodedHeaders(HeaderBlock(dump.text))
             calls.append(ActiveCall(
@@ -557,9 +561,9 @@ class FreeswitchAdapter:
             calls = await self._list_calls(link)
             self.tracker.reset({c.call.call_id for c in calls if c.answered_at is not None})
             held, self._held = self._held, None
-            self.sink(PbxConnected(tuple(calls)))
+            self._deliver(PbxConnected(tuple(calls)))
             for event in held:
-                self.sink(event)
+                self._deliver(event)
             up = True
             self._connected_event.set()
             log.info("freeswitch.esl_connected", calls=len(calls))
@@ -581,7 +585,7 @@ class FreeswitchAdapter:
                 await reader_task
             link.fail_all(link.closed_reason or "ESL link closed")
             if up:
-                self.sink(PbxDisconnected(link.closed_reason or "ESL link closed"))
+                self._deliver(PbxDisconnected(link.closed_reason or "ESL link closed"))
 
     async def _watchdog(self, link: _EslLink) -> None:
         """Half-open links send nothing: ping with ``api status`` after silence."""
@@ -608,7 +612,14 @@ class FreeswitchAdapter:
             if self._held is not None:
                 self._held.append(call_event)
             else:
-                self.sink(call_event)
+                self._deliver(call_event)
+
+    def _deliver(self, event: CallEvent) -> None:
+        """Hand an event to the sink; a failing sink must not stop metering of other calls."""
+        try:
+            self.sink(event)
+        except Exception:
+            log.exception("freeswitch.sink_failed", kind=type(event).__name__)
 
     async def _watch_only(self, call: CallInfo) -> None:
         decision = await self._decide(call)
@@ -643,20 +654,25 @@ class FreeswitchAdapter:
 
     async def _serve_gate(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
+        """One outbound-socket session: bounded in bytes (parser limits) and time
+        (``GATE_IO_TIMEOUT`` for each exchange, the decision budget between), so
+        a silent or garbage peer only ever holds its own connection."""
         self.gate_connections += 1
         parser = EslParser()
+        loop = asyncio.get_running_loop()
         try:
-            writer.write(commands.command("connect"))
-            async with asyncio.timeout(GATE_IO_TIMEOUT):
+            async with asyncio.timeout(GATE_IO_TIMEOUT) as io_deadline:
+                writer.write(CONNECT)
                 data = await _read_frames(reader, parser, 1, ChannelData)
-            channel = data[0]
-            assert isinstance(channel, ChannelData)
-            if not channel.ok:
-                raise PbxError(f"connect refused: {channel.headers.get('Reply-Text')!r}")
-            call = call_info(channel.headers, self.settings, Direction.OUTBOUND)
-            decision = await self._decide(call)
-            writer.write(gate_commands(decision))
-            async with asyncio.timeout(GATE_IO_TIMEOUT):
+                channel = data[0]
+                assert isinstance(channel, ChannelData)
+                if not channel.ok:
+                    raise PbxError(f"connect refused: {channel.headers.get('Reply-Text')!r}")
+                call = call_info(channel.headers, self.settings, Direction.OUTBOUND)
+                io_deadline.reschedule(None)  # the decision has its own budget
+                decision = await self._decide(call)
+                writer.write(gate_commands(decision))
+                io_deadline.reschedule(loop.time() + GATE_IO_TIMEOUT)
                 replies = await _read_frames(reader, parser, GATE_REPLIES, CommandReply)
             # A refused channel is hung up by FreeSWITCH, which may close the
             # socket before it answers `exit`: four replies are enough then.
@@ -669,8 +685,9 @@ class FreeswitchAdapter:
             log.warning("freeswitch.gate_socket_failed", error=str(exc) or type(exc).__name__)
         finally:
             writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+
+
+CONNECT = commands.command("connect")
 
 
 async def _read_frames(reader: asyncio.StreamReader, parser: EslParser, count: int,

@@ -148,9 +148,10 @@ class _EslServerConn:
         self.authed = False
         self.events: set[str] = set()
         self.closed = False
+        self.frozen = False  # half-open: reads nothing, sends nothing, never closes
 
     def write(self, data: bytes) -> None:
-        if not self.closed and not self.writer.is_closing():
+        if not self.closed and not self.frozen and not self.writer.is_closing():
             self.writer.write(data)
 
     def close(self) -> None:
@@ -165,6 +166,8 @@ class _EslServerConn:
                 data = await self.reader.read(65536)
                 if not data:
                     return
+                if self.frozen:
+                    continue
                 buf += data
                 while b"\n\n" in buf:
                     cmd, buf = buf.split(b"\n\n", 1)
@@ -281,6 +284,12 @@ class FreeswitchSimulator:
         """Cut every inbound ESL connection (calls go on)."""
         for conn in list(self._conns):
             conn.close()
+
+    def freeze_esl_connections(self) -> None:
+        """Make every current ESL connection half-open: silent, but never closed
+        (a dead host or a dropped NAT entry). New connections work normally."""
+        for conn in self._conns:
+            conn.frozen = True
 
     async def restart(self) -> None:
         """As if FreeSWITCH restarted: connections cut, every call gone without events."""
