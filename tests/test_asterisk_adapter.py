@@ -35,7 +35,7 @@ from agent.pbx.asterisk import (
     AsteriskSettings,
     deadline_seconds,
 )
-from agent.sim.asterisk import AsteriskSimulator
+from agent.sim.asterisk import AsteriskSimulator, cdr_billsec
 
 SECRET = "test-secret"
 ALLOW = Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=600)
@@ -349,3 +349,10 @@ async def test_many_concurrent_gated_calls() -> None:
         await until(lambda: len(of(events, CallEnded)) == 200)
     assert all(r.ended_by == "caller" for r in results)
     assert len({e.call_id for e in of(events, CallAnswered)}) == 200
+
+
+def test_sim_billsec_follows_asterisk_rounding() -> None:
+    assert cdr_billsec(None, 10.0) == 0
+    assert cdr_billsec(100.0, 160.999) == 60  # truncated by default
+    assert cdr_billsec(100.0, 160.499, initiatedseconds=True) == 60
+    assert cdr_billsec(100.0, 160.5, initiatedseconds=True) == 61

@@ -56,6 +56,18 @@ def _stamp(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def cdr_billsec(answered: float | None, end: float, initiatedseconds: bool = False) -> int:
+    """Asterisk's ``cdr_object_get_billsec`` (main/cdr.c): whole milliseconds of
+    talk, truncated to seconds; with ``initiatedseconds = yes`` a remainder of
+    500 ms or more counts one more second (half up, not a ceiling)."""
+    if answered is None:
+        return 0
+    ms = int((end - answered) * 1000)
+    if initiatedseconds and ms % 1000 >= 500:
+        return ms // 1000 + 1
+    return ms // 1000
+
+
 @dataclass
 class SimChannel:
     name: str
@@ -193,9 +205,11 @@ class AsteriskSimulator:
         timestampevents: bool = False,
         dialplan_events: bool = True,
         agi_timeout: float = 10.0,
+        initiatedseconds: bool = False,
     ) -> None:
         """``cdr``: where the Cdr event goes relative to the caller's Hangup
         ("before", "after"; the traces show both), or None for no cdr_manager.
+        ``initiatedseconds``: cdr.conf's option of that name (see :func:`cdr_billsec`).
         ``dialplan_events``: also write the VarSet/Newexten noise of the traces."""
         self.username = username
         self.secret = secret
@@ -205,6 +219,7 @@ class AsteriskSimulator:
         self.timestampevents = timestampevents
         self.dialplan_events = dialplan_events
         self.agi_timeout = agi_timeout
+        self.initiatedseconds = initiatedseconds
         self._server: asyncio.Server | None = None
         self._port = 0
         self._sessions: set[_AmiClientSession] = set()
@@ -349,7 +364,7 @@ class AsteriskSimulator:
         dest: SimChannel | None,
     ) -> int:
         ch = call.caller
-        billsec = int(end - ch.answered) if ch.answered is not None else 0  # truncated
+        billsec = cdr_billsec(ch.answered, end, self.initiatedseconds)
         self.emit(
             "Cdr",
             [
@@ -590,7 +605,7 @@ class AsteriskSimulator:
             self.emit("BridgeLeave", self._bridge_fields(bridge, 0) + callee.fields())
             self.emit("BridgeDestroy", self._bridge_fields(bridge, 0))
         self.emit("SoftHangupRequest", [*ch.fields(), ("Cause", "16")])
-        billsec = int(end - ch.answered)
+        billsec = cdr_billsec(ch.answered, end, self.initiatedseconds)
         if cdr_mode == "before":
             self._cdr_event(call, end, "Dial", dial_data, "ANSWERED", callee)
         self._hangup_event(ch, cause)
