@@ -256,6 +256,15 @@ class PostgresLedger:
         except _CONNECTION_ERRORS as exc:
             raise LedgerUnavailable(f"lost the PostgreSQL ledger at {self.where}: {exc}") from exc
 
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[Any]:
+        """A connection for reads that need no transaction (one round trip each)."""
+        try:
+            async with self._pool.acquire() as conn:
+                yield conn
+        except _CONNECTION_ERRORS as exc:
+            raise LedgerUnavailable(f"lost the PostgreSQL ledger at {self.where}: {exc}") from exc
+
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         async with self._tx() as conn:
             return await fn(conn)
@@ -342,20 +351,20 @@ class PostgresLedger:
         return await self._run(run)
 
     async def balance(self, account: str) -> Balance:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             row = await conn.fetchrow("SELECT * FROM accounts WHERE id = $1", account)
         if row is None:
             raise UnknownAccount(f"the ledger has no account {account!r}")
         return _balance(row, self.unit)
 
     async def balances(self) -> list[Balance]:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             rows = await conn.fetch("SELECT * FROM accounts ORDER BY id")
         return [_balance(r, self.unit) for r in rows]
 
     async def history(self, account: str, since: datetime | None = None) -> list[Posting]:
         start = rules.check_time(since) if since is not None else None
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account) is None:
                 raise UnknownAccount(f"the ledger has no account {account!r}")
             rows = await conn.fetch(
@@ -524,12 +533,12 @@ class PostgresLedger:
         return await self._run(run)
 
     async def get_call(self, call_id: str) -> CallRecord | None:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             row = await conn.fetchrow("SELECT * FROM calls WHERE call_id = $1", call_id)
         return None if row is None else _call(row, self.unit)
 
     async def live_calls(self, account: str | None = None) -> list[CallRecord]:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM calls WHERE status != 'ended'"
                 " AND ($1::text IS NULL OR account = $1) ORDER BY admitted_at, call_id",
@@ -538,7 +547,7 @@ class PostgresLedger:
         return [_call(r, self.unit) for r in rows]
 
     async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM cdrs WHERE account = $1 AND ended_at >= $2 AND ended_at < $3"
                 " ORDER BY ended_at, call_id",
@@ -560,7 +569,7 @@ class PostgresLedger:
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None
     ) -> list[datetime]:
-        async with self._tx() as conn:
+        async with self._conn() as conn:
             rows = await conn.fetch(
                 "SELECT at FROM attempts WHERE account = $1 AND at >= $2 AND allowed"
                 " AND ($3::text IS NULL OR destination = $3) ORDER BY at",
