@@ -264,3 +264,20 @@ def test_any_chunking_gives_the_same_calls(name: str, sizes: list[int]) -> None:
     assert [type(e) for e in out] == [type(e) for e in reference]
     assert [getattr(e, "billsec", None) for e in out] == [
         getattr(e, "billsec", None) for e in reference]  # fmt: skip
+
+
+def test_rename_moves_commands_to_the_new_channel_name() -> None:
+    tracker = CallTracker()
+    messages = timed_messages("01-outbound-answered-caller-hangup.ami.txt")
+    for msg, at in messages:
+        if msg.name == "BridgeEnter":
+            break
+        tracker.feed(msg, at)
+    assert tracker.channel_of("1795557311.26") == "SIP/internal-noagi-0000001a"
+    rename = Message.build("Event", "Rename", [
+        ("Privilege", "call,all"), ("Channel", "SIP/internal-noagi-0000001a"),
+        ("Uniqueid", "1795557311.26"), ("Linkedid", "1795557311.26"),
+        ("Newname", "SIP/internal-noagi-0000001a<MASQ>"),
+    ])  # fmt: skip
+    assert tracker.feed(rename, T0) == ()
+    assert tracker.channel_of("1795557311.26") == "SIP/internal-noagi-0000001a<MASQ>"

@@ -60,6 +60,9 @@ AMI_EVENT_CLASSES = "call,cdr,system"
 events, most of the traffic in the traces, are then never sent to us."""
 NO_SUCH_CHANNEL = "No such channel"  # Getvar/Hangup on a gone channel (trace 07)
 READ_SIZE = 65536
+MAX_BUFFERED = 100_000
+"""Events held back between login and the end of CoreShowChannels (bounded:
+past it the session is dropped and started again, not grown without end)."""
 
 
 def now_utc() -> datetime:
@@ -183,6 +186,8 @@ class _AmiSession:
             self._pending.pop(action_id, None)
 
     def close(self, reason: str) -> None:
+        if self.closed_reason:
+            return
         self.closed_reason = reason
         for pending in self._pending.values():
             if not pending.future.done():
@@ -192,6 +197,13 @@ class _AmiSession:
                 )
         self._pending.clear()
         self.writer.close()
+
+
+def _ended_why(task: asyncio.Task[str]) -> str:
+    if task.cancelled():
+        return "AMI session stopped"
+    exc = task.exception()
+    return str(exc) if exc else task.result()
 
 
 def _destination(request: agi.AgiRequest) -> str:
@@ -403,6 +415,9 @@ class AsteriskAdapter:
         session = _AmiSession(reader, writer, self._on_message)
         self._buffer = []
         reading = asyncio.create_task(self._read(session))
+        # Actions waiting for a reply fail at once when the stream ends, not
+        # at their timeout (they are never re-sent, see module docstring).
+        reading.add_done_callback(lambda task: session.close(_ended_why(task)))
         try:
             async with asyncio.timeout(s.ping_timeout):
                 await asyncio.wait({reading, session.banner}, return_when="FIRST_COMPLETED")
@@ -444,12 +459,8 @@ class AsteriskAdapter:
                 pinging.cancel()
                 expiring.cancel()
         finally:
-            reason = ""
-            if reading.done() and not reading.cancelled():
-                exc = reading.exception()
-                reason = str(exc) if exc else (reading.result() or "")
             reading.cancel()
-            session.close(reason or "AMI connection lost")
+            session.close(session.closed_reason or "AMI session ended")
 
     async def _read(self, session: _AmiSession) -> str:
         reason = await session.read_loop()
@@ -504,6 +515,10 @@ class AsteriskAdapter:
     def _on_message(self, msg: ami.Message) -> None:
         now = self.clock()
         if not self._trusted:
+            if len(self._buffer) >= MAX_BUFFERED:
+                raise _SessionLost(
+                    f"more than {MAX_BUFFERED} events while listing the live calls"
+                )
             self._buffer.append((msg, now))
             return
         self._feed(msg, now)

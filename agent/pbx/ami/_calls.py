@@ -14,6 +14,7 @@ Rules, each from the Asterisk 20 traces (``traces/asterisk/README.md``):
   or the ``BridgeEnter`` that brings the bridge to two channels (01: both land
   within 1 ms). The time is the event's ``Timestamp`` header
   (``timestampevents=yes``) or else the time it was received.
+- ``Rename`` of the originating channel changes the name commands go to.
 - End is the originating channel's ``Hangup`` (``Cause``, ``Cause-txt``).
   ``billsec`` is the sum of ``BillableSeconds`` of the ``Cdr`` events whose
   ``UniqueID`` is the call; the Cdr comes before, between or after the Hangups
@@ -119,6 +120,7 @@ class CallTracker:
             "BridgeEnter": self._bridgeenter,
             "Hangup": self._hangup,
             "Cdr": self._cdr,
+            "Rename": self._rename,
         }
 
     # -- queries --------------------------------------------------------
@@ -300,6 +302,14 @@ class CallTracker:
             call.expires = now + self.cdr_wait
             self._waiting[call.info.call_id] = call
         return out
+
+    def _rename(self, msg: Message, now: datetime) -> Sequence[CallEvent]:
+        # A masquerade (transfer, pickup) renames the channel; commands must
+        # follow the new name (Asterisk 20 Rename event: snapshot + Newname).
+        call = self._live.get(msg.get("Uniqueid"))
+        if call is not None and msg.get("Newname"):
+            call.info = replace(call.info, endpoint=msg.get("Newname"))
+        return _NOTHING
 
     def _cdr(self, msg: Message, now: datetime) -> Sequence[CallEvent]:
         uid = msg.get("UniqueID")  # sic: the Cdr event spells it so (trace 01)
