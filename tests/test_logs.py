@@ -1,0 +1,154 @@
+"""configure_logging: JSON lines with the right fields, stdlib routed through, secrets masked."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import structlog
+
+from agent.logs import configure_logging, mask_secrets
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in [h for h in root.handlers if h.get_name() == "callgate"]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    structlog.contextvars.clear_contextvars()
+    structlog.reset_defaults()
+
+
+def _lines(buf: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buf.getvalue().splitlines()]
+
+
+def test_json_line_has_timestamp_level_event_and_bound_context() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    log = structlog.get_logger("callgate.meter")
+    structlog.contextvars.bind_contextvars(call_id="c-1", account="acme")
+    log.info("meter.reserved", amount=Decimal("0.1300"), seconds=60,
+             paid_until=datetime(2026, 11, 25, 3, 0, 5, tzinfo=UTC))
+    log.bind(step=2).warning("meter.cutoff")
+    first, second = _lines(buf)
+    assert first["event"] == "meter.reserved"
+    assert first["level"] == "info"
+    assert first["logger"] == "callgate.meter"
+    assert (first["call_id"], first["account"]) == ("c-1", "acme")
+    assert first["amount"] == "0.1300"  # exact, never a float
+    assert first["seconds"] == 60
+    assert first["paid_until"] == "2026-11-25T03:00:05+00:00"
+    stamp = datetime.fromisoformat(first["timestamp"])
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=5)
+    assert second["event"] == "meter.cutoff"
+    assert second["level"] == "warning"
+    assert (second["call_id"], second["step"]) == ("c-1", 2)
+
+
+def test_stdlib_logging_is_routed_through_the_same_pipeline() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    structlog.contextvars.bind_contextvars(call_id="c-9")
+    logging.getLogger("aiomqtt").warning("broker %s unreachable", "127.0.0.1:1883")
+    (line,) = _lines(buf)
+    assert line["event"] == "broker 127.0.0.1:1883 unreachable"
+    assert line["level"] == "warning"
+    assert line["logger"] == "aiomqtt"
+    assert line["call_id"] == "c-9"
+    assert line["timestamp"].endswith("Z")
+
+
+def test_level_filters_both_kinds_of_logger() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "WARNING", stream=buf)
+    structlog.get_logger("x").info("hidden")
+    logging.getLogger("asyncio").info("hidden too")
+    structlog.get_logger("x").error("shown")
+    assert [line["event"] for line in _lines(buf)] == ["shown"]
+
+
+def test_exceptions_are_rendered_into_the_json_line() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    try:
+        raise RuntimeError("ledger unreachable")
+    except RuntimeError:
+        structlog.get_logger("x").exception("gate.failed")
+    (line,) = _lines(buf)
+    assert line["event"] == "gate.failed"
+    assert "RuntimeError: ledger unreachable" in line["exception"]
+
+
+def test_secrets_are_masked_at_any_depth() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "debug", stream=buf)
+    structlog.get_logger("x").info(
+        "config.loaded",
+        ami_secret="s3cret",
+        Password="hunter2",
+        mqtt={"url": "mqtt://broker", "password": "p", "auth": {"token": "t"}},
+        username="callgate",
+    )
+    text = buf.getvalue()
+    for secret in ("s3cret", "hunter2", '"p"', '"t"'):
+        assert secret not in text
+    (line,) = _lines(buf)
+    assert line["ami_secret"] == "***"
+    assert line["Password"] == "***"
+    assert line["mqtt"] == {"url": "mqtt://broker", "password": "***", "auth": {"token": "***"}}
+    assert line["username"] == "callgate"
+
+
+def test_mask_secrets_processor_alone() -> None:
+    event = {"event": "x", "esl_password": "ClueCon", "token_count": 3, "call_id": "c"}
+    assert mask_secrets(None, "info", event) == {
+        "event": "x", "esl_password": "***", "token_count": "***", "call_id": "c"
+    }
+
+
+def test_auto_is_console_on_a_terminal_and_json_otherwise() -> None:
+    tty = _Tty()
+    configure_logging("auto", "info", stream=tty)
+    structlog.get_logger("x").info("call.start", call_id="c-2")
+    out = tty.getvalue()
+    assert "call.start" in out and "call_id" in out and "c-2" in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+
+    pipe = io.StringIO()
+    configure_logging("auto", "info", stream=pipe)
+    structlog.get_logger("x").info("call.start", call_id="c-3")
+    assert _lines(pipe)[0]["call_id"] == "c-3"
+    assert tty.getvalue() == out  # the earlier handler was replaced, not kept
+
+
+def test_console_forced_even_when_not_a_terminal() -> None:
+    buf = io.StringIO()
+    configure_logging("console", "info", stream=buf)
+    structlog.get_logger("x").info("policy.reloaded", rules=4)
+    text = buf.getvalue()
+    assert "policy.reloaded" in text and "rules=4" in text
+    assert "\x1b[" not in text  # no colour codes into a pipe
+
+
+def test_bad_level_or_format_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="log level 'loud'"):
+        configure_logging("json", "loud")
+    with pytest.raises(ValueError, match="log format 'xml'"):
+        configure_logging("xml", "info")  # type: ignore[arg-type]
