@@ -176,7 +176,7 @@ def test_parse_reply_forms() -> None:
 @given(st.lists(st.binary(max_size=200), max_size=15))
 def test_fuzzed_bytes_give_only_documented_events(chunks: list[bytes]) -> None:
     conn = FastAgiConnection()
-    events = []
+    events: list[object] = []
     for chunk in [*(c for c in chunks if c), b""]:
         conn.receive_data(chunk)
         events += conn.events()

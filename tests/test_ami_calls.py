@@ -186,7 +186,7 @@ def test_busy_gives_two_cdrs_and_one_end() -> None:
 def test_timestamp_header_is_the_answer_time() -> None:
     tracker = CallTracker()
     base = timed_messages("01-outbound-answered-caller-hangup.ami.txt")
-    got = []
+    got: list[CallEvent] = []
     for msg, at in base:
         if msg.name == "DialEnd":
             lines = msg.text.split("\r\n")

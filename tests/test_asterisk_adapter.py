@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -93,7 +94,7 @@ async def until(predicate: object, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
-def of(events: list[CallEvent], kind: type, call_id: str | None = None) -> list:
+def of(events: list[CallEvent], kind: type, call_id: str | None = None) -> list[Any]:
     return [e for e in events if isinstance(e, kind)
             and (call_id is None or getattr(e, "call_id", None) == call_id)]  # fmt: skip
 
