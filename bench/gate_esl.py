@@ -14,9 +14,11 @@ Servers, measured in the same run on the same load:
   of the reply block, sends ``exit`` and closes.
 
 Loads: 300 calls/s open loop (arrivals on a fixed schedule), and saturation
-(a fixed number of callers back to back). Usage:
-``python bench/gate_esl.py [--seconds S] [--concurrency C]``; the last line is
-one JSON object.
+(a fixed number of callers back to back). Each load runs ``--rounds`` times,
+baseline and adapter alternating; the median round is reported, with the
+machine's load average (this box is shared). Usage:
+``python bench/gate_esl.py [--seconds S] [--rounds R] [--rates 300,2000]
+[--concurrency C]``; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -160,7 +163,8 @@ async def drive(address: tuple[str, int], mode: str, value: float,
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-async def bench(seconds: float, rates: list[float], concurrency: int) -> dict[str, object]:
+async def bench(seconds: float, rates: list[float], concurrency: int,
+                rounds: int) -> dict[str, object]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results: dict[str, dict[str, object]] = {}
     base_server = await asyncio.start_server(do_nothing, "127.0.0.1", 0, backlog=4096)
@@ -173,10 +177,21 @@ async def bench(seconds: float, rates: list[float], concurrency: int) -> dict[st
         task = asyncio.create_task(adapter.run())
         await asyncio.wait_for(adapter.wait_listening(), 5)
         assert adapter.outbound_address is not None
-        for name, addr in (("baseline", base_addr), ("adapter", adapter.outbound_address)):
-            for rate in rates:
-                results[f"{name}_{rate:g}"] = await drive(addr, "rate", rate, seconds)
-            results[f"{name}_saturation"] = await drive(addr, "closed", concurrency, seconds)
+        # Baseline and adapter alternate, load by load and round by round, so a
+        # neighbour's burst on this shared machine hits both sides alike; the
+        # round with the median throughput (then p99) is kept for each.
+        runs: dict[str, list[dict[str, object]]] = {}
+        loads = [(f"{rate:g}", "rate", rate) for rate in rates]
+        loads.append(("saturation", "closed", float(concurrency)))
+        for _ in range(rounds):
+            for label, mode, value in loads:
+                for name, addr in (("baseline", base_addr),
+                                   ("adapter", adapter.outbound_address)):
+                    runs.setdefault(f"{name}_{label}", []).append(
+                        await drive(addr, mode, value, seconds))
+        for key, rs in runs.items():
+            rs.sort(key=lambda x: (float(x["calls_per_s"]), -float(x["p99_ms"])))  # type: ignore[arg-type]
+            results[key] = rs[len(rs) // 2]
         served = adapter.gate_connections
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -191,12 +206,13 @@ def main() -> None:
         client_main(sys.argv[2:])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rates", default="300,2000", help="open-loop arrival rates, calls/s")
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
-    r = asyncio.run(bench(args.seconds, rates, args.concurrency))
+    r = asyncio.run(bench(args.seconds, rates, args.concurrency, args.rounds))
     for key, val in r.items():
         print(f"  {key:22s} {val}")
     a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
@@ -204,7 +220,9 @@ def main() -> None:
     print(f"saturation ({args.concurrency} callers): adapter {a_sat['calls_per_s']} calls/s "
           f"= {ratio:.2f} x the do-nothing server")
     figures: dict[str, object] = {"bench": "gate_esl", "seconds": args.seconds,
-                                  "concurrency": args.concurrency}
+                                  "rounds": args.rounds, "concurrency": args.concurrency,
+                                  "loadavg_1m": round(os.getloadavg()[0], 2),
+                                  "cpus": os.cpu_count()}
     for rate in rates:
         a, b = r[f"adapter_{rate:g}"], r[f"baseline_{rate:g}"]
         print(f"at {rate:g} calls/s: adapter p50 {a['p50_ms']} ms p99 {a['p99_ms']} ms; "
