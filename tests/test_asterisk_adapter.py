@@ -357,3 +357,24 @@ def test_sim_billsec_follows_asterisk_rounding() -> None:
     assert cdr_billsec(100.0, 160.999) == 60  # truncated by default
     assert cdr_billsec(100.0, 160.499, initiatedseconds=True) == 60
     assert cdr_billsec(100.0, 160.5, initiatedseconds=True) == 61
+
+
+async def test_a_failing_sink_does_not_stop_the_event_stream() -> None:
+    seen: list[CallEvent] = []
+
+    def sink(event: CallEvent) -> None:
+        seen.append(event)
+        if isinstance(event, CallRequested):
+            raise RuntimeError("meter bug")
+
+    async with asyncio.timeout(15), AsteriskSimulator("callgate", SECRET) as sim:
+        adapter = AsteriskAdapter(settings_for(sim), allow, sink)
+        task = asyncio.create_task(adapter.run())
+        await adapter.wait_connected(5)
+        sim.agi_address = adapter.fastagi_address
+        await (await sim.place_call(talk_seconds=0.1)).ended()
+        await until(lambda: of(seen, CallEnded))
+        assert adapter.connected and adapter.sessions == 1
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
