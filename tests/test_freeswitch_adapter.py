@@ -332,3 +332,30 @@ async def test_a_failing_sink_does_not_stop_metering() -> None:
         await h.ended()
         await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
         assert r.adapter.connected
+
+
+async def test_a_command_in_flight_when_the_link_drops_fails_and_is_not_replayed() -> None:
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        r.sim.freeze_esl_connections()  # the kill is written but never answered
+        kill = asyncio.create_task(r.adapter.hangup(h.call_id, HangupCause.NORMAL_CLEARING))
+        await asyncio.sleep(0.1)
+        r.sim.drop_esl_connections()
+        with pytest.raises(PbxError, match="not replayed"):
+            await kill
+        await r.until(lambda: len(r.of(PbxConnected)) == 2)
+        assert h.call_id in r.sim.live_calls()  # nothing re-sent the kill behind our back
+        assert [c.call.call_id for c in r.of(PbxConnected)[-1].calls] == [h.call_id]
+
+
+async def test_many_concurrent_gated_calls() -> None:
+    async with asyncio.timeout(30), rig() as r:
+        handles = [await r.sim.place_call(f"2{i:03d}", f"1555{i:04d}", talk_seconds=0.5,
+                                          ring_seconds=0.1)
+                   for i in range(200)]
+        results = await asyncio.gather(*(h.ended() for h in handles))
+        assert all(x.bridged and x.cause == "NORMAL_CLEARING" for x in results)
+        await r.until(lambda: len(r.of(CallEnded)) == 200, timeout=10)
+        assert len(r.of(CallAnswered)) == 200 and len(r.asked) == 200
+        assert {e.call_id for e in r.of(CallEnded)} == {h.call_id for h in handles}
