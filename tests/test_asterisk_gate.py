@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.calls import CallEvent, CallInfo, Direction
 from agent.gate.decision import Decision, Reason
@@ -164,13 +165,16 @@ async def test_half_request_then_eof_decides_nothing() -> None:
                                      b"agi_x: " + b"A" * 20000])  # fmt: skip
 async def test_garbage_and_oversize_requests_are_closed_undecided(garbage: bytes) -> None:
     gate = Gate(ALLOW)
-    async with asyncio.timeout(10), adapter_with_sim(gate) as (adapter, _, _):
-        assert adapter.fastagi_address is not None
-        reader, writer = await asyncio.open_connection(*adapter.fastagi_address)
-        writer.write(garbage)
-        assert await reader.read() == b""
-        writer.close()
+    with capture_logs() as logs:
+        async with asyncio.timeout(10), adapter_with_sim(gate) as (adapter, _, _):
+            assert adapter.fastagi_address is not None
+            reader, writer = await asyncio.open_connection(*adapter.fastagi_address)
+            writer.write(garbage)
+            assert await reader.read() == b""
+            writer.close()
     assert gate.calls == []
+    assert "fastagi.bad_request" in [entry["event"] for entry in logs]
+    assert "fastagi.handler_failed" not in [entry["event"] for entry in logs]
 
 
 async def test_async_hangup_line_does_not_desync_the_replies() -> None:

@@ -531,7 +531,7 @@ class AsteriskAdapter:
         try:
             self.sink(event)
         except Exception:
-            log.exception("sink.failed", event=type(event).__name__)
+            log.exception("sink.failed", kind=type(event).__name__)
         if (
             isinstance(event, CallRequested)
             and event.call.context in self.settings.watch_only_contexts
@@ -586,6 +586,10 @@ class AsteriskAdapter:
             # Shutdown. Returning (not re-raising) because Python 3.11's
             # streams callback logs a bogus error for a cancelled handler.
             pass
+        except Exception:
+            # A bug here must cost one call (refused: no ALLOW was set), be
+            # logged with its call, and never reach the loop's handler.
+            log.exception("fastagi.handler_failed")
         finally:
             # Asterisk keeps the socket open after HANGUP (trace 06d): we close.
             writer.close()
@@ -608,7 +612,7 @@ class AsteriskAdapter:
         conn = agi.FastAgiConnection()
         request = await self._next_agi_event(conn, reader)
         if not isinstance(request, agi.AgiRequest):
-            log.warning("fastagi.bad_request", event=repr(request))
+            log.warning("fastagi.bad_request", got=repr(request))
             return
         if not request.get("uniqueid"):
             log.warning("fastagi.bad_request", reason="no agi_uniqueid", script=request.script)
