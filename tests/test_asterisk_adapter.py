@@ -378,3 +378,24 @@ async def test_a_failing_sink_does_not_stop_the_event_stream() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_with_timestampevents_times_are_the_pbx_clock_not_ours() -> None:
+    skewed = datetime(2001, 1, 1, tzinfo=UTC)  # the agent's clock, far off
+    events: list[CallEvent] = []
+    async with asyncio.timeout(15), AsteriskSimulator("callgate", SECRET,
+                                                      timestampevents=True) as sim:  # fmt: skip
+        adapter = AsteriskAdapter(settings_for(sim), allow, events.append, clock=lambda: skewed)
+        task = asyncio.create_task(adapter.run())
+        await adapter.wait_connected(5)
+        sim.agi_address = adapter.fastagi_address
+        result = await (await sim.place_call(talk_seconds=0.2)).ended()
+        await until(lambda: of(events, CallEnded))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    (answered,) = of(events, CallAnswered)
+    (ended,) = of(events, CallEnded)
+    assert result.answered_at is not None
+    assert abs((answered.answered_at - result.answered_at).total_seconds()) < 0.05
+    assert abs((ended.ended_at - result.ended_at).total_seconds()) < 0.05
