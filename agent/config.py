@@ -103,6 +103,7 @@ class PbxSpec(_Strict):
     outbound_contexts: list[StrictStr] = Field(default_factory=list)
     watch_only_contexts: list[StrictStr] = Field(default_factory=list)
     decision_budget_ms: int = Field(500, ge=10, le=10_000)
+    ring_allowance_seconds: int = Field(0, ge=0, le=300)
 
     @model_validator(mode="after")
     def _matches_kind(self) -> Self:

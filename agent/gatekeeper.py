@@ -44,6 +44,7 @@ class Gatekeeper:
         clock: Clock,
         node: str,
         budget: float = 0.45,
+        ring_allowance: int = 0,
         on_decision: OnDecision | None = None,
     ) -> None:
         self.ledger = ledger
@@ -51,6 +52,7 @@ class Gatekeeper:
         self.clock = clock
         self.node = node
         self.budget = budget
+        self.ring_allowance = ring_allowance
         self.on_decision = on_decision
         self.accepting = True
 
@@ -148,10 +150,13 @@ class Gatekeeper:
         if not held:
             await self._release(record, now)
             return refusal
+        # The dialplans arm this limit when the call is allowed, so ring time counts
+        # against it; ring_allowance lends ringing some time (each second of it is a
+        # second a dead agent could give away), the meter resets it at answer.
         limit = tariff.first_unit_seconds
         if decision.max_seconds is not None:
             limit = min(limit, decision.max_seconds)
-        return replace(decision, max_seconds=limit)
+        return replace(decision, max_seconds=limit + self.ring_allowance)
 
     async def _release(self, record: CallRecord, now: Any) -> None:
         """Close an admitted call that the gate ends up refusing (nothing charged)."""

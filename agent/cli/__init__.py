@@ -34,21 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import policy as policy_commands
+    from agent.cli import ledger, policy, runtime
 
-    policy_commands.register(sub)
-    try:
-        from agent.cli import ledger as ledger_commands
-    except ImportError:  # the ledger commands land separately
-        pass
-    else:
-        ledger_commands.register(sub)
-    try:
-        from agent.cli import runtime as runtime_commands
-    except ImportError:
-        pass
-    else:
-        runtime_commands.register(sub)
+    policy.register(sub)
+    ledger.register(sub)
+    runtime.register(sub)
     return parser
 
 

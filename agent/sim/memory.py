@@ -6,7 +6,9 @@ sockets: ``set_deadline`` replaces the previous deadline (Asterisk
 groups), a deadline or a ``hangup`` ends the call at once with a hang-up
 event, ``billsec`` is whole seconds from answer truncated (Asterisk's
 ``cdr_object_get_billsec``), and the dialplan's own limit (``max_seconds``
-from the gate) is armed at answer. It can lose events (a PBX connection that
+from the gate) is armed the moment the call is allowed, as the shipped
+dialplans do (Asterisk ``TIMEOUT(absolute)``, FreeSWITCH ``sched_hangup``):
+ring time counts against it. It can lose events (a PBX connection that
 dropped) and list its live calls. The truth it records per call (answered,
 ended, billsec, who ended it) is what the invariants are checked against.
 """
@@ -107,18 +109,26 @@ class MemoryPbx:
 
     async def _life(self, call: SimCall, start: datetime, ring_seconds: float,
                     max_seconds: int | None) -> None:
-        await self._wait(call, start + timedelta(seconds=ring_seconds))
+        if max_seconds is not None:  # the dialplan's limit, armed when the gate allowed it
+            call.deadline = start + timedelta(seconds=max_seconds)
+        ring_end = start + timedelta(seconds=ring_seconds)
+        await self._wait(call, ring_end if call.deadline is None else min(ring_end,
+                                                                          call.deadline))
         if call.ended_at is not None:
+            return
+        if self.clock.now() < ring_end:  # the limit ran out while it rang
+            self._end(call, "ALLOTTED_TIMEOUT", "deadline")
             return
         if call.talk_seconds is None:
             self._end(call, "NO_ANSWER", "party")
             return
         call.answered_at = self.clock.now()
-        if max_seconds is not None:  # the dialplan's limit, armed from the gate's answer
-            call.deadline = call.answered_at + timedelta(seconds=max_seconds)
         self._emit(CallAnswered(call.info.call_id, call.answered_at, call.info))
         natural_end = call.answered_at + timedelta(seconds=call.talk_seconds)
         while call.ended_at is None:
+            if call.deadline is not None and self.clock.now() >= call.deadline:
+                self._end(call, "ALLOTTED_TIMEOUT", "deadline")
+                return
             until = natural_end if call.deadline is None else min(natural_end, call.deadline)
             await self._wait(call, until)
             if call.ended_at is not None:

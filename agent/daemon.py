@@ -1,0 +1,430 @@
+"""The composition root: config in, a running agent out; signals, reload, health, shutdown.
+
+``Daemon(config).run()`` opens the ledger, loads the policy, builds the gate,
+the meter, the PBX adapter, the MQTT publisher and the metrics endpoint, and
+runs them under one task group until SIGTERM/SIGINT:
+
+- SIGHUP, or a change of the policy file (or of a do-not-call file it names),
+  reloads the policy. The new one is validated first; a bad one is logged with
+  its located errors and the old one stays in force. Live calls are never
+  dropped by a reload: they keep their admitted tariff and are re-checked
+  against the new policy at their next increment.
+- SIGTERM stops taking new calls (the gate answers ``shutting_down``, which the
+  shipped dialplans turn into a refusal), lets the meter finish what is in
+  flight for a bounded time, flushes the MQTT buffer with a bounded wait, closes
+  the ledger and exits 0. Calls still up keep their PBX-side deadline and are
+  adopted by the next start.
+- systemd: ``READY=1`` once the ledger is open and the PBX connected, watchdog
+  pings from the event loop, ``RELOADING=1``/``STOPPING=1`` around reloads and
+  shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.calls import CallInfo, EventSink, PbxControl
+from agent.config import AgentConfig
+from agent.gate.decision import Decision
+from agent.gate.policy import Policy, load_policy
+from agent.gatekeeper import Gatekeeper
+from agent.ledger import Ledger, open_ledger
+from agent.meter.clock import Clock, WallClock
+from agent.meter.meter import Meter, MeterSettings
+from agent.yamlfile import ConfigError
+
+log = structlog.get_logger("callgate.daemon")
+
+POLICY_POLL_SECONDS = 2.0
+PRUNE_EVERY = timedelta(hours=1)
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message says why (exit status 1)."""
+
+
+def _files_of(policy_path: Path) -> list[Path]:
+    """The policy file and the do-not-call files it names (what a reload depends on)."""
+    files = [policy_path]
+    try:
+        from agent.yamlfile import read_yaml
+
+        data = read_yaml(policy_path).data or {}
+    except ConfigError:
+        return files
+    sections = [data.get("defaults") or {}, *(data.get("accounts") or {}).values()]
+    for section in sections:
+        if isinstance(section, dict):
+            dnc = section.get("do_not_call") or {}
+            for name in (dnc.get("files") or []) if isinstance(dnc, dict) else []:
+                path = Path(str(name))
+                files.append(path if path.is_absolute() else policy_path.parent / path)
+    return files
+
+
+def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((str(f), st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((str(f), 0, 0))
+    return tuple(out)
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or WallClock()
+        self.policy: Policy | None = None
+        self.ledger: Ledger | None = None
+        self.adapter: Any = None
+        self.meter: Meter | None = None
+        self.gate: Gatekeeper | None = None
+        self.publisher: Any = None
+        self.metrics: Any = None
+        self.metrics_server: asyncio.Server | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._policy_stamp: tuple[tuple[str, int, int], ...] = ()
+
+    # -- public -------------------------------------------------------------------
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    def current_policy(self) -> Policy:
+        assert self.policy is not None
+        return self.policy
+
+    def health(self) -> tuple[bool, str]:
+        if self.ledger is None:
+            return False, "ledger not open"
+        if self.adapter is None or not self.adapter.connected:
+            return False, "PBX not connected"
+        if self._stop.is_set():
+            return False, "stopping"
+        return True, "ok"
+
+    async def run(self) -> int:
+        """Run until asked to stop; 0 on a clean stop. :class:`StartupError` if it cannot start."""
+        from agent import systemd
+
+        await self._start()
+        loop = asyncio.get_running_loop()
+        installed = self._install_signals(loop)
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            assert self.adapter is not None and self.meter is not None
+            tasks.append(asyncio.create_task(self.adapter.run(), name="pbx"))
+            tasks.append(asyncio.create_task(self.meter.run(), name="meter"))
+            if self.publisher is not None:
+                tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
+            tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watch"))
+            tasks.append(asyncio.create_task(self._prune_attempts(), name="prune"))
+            tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
+            tasks.append(asyncio.create_task(self._announce_ready(), name="ready"))
+            stopper = asyncio.create_task(self._stop.wait(), name="stop")
+            pending: set[asyncio.Task[Any]] = {*tasks, stopper}
+            while not stopper.done():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    # A component that returns has nothing more to do (the watchdog
+                    # without systemd); one that raises takes the agent down, loudly.
+                    if task is not stopper and not task.cancelled() and task.exception():
+                        error = task.exception()
+                        log.error("daemon.component_failed", component=task.get_name(),
+                                  error=str(error))
+                        raise StartupError(f"{task.get_name()}: {error}") from error
+            await self._shutdown()
+            return 0
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            await self._close()
+
+    # -- start and stop -----------------------------------------------------------
+    async def _start(self) -> None:
+        config = self.config
+        spec = config.spec
+        try:
+            self.policy = load_policy(config.policy_path)
+        except ConfigError as exc:
+            for error in exc.errors:
+                log.error("policy.invalid", error=str(error))
+            raise StartupError(f"policy {config.policy_path} is invalid:\n{exc}") from None
+        self._policy_stamp = _stamp(_files_of(config.policy_path))
+        if config.ledger.startswith("sqlite:///"):
+            Path(config.ledger[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.ledger = await open_ledger(config.ledger)
+        except Exception as exc:
+            raise StartupError(f"cannot open the ledger {_redact(config.ledger)}: {exc}") from None
+        self.metrics = _make_metrics()
+        self.publisher = _make_publisher(config)
+        budget = spec.pbx.decision_budget_ms / 1000
+        self.gate = Gatekeeper(
+            ledger=self.ledger, policy=self.current_policy, clock=self.clock,
+            node=config.node, budget=budget * 0.8,
+            ring_allowance=spec.pbx.ring_allowance_seconds, on_decision=self._on_decision,
+        )
+        settings = MeterSettings(grace_seconds=spec.meter.grace_seconds,
+                                 lead_seconds=spec.meter.lead_seconds,
+                                 warning_seconds=spec.meter.warning_seconds)
+        pbx_proxy = _LatePbx()
+        self.meter = Meter(ledger=self.ledger, pbx=pbx_proxy, policy=self.current_policy,
+                           clock=self.clock, node=config.node, settings=settings,
+                           publish=self._publish)
+        self.adapter = make_adapter(config, self.gate, self.meter.on_event, self.clock)
+        pbx_proxy.target = self.adapter
+        if spec.metrics is not None and self.metrics is not None:
+            from agent.metrics import serve_metrics
+
+            host, port = config.listen(spec.metrics.listen)
+            self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
+        log.info("daemon.started", node=config.node, pbx=spec.pbx.kind,
+                 policy=str(config.policy_path), ledger=_redact(config.ledger),
+                 accounts=len(self.policy.accounts))
+
+    async def _announce_ready(self) -> None:
+        from agent import systemd
+
+        assert self.adapter is not None
+        while not self.adapter.connected:
+            await asyncio.sleep(0.05)
+        self.ready.set()
+        systemd.ready()
+        systemd.status(f"gating for {len(self.current_policy().accounts)} accounts")
+        log.info("daemon.ready")
+        while True:  # keep the PBX-connected gauge and live-call gauges fresh
+            self._refresh_gauges()
+            await asyncio.sleep(1.0)
+
+    async def _shutdown(self) -> None:
+        from agent import systemd
+
+        systemd.stopping()
+        log.info("daemon.stopping")
+        if self.gate is not None:
+            self.gate.accepting = False
+        if self.meter is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self.meter.wait_idle()
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.flush(timeout=5)
+        log.info("daemon.stopped")
+
+    async def _close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self.ledger is not None:
+            with contextlib.suppress(Exception):
+                await self.ledger.close()
+            self.ledger = None
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        installed = []
+        handlers: dict[int, Callable[[], None]] = {
+            signal.SIGTERM: self.request_stop,
+            signal.SIGINT: self.request_stop,
+            signal.SIGHUP: self.request_reload,
+        }
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests): signals are the caller's business
+        return installed
+
+    # -- policy -------------------------------------------------------------------
+    def reload_policy(self, why: str) -> bool:
+        """Load the policy again; keep the old one if the new one has any error."""
+        from agent import systemd
+
+        systemd.reloading()
+        path = self.config.policy_path
+        try:
+            try:
+                policy = load_policy(path)
+            except ConfigError as exc:
+                errors = [str(e) for e in exc.errors]
+                for error in errors:
+                    log.error("policy.reload_refused", error=error, why=why)
+                log.error("policy.kept_old", errors=len(errors))
+                self._publish("policy/reload", {"ok": False, "why": why, "errors": errors})
+                self._count_reload(False)
+                return False
+            self.policy = policy
+            log.info("policy.reloaded", why=why, accounts=len(policy.accounts))
+            self._publish("policy/reload", {"ok": True, "why": why,
+                                            "accounts": len(policy.accounts)})
+            self._count_reload(True)
+            return True
+        finally:
+            self._policy_stamp = _stamp(_files_of(path))
+            systemd.ready()
+
+    async def _watch_policy(self) -> None:
+        path = self.config.policy_path
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLICY_POLL_SECONDS):
+                    await self._reload.wait()
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload_policy("SIGHUP")
+                continue
+            stamp = _stamp(_files_of(path))
+            if stamp != self._policy_stamp:
+                await asyncio.sleep(0.2)  # let an editor finish writing
+                self.reload_policy("file changed")
+
+    async def _prune_attempts(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY.total_seconds())
+            if self.ledger is None or self.policy is None:
+                continue
+            keep = timedelta(seconds=self.policy.longest_cap_seconds) + timedelta(days=1)
+            with contextlib.suppress(Exception):
+                pruned = await self.ledger.prune_attempts(self.clock.now() - keep)
+                log.info("ledger.attempts_pruned", rows=pruned)
+
+    # -- events and metrics -------------------------------------------------------
+    def _publish(self, topic: str, payload: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.on_event(topic, payload)
+        if self.publisher is not None:
+            self.publisher.publish(topic, payload)
+
+    def _on_decision(self, call: CallInfo, decision: Decision, elapsed: float) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.on_decision(decision.result, decision.reason.value, elapsed)
+        self._publish("decision", {
+            "call_id": call.call_id, "account": decision.account, "result": decision.result,
+            "reason": decision.reason.value, "message": decision.message,
+            "caller": call.caller_id, "callee": call.destination,
+            "direction": call.direction.value, "max_seconds": decision.max_seconds,
+        })
+
+    def _count_reload(self, ok: bool) -> None:
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.on_reload(ok)
+
+    def _refresh_gauges(self) -> None:
+        if self.metrics is None:
+            return
+        with contextlib.suppress(Exception):
+            self.metrics.refresh(
+                pbx_connected=bool(self.adapter is not None and self.adapter.connected),
+                live_calls=len(self.meter.live) if self.meter is not None else 0,
+                cutoffs=self.meter.cutoffs if self.meter is not None else 0,
+                mqtt_depth=getattr(self.publisher, "depth", 0),
+                mqtt_dropped=getattr(self.publisher, "dropped", 0),
+            )
+
+
+class _LatePbx:
+    """The meter needs the PBX and the adapter needs the meter's sink: this breaks the cycle."""
+
+    target: Any = None
+
+    async def hangup(self, call_id: str, cause: Any) -> None:
+        await self.target.hangup(call_id, cause)
+
+    async def set_deadline(self, call_id: str, at: Any) -> None:
+        await self.target.set_deadline(call_id, at)
+
+    async def active_calls(self) -> Any:
+        return await self.target.active_calls()
+
+
+def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
+                 clock: Clock) -> PbxControl:
+    """The adapter the config names, with its secrets resolved."""
+    spec = config.spec.pbx
+    budget = spec.decision_budget_ms / 1000
+    if spec.kind == "asterisk":
+        from agent.config import AmiSpec, FastAgiSpec
+        from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
+
+        ami = spec.ami or AmiSpec()
+        fastagi = spec.fastagi or FastAgiSpec()
+        settings = AsteriskSettings(
+            ami_host=ami.host, ami_port=ami.port, username=ami.username,
+            secret=ami.resolve(config.path.parent),
+            fastagi_listen=config.listen(fastagi.listen),
+            decision_budget=budget,
+            watch_only_contexts=frozenset(spec.watch_only_contexts),
+            outbound_contexts=frozenset(spec.outbound_contexts),
+        )
+        return AsteriskAdapter(settings, gate, sink, clock=clock.now)
+    from agent.config import EslSpec, OutboundSocketSpec
+    from agent.pbx.freeswitch import FreeswitchAdapter, FreeswitchSettings
+
+    esl = spec.esl or EslSpec()
+    outbound = spec.outbound_socket or OutboundSocketSpec()
+    fs_settings = FreeswitchSettings(
+        esl_host=esl.host, esl_port=esl.port, password=esl.resolve(),
+        outbound_listen=config.listen(outbound.listen), decision_budget=budget,
+        watch_only_contexts=frozenset(spec.watch_only_contexts),
+        outbound_contexts=frozenset(spec.outbound_contexts),
+    )
+    return FreeswitchAdapter(fs_settings, gate, sink, clock=clock.now)
+
+
+def _make_metrics() -> Any:
+    try:
+        from agent.metrics import Metrics
+    except ImportError:
+        return None
+    return Metrics()
+
+
+def _make_publisher(config: AgentConfig) -> Any:
+    spec = config.spec.mqtt
+    if spec is None:
+        return None
+    from agent.events.mqtt import EventPublisher, MqttSettings
+
+    password = None
+    if spec.password is not None:
+        password = spec.password.get_secret_value()
+    elif spec.password_env:
+        password = os.environ.get(spec.password_env)
+    return EventPublisher(MqttSettings(
+        url=spec.url, username=spec.username, password=password, tls=spec.tls,
+        ca_file=spec.ca_file, topic_prefix=spec.topic_prefix, node=config.node,
+        buffer=spec.buffer,
+    ))
+
+
+def _redact(url: str) -> str:
+    """A ledger URL without its password, for logs."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
