@@ -8,6 +8,7 @@ which deadline fired), never about how fast.
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.calls import (
     CallAnswered,
@@ -130,35 +133,67 @@ async def test_set_deadline_replaces_the_previous_one_without_a_gap() -> None:
         h = await r.sim.place_call(talk_seconds=None)
         await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
         clock = r.adapter.clock
-        # the dialplan's sched_hangup (+60) is replaced by the first step ...
-        await r.adapter.set_deadline(h.call_id, clock() + timedelta(seconds=1.9))
-        # ... and a later deadline replaces the earlier one: the call outlives +1 s
-        await r.adapter.set_deadline(h.call_id, clock() + timedelta(seconds=2.9))
+        first = clock() + timedelta(seconds=2)
+        # the first step replaces the dialplan's sched_hangup (+60) ...
+        await r.adapter.set_deadline(h.call_id, first)
+        # ... and a later deadline replaces the earlier one
+        second = clock() + timedelta(seconds=4.5)
+        await r.adapter.set_deadline(h.call_id, second)
         result = await h.ended()
         assert result.by_deadline and result.cause == "ALLOTTED_TIMEOUT"
-        assert result.billsec == 2
-        kills = [c for c in r.sim.api_log if c.startswith(("sched_api", "sched_del"))]
-        assert kills[0].startswith(f"sched_api +1 callgate_{h.call_id}_1 uuid_kill {h.call_id}")
-        assert kills[1] == f"sched_del {h.call_id}"  # the dialplan's sched_hangup group
-        assert kills[2].startswith(f"sched_api +2 callgate_{h.call_id}_2 ")
-        assert kills[3] == f"sched_del callgate_{h.call_id}_1"
+        assert first < result.ended_at <= second  # outlived the first, never past the second
+        steps = [c for c in r.sim.api_log if c.startswith(("sched_api", "sched_del"))]
+        assert steps[0].startswith("sched_api +")
+        assert steps[0].endswith(f" callgate_{h.call_id}_1 uuid_kill {h.call_id} ALLOTTED_TIMEOUT")
+        assert steps[1] == f"sched_del {h.call_id}"  # the dialplan's sched_hangup group
+        assert f" callgate_{h.call_id}_2 uuid_kill " in steps[2]
+        assert steps[3] == f"sched_del callgate_{h.call_id}_1"
         await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
         assert r.of(CallEnded, h.call_id)[0].cause == "ALLOTTED_TIMEOUT"
 
 
-async def test_an_earlier_deadline_also_replaces_and_past_deadline_kills_now() -> None:
+async def test_an_earlier_deadline_also_replaces_and_a_near_one_kills_now() -> None:
     async with asyncio.timeout(15), rig() as r:
         h = await r.sim.place_call(talk_seconds=None)
         await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
         now = r.adapter.clock()
         await r.adapter.set_deadline(h.call_id, now + timedelta(seconds=30))
-        await r.adapter.set_deadline(h.call_id, now + timedelta(seconds=1.5))
+        soon = now + timedelta(seconds=2)
+        await r.adapter.set_deadline(h.call_id, soon)
         result = await h.ended()
-        assert result.cause == "ALLOTTED_TIMEOUT" and result.billsec <= 1
+        assert result.cause == "ALLOTTED_TIMEOUT" and result.ended_at <= soon
         h2 = await r.sim.place_call(talk_seconds=None)
         await r.until(lambda: bool(r.of(CallAnswered, h2.call_id)))
-        await r.adapter.set_deadline(h2.call_id, r.adapter.clock() + timedelta(seconds=0.4))
-        assert (await h2.ended()).cause == "ALLOTTED_TIMEOUT"
+        near = r.adapter.clock() + timedelta(seconds=0.4)
+        await r.adapter.set_deadline(h2.call_id, near)
+        result = await h2.ended()
+        assert result.cause == "ALLOTTED_TIMEOUT" and result.ended_at <= near
+
+
+@settings(max_examples=300, deadline=None)
+@given(now=st.floats(1.7e9, 1.8e9), span=st.floats(0.0, 200.0),
+       delay=st.floats(0.0, 0.25), poll_phase=st.floats(0.0, 0.5))
+def test_deadline_rounding_is_never_late_for_freeswitchs_scheduler(
+        now: float, span: float, delay: float, poll_phase: float) -> None:
+    """Model switch_scheduler.c: FreeSWITCH adds the task ``delay`` after our
+    clock read (at most SEND_MARGIN) with runtime = its epoch second + N; a
+    thread polling every 0.5 s (any phase) runs it at the first poll at or
+    after both that second and the moment it was added."""
+    from datetime import UTC, datetime
+
+    from agent.pbx.freeswitch import SCHEDULER_POLL, deadline_seconds
+
+    n = deadline_seconds(datetime.fromtimestamp(now, UTC),
+                         datetime.fromtimestamp(now + span, UTC))
+    if n < 1:
+        assert span < 2.5  # set_deadline kills at once: only when `at` is that close
+        return
+    added = now + delay
+    due = max(int(added) + n, added)
+    polls_before = math.ceil((due - poll_phase) / SCHEDULER_POLL)
+    fired = poll_phase + polls_before * SCHEDULER_POLL
+    assert due <= fired <= now + span + 1e-6  # never after `at`
+    assert now + span - fired < 2.5  # and not absurdly early
 
 
 async def test_hangup_and_call_gone() -> None:

@@ -212,6 +212,27 @@ class CallTracker:
         return [CallAnswered(call_id, answered_at, call_info(h, self.settings))]
 
 
+# switch_scheduler.c: a `+N` task runs at epoch second floor(now) + N, found by a
+# thread that polls every 0.5 s. So it fires up to 0.5 s after that second.
+SCHEDULER_POLL = 0.5
+# Our clock to FreeSWITCH adding the task (one loopback round trip); if a second
+# boundary passes in between, FreeSWITCH counts from the next second.
+SEND_MARGIN = 0.25
+
+
+def deadline_seconds(now: datetime, at: datetime) -> int:
+    """The ``N`` of ``sched_api +N`` so that the task fires no later than ``at``.
+
+    For ``N >= 1`` the task fires by ``s + N + SCHEDULER_POLL`` where ``s`` is
+    FreeSWITCH's epoch second when it adds the task, at most
+    ``floor(now + SEND_MARGIN)``. (``+0`` is due at once and runs at the next
+    poll, up to 0.5 s after *now*: the caller kills at once instead.)
+    Rounding down costs up to ~1.75 s of paid time, never an unpaid second.
+    """
+    second = math.floor(now.timestamp() + SEND_MARGIN)
+    return math.floor(at.timestamp() - SCHEDULER_POLL - second)
+
+
 def parse_show_channels(body: bytes) -> list[dict[str, str]]:
     """Rows of ``show channels as json``; ``{"row_count": 0}`` has no rows (07)."""
     try:
@@ -438,8 +459,8 @@ class FreeswitchAdapter:
         await self._kill(call_id, cause.name)
 
     async def set_deadline(self, call_id: str, at: datetime) -> None:
-        """Arm ``uuid_kill <uuid> ALLOTTED_TIMEOUT`` at ``at`` (rounded down to a
-        whole second from now), then delete the previous one.
+        """Arm ``uuid_kill <uuid> ALLOTTED_TIMEOUT`` no later than ``at``, then
+        delete the previous one (see :func:`deadline_seconds` for the rounding).
 
         ``sched_hangup`` cannot be replaced (a second one adds a task; the
         earliest wins), so each step is a ``sched_api`` in its own group and the
@@ -447,9 +468,10 @@ class FreeswitchAdapter:
         (DESIGN.md, verified facts). The first step also deletes the
         dialplan's ``sched_hangup`` (its group is the channel uuid).
         """
-        seconds = math.floor((at - self.clock()).total_seconds())
+        seconds = deadline_seconds(self.clock(), at)
         if seconds < 1:
-            # Less than a second left: a whole-second timer would fire late.
+            # Too close for the whole-second scheduler: +0 is due at once but
+            # waits for the next poll, up to 0.5 s from now, maybe past `at`.
             with contextlib.suppress(CallGone):
                 await self._kill(call_id, HangupCause.ALLOTTED_TIMEOUT.name)
             return

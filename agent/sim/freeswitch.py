@@ -227,13 +227,15 @@ class FreeswitchSimulator:
     def __init__(self, password: str = "ClueCon",
                  outbound_address: tuple[str, int] | None = None, *,
                  show_channels_lag: float = 1.0, answer_skew: float = 0.02,
-                 heartbeat_interval: float = 20.0, socket_timeout: float = 5.0) -> None:
+                 heartbeat_interval: float = 20.0, socket_timeout: float = 5.0,
+                 scheduler_poll: float = 0.5) -> None:
         self.password = password
         self.outbound_address = outbound_address
         self.show_channels_lag = show_channels_lag  # `show channels` lists dead ones (07)
         self.answer_skew = answer_skew  # B-leg answers ~20 ms before the A-leg (01b)
         self.heartbeat_interval = heartbeat_interval
         self.socket_timeout = socket_timeout  # the sim bounds a silent gate; FreeSWITCH waits
+        self.scheduler_poll = scheduler_poll
         self.esl_address: tuple[str, int] = ("127.0.0.1", 0)
         self.channels: dict[str, SimChannel] = {}
         self._listed: dict[str, SimChannel] = {}  # what `show channels` still shows
@@ -241,7 +243,8 @@ class FreeswitchSimulator:
         self._conns: set[_EslServerConn] = set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._sched: dict[int, tuple[str, asyncio.TimerHandle]] = {}
+        # task id -> (group, runtime in whole epoch seconds, action), as switch_scheduler.c
+        self._sched: dict[int, tuple[str, int, Callable[[], object]]] = {}
         self._sched_ids = itertools.count(1)
         self._seq = itertools.count(1000)
         self.api_log: list[str] = []  # every api/bgapi command received, for tests
@@ -259,14 +262,13 @@ class FreeswitchSimulator:
         host, port = self._server.sockets[0].getsockname()[:2]
         self.esl_address = (host, port)
         self._spawn(self._heartbeats())
+        self._spawn(self._scheduler())
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
         self.drop_esl_connections()
-        for _, timer in self._sched.values():
-            timer.cancel()
         self._sched.clear()
         for task in list(self._tasks):
             task.cancel()
@@ -304,8 +306,6 @@ class FreeswitchSimulator:
                 self._handles.pop(chan.uuid)._finish()
         self.channels.clear()
         self._listed.clear()
-        for _, timer in self._sched.values():
-            timer.cancel()
         self._sched.clear()
         self._server = await asyncio.start_server(self._accept, "127.0.0.1",
                                                   self.esl_address[1], backlog=1024)
@@ -411,10 +411,9 @@ class FreeswitchSimulator:
         loop = asyncio.get_running_loop()
         loop.call_later(self.show_channels_lag, self._listed.pop, chan.uuid, None)
         if chan.leg == "A":
-            for gid, (group, timer) in list(self._sched.items()):
+            for gid, (group, _, _) in list(self._sched.items()):
                 if group == chan.uuid:  # sched_hangup tasks die with the channel
-                    timer.cancel()
-                    self._sched.pop(gid, None)
+                    del self._sched[gid]
             handle = self._handles.pop(chan.uuid, None)
             if handle is not None:
                 handle._finish()
@@ -543,9 +542,8 @@ class FreeswitchSimulator:
             if not args:
                 return "-ERR Invalid syntax\n"
             n = 0
-            for gid, (group, timer) in list(self._sched.items()):
+            for gid, (group, _, _) in list(self._sched.items()):
                 if group == args[0] or str(gid) == args[0]:
-                    timer.cancel()
                     del self._sched[gid]
                     n += 1
             return f"+OK Deleted: {n}\n"
@@ -559,15 +557,23 @@ class FreeswitchSimulator:
         ], body=output.encode())
 
     def _schedule(self, when: str, group: str, action: Callable[[], object]) -> int:
-        seconds = float(when.lstrip("+@"))
+        """Add a task like FreeSWITCH's scheduler: ``+N`` is N whole seconds after
+        the current *epoch second* (so up to 1 s early), a bare number is an
+        absolute epoch second; tasks run at the first poll at or after that
+        second (polled every ``scheduler_poll`` s, 0.5 in switch_scheduler.c)."""
+        now = int(time.time())
+        runtime = now + int(when[1:]) if when[:1] in "+@" else int(when)
         task_id = next(self._sched_ids)
-
-        def fire() -> None:
-            self._sched.pop(task_id, None)
-            action()
-
-        self._sched[task_id] = (group, asyncio.get_running_loop().call_later(seconds, fire))
+        self._sched[task_id] = (group, runtime, action)
         return task_id
+
+    async def _scheduler(self) -> None:
+        while True:
+            await asyncio.sleep(self.scheduler_poll)
+            now = int(time.time())
+            for task_id, (_, runtime, action) in list(self._sched.items()):
+                if runtime <= now and self._sched.pop(task_id, None) is not None:
+                    action()
 
     # -- events ---------------------------------------------------------------
 
