@@ -233,6 +233,9 @@ class _Worker(threading.Thread):
                 self._reply(job, None, _unavailable(self.path, exc))
             return
         outcomes: list[tuple[_Job, Any, BaseException | None]] = []
+        if len(writes) == 1:  # alone in its transaction: no savepoint needed
+            self._commit_one(conn, writes[0])
+            return
         try:
             for job in writes:
                 conn.execute("SAVEPOINT job")
@@ -257,6 +260,25 @@ class _Worker(threading.Thread):
             return
         for job, result, error in outcomes:
             self._reply(job, result, error)
+
+    def _commit_one(self, conn: sqlite3.Connection, job: _Job) -> None:
+        try:
+            result = job.fn(conn)
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                exc = _unavailable(self.path, exc)
+            self._reply(job, None, exc)
+            return
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            self._reply(job, None, _unavailable(self.path, exc))
+            return
+        self._reply(job, result, None)
 
 
 def _posting(row: sqlite3.Row, unit: Decimal) -> Posting:
