@@ -68,8 +68,9 @@ from agent.pbx.esl import (
 
 log = structlog.get_logger(__name__)
 
-# Only what the tracker reads (README "Subscriptions"; CHANNEL_HANGUP and
-# CHANNEL_PARK are not needed: HANGUP_COMPLETE has the cause and billsec).
+# The channel events the tracker reads (CHANNEL_HANGUP is not needed:
+# HANGUP_COMPLETE has the cause and billsec, trace 01b), HEARTBEAT so a silent
+# link is noticed, BACKGROUND_JOB for bgapi replies (04b).
 SUBSCRIBED_EVENTS = (
     "CHANNEL_CREATE",
     "CHANNEL_ANSWER",
@@ -173,9 +174,13 @@ class CallTracker:
         self.settings = settings
         self._answered: set[str] = set()
 
-    def reset(self, answered: set[str]) -> None:
-        """After a (re)connect: the A-legs the PBX lists as already answered."""
-        self._answered = set(answered)
+    def reset(self) -> None:
+        """Forget everything: at each (re)connect, before the subscription."""
+        self._answered = set()
+
+    def mark_answered(self, call_ids: set[str]) -> None:
+        """Calls the PBX listed as answered: their answer is not reported again."""
+        self._answered |= call_ids
 
     def feed(self, event: EslEvent) -> list[CallEvent]:
         name = event.name
@@ -574,6 +579,7 @@ class FreeswitchAdapter:
                     f"FreeSWITCH at {s.esl_host}:{s.esl_port} refused the ESL password "
                     f"({text}); set pbx.freeswitch.esl.password to the password in "
                     "event_socket.conf.xml")
+            self.tracker.reset()
             reply = await link.send("event", commands.events(SUBSCRIBED_EVENTS))
             if not isinstance(reply, CommandReply) or not reply.ok:
                 raise PbxError(f"FreeSWITCH refused the event subscription: {reply!r}")
@@ -581,8 +587,10 @@ class FreeswitchAdapter:
             self._held = []  # events from here on wait until the calls are listed
             self._connected = True  # commands may flow while listing
             calls = await self._list_calls(link)
-            self.tracker.reset({c.call.call_id for c in calls if c.answered_at is not None})
             held, self._held = self._held, None
+            ended = {e.call_id for e in held if isinstance(e, CallEnded)}
+            self.tracker.mark_answered({c.call.call_id for c in calls
+                                        if c.answered_at is not None} - ended)
             self._deliver(PbxConnected(tuple(calls)))
             for event in held:
                 self._deliver(event)
