@@ -280,5 +280,23 @@ async def test_dial_limit_from_max_seconds_ends_the_talk() -> None:
     short = Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=1)
     async with asyncio.timeout(10), adapter_with_sim(Gate(short)) as (_, sim, _):
         result = await (await sim.place_call(talk_seconds=None)).ended()
-    assert result.ended_by == "limit" and result.by_deadline
-    assert result.billsec == 1
+    # TIMEOUT(absolute) counts from the moment the call was allowed (ring included).
+    assert result.ended_by == "deadline" and result.by_deadline
+    assert result.billsec <= 1
+
+
+async def test_the_meter_can_extend_the_dialplan_limit_with_absolutetimeout() -> None:
+    """The limit is the channel's absolute timeout, so AbsoluteTimeout replaces it.
+
+    Dial's L() would end the call at 1 s whatever the meter does: every call
+    would end after its first paid increment.
+    """
+    from datetime import timedelta
+
+    short = Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=1)
+    async with asyncio.timeout(10), adapter_with_sim(Gate(short)) as (adapter, sim, _):
+        call = await sim.place_call(talk_seconds=None)
+        await call.answered.wait()
+        await adapter.set_deadline(call.call_id, adapter.clock() + timedelta(seconds=3))
+        result = await call.ended()
+    assert result.ended_by == "deadline" and 2 <= result.billsec <= 3

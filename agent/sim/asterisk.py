@@ -127,7 +127,7 @@ class CallResult:
 
     @property
     def by_deadline(self) -> bool:
-        """Ended by the PBX-side limit: AbsoluteTimeout or the dial limit L()."""
+        """Ended by the PBX-side limit (TIMEOUT(absolute), extended by AbsoluteTimeout)."""
         return self.ended_by in ("deadline", "limit")
 
 
@@ -537,8 +537,13 @@ class AsteriskSimulator:
         elif accountcode:
             ch.accountcode = accountcode
             self.emit("NewAccountCode", [*ch.fields(), ("OldAccountCode", "")])
-        # Dial(SIP/uas/${EXTEN},dial_timeout,L(limit)) -------------------------
-        dial_data = f"SIP/uas/{ch.exten},{dial_timeout:g}" + (f",L({limit}000)" if limit else "")
+        # Set(TIMEOUT(absolute)=limit), then Dial(SIP/uas/${EXTEN},dial_timeout).
+        # The limit is the channel's absolute timeout, the one AMI AbsoluteTimeout
+        # replaces, so the meter can extend it; Dial's L() could not be extended.
+        if limit:
+            self._newexten(ch, "Set", f"TIMEOUT(absolute)={limit}")
+            call.set_timeout(limit)
+        dial_data = f"SIP/uas/{ch.exten},{dial_timeout:g}"
         self._newexten(ch, "Dial", dial_data)
         callee = self._new_channel(
             "uas",
@@ -587,8 +592,6 @@ class AsteriskSimulator:
         self.emit("BridgeEnter", self._bridge_fields(bridge, 1) + callee.fields())
         self.emit("BridgeEnter", self._bridge_fields(bridge, 2) + ch.fields())
         call.answered.set()
-        if limit:
-            asyncio.get_running_loop().call_later(limit, call.request_end, "limit", 16)
         stop = await self._wait_end(call, talk)
         by, cause = stop if stop is not None else (hangup_by, 16)
         end = time.time()
