@@ -28,6 +28,7 @@ import itertools
 import json
 import time
 import uuid as uuidlib
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -247,7 +248,8 @@ class FreeswitchSimulator:
         self._sched: dict[int, tuple[str, int, Callable[[], object]]] = {}
         self._sched_ids = itertools.count(1)
         self._seq = itertools.count(1000)
-        self.api_log: list[str] = []  # every api/bgapi command received, for tests
+        # api/bgapi commands received from ESL clients, for tests (bounded for long demos)
+        self.api_log: deque[str] = deque(maxlen=10_000)
 
     async def __aenter__(self) -> FreeswitchSimulator:
         await self.start()
@@ -351,7 +353,7 @@ class FreeswitchSimulator:
                     self.hangup(a, "CALL_REJECTED")  # anti-action
                     return
                 self._schedule(f"+{max_s}", a.uuid,
-                               lambda: self.api(f"uuid_kill {a.uuid} ALLOTTED_TIMEOUT"))
+                               lambda: self._api(f"uuid_kill {a.uuid} ALLOTTED_TIMEOUT"))
             await self._bridge(handle, outcome, ring, talk, hangup_by)
         finally:
             if not a.hangup_us:
@@ -410,10 +412,9 @@ class FreeswitchSimulator:
         self._emit("CHANNEL_HANGUP_COMPLETE", chan)
         loop = asyncio.get_running_loop()
         loop.call_later(self.show_channels_lag, self._listed.pop, chan.uuid, None)
+        # Scheduled tasks outlive the channel, as in FreeSWITCH: they fire later
+        # and find no channel (uuid_kill answers -ERR No such channel!).
         if chan.leg == "A":
-            for gid, (group, _, _) in list(self._sched.items()):
-                if group == chan.uuid:  # sched_hangup tasks die with the channel
-                    del self._sched[gid]
             handle = self._handles.pop(chan.uuid, None)
             if handle is not None:
                 handle._finish()
@@ -498,8 +499,12 @@ class FreeswitchSimulator:
     # -- API ------------------------------------------------------------------
 
     def api(self, cmdline: str) -> str:
-        """One API command's output (trace 07 for the exact texts)."""
+        """One API command from a client, logged in :attr:`api_log`."""
         self.api_log.append(cmdline)
+        return self._api(cmdline)
+
+    def _api(self, cmdline: str) -> str:
+        """One API command's output (trace 07 for the exact texts)."""
         cmd, _, arg = cmdline.strip().partition(" ")
         args = arg.split()
         if cmd == "status":
@@ -530,13 +535,13 @@ class FreeswitchSimulator:
                 return "-ERR No such channel!\n"
             cause = args[2] if len(args) > 2 else "ALLOTTED_TIMEOUT"
             target = args[1]
-            self._schedule(args[0], target, lambda: self.api(f"uuid_kill {target} {cause}"))
+            self._schedule(args[0], target, lambda: self._api(f"uuid_kill {target} {cause}"))
             return "+OK\n"
         if cmd == "sched_api":  # sched_api +N <group> <command...>
             if len(args) < 3:
                 return "-ERR Invalid syntax\n"
             command = " ".join(args[2:])
-            task_id = self._schedule(args[0], args[1], lambda: self.api(command))
+            task_id = self._schedule(args[0], args[1], lambda: self._api(command))
             return f"+OK Added: {task_id}\n"
         if cmd == "sched_del":
             if not args:
@@ -550,7 +555,7 @@ class FreeswitchSimulator:
         return f"-ERR {cmd} Command not found!\n"
 
     def background_job(self, job: str, cmdline: str) -> None:
-        output = self.api(cmdline)
+        output = self.api(cmdline)  # FreeSWITCH runs it in a thread; here at once
         cmd, _, arg = cmdline.partition(" ")
         self._broadcast("BACKGROUND_JOB", [
             ("Job-UUID", job), ("Job-Command", cmd), ("Job-Command-Arg", encode(arg)),
