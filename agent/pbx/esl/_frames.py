@@ -58,8 +58,9 @@ class HeaderBlock(Mapping[str, str]):
         text = self._text
         key = f"\n{name}: "
         start = text.find(key)
-        if start < 0:
-            return "" if f"\n{name}:\n" in text + "\n" else None
+        if start < 0:  # maybe "Name:" with nothing after it
+            bare = f"\n{name}:"
+            return "" if text.endswith(bare) or f"{bare}\n" in text else None
         start += len(key)
         end = text.find("\n", start)
         return text[start:] if end < 0 else text[start:end]
