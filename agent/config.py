@@ -163,15 +163,15 @@ class AgentConfig:
         self.policy_path = (base / spec.policy).resolve()
         state = spec.state_directory or os.environ.get("STATE_DIRECTORY") or "/var/lib/callgate"
         self.state_directory = (base / state).resolve()
-        if spec.ledger:
-            ledger = spec.ledger
-            if ledger.startswith("sqlite:///") and not ledger.startswith("sqlite:////"):
-                relative = ledger[len("sqlite:///"):]
-                if not relative.startswith("/"):
-                    ledger = "sqlite:///" + str((base / relative).resolve())
-            self.ledger = ledger
+        # sqlite:///var/lib/x.db names /var/lib/x.db (DESIGN); sqlite:ledger.db is
+        # relative to this file.
+        if spec.ledger and spec.ledger.startswith("sqlite:") and not spec.ledger.startswith(
+                "sqlite://"):
+            self.ledger = "sqlite://" + str((base / spec.ledger[len("sqlite:"):]).resolve())
+        elif spec.ledger:
+            self.ledger = spec.ledger
         else:
-            self.ledger = "sqlite:///" + str(self.state_directory / "ledger.db")
+            self.ledger = "sqlite://" + str(self.state_directory / "ledger.db")
 
     def __repr__(self) -> str:
         return f"AgentConfig(node={self.node!r}, path={str(self.path)!r})"
@@ -184,19 +184,23 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     path = Path(path)
     doc = read_yaml(path)
     spec = validate(doc, AgentSpec)
-    config = AgentConfig(spec, path)
-    errors = []
-    for where, source in (
-        (("pbx", "ami"), spec.pbx.ami),
-    ):
-        if source is not None:
-            try:
-                source.resolve(path.parent)
-            except (OSError, ValueError) as exc:
-                errors.append(doc.error(where, f"secret: {exc}"))
-    if errors:
-        raise ConfigError(errors)
-    return config
+    return AgentConfig(spec, path)
+
+
+def resolve_secret(config: AgentConfig) -> str:
+    """The PBX secret, read only when the agent runs (``policy check`` does not need it).
+
+    A missing environment variable, file or credential is a :class:`ConfigError`
+    naming the config key, never a silent empty secret.
+    """
+    pbx = config.spec.pbx
+    where = "pbx.ami" if pbx.kind == "asterisk" else "pbx.esl"
+    try:
+        if pbx.kind == "asterisk":
+            return (pbx.ami or AmiSpec()).resolve(config.path.parent)
+        return (pbx.esl or EslSpec()).resolve()
+    except (OSError, ValueError) as exc:
+        raise config_error(config.path, f"{where}: secret: {exc}") from None
 
 
 def config_error(path: Path, message: str) -> ConfigError:

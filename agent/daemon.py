@@ -33,7 +33,7 @@ from typing import Any
 import structlog
 
 from agent.calls import CallInfo, EventSink, PbxControl
-from agent.config import AgentConfig
+from agent.config import AgentConfig, resolve_secret
 from agent.gate.decision import Decision
 from agent.gate.policy import Policy, load_policy
 from agent.gatekeeper import Gatekeeper
@@ -171,7 +171,9 @@ class Daemon:
             raise StartupError(f"policy {config.policy_path} is invalid:\n{exc}") from None
         self._policy_stamp = _stamp(_files_of(config.policy_path))
         if config.ledger.startswith("sqlite:///"):
-            Path(config.ledger[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            database = Path("/" + config.ledger[len("sqlite:///"):].split("?")[0].lstrip("/"))
+            with contextlib.suppress(OSError):  # open_ledger reports what is wrong
+                database.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.ledger = await open_ledger(config.ledger)
         except Exception as exc:
@@ -191,7 +193,10 @@ class Daemon:
         self.meter = Meter(ledger=self.ledger, pbx=pbx_proxy, policy=self.current_policy,
                            clock=self.clock, node=config.node, settings=settings,
                            publish=self._publish)
-        self.adapter = make_adapter(config, self.gate, self.meter.on_event, self.clock)
+        try:
+            self.adapter = make_adapter(config, self.gate, self.meter.on_event, self.clock)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
         pbx_proxy.target = self.adapter
         if spec.metrics is not None and self.metrics is not None:
             from agent.metrics import serve_metrics
@@ -373,7 +378,7 @@ def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
         fastagi = spec.fastagi or FastAgiSpec()
         settings = AsteriskSettings(
             ami_host=ami.host, ami_port=ami.port, username=ami.username,
-            secret=ami.resolve(config.path.parent),
+            secret=resolve_secret(config),
             fastagi_listen=config.listen(fastagi.listen),
             decision_budget=budget,
             watch_only_contexts=frozenset(spec.watch_only_contexts),
@@ -386,7 +391,7 @@ def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
     esl = spec.esl or EslSpec()
     outbound = spec.outbound_socket or OutboundSocketSpec()
     fs_settings = FreeswitchSettings(
-        esl_host=esl.host, esl_port=esl.port, password=esl.resolve(),
+        esl_host=esl.host, esl_port=esl.port, password=resolve_secret(config),
         outbound_listen=config.listen(outbound.listen), decision_budget=budget,
         watch_only_contexts=frozenset(spec.watch_only_contexts),
         outbound_contexts=frozenset(spec.outbound_contexts),

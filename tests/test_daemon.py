@@ -1,0 +1,195 @@
+"""The real ``callgate run`` process against the PBX simulators over loopback sockets.
+
+Covers start (READY), gating and metering end to end, SIGHUP with a bad policy
+(old policy kept, error located), a good edit taking effect at the next
+decision, SIGTERM (exit 0), and the start-up errors an operator can cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from agent.ledger import open_ledger
+from agent.sim.asterisk import AsteriskSimulator
+from agent.sim.freeswitch import FreeswitchSimulator
+
+POLICY = """\
+version: 1
+prepaid: {first_topup_minimum: "0.10"}
+tariffs:
+  quick: {rate: "0.13", increment: 2, minimum: 2}
+defaults:
+  tariff: quick
+  calling_hours: [{days: all, windows: [{start: "00:00", end: "24:00"}]}]
+accounts:
+  acme: {name: ACME, caller_ids: ["02158880000"]}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(tmp: Path, kind: str, pbx_port: int, gate_port: int, secret: str) -> Path:
+    (tmp / "policy.yaml").write_text(POLICY)
+    if kind == "asterisk":
+        pbx = (f"  kind: asterisk\n  ami: {{port: {pbx_port}, secret: {secret}}}\n"
+               f"  fastagi: {{listen: '127.0.0.1:{gate_port}'}}\n")
+    else:
+        pbx = (f"  kind: freeswitch\n  esl: {{port: {pbx_port}, password: {secret}}}\n"
+               f"  outbound_socket: {{listen: '127.0.0.1:{gate_port}'}}\n")
+    path = tmp / "agent.yaml"
+    path.write_text(f"node: t1\npolicy: policy.yaml\nledger: sqlite:ledger.db\n"
+                    f"pbx:\n{pbx}meter: {{lead_seconds: 1}}\nlog: {{format: json, level: info}}\n")
+    return path
+
+
+async def start_agent(config: Path) -> asyncio.subprocess.Process:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "-c", str(config), "run",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+async def read_until(proc: asyncio.subprocess.Process, needle: str, seen: list[str],
+                     timeout: float = 15) -> str:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        while True:
+            line = (await proc.stdout.readline()).decode()
+            if not line:
+                raise AssertionError(f"agent exited before {needle!r}:\n{''.join(seen)}")
+            seen.append(line)
+            if needle in line:
+                return line
+
+
+@contextlib.asynccontextmanager
+async def simulator(kind: str, secret: str, gate_port: int) -> AsyncIterator[object]:
+    if kind == "asterisk":
+        sim = AsteriskSimulator("callgate", secret, ("127.0.0.1", gate_port),
+                                auth_fail_delay=0.05)
+        async with sim:
+            yield sim
+    else:
+        fs = FreeswitchSimulator(secret, ("127.0.0.1", gate_port))
+        async with fs:
+            yield fs
+
+
+def sim_port(sim: object) -> int:
+    address = getattr(sim, "ami_address", None) or sim.esl_address  # type: ignore[attr-defined]
+    return int(address[1])
+
+
+@pytest.mark.parametrize("kind", ["asterisk", "freeswitch"])
+async def test_run_gates_meters_reloads_and_stops_cleanly(tmp_path, kind):
+    gate_port = free_port()
+    secret = "t-secret"
+    async with simulator(kind, secret, gate_port) as sim:
+        config = write_config(tmp_path, kind, sim_port(sim), gate_port, secret)
+        ledger = await open_ledger(f"sqlite://{tmp_path / 'ledger.db'}")
+        from datetime import UTC, datetime
+        await ledger.topup("acme", Decimal("0.26"), ref="t1", at=datetime.now(UTC))
+        proc = await start_agent(config)
+        seen: list[str] = []
+        try:
+            await read_until(proc, "daemon.ready", seen)
+            # 0.26 pays two 2 s increments: a 10 s call is cut off at 4 s.
+            call = await sim.place_call(caller="02158880000", destination="13800138000",
+                                        accountcode="acme", talk_seconds=10)
+            result = await asyncio.wait_for(call.ended(), 20)
+            assert 3 <= result.billsec <= 4, result
+            await read_until(proc, "meter.settled", seen)
+            balance = await ledger.balance("acme")
+            assert balance.available == Decimal("0") and balance.held == 0
+
+            # A bad edit is refused with its location; the old policy stays in force.
+            (tmp_path / "policy.yaml").write_text(POLICY.replace('"0.13"', "0.13x"))
+            proc.send_signal(signal.SIGHUP)
+            line = await read_until(proc, "policy.reload_refused", seen)
+            assert "policy.yaml:4: tariffs.quick.rate" in line
+            refused = await sim.place_call(caller="02158880000", destination="13800138001",
+                                           accountcode="acme", talk_seconds=1)
+            refused_result = await asyncio.wait_for(refused.ended(), 10)
+            assert refused_result.answered_at is None  # still gated: balance is spent
+
+            # A good edit (picked up from the file, no signal) takes effect at once.
+            await ledger.topup("acme", Decimal("1"), ref="t2", at=datetime.now(UTC))
+            (tmp_path / "policy.yaml").write_text(
+                POLICY.replace('["02158880000"]', '["02158880000"], status: suspended'))
+            await read_until(proc, "policy.reloaded", seen)
+            denied = await sim.place_call(caller="02158880000", destination="13800138002",
+                                          accountcode="acme", talk_seconds=1)
+            assert (await asyncio.wait_for(denied.ended(), 10)).answered_at is None
+            await read_until(proc, "account_suspended", seen)
+
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 15) == 0
+            assert await ledger.audit() == []
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await ledger.close()
+
+
+async def test_bad_policy_at_start_exits_1_with_the_located_error(tmp_path):
+    config = write_config(tmp_path, "asterisk", free_port(), free_port(), "x")
+    (tmp_path / "policy.yaml").write_text(POLICY.replace("days: all", "days: someday"))
+    proc = await start_agent(config)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert b"policy.yaml:7: defaults.calling_hours[0].days" in out
+
+
+async def test_wrong_ami_secret_exits_1_with_a_clear_error(tmp_path):
+    gate_port = free_port()
+    async with simulator("asterisk", "right", gate_port) as sim:
+        config = write_config(tmp_path, "asterisk", sim_port(sim), gate_port, "wrong")
+        proc = await start_agent(config)
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert b"Authentication failed" in out or b"login refused" in out, out.decode()[-2000:]
+
+
+async def test_missing_secret_credential_is_named(tmp_path):
+    config = write_config(tmp_path, "asterisk", free_port(), free_port(), "x")
+    config.write_text(config.read_text().replace("secret: x", "secret_env: NO_SUCH_VAR_X"))
+    proc = await start_agent(config)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 1
+    assert b"pbx.ami: secret: environment variable NO_SUCH_VAR_X is not set" in out
+
+
+def test_run_without_config_is_a_usage_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "CALLGATE_CONFIG"}
+    proc = subprocess.run([sys.executable, "-m", "agent", "run"], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=30)
+    assert proc.returncode == 2 and "run needs an agent config" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["asterisk", "freeswitch"])
+async def test_demo_runs_and_passes(kind, capsys):
+    from agent.demo import run_demo
+
+    assert await asyncio.wait_for(run_demo(kind), 60) == 0
+    out = capsys.readouterr().out
+    for needle in ("outside_hours", "insufficient_balance", "cut off", "closing balance"):
+        assert needle in out, needle
+
+
