@@ -577,8 +577,7 @@ class FreeswitchAdapter:
                 text = reply.reply_text if isinstance(reply, CommandReply) else repr(reply)
                 raise EslAuthError(
                     f"FreeSWITCH at {s.esl_host}:{s.esl_port} refused the ESL password "
-                    f"({text}); set pbx.freeswitch.esl.password to the password in "
-                    "event_socket.conf.xml")
+                    f"({text}); give pbx.esl the password of event_socket.conf.xml")
             self.tracker.reset()
             reply = await link.send("event", commands.events(SUBSCRIBED_EVENTS))
             if not isinstance(reply, CommandReply) or not reply.ok:
