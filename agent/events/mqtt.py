@@ -25,9 +25,11 @@ floats; datetimes as ISO 8601.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -150,6 +152,7 @@ class EventPublisher:
         clock: Callable[[], datetime] = _utc_now,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
+        window: int = WINDOW,
     ) -> None:
         self.settings = settings
         self._host, self._port, tls = settings.endpoint()
@@ -160,10 +163,13 @@ class EventPublisher:
             raise MqttSettingsError(f"mqtt ca_file {settings.ca_file!r}: {exc}") from None
         self._clock = clock
         self._reconnect = (reconnect_min, reconnect_max)
+        self._window = max(1, window)
         self._base = f"{settings.topic_prefix}/{settings.node}"
         self._buffer: deque[_Event] = deque()
         self._seq = itertools.count(1)
-        self._in_flight = 0  # the first _in_flight buffer entries are being sent
+        # Sent, not yet acknowledged (at most `window`), oldest first; these go back
+        # to the front of the buffer if the connection is lost.
+        self._flight: deque[tuple[_Event, asyncio.Task[None]]] = deque()
         self._wakeup = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
@@ -174,7 +180,7 @@ class EventPublisher:
 
     @property
     def depth(self) -> int:
-        return len(self._buffer)
+        return len(self._buffer) + len(self._flight)
 
     # --- the caller's side: synchronous, never blocks, never raises ------------------
 
@@ -199,12 +205,7 @@ class EventPublisher:
         self._wakeup.set()
 
     def _drop_oldest(self) -> None:
-        # The oldest event not already on the wire; if everything is in flight (a
-        # buffer smaller than the window), the head, which may still arrive.
-        index = self._in_flight if self._in_flight < len(self._buffer) else 0
-        del self._buffer[index]
-        if index == 0 and self._in_flight:
-            self._in_flight -= 1
+        self._buffer.popleft()
         self.dropped += 1
         if self.dropped == 1 or self.dropped % 1000 == 0:
             log.warning("mqtt.buffer_full", dropped=self.dropped, buffer=self.settings.buffer)
@@ -228,11 +229,14 @@ class EventPublisher:
             tls_context=self._tls_context,
             keepalive=KEEPALIVE_SECONDS,
             timeout=OPERATION_TIMEOUT,
-            max_inflight_messages=WINDOW,
+            max_inflight_messages=self._window,
             clean_session=True,
+            # paho leaves Nagle on; with several small PUBLISH packets in flight it
+            # holds each behind the previous one's TCP ACK.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         # aiomqtt warns above 10 pending calls; a full window is our normal state.
-        client.pending_calls_threshold = WINDOW
+        client.pending_calls_threshold = self._window
         return client
 
     async def run(self) -> None:
@@ -255,55 +259,67 @@ class EventPublisher:
                 log.exception("mqtt.publisher_failed", retry_in=round(delay, 2))
             finally:
                 self.connected = False
-                self._in_flight = 0
             # Jitter so that many agents restarted together do not reconnect in step.
             await asyncio.sleep(delay * random.uniform(0.75, 1.25))
             delay = min(high, delay * 2)
 
     async def _drain(self, client: aiomqtt.Client) -> None:
+        # A sliding window: up to `window` publishes in flight, topped up as the
+        # oldest is acknowledged. Sending while acks come back also matters for TCP:
+        # Mosquitto leaves Nagle on by default, so its later PUBACKs wait for our
+        # ACK of the first, which a stop-after-a-batch sender delays by ~40 ms.
         lost = asyncio.create_task(self._until_disconnected(client))
         try:
             while True:
-                if not self._buffer:
+                while self._buffer and len(self._flight) < self._window:
+                    event = self._buffer.popleft()
+                    # Tasks start in creation order, so paho queues the PUBLISH packets
+                    # in buffer order; the broker forwards one client's QoS 1 in order.
+                    task = asyncio.create_task(client.publish(event.topic, event.payload, qos=1))
+                    self._flight.append((event, task))
+                waits: set[asyncio.Future[Any]] = {lost}
+                if self._flight:
+                    waits.add(self._flight[0][1])
+                waiter = None
+                if len(self._flight) < self._window:
                     self._wakeup.clear()
                     waiter = asyncio.create_task(self._wakeup.wait())
-                    await self._first([waiter], lost)
-                    continue
-                batch = list(itertools.islice(self._buffer, WINDOW))
-                self._in_flight = len(batch)
-                # Tasks start in creation order, so paho queues the PUBLISH packets in
-                # buffer order; the broker delivers QoS 1 messages of one client in order.
-                sends = [asyncio.create_task(client.publish(e.topic, e.payload, qos=1))
-                         for e in batch]
-                await self._first(sends, lost)
-                self.published += len(batch)
-                last = batch[-1].seq
-                while self._buffer and self._buffer[0].seq <= last:
-                    self._buffer.popleft()
-                self._in_flight = 0
-                if not self._buffer:
-                    self._empty.set()
-        finally:
-            lost.cancel()
-
-    @staticmethod
-    async def _first(tasks: list[asyncio.Task[Any]], lost: asyncio.Task[None]) -> None:
-        """Wait for all ``tasks``; raise as soon as one fails or the connection is lost."""
-        pending = set(tasks)
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending | {lost}, return_when=asyncio.FIRST_COMPLETED)
+                    waits.add(waiter)
+                try:
+                    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if waiter is not None:
+                        waiter.cancel()
                 if lost in done:
                     lost.result()
                     raise aiomqtt.MqttError("connection lost")
-                failures = [t.exception() for t in done]  # retrieves every one
-                for failure in failures:
-                    if failure is not None:
-                        raise failure
-                pending -= done
+                self._retire()
         finally:
-            for task in pending:
-                task.cancel()
+            lost.cancel()
+            self._requeue()
+
+    def _retire(self) -> None:
+        """Drop acknowledged events from the head of the window, in order."""
+        while self._flight and self._flight[0][1].done():
+            _, task = self._flight[0]
+            failure = task.exception()  # MqttError: no PUBACK in time, or not sent
+            if failure is not None:
+                raise failure
+            self._flight.popleft()
+            self.published += 1
+        if not self._flight and not self._buffer:
+            self._empty.set()
+
+    def _requeue(self) -> None:
+        """After the connection is gone: unacknowledged events go back to the front."""
+        with contextlib.suppress(Exception):
+            self._retire()  # acks that arrived just before the loss
+        for event, task in reversed(self._flight):
+            task.cancel()
+            self._buffer.appendleft(event)
+        self._flight.clear()
+        while len(self._buffer) > self.settings.buffer:
+            self._drop_oldest()
 
     @staticmethod
     async def _until_disconnected(client: aiomqtt.Client) -> None:
