@@ -66,7 +66,7 @@ from agent.pbx.esl import (
     commands,
 )
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("callgate.freeswitch")
 
 # The channel events the tracker reads (CHANNEL_HANGUP is not needed:
 # HANGUP_COMPLETE has the cause and billsec, trace 01b), HEARTBEAT so a silent
