@@ -5,8 +5,18 @@ is synchronous: it serialises the event, appends it to a bounded buffer and
 returns. :meth:`EventPublisher.run` (a task the daemon owns) connects with
 aiomqtt, sends the buffer in order with QoS 1, and reconnects with capped,
 jittered exponential backoff for as long as it runs. While the broker is away
-the buffer holds up to ``MqttSettings.buffer`` events; when it is full the
+the buffer holds up to ``MqttSettings.buffer`` events (while connected, up to
+``window`` more are on the wire awaiting their PUBACK); when it is full the
 oldest waiting event is dropped and counted in ``dropped``.
+
+Use (the daemon)::
+
+    publisher = EventPublisher(MqttSettings(url=..., node=config.node, buffer=...))
+    task = task_group.create_task(publisher.run())
+    publisher.publish("decision", {"call_id": ..., "result": "DENY", ...})  # sync
+    # on SIGTERM, after the last event:
+    drained = await publisher.flush(5.0)
+    task.cancel()
 
 Topics are ``<topic_prefix>/<node>/<topic>`` (``callgate/pbx-1/decision``,
 ``…/call/start``, ``…/call/end``, ``…/cutoff``, ``…/balance/low``,
