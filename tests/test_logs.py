@@ -15,6 +15,9 @@ import structlog
 
 from agent.logs import configure_logging, mask_secrets
 
+# Created at import, before any configure_logging(), as the agent's modules do.
+_EARLY = structlog.get_logger("callgate.early")
+
 
 class _Tty(io.StringIO):
     def isatty(self) -> bool:
@@ -152,3 +155,13 @@ def test_bad_level_or_format_is_a_clear_error() -> None:
         configure_logging("json", "loud")
     with pytest.raises(ValueError, match="log format 'xml'"):
         configure_logging("xml", "info")  # type: ignore[arg-type]
+
+
+def test_loggers_created_before_configuration_follow_it() -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("json", "info", stream=first)
+    _EARLY.info("one")
+    configure_logging("json", "info", stream=second)
+    _EARLY.info("two")
+    assert [line["event"] for line in _lines(first)] == ["one"]
+    assert [line["event"] for line in _lines(second)] == ["two"]

@@ -350,3 +350,34 @@ async def test_unacknowledged_events_are_sent_again_after_a_reconnect(mosquitto:
     assert [(p["i"], p["seq"]) for p in subscriber.payloads()] == [
         (0, 1), (1, 2), (2, 3), (0, 1), (1, 2), (2, 3)]
     assert (publisher.depth, publisher.published) == (0, 3)
+
+
+async def test_full_buffer_while_connected_drops_the_oldest_unsent(mosquitto: None) -> None:
+    prefix = _prefix()
+    proxy = Proxy(_free_port())
+    proxy.hold_acks = True
+    publisher = EventPublisher(
+        MqttSettings(url=f"mqtt://127.0.0.1:{proxy.port}", topic_prefix=prefix, buffer=3),
+        window=2, **FAST)
+    async with subscribed(prefix) as subscriber, running(publisher):
+        await proxy.start()
+        await _until(lambda: publisher.connected)
+        publisher.publish("decision", {"i": 0})
+        publisher.publish("decision", {"i": 1})
+        await subscriber.wait_for(2)  # both on the wire, neither acknowledged
+        for i in range(2, 7):
+            publisher.publish("decision", {"i": i})
+        # The window (0, 1) is untouched; of 2..6 the buffer keeps the newest three.
+        assert (publisher.depth, publisher.dropped) == (5, 2)
+        await proxy.stop()
+        await _until(lambda: not publisher.connected)
+        # Back in the buffer the unacknowledged 0 and 1 are the oldest: over the
+        # bound they go (the broker already has them).
+        assert (publisher.depth, publisher.dropped) == (3, 4)
+        proxy.hold_acks = False
+        await proxy.start()
+        assert await publisher.flush(5) is True
+        await subscriber.wait_for(5)
+        await proxy.stop()
+    assert [p["i"] for p in subscriber.payloads()] == [0, 1, 4, 5, 6]
+    assert (publisher.published, publisher.dropped) == (3, 4)
