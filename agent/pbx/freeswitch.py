@@ -652,7 +652,8 @@ class FreeswitchAdapter:
 
     async def _watch_only(self, call: CallInfo) -> None:
         decision = await self._decide(call)
-        log.info("freeswitch.watch_only", call_id=call.call_id, result=decision.result,
+        log.info("freeswitch.watch_only", call_id=call.call_id, account=call.accountcode,
+                 result=decision.result,
                  reason=decision.reason.value)
         if decision.allow:
             return
@@ -660,6 +661,7 @@ class FreeswitchAdapter:
             await self._kill(call.call_id, decision.hangup_cause.name)
         except PbxError as exc:
             log.warning("freeswitch.watch_only_kill_failed", call_id=call.call_id,
+                        account=call.accountcode,
                         error=str(exc))
 
     def _spawn(self, coro: Any) -> None:
@@ -673,10 +675,12 @@ class FreeswitchAdapter:
             async with asyncio.timeout(budget):
                 return await self.gate(call)
         except TimeoutError:
-            log.warning("freeswitch.gate_over_budget", call_id=call.call_id, budget=budget)
+            log.warning("freeswitch.gate_over_budget", call_id=call.call_id,
+                        account=call.accountcode, budget=budget)
             return over_budget(budget)
         except Exception as exc:  # the gate must answer; any failure refuses the call
-            log.exception("freeswitch.gate_failed", call_id=call.call_id)
+            log.exception("freeswitch.gate_failed", call_id=call.call_id,
+                          account=call.accountcode)
             return Decision(False, Reason.LEDGER_UNAVAILABLE, f"gate failed: {exc}")
 
     # -- outbound socket gate -------------------------------------------------
@@ -689,6 +693,7 @@ class FreeswitchAdapter:
         self.gate_connections += 1
         parser = EslParser()
         loop = asyncio.get_running_loop()
+        call: CallInfo | None = None
         try:
             async with asyncio.timeout(GATE_IO_TIMEOUT) as io_deadline:
                 writer.write(CONNECT)
@@ -708,10 +713,13 @@ class FreeswitchAdapter:
             if len(replies) < GATE_REPLIES - 1 or not all(
                     isinstance(r, CommandReply) and r.ok for r in replies):
                 raise PbxError(f"gate commands not all accepted: {replies!r}"[:300])
-            log.debug("freeswitch.gate", call_id=call.call_id, result=decision.result,
+            log.debug("freeswitch.gate", call_id=call.call_id, account=call.accountcode,
+                      result=decision.result,
                       reason=decision.reason.value)
         except (TimeoutError, OSError, PbxError) as exc:
-            log.warning("freeswitch.gate_socket_failed", error=str(exc) or type(exc).__name__)
+            log.warning("freeswitch.gate_socket_failed", error=str(exc) or type(exc).__name__,
+                        call_id=call.call_id if call else None,
+                        account=call.accountcode if call else None)
         finally:
             writer.close()
 
