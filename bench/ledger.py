@@ -19,7 +19,9 @@ PostgreSQL (database ``test`` at 127.0.0.1:5432, a scratch schema dropped at the
 end), ``--pg-connections`` concurrent connections, one account each:
 * ``ledger``: the asyncpg ledger, one task per connection;
 * ``raw_same_tx``: raw asyncpg connections running the same statements in the
-  same transactions.
+  same transactions;
+* ``ledger_one_account``: the ledger again, but all calls on one account (a call
+  centre with many lines): the account row lock serialises its holds.
 
 Each mode runs ``--rounds`` times, modes alternating; the median is reported
 with the machine's load average (this box is shared). Targets (issue 3):
@@ -74,9 +76,14 @@ async def admit_all(ledger: Any, accounts: list[str], per_account: int, tag: str
 
 async def ledger_pairs(ledger: Any, accounts: list[str], per_account: int, tag: str,
                        tasks: int) -> float:
-    """Pairs/s with ``tasks`` concurrent workers, each on its own calls."""
+    """Pairs/s with ``tasks`` concurrent workers, each on its own calls.
+
+    Contiguous slices: with as many tasks as accounts each task meters one
+    account's calls, as the raw PostgreSQL loop does with its connections.
+    """
     ids = [(f"{tag}-{a}-{n}", a) for a in accounts for n in range(per_account)]
-    chunks = [ids[i::tasks] for i in range(tasks)]
+    size = -(-len(ids) // tasks)
+    chunks = [ids[i:i + size] for i in range(0, len(ids), size)]
 
     async def worker(mine: list[tuple[str, str]]) -> None:
         for call_id, account in mine:
@@ -257,17 +264,25 @@ async def bench_pg(args: argparse.Namespace) -> dict[str, Any]:
     dsn = f"{PG_BASE}?search_path={schema}"
     accounts = [f"acct{i}" for i in range(args.pg_connections)]
     per_account = max(1, args.pg_pairs // len(accounts))
-    results: dict[str, list[float]] = {"ledger": [], "raw_same_tx": []}
+    results: dict[str, list[float]] = {"ledger": [], "raw_same_tx": [], "ledger_one_account": []}
     try:
         ledger = await PostgresLedger.open(dsn, pool_size=args.pg_connections)
         try:
             for round_no in range(args.rounds):
                 for mode in results:
                     tag = f"r{round_no}-{mode}"
-                    await admit_all(ledger, accounts, per_account, tag)
+                    if mode != "ledger_one_account":
+                        await admit_all(ledger, accounts, per_account, tag)
                     if mode == "ledger":
                         rate = await ledger_pairs(ledger, accounts, per_account, tag,
                                                   len(accounts))
+                    elif mode == "ledger_one_account":
+                        # One call centre with many lines: every hold and charge
+                        # takes the same account row lock, held until its commit.
+                        solo = [f"solo{round_no}"]
+                        await admit_all(ledger, solo, per_account * len(accounts), tag)
+                        rate = await ledger_pairs(ledger, solo, per_account * len(accounts),
+                                                  tag, len(accounts))
                     else:
                         rate = await raw_pg_pairs(dsn, accounts, per_account, tag)
                     results[mode].append(rate)
