@@ -27,6 +27,7 @@ import os
 import signal
 from collections.abc import Callable
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class Daemon:
         self.config = config
         self.clock = clock or WallClock()
         self.policy: Policy | None = None
-        self.ledger: Ledger | None = None
+        self.ledger: Any = None
         self.adapter: Any = None
         self.meter: Meter | None = None
         self.gate: Gatekeeper | None = None
@@ -175,10 +176,11 @@ class Daemon:
             with contextlib.suppress(OSError):  # open_ledger reports what is wrong
                 database.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.ledger = await open_ledger(config.ledger)
+            ledger = await open_ledger(config.ledger)
         except Exception as exc:
             raise StartupError(f"cannot open the ledger {_redact(config.ledger)}: {exc}") from None
         self.metrics = _make_metrics()
+        self.ledger = _TimedLedger(ledger, self.metrics) if self.metrics else ledger
         self.publisher = _make_publisher(config)
         budget = spec.pbx.decision_budget_ms / 1000
         self.gate = Gatekeeper(
@@ -198,6 +200,15 @@ class Daemon:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         pbx_proxy.target = self.adapter
+        if self.metrics is not None:
+            meter, adapter = self.meter, self.adapter
+            self.metrics.live_calls.set_function(lambda: len(meter.live))
+            self.metrics.open_holds.set_function(lambda: len(meter.live))
+            self.metrics.open_holds_amount.set_function(
+                lambda: float(sum((c.held for c in meter.live.values()), Decimal(0))))
+            self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
+            if self.publisher is not None:
+                self.metrics.watch_publisher(self.publisher)
         if spec.metrics is not None and self.metrics is not None:
             from agent.metrics import serve_metrics
 
@@ -217,9 +228,6 @@ class Daemon:
         systemd.ready()
         systemd.status(f"gating for {len(self.current_policy().accounts)} accounts")
         log.info("daemon.ready")
-        while True:  # keep the PBX-connected gauge and live-call gauges fresh
-            self._refresh_gauges()
-            await asyncio.sleep(1.0)
 
     async def _shutdown(self) -> None:
         from agent import systemd
@@ -315,16 +323,14 @@ class Daemon:
 
     # -- events and metrics -------------------------------------------------------
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            with contextlib.suppress(Exception):
-                self.metrics.on_event(topic, payload)
+        if topic == "cutoff" and self.metrics is not None:
+            self.metrics.cutoff()
         if self.publisher is not None:
             self.publisher.publish(topic, payload)
 
     def _on_decision(self, call: CallInfo, decision: Decision, elapsed: float) -> None:
         if self.metrics is not None:
-            with contextlib.suppress(Exception):
-                self.metrics.on_decision(decision.result, decision.reason.value, elapsed)
+            self.metrics.decision(decision.result, decision.reason.value, elapsed)
         self._publish("decision", {
             "call_id": call.call_id, "account": decision.account, "result": decision.result,
             "reason": decision.reason.value, "message": decision.message,
@@ -334,20 +340,26 @@ class Daemon:
 
     def _count_reload(self, ok: bool) -> None:
         if self.metrics is not None:
-            with contextlib.suppress(Exception):
-                self.metrics.on_reload(ok)
+            self.metrics.policy_reload(ok)
 
-    def _refresh_gauges(self) -> None:
-        if self.metrics is None:
-            return
-        with contextlib.suppress(Exception):
-            self.metrics.refresh(
-                pbx_connected=bool(self.adapter is not None and self.adapter.connected),
-                live_calls=len(self.meter.live) if self.meter is not None else 0,
-                cutoffs=self.meter.cutoffs if self.meter is not None else 0,
-                mqtt_depth=getattr(self.publisher, "depth", 0),
-                mqtt_dropped=getattr(self.publisher, "dropped", 0),
-            )
+
+class _TimedLedger:
+    """The ledger with each operation's latency recorded (``callgate_ledger_operation_seconds``)."""
+
+    def __init__(self, ledger: Ledger, metrics: Any) -> None:
+        self._ledger = ledger
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._ledger, name)
+        if not callable(target) or name.startswith("_"):
+            return target
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            with self._metrics.ledger_timer(name):
+                return await target(*args, **kwargs)
+
+        return timed
 
 
 class _LatePbx:

@@ -193,3 +193,77 @@ async def test_demo_runs_and_passes(kind, capsys):
         assert needle in out, needle
 
 
+
+
+def _broker_or_skip() -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", 1883), timeout=2):
+            return
+    except OSError:
+        message = "Mosquitto is not reachable at 127.0.0.1:1883"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI requires it)")
+        pytest.skip(f"{message}; start it with: mosquitto -d -c /etc/mosquitto/mosquitto.conf")
+
+
+async def _http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_run_publishes_events_to_mqtt_and_serves_metrics(tmp_path):
+    import json
+    import uuid
+
+    import aiomqtt
+
+    _broker_or_skip()
+    gate_port, metrics_port = free_port(), free_port()
+    prefix = f"cgtest-{uuid.uuid4().hex[:8]}"
+    async with simulator("asterisk", "s", gate_port) as sim:
+        config = write_config(tmp_path, "asterisk", sim_port(sim), gate_port, "s")
+        config.write_text(config.read_text()
+                          + f"mqtt: {{url: 'mqtt://127.0.0.1:1883', topic_prefix: {prefix}}}\n"
+                          + f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n")
+        ledger = await open_ledger(f"sqlite://{tmp_path / 'ledger.db'}")
+        from datetime import UTC, datetime
+        await ledger.topup("acme", Decimal("5"), ref="t1", at=datetime.now(UTC))
+        await ledger.close()
+        received: list[tuple[str, dict]] = []
+        async with aiomqtt.Client("127.0.0.1", 1883) as client:
+            await client.subscribe(f"{prefix}/#", qos=1)
+            proc = await start_agent(config)
+            seen: list[str] = []
+            try:
+                await read_until(proc, "daemon.ready", seen)
+                status, body = await _http_get(metrics_port, "/healthz")
+                assert status == 200 and "ok" in body
+                call = await sim.place_call(caller="02158880000", destination="13800138000",
+                                            accountcode="acme", talk_seconds=3)
+                await asyncio.wait_for(call.ended(), 15)
+                async with asyncio.timeout(15):
+                    async for message in client.messages:
+                        received.append((str(message.topic), json.loads(message.payload)))
+                        if str(message.topic).endswith("/call/end"):
+                            break
+                status, body = await _http_get(metrics_port, "/metrics")
+                assert status == 200
+                assert 'callgate_decisions_total{reason="allowed",result="ALLOW"} 1.0' in body
+                assert "callgate_pbx_connected 1.0" in body
+                proc.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(proc.wait(), 15) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+    topics = [t.split("/", 2)[2] for t, _ in received]
+    assert topics[0] == "decision" and "call/start" in topics and topics[-1] == "call/end"
+    decision = received[0][1]
+    assert decision["result"] == "ALLOW" and decision["schema"] == 1 and decision["node"] == "t1"
+    cdr = received[-1][1]
+    assert cdr["amount"] == "0.2600" and cdr["billsec"] == 3 and cdr["account"] == "acme"

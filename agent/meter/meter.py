@@ -378,7 +378,7 @@ class Meter:
             # The answered status is informational; holds and settlement carry the money.
             with contextlib.suppress(LedgerUnavailable):
                 await self.ledger.answer_call(live.call_id, live.answered_at)
-            if live.steps == 0:
+            if "adopted" not in live.flags:  # an adopted call was announced before
                 self.publish("call/start", {
                     "call_id": live.call_id, "account": live.account, "caller": live.caller,
                     "callee": live.callee, "answered_at": live.answered_at.isoformat(),
