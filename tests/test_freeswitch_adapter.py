@@ -394,3 +394,56 @@ async def test_many_concurrent_gated_calls() -> None:
         await r.until(lambda: len(r.of(CallEnded)) == 200, timeout=10)
         assert len(r.of(CallAnswered)) == 200 and len(r.asked) == 200
         assert {e.call_id for e in r.of(CallEnded)} == {h.call_id for h in handles}
+
+
+async def _fake_gate(commands_to_send: bytes) -> tuple[asyncio.Server, tuple[str, int]]:
+    """An outbound-socket peer that sends ``connect``, reads the channel data,
+    writes ``commands_to_send`` and closes without ``resume`` or ``exit`` (06d)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"connect\n\n")
+        buf = b""
+        while b"Control: full\n\n" not in buf:
+            data = await reader.read(65536)
+            if not data:
+                break
+            buf += data
+        writer.write(commands_to_send)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # let the replies come back, then just close
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[:2]
+
+
+def _set(var: str) -> bytes:
+    return (f"sendmsg\ncall-command: execute\nexecute-app-name: set\n"
+            f"execute-app-arg: {var}\n\n").encode()
+
+
+async def test_the_naive_dialplan_fails_open_and_ours_does_not() -> None:
+    """The traces' dialplan (socket, then bridge) bridges when the gate is down
+    (06e) or closes without a verdict (06d); config/freeswitch's refuses both."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()
+    silent, silent_addr = await _fake_gate(b"")
+    allow, allow_addr = await _fake_gate(_set("callgate_result=ALLOW")
+                                         + _set("callgate_max_seconds=5"))
+    try:
+        async with asyncio.timeout(15), FreeswitchSimulator(PASSWORD) as sim:
+            outcomes = {}
+            for name, addr in (("down", dead), ("silent", silent_addr), ("allow", allow_addr)):
+                sim.outbound_address = addr
+                for dialplan in ("naive", "callgate"):
+                    h = await sim.place_call(talk_seconds=0.1, dialplan=dialplan)  # type: ignore[arg-type]
+                    outcomes[name, dialplan] = (await h.ended()).bridged
+        assert outcomes == {
+            ("down", "naive"): True, ("down", "callgate"): False,
+            ("silent", "naive"): True, ("silent", "callgate"): False,
+            ("allow", "naive"): True, ("allow", "callgate"): True,  # 06d: ALLOW then close
+        }
+    finally:
+        silent.close()
+        allow.close()

@@ -318,9 +318,14 @@ class FreeswitchSimulator:
         outcome: Literal["answer", "busy", "noanswer"] = "answer",
         ring_seconds: float = 0.05, talk_seconds: float | None = None,
         hangup_by: Literal["caller", "callee"] = "caller", gate: bool = True,
-        context: str = "default",
+        context: str = "default", dialplan: Literal["callgate", "naive"] = "callgate",
     ) -> CallHandle:
-        """Start a call from a SIP phone; returns at once with its handle."""
+        """Start a call from a SIP phone; returns at once with its handle.
+
+        ``dialplan="naive"`` runs ``socket ... async full`` then ``bridge``, the
+        dialplan of the traces, which bridges whenever the gate did not hang the
+        call up (06d, 06e); ``"callgate"`` is config/freeswitch's fail-closed one.
+        """
         a = SimChannel(str(uuidlib.uuid4()), "A", caller, destination, context,
                        f"sofia/internal/{caller}@127.0.0.1:5261")
         self.channels[a.uuid] = self._listed[a.uuid] = a
@@ -328,19 +333,24 @@ class FreeswitchSimulator:
         self._handles[a.uuid] = handle
         self._emit("CHANNEL_CREATE", a)
         self._spawn(self._run_call(handle, accountcode, outcome, ring_seconds, talk_seconds,
-                                   hangup_by, gate))
+                                   hangup_by, gate, dialplan == "naive"))
         return handle
 
     # -- call flow ------------------------------------------------------------
 
     async def _run_call(self, handle: CallHandle, accountcode: str | None, outcome: str,
-                        ring: float, talk: float | None, hangup_by: str, gate: bool) -> None:
+                        ring: float, talk: float | None, hangup_by: str, gate: bool,
+                        naive: bool = False) -> None:
         a = handle.a_leg
         try:
             if accountcode:
                 a.variables["accountcode"] = accountcode
             a.variables["callgate_dest"] = a.destination
-            if gate:
+            if gate and naive:
+                await self._outbound_socket(a)
+                if a.hangup_us:
+                    return
+            elif gate:
                 a.variables["callgate_result"] = "DENY"  # fail closed: preset
                 a.variables.pop("callgate_max_seconds", None)  # `set callgate_max_seconds=`
                 await self._outbound_socket(a)
