@@ -310,3 +310,39 @@ def test_storage_times_round_trip_to_the_microsecond() -> None:
     assert rules.from_micros(rules.to_micros(moment)) == moment
     with pytest.raises(ValueError, match="timezone-aware"):
         rules.to_micros(datetime(2026, 1, 1))
+
+
+@pytest.mark.postgres
+async def test_postgres_a_lost_connection_is_unavailable_then_recovers(pg_url: str) -> None:
+    # A name of our own, so only this ledger's session is terminated on the shared server.
+    name = f"callgate-test-{id(pg_url)}"
+    ledger = await open_ledger(f"{pg_url}&application_name={name}&pool_size=1")
+    dsn, _ = pg_backend.split_options(pg_url)
+    blocker = await asyncpg.connect(dsn)
+    try:
+        await ledger.topup("acme", D("100"), ref="T1", at=T0)
+        # Hold the account row so the next top-up is certainly mid-transaction
+        # when its session is killed.
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT * FROM accounts WHERE id = 'acme' FOR UPDATE")
+        pending = asyncio.ensure_future(ledger.topup("acme", D("1"), ref="T2", at=T0))
+        for _ in range(200):
+            waiting = await blocker.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND wait_event_type = 'Lock'", name)
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the ledger's top-up never waited on the row lock"
+        await blocker.fetchval(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = $1", name)
+        with pytest.raises(LedgerUnavailable, match="lost the PostgreSQL ledger"):
+            await pending
+        await blocker.execute("ROLLBACK")
+        # The pool replaces the dead connection; the refused write can be retried.
+        await ledger.topup("acme", D("1"), ref="T2", at=T0)
+        assert (await ledger.balance("acme")).posted == D("101")
+    finally:
+        await blocker.close()
+        await ledger.close()

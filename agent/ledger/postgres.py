@@ -114,13 +114,18 @@ assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 # starting at once against the same database.
 MIGRATION_LOCK = 0x63616C6C67617465  # "callgate"
 
-# What a lost or unreachable server raises in asyncpg.
+# What a lost, unreachable, shutting-down or exhausted server raises in asyncpg:
+# SQLSTATE classes 08 (connection), 57 (operator intervention: admin shutdown,
+# crash, cancelled statement) and 53 (insufficient resources: disk full, too
+# many connections). None of these says anything about the request itself.
 _CONNECTION_ERRORS = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
+    asyncpg.InternalClientError,  # the protocol state after a connection died mid-query
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
 )
 
 
