@@ -272,3 +272,15 @@ def test_lazy_header_lookup_equals_a_full_split() -> None:
         assert "No-Such-Header" not in lazy and lazy.get("No-Such-Header") is None
     assert HeaderBlock("A: 1\nB:\nA: 2")["A"] == "1"
     assert HeaderBlock("A: 1\nB:\nA: 2")["B"] == ""
+
+
+def test_unicode_digits_are_not_a_content_length() -> None:
+    """``"²".isdigit()`` is true but ``int("²")`` raises: framing must not trust it."""
+    inner = "Event-Name: X\nContent-Length: ³\n\n".encode()
+    frames = parse("Content-Type: api/response\nContent-Length: ²\n\n".encode() + GOOD
+                   + b"Content-Length: %d\nContent-Type: text/event-plain\n\n" % len(inner)
+                   + inner + GOOD)
+    assert isinstance(frames[0], ParseError) and "²" in frames[0].reason
+    assert isinstance(frames[1], CommandReply)
+    assert isinstance(frames[2], ParseError) and "³" in frames[2].reason
+    assert isinstance(frames[3], CommandReply)

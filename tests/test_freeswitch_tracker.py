@@ -6,6 +6,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.calls import CallAnswered, CallEnded, CallRequested, Direction
 from agent.gate.decision import Decision, Reason
@@ -159,3 +161,26 @@ def test_usec_times() -> None:
     assert usec_to_datetime("0") is None and usec_to_datetime("") is None
     assert usec_to_datetime("1795557326342497") == datetime(2026, 11, 24, 21, 55, 26, 342497,
                                                              tzinfo=UTC)
+
+
+HEADER_NAMES = ["Event-Name", "Call-Direction", "Unique-ID", "Caller-Channel-Answered-Time",
+                "Caller-Channel-Hangup-Time", "Event-Date-Timestamp", "variable_billsec",
+                "variable_hangup_cause_q850", "Hangup-Cause", "Caller-Context",
+                "variable_accountcode", "Caller-Destination-Number", "variable_callgate_dest"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(HEADER_NAMES),
+                       st.one_of(st.text(max_size=30), st.sampled_from(
+                           ["inbound", "0", "99999999999999999999999", "²", "%", "%ZZ",
+                            "CHANNEL_CREATE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
+                            "CHANNEL_HANGUP_COMPLETE", "1795557326342497"]))))
+def test_tracker_never_raises_on_odd_headers(headers: dict[str, str]) -> None:
+    from agent.pbx.esl import EncodedHeaders, HeaderBlock
+
+    block = "\n".join(f"{k}: {v}" for k, v in headers.items() if "\n" not in v)
+    event = EslEvent(headers.get("Event-Name", "CHANNEL_ANSWER"),
+                     EncodedHeaders(HeaderBlock(block)))
+    tracker = CallTracker(FreeswitchSettings())
+    for out in tracker.feed(event) + tracker.feed(event):
+        assert isinstance(out, CallRequested | CallAnswered | CallEnded)

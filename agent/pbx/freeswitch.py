@@ -64,6 +64,7 @@ from agent.pbx.esl import (
     Headers,
     ParseError,
     commands,
+    is_number,
 )
 
 log = structlog.get_logger("callgate.freeswitch")
@@ -114,9 +115,12 @@ class FreeswitchSettings:
 
 def usec_to_datetime(value: str | None) -> datetime | None:
     """FreeSWITCH µs epoch (``Caller-Channel-Answered-Time``) to UTC; ``0`` = never."""
-    if not value or not value.isdigit() or value == "0":
+    if not value or not is_number(value) or value == "0":
         return None
-    return datetime.fromtimestamp(int(value) / 1_000_000, UTC)
+    try:
+        return datetime.fromtimestamp(int(value) / 1_000_000, UTC)
+    except (OverflowError, ValueError, OSError):  # garbage, not a time
+        return None
 
 
 def is_a_leg(headers: Headers) -> bool:
@@ -160,7 +164,7 @@ def call_info(
 
 
 def _int(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() else None
+    return int(value) if value and is_number(value) else None
 
 
 class CallTracker:

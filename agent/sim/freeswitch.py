@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import re
 import time
 import uuid as uuidlib
 from collections import deque
@@ -356,10 +357,10 @@ class FreeswitchSimulator:
                 await self._outbound_socket(a)
                 if a.hangup_us:
                     return
-                # transfer -> check extension, condition ${callgate_result} =~ ^ALLOW$
+                # transfer -> callgate_check: the two conditions of 00_callgate.xml
                 max_s = a.variables.get("callgate_max_seconds", "")
-                if a.variables.get("callgate_result") != "ALLOW" or not max_s.isdigit() \
-                        or int(max_s) < 1:
+                if not (re.search(r"^ALLOW$", a.variables.get("callgate_result", ""))
+                        and re.search(r"^[1-9][0-9]*$", max_s)):
                     self.hangup(a, "CALL_REJECTED")  # anti-action
                     return
                 self._schedule(f"+{max_s}", a.uuid,

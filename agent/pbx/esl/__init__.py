@@ -31,6 +31,7 @@ from agent.pbx.esl._parser import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
     EslParser,
+    is_number,
     parse_event_json,
     parse_event_plain,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "ParseError",
     "UnknownFrame",
     "commands",
+    "is_number",
     "parse_event_json",
     "parse_event_plain",
     "percent_decode",

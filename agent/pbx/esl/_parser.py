@@ -42,6 +42,11 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts ``"²"``, which ``int()`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_event_plain(body: bytes) -> EslEvent | ParseError:
     """Decode a ``text/event-plain`` body: encoded header lines, blank line,
     then an optional event body of the event's own ``Content-Length`` (04b)."""
@@ -59,7 +64,7 @@ def parse_event_plain(body: bytes) -> EslEvent | ParseError:
     event_body = b""
     length = raw.get("Content-Length")
     if length is not None:
-        if not length.isdigit():
+        if not is_number(length):
             return ParseError(f"event {name}: bad Content-Length {length!r}")
         event_body = rest[: int(length)]
     return EslEvent(name, EncodedHeaders(raw), event_body)
@@ -197,7 +202,7 @@ class EslParser:
             length = headers.get("Content-Length")
             if length is None:
                 return _frame(headers, b"")
-            if not length.isdigit():
+            if not is_number(length):
                 return ParseError(f"bad Content-Length {length!r}; frame skipped")
             n = int(length)
             if n > self.max_body_bytes:
