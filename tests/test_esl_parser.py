@@ -230,6 +230,9 @@ def test_truncated_stream_reports_lost_bytes() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.one_of(
     st.binary(min_size=1, max_size=300),
+    st.text(min_size=1, max_size=60).map(str.encode),
+    st.text(st.characters(categories=["Nd", "No"]), max_size=4).map(  # digit-like
+        lambda t: f"\n\nContent-Length: {t}\n\n".encode()),
     st.sampled_from([b"\n\n", b"Content-Length: ", b"Content-Length: 5\n\n", b"\n",
                      b"Content-Type: text/event-plain\n", b"Content-Type: command/reply\n",
                      b"Event-Name: X\n", b"%", b"\xff\xfe", b"Content-Length: 99999999\n\n"]),
