@@ -184,3 +184,18 @@ def test_tracker_never_raises_on_odd_headers(headers: dict[str, str]) -> None:
     tracker = CallTracker(FreeswitchSettings())
     for out in tracker.feed(event) + tracker.feed(event):
         assert isinstance(out, CallRequested | CallAnswered | CallEnded)
+
+
+def test_uuid_dump_gives_the_live_call_07() -> None:
+    """Reconciling reads uuid_dump (percent-encoded lines, like an event body)."""
+    from agent.pbx.esl import ApiResponse, EncodedHeaders, HeaderBlock
+
+    dump = next(f for f in frames("07-api-responses-and-errors.esl.txt")
+                if isinstance(f, ApiResponse) and f.body.startswith(b"Event-Name: CHANNEL_DATA"))
+    headers = EncodedHeaders(HeaderBlock(dump.text))
+    call = call_info(headers, FreeswitchSettings(outbound_contexts=frozenset({"default"})))
+    assert call.call_id == "d45069b2-278b-49e6-8f57-7d59594b6c52"
+    assert (call.accountcode, call.destination, call.direction) == (
+        "acme", "15550777", Direction.OUTBOUND)
+    assert call.endpoint == "sofia/internal/sipp@127.0.0.1:5261"
+    assert usec_to_datetime(headers.get("Caller-Channel-Answered-Time")) is not None
