@@ -119,6 +119,7 @@ class MqttSpec(_Strict):
     username: StrictStr | None = None
     password: SecretStr | None = None
     password_env: StrictStr | None = None
+    password_credential: StrictStr | None = None
     topic_prefix: StrictStr = "callgate"
     buffer: int = Field(10_000, ge=1, le=10_000_000)
     tls: bool = False

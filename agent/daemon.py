@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,7 +33,7 @@ from typing import Any
 import structlog
 
 from agent.calls import CallInfo, EventSink, PbxControl
-from agent.config import AgentConfig, resolve_secret
+from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
 from agent.gate.policy import Policy, load_policy
 from agent.gatekeeper import Gatekeeper
@@ -181,7 +180,10 @@ class Daemon:
             raise StartupError(f"cannot open the ledger {_redact(config.ledger)}: {exc}") from None
         self.metrics = _make_metrics()
         self.ledger = _TimedLedger(ledger, self.metrics) if self.metrics else ledger
-        self.publisher = _make_publisher(config)
+        try:
+            self.publisher = _make_publisher(config)
+        except (ValueError, OSError) as exc:  # MqttSettingsError: a bad URL, a missing CA file
+            raise StartupError(f"mqtt: {exc}") from None
         budget = spec.pbx.decision_budget_ms / 1000
         self.gate = Gatekeeper(
             ledger=self.ledger, policy=self.current_policy, clock=self.clock,
@@ -426,10 +428,10 @@ def _make_publisher(config: AgentConfig) -> Any:
     from agent.events.mqtt import EventPublisher, MqttSettings
 
     password = None
-    if spec.password is not None:
-        password = spec.password.get_secret_value()
-    elif spec.password_env:
-        password = os.environ.get(spec.password_env)
+    if spec.password is not None or spec.password_env or spec.password_credential:
+        password = SecretSource(secret=spec.password, secret_env=spec.password_env,
+                                secret_credential=spec.password_credential).resolve(
+                                    config.path.parent)
     return EventPublisher(MqttSettings(
         url=spec.url, username=spec.username, password=password, tls=spec.tls,
         ca_file=spec.ca_file, topic_prefix=spec.topic_prefix, node=config.node,

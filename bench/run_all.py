@@ -25,7 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 QUICK_ARGS = {"meter": ["--calls", "1000", "--ramp", "3"], "gate": ["--dnc", "100000"],
-              "soak": ["--minutes", "1"]}
+              "soak": ["--minutes", "1"],
+              "mqtt_publish": ["--publish-events", "10000", "--drain-events", "1000"]}
 TIMEOUT = 1800
 
 
