@@ -196,7 +196,8 @@ class Daemon:
         pbx_proxy = _LatePbx()
         self.meter = Meter(ledger=self.ledger, pbx=pbx_proxy, policy=self.current_policy,
                            clock=self.clock, node=config.node, settings=settings,
-                           publish=self._publish)
+                           publish=self._publish,
+                           warning_hook=self._warn if settings.warning_seconds else None)
         try:
             self.adapter = make_adapter(config, self.gate, self.meter.on_event, self.clock)
         except ConfigError as exc:
@@ -325,10 +326,15 @@ class Daemon:
 
     # -- events and metrics -------------------------------------------------------
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if topic == "cutoff" and self.metrics is not None:
+        if topic == "cutoff" and payload.get("stage") == "planned" and self.metrics is not None:
             self.metrics.cutoff()
         if self.publisher is not None:
             self.publisher.publish(topic, payload)
+
+    async def _warn(self, call_id: str, seconds: int) -> None:
+        """A cut-off is coming: tell subscribers (a tone player, the agent's screen)."""
+        log.info("meter.cutoff_warning", call_id=call_id, seconds=seconds)
+        self._publish("cutoff", {"stage": "warning", "call_id": call_id, "seconds": seconds})
 
     def _on_decision(self, call: CallInfo, decision: Decision, elapsed: float) -> None:
         if self.metrics is not None:

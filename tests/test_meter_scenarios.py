@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -231,3 +231,23 @@ async def test_suspending_the_account_ends_calls_at_the_paid_boundary(h, tmp_pat
     await h.advance(500)
     assert call.billsec == 120 and call.ended_by == "hangup"
     await h.check_invariants()
+
+
+async def test_warning_hook_fires_before_a_cut_off(tmp_path):
+    warned: list[tuple[str, int, datetime]] = []
+    h = await Harness(tmp_path, START, settings=MeterSettings(warning_seconds=10)).start()
+
+    async def hook(call_id: str, seconds: int) -> None:
+        warned.append((call_id, seconds, h.clock.now()))
+
+    h.meter.warning_hook = hook
+    try:
+        await h.topup("a0", "0.26")
+        _, call = await h.dial(talk=600, ring=1)
+        await h.advance(300)
+        assert call.billsec == 120 and call.ended_by == "hangup"
+        assert [(w[0], w[1]) for w in warned] == [(call.info.call_id, 10)]
+        assert (call.answered_at + timedelta(seconds=110)) == warned[0][2]
+        await h.check_invariants()
+    finally:
+        await h.stop()

@@ -396,7 +396,10 @@ class Meter:
             assert live.answered_at is not None
             boundary = live.answered_at + timedelta(seconds=live.paid_seconds)
             if live.steps > 0:
-                reserve_at = boundary - timedelta(seconds=settings.lead_seconds)
+                # Reserve early enough that a cut-off warning can still be given in time.
+                lead = max(settings.lead_seconds, settings.warning_seconds + 1
+                           if self.warning_hook is not None else 0)
+                reserve_at = boundary - timedelta(seconds=lead)
                 if await self._sleep_or_end(live, reserve_at):
                     return
                 # Paying for time the PBX cannot be told to grant is charging for
@@ -434,7 +437,7 @@ class Meter:
                     await self._set_deadline(
                         live, cut_at + grace if cut_at == boundary else cut_at, bound)
                 self.publish("cutoff", {
-                    "call_id": live.call_id, "account": live.account,
+                    "stage": "planned", "call_id": live.call_id, "account": live.account,
                     "reason": live.cut_reason, "at": cut_at.isoformat(),
                     "paid_seconds": live.paid_seconds})
                 bound.info("meter.cutoff_planned", reason=live.cut_reason,
@@ -447,11 +450,12 @@ class Meter:
         warning = self.settings.warning_seconds
         if self.warning_hook is not None and warning > 0:
             warn_at = cut_at - timedelta(seconds=warning)
-            if warn_at > self.clock.now():
-                if await self._sleep_or_end(live, warn_at):
-                    return
+            if await self._sleep_or_end(live, warn_at):
+                return
+            left = max(0, int((cut_at - self.clock.now()).total_seconds()))
+            if left > 0:
                 with self._working(), contextlib.suppress(Exception):
-                    await self.warning_hook(live.call_id, warning)
+                    await self.warning_hook(live.call_id, min(warning, left))
         if await self._sleep_or_end(live, cut_at):
             return
         with self._working():
