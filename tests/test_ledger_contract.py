@@ -114,6 +114,12 @@ async def test_operations_on_unknown_accounts(ledger: Any) -> None:
     assert await ledger.balances() == []
 
 
+async def test_a_blank_reference_is_refused(ledger: Any) -> None:
+    with pytest.raises(RefusedOperation, match="reference"):
+        await ledger.topup("acme", D("100"), ref=" ", at=T0)
+    assert await ledger.balances() == []
+
+
 # -- idempotency of finance postings ------------------------------------------------
 async def test_replaying_a_topup_returns_the_original_and_writes_nothing(ledger: Any) -> None:
     first = await ledger.topup("acme", D("100"), ref="T1", at=T0, note="n")

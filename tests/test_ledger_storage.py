@@ -84,9 +84,11 @@ async def test_the_minor_unit_is_fixed_at_creation(ledger_url: str) -> None:
         await reopened.close()
 
 
-async def test_a_bad_minor_unit_option_is_refused(tmp_path: Path) -> None:
+async def test_bad_url_options_are_refused(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match="minor_unit"):
         await open_ledger(f"sqlite://{tmp_path}/x.db?minor_unit=0.05")
+    with pytest.raises(LedgerError, match="pool_size"):
+        await open_ledger("postgresql://root@127.0.0.1:1/test?pool_size=many")
 
 
 # -- schema versions: SQLite ---------------------------------------------------------------

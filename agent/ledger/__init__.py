@@ -93,7 +93,10 @@ async def open_ledger(url: str) -> Ledger:
         from agent.ledger.postgres import PostgresLedger, split_options
 
         dsn, options = split_options(url)
-        pool_size = int(options.get("pool_size", "10"))
+        size = options.get("pool_size", "10")
+        if not size.isdigit() or int(size) < 1:
+            raise LedgerError(f"ledger URL: pool_size must be a positive whole number (got {size})")
+        pool_size = int(size)
         return await PostgresLedger.open(
             dsn, minor_unit=_minor_unit(options, url), pool_size=pool_size
         )
