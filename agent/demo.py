@@ -84,6 +84,7 @@ def demo_config(state: Path, kind: str, pbx_port: int) -> str:
               kind: freeswitch
               esl: {{host: 127.0.0.1, port: {pbx_port}, password: demo-secret}}
               outbound_socket: {{listen: "127.0.0.1:0"}}
+              outbound_contexts: [default]
             """)
     return (f"node: demo\npolicy: policy.yaml\nledger: sqlite://{state / 'ledger.db'}\n"
             f"state_directory: {state}\n{pbx}log: {{format: console, level: info}}\n")

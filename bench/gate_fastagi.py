@@ -27,12 +27,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import structlog
+from _loadgen import closed_loop, open_loop
 
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
@@ -76,58 +76,15 @@ async def one_call(host: str, port: int, request: bytes) -> float:
         writer.close()
 
 
-async def open_loop(host: str, port: int, request: bytes, rate: float,
-                    seconds: float) -> dict[str, object]:  # fmt: skip
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    tasks = []
-    n = int(rate * seconds)
-    for i in range(n):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_call(host, port, request)))
-    lat = await asyncio.gather(*tasks, return_exceptions=True)
-    elapsed = loop.time() - start
-    return summarize([x for x in lat if isinstance(x, float)], n, elapsed)
-
-
-async def closed_loop(host: str, port: int, request: bytes, concurrency: int,
-                      seconds: float) -> dict[str, object]:  # fmt: skip
-    loop = asyncio.get_running_loop()
-    end = loop.time() + seconds
-    lat: list[float] = []
-    errors = 0
-
-    async def caller() -> None:
-        nonlocal errors
-        while loop.time() < end:
-            try:
-                lat.append(await one_call(host, port, request))
-            except (OSError, ConnectionError):
-                errors += 1
-
-    start = loop.time()
-    await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return summarize(lat, len(lat) + errors, loop.time() - start)
-
-
-def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, object]:
-    lat.sort()
-    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
-    return {"calls": len(lat), "errors": attempted - len(lat),
-            "calls_per_s": round(len(lat) / elapsed, 1),
-            "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}  # fmt: skip
-
-
 def client_main(argv: list[str]) -> None:
     host, port, mode = argv[0], int(argv[1]), argv[2]
     value, seconds = float(argv[3]), float(argv[4])
     request = recorded_request()
     if mode == "rate":
-        result = asyncio.run(open_loop(host, port, request, value, seconds))
+        result = asyncio.run(open_loop(lambda: one_call(host, port, request), value, seconds))
     else:
-        result = asyncio.run(closed_loop(host, port, request, int(value), seconds))
+        result = asyncio.run(
+            closed_loop(lambda: one_call(host, port, request), int(value), seconds))
     print(json.dumps(result))
 
 
