@@ -232,10 +232,10 @@ class _Worker(threading.Thread):
             for job in writes:
                 self._reply(job, None, _unavailable(self.path, exc))
             return
-        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         if len(writes) == 1:  # alone in its transaction: no savepoint needed
             self._commit_one(conn, writes[0])
             return
+        outcomes: list[tuple[_Job, Any, BaseException | None]] = []
         try:
             for job in writes:
                 conn.execute("SAVEPOINT job")
