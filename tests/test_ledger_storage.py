@@ -348,3 +348,16 @@ async def test_postgres_a_lost_connection_is_unavailable_then_recovers(pg_url: s
     finally:
         await blocker.close()
         await ledger.close()
+
+
+@pytest.mark.parametrize(("ci", "outcome"), [("true", pytest.fail.Exception),
+                                             ("", pytest.skip.Exception)])
+def test_an_unreachable_test_server_skips_locally_and_fails_in_ci(
+    monkeypatch: pytest.MonkeyPatch, ci: str, outcome: type[BaseException]
+) -> None:
+    from tests import conftest
+
+    monkeypatch.setattr(conftest, "_pg_base", [None, "connection refused"])
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="not reachable"):
+        conftest.pg_base_url()
