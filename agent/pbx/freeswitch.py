@@ -707,6 +707,10 @@ class FreeswitchAdapter:
                 if not channel.ok:
                     raise PbxError(f"connect refused: {channel.headers.get('Reply-Text')!r}")
                 call = call_info(channel.headers, self.settings, Direction.OUTBOUND)
+                if not call.call_id:
+                    # Every real connect reply names its channel (trace 06a); one
+                    # that does not is not a call, and nothing may be admitted for it.
+                    raise PbxError("connect reply without a Unique-ID; not a call")
                 io_deadline.reschedule(None)  # the decision has its own budget
                 decision = await self._decide(call)
                 writer.write(gate_commands(decision))
