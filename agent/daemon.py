@@ -210,6 +210,8 @@ class Daemon:
             self.metrics.open_holds_amount.set_function(
                 lambda: float(sum((c.held for c in meter.live.values()), Decimal(0))))
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
+            loop = asyncio.get_running_loop()
+            self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             if self.publisher is not None:
                 self.metrics.watch_publisher(self.publisher)
         if spec.metrics is not None and self.metrics is not None:

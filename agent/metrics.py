@@ -13,8 +13,10 @@ share counters. What the daemon calls on :class:`Metrics`:
   ``callgate_ledger_operation_seconds{op}``.
 - ``cutoff()``: a call cut off at its paid boundary -> ``callgate_cutoffs_total``.
 - ``policy_reload(ok)``: -> ``callgate_policy_reloads_total{outcome="ok"|"error"}``.
-- ``live_calls``, ``open_holds``, ``open_holds_amount``, ``pbx_connected``:
-  gauges; set them (``.set(n)``) or hand them a callable read at scrape time
+- ``live_calls``, ``open_holds``, ``open_holds_amount``, ``pbx_connected``,
+  ``asyncio_tasks`` (tasks alive in the daemon's event loop: a leak shows as
+  growth, bench/soak.py and tests/test_hostile.py watch it): gauges; set them
+  (``.set(n)``) or hand them a callable read at scrape time
   (``.set_function(lambda: len(meter.calls))``). The holds amount is in the
   ledger currency as a float: for dashboards, never for accounting.
 - ``watch_publisher(publisher)``: export an
@@ -113,6 +115,8 @@ class Metrics:
                                         buckets=_LEDGER_BUCKETS, registry=r)
         self.pbx_connected = Gauge("callgate_pbx_connected", "1 while the PBX connection is up",
                                    registry=r)
+        self.asyncio_tasks = Gauge("callgate_asyncio_tasks",
+                                   "asyncio tasks alive in the daemon's event loop", registry=r)
         self.cutoffs = Counter("callgate_cutoffs", "Calls cut off at their paid boundary",
                                registry=r)
         self.policy_reloads = Counter("callgate_policy_reloads", "Policy reloads by outcome",
