@@ -18,7 +18,6 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from decimal import Decimal
 from typing import Any
 
 import structlog
@@ -27,7 +26,7 @@ from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState, Decision, Reason
 from agent.gate.policy import AccountPolicy, Policy
-from agent.ledger import CallRecord, Cdr, Ledger, LedgerError, UnknownAccount
+from agent.ledger import Admission, CallRecord, Ledger, LedgerError
 from agent.meter.clock import Clock
 
 log = structlog.get_logger("callgate.gate")
@@ -87,31 +86,32 @@ class Gatekeeper:
             state = AccountState(balance=None)
         decision = decide(policy, state, call, now)
         if decision.allow and decision.tariff is not None and state.balance is not None:
-            decision = await self._admit(account, call, decision, now)
-        await self._log_attempt(account, decision, now)
+            return await self._admit(account, call, decision, now)
+        if state.balance is not None:  # the ledger answers: log the refusal for the caps
+            await self._log_attempt(account, decision, now)
         return decision
 
     async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
-        try:
-            balance = await self.ledger.balance(account.id)
-            available, closed = balance.available, balance.closed
-        except UnknownAccount:
-            available, closed = Decimal(0), False
-        live = len(await self.ledger.live_calls(account.id))
+        """One ledger read: balance, live calls and the attempts the caps count."""
         since = account.attempts_since(now)
-        account_attempts: tuple[Any, ...] = ()
-        callee_attempts: tuple[Any, ...] = ()
-        if since is not None:
-            if account.rate_cap is not None:
-                account_attempts = tuple(await self.ledger.attempts(account.id, since))
-            if account.callee_cap is not None:
-                destination = account.normalize(call.destination)
-                callee_attempts = tuple(
-                    await self.ledger.attempts(account.id, since, destination=destination))
-        return AccountState(available, live, callee_attempts, account_attempts, closed)
+        snapshot = await self.ledger.account_state(
+            account.id,
+            account_since=since if account.rate_cap is not None else None,
+            callee_since=since if account.callee_cap is not None else None,
+            destination=account.normalize(call.destination),
+        )
+        return AccountState(snapshot.available, snapshot.live_calls,
+                            snapshot.callee_attempts, snapshot.account_attempts,
+                            snapshot.closed)
 
     async def _admit(self, account: AccountPolicy, call: CallInfo, decision: Decision,
                      now: Any) -> Decision:
+        """One ledger write: admit (concurrency across nodes), hold the first unit, log it.
+
+        Reserving the first billing unit at setup (RFC 4006's initial request) makes
+        the PBX-side limit handed to the dialplan time already paid for, so an agent
+        that dies before the answer cannot give talk time away.
+        """
         tariff = decision.tariff
         assert tariff is not None
         record = CallRecord(
@@ -121,35 +121,24 @@ class Gatekeeper:
         )
         try:
             async with asyncio.timeout(self.budget):
-                admitted = await self.ledger.admit_call(record, account.max_concurrent_calls)
+                outcome = await self.ledger.admit_and_hold(
+                    record, account.max_concurrent_calls, tariff.first_unit_cost,
+                    tariff.first_unit_seconds, reason=decision.reason.value)
         except (TimeoutError, LedgerError) as exc:
-            log.warning("gate.admit_failed", call_id=call.call_id, error=str(exc))
+            # A timed-out write may still commit: the meter's reconciliation closes an
+            # admitted call the PBX never shows (its hold is released, nothing charged).
+            log.warning("gate.admit_failed", call_id=call.call_id, error=str(exc)
+                        or type(exc).__name__)
             return replace(decision, allow=False, reason=Reason.LEDGER_UNAVAILABLE,
                            message="the ledger could not admit the call", max_seconds=None)
-        if not admitted:
+        if outcome is Admission.LINES_BUSY:
             return replace(decision, allow=False, reason=Reason.CONCURRENCY_LIMIT,
                            message=f"all {account.max_concurrent_calls} lines of {account.id} "
                                    "are in use", max_seconds=None)
-        # Reserve the first billing unit at setup (RFC 4006's initial request): the
-        # PBX-side limit handed to the dialplan is then time already paid for, so an
-        # agent that dies before the answer cannot give talk time away.
-        try:
-            async with asyncio.timeout(self.budget):
-                held = await self.ledger.hold(call.call_id, 1, tariff.first_unit_cost,
-                                              tariff.first_unit_seconds, now)
-        except (TimeoutError, LedgerError) as exc:
-            log.warning("gate.first_hold_failed", call_id=call.call_id, error=str(exc))
-            held = False
-            refusal = replace(decision, allow=False, reason=Reason.LEDGER_UNAVAILABLE,
-                              message="the ledger could not reserve the first increment",
-                              max_seconds=None)
-        else:
-            refusal = replace(decision, allow=False, reason=Reason.INSUFFICIENT_BALANCE,
-                              message="the balance was spent by other calls meanwhile",
-                              max_seconds=None)
-        if not held:
-            await self._release(record, now)
-            return refusal
+        if outcome is Admission.NO_FUNDS:
+            return replace(decision, allow=False, reason=Reason.INSUFFICIENT_BALANCE,
+                           message="the balance was spent by other calls meanwhile",
+                           max_seconds=None)
         # The dialplans arm this limit when the call is allowed, so ring time counts
         # against it; ring_allowance lends ringing some time (each second of it is a
         # second a dead agent could give away), the meter resets it at answer.
@@ -157,17 +146,6 @@ class Gatekeeper:
         if decision.max_seconds is not None:
             limit = min(limit, decision.max_seconds)
         return replace(decision, max_seconds=limit + self.ring_allowance)
-
-    async def _release(self, record: CallRecord, now: Any) -> None:
-        """Close an admitted call that the gate ends up refusing (nothing charged)."""
-        cdr = Cdr(call_id=record.call_id, account=record.account, caller=record.caller,
-                  callee=record.callee, answered_at=None, ended_at=now, billsec=0,
-                  billed_seconds=0, amount=Decimal(0), cause="REFUSED_AT_GATE",
-                  flags=("refused_at_gate",), node=self.node)
-        try:
-            await self.ledger.settle_call(cdr)
-        except LedgerError as exc:  # the meter's reconciliation closes it later
-            log.warning("gate.release_failed", call_id=record.call_id, error=str(exc))
 
     async def _log_attempt(self, account: AccountPolicy, decision: Decision, now: Any) -> None:
         if not decision.destination:
@@ -177,5 +155,3 @@ class Gatekeeper:
                                              decision.allow, decision.reason.value)
         except LedgerError as exc:  # caps degrade, calls do not
             log.warning("gate.attempt_not_logged", account=account.id, error=str(exc))
-
-

@@ -427,3 +427,60 @@ async def test_everything_survives_a_reopen(ledger_url: str) -> None:
         assert await second.audit() == []
     finally:
         await second.close()
+
+
+# -- the gate's two operations: one read and one write per decision -----------------
+
+
+async def test_account_state_reads_everything_the_gate_needs_at_once(ledger: Any) -> None:
+    from agent.ledger import Admission
+
+    empty = await ledger.account_state("acme", account_since=T0, callee_since=T0,
+                                       destination="13800138000")
+    assert not empty.known and empty.available == 0 and empty.live_calls == 0
+    await funded(ledger, "10")
+    assert await ledger.admit_and_hold(call("c1"), None, RATE, 60,
+                                       reason="allowed") is Admission.ADMITTED
+    await ledger.record_attempt("acme", "13900000000", at(1), True, "allowed")
+    await ledger.record_attempt("acme", "13800138000", at(2), False, "do_not_call")
+    state = await ledger.account_state("acme", account_since=T0, callee_since=T0,
+                                       destination="13800138000")
+    assert state.known and not state.closed
+    assert state.available == D("9.87") and state.live_calls == 1
+    # allowed attempts only; the callee list only for that destination
+    assert state.account_attempts == (T0, at(1))
+    assert state.callee_attempts == (T0,)
+    later = await ledger.account_state("acme", account_since=at(1))
+    assert later.account_attempts == (at(1),) and later.callee_attempts == ()
+
+
+async def test_admit_and_hold_is_one_all_or_nothing_write(ledger: Any) -> None:
+    from agent.ledger import Admission
+
+    await funded(ledger, "0.20")
+    assert await ledger.admit_and_hold(call("c1"), 5, RATE, 60,
+                                       reason="allowed") is Admission.ADMITTED
+    record = await ledger.get_call("c1")
+    assert record.steps == 1 and record.held == RATE and record.paid_seconds == 60
+    # 0.07 left: the first unit cannot be held, so the call is not admitted at all
+    assert await ledger.admit_and_hold(call("c2"), 5, RATE, 60,
+                                       reason="allowed") is Admission.NO_FUNDS
+    assert await ledger.get_call("c2") is None
+    # the line limit is checked in the same transaction
+    await ledger.topup("acme", D("1"), ref="more", at=T0)
+    assert await ledger.admit_and_hold(call("c3"), 1, RATE, 60,
+                                       reason="allowed") is Admission.LINES_BUSY
+    assert await ledger.get_call("c3") is None
+    balance = await ledger.balance("acme")
+    assert balance.held == RATE and await ledger.audit() == []
+    state = await ledger.account_state("acme", account_since=T0)
+    assert state.account_attempts == (T0,)  # the refusals are logged, not counted as allowed
+
+
+async def test_admit_and_hold_on_a_closed_account_is_refused(ledger: Any) -> None:
+
+    await funded(ledger, "1")
+    await ledger.refund("acme", ref="bye", at=T0)
+    with pytest.raises(AccountClosed):
+        await ledger.admit_and_hold(call("c1"), None, RATE, 60, reason="allowed")
+

@@ -12,6 +12,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from agent.ledger.model import (
     AccountClosed,
+    AccountSnapshot,
+    Admission,
     Balance,
     CallRecord,
     CallStatus,
@@ -29,6 +31,8 @@ from agent.money import MINOR_UNIT, AmountError, parse_amount
 
 __all__ = [
     "AccountClosed",
+    "AccountSnapshot",
+    "Admission",
     "Balance",
     "CallRecord",
     "CallStatus",

@@ -135,6 +135,26 @@ class Cdr:
     node: str = ""
 
 
+class Admission(StrEnum):
+    """What :meth:`Ledger.admit_and_hold` did with a call the gate allowed."""
+
+    ADMITTED = "admitted"  # row written, first unit held, attempt logged
+    LINES_BUSY = "lines_busy"  # the account's live calls are at max_live: nothing held
+    NO_FUNDS = "no_funds"  # the first unit could not be held: nothing admitted
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    """Everything the gate reads about an account, in one read (see ``account_state``)."""
+
+    available: Decimal
+    closed: bool
+    live_calls: int
+    account_attempts: tuple[datetime, ...] = ()
+    callee_attempts: tuple[datetime, ...] = ()
+    known: bool = True  # False: no top-up yet (available 0)
+
+
 class Ledger(Protocol):
     """Both backends (SQLite, PostgreSQL) implement exactly this."""
 
@@ -155,6 +175,16 @@ class Ledger(Protocol):
     async def balance(self, account: str) -> Balance: ...
     async def balances(self) -> list[Balance]: ...
     async def history(self, account: str, since: datetime | None = None) -> list[Posting]: ...
+
+    # -- the gate: one read, one write per decision ---------------------------
+    async def account_state(
+        self, account: str, *, account_since: datetime | None = None,
+        callee_since: datetime | None = None, destination: str | None = None,
+    ) -> AccountSnapshot: ...
+    async def admit_and_hold(
+        self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
+        *, reason: str,
+    ) -> Admission: ...
 
     # -- calls (the meter) ----------------------------------------------------
     async def admit_call(self, call: CallRecord, max_live: int | None) -> bool: ...

@@ -24,6 +24,8 @@ import asyncpg
 
 from agent.ledger import _rules as rules
 from agent.ledger.model import (
+    AccountSnapshot,
+    Admission,
     Balance,
     CallRecord,
     CallStatus,
@@ -387,6 +389,11 @@ class PostgresLedger:
 
     # -- calls ----------------------------------------------------------------
     async def admit_call(self, call: CallRecord, max_live: int | None) -> bool:
+        return await self._run(self._admit_job(call, max_live))
+
+    def _admit_job(
+        self, call: CallRecord, max_live: int | None
+    ) -> Callable[[Any], Awaitable[bool]]:
         rate = rules.to_units(call.rate, self.unit, what="rate")
         admitted = rules.check_time(call.admitted_at)
         answered = rules.check_time(call.answered_at) if call.answered_at else None
@@ -422,7 +429,7 @@ class PostgresLedger:
             )
             return True
 
-        return await self._run(run)
+        return run
 
     async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord:
         when = rules.check_time(answered_at)
@@ -440,6 +447,11 @@ class PostgresLedger:
     async def hold(
         self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
     ) -> bool:
+        return await self._run(self._hold_job(call_id, step, amount, paid_seconds, at))
+
+    def _hold_job(
+        self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
+    ) -> Callable[[Any], Awaitable[bool]]:
         units = rules.positive_units(amount, self.unit, what="hold")
         when = rules.check_time(at)
         key = rules.hold_key(call_id, step)
@@ -485,7 +497,7 @@ class PostgresLedger:
             )
             return True
 
-        return await self._run(run)
+        return run
 
     async def settle_call(self, cdr: Cdr) -> Cdr:
         fingerprint = rules.cdr_fingerprint(cdr)
@@ -571,11 +583,63 @@ class PostgresLedger:
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str
     ) -> None:
         async with self._tx() as conn:
-            await conn.execute(
-                "INSERT INTO attempts (account, destination, at, allowed, reason)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                account, destination, rules.check_time(at), allowed, reason,
+            await _insert_attempt(conn, account, destination, at, allowed, reason)
+
+    # -- the gate: one read and one write per decision -------------------------
+    async def account_state(
+        self, account: str, *, account_since: datetime | None = None,
+        callee_since: datetime | None = None, destination: str | None = None,
+    ) -> AccountSnapshot:
+        a_since = rules.check_time(account_since) if account_since else None
+        c_since = rules.check_time(callee_since) if callee_since else None
+        # One round trip: the row, the live count and both attempt lists together.
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                "SELECT a.posted, a.held, a.closed,"
+                " (SELECT count(*) FROM calls c WHERE c.account = $1 AND c.status != 'ended')"
+                "   AS live,"
+                " (SELECT coalesce(array_agg(t.at), '{}') FROM attempts t WHERE t.account = $1"
+                "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_at,"
+                " (SELECT coalesce(array_agg(t.at), '{}') FROM attempts t WHERE t.account = $1"
+                "   AND t.allowed AND $3::timestamptz IS NOT NULL AND t.destination = $4"
+                "   AND t.at >= $3) AS callee_at"
+                " FROM (SELECT $1::text AS id) k LEFT JOIN accounts a ON a.id = k.id",
+                account, a_since, c_since, destination,
             )
+        live = int(row["live"])
+        account_attempts = tuple(sorted(row["acc_at"]))
+        callee_attempts = tuple(sorted(row["callee_at"]))
+        if row["posted"] is None:
+            return AccountSnapshot(Decimal(0), False, live, account_attempts, callee_attempts,
+                                   known=False)
+        available = rules.from_units(row["posted"] - row["held"], self.unit)
+        return AccountSnapshot(available, bool(row["closed"]), live, account_attempts,
+                               callee_attempts)
+
+    async def admit_and_hold(
+        self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
+        *, reason: str,
+    ) -> Admission:
+        admit = self._admit_job(call, max_live)
+        hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
+
+        async def run(conn: Any) -> Admission:
+            if not await admit(conn):
+                await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
+                                      False, "concurrency_limit")
+                return Admission.LINES_BUSY
+            if not await hold(conn):
+                await conn.execute(
+                    "DELETE FROM calls WHERE call_id = $1 AND held = 0 AND steps = 0",
+                    call.call_id)
+                await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
+                                      False, "insufficient_balance")
+                return Admission.NO_FUNDS
+            await _insert_attempt(conn, call.account, call.callee, call.admitted_at, True,
+                                  reason)
+            return Admission.ADMITTED
+
+        return await self._run(run)
 
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None
@@ -652,3 +716,11 @@ async def _migrate(conn: Any, where: str, minor_unit: Decimal) -> Decimal:
         )
     return Decimal(meta["minor_unit"])
 
+
+async def _insert_attempt(conn: Any, account: str, destination: str, at: datetime,
+                          allowed: bool, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO attempts (account, destination, at, allowed, reason)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        account, destination, rules.check_time(at), allowed, reason,
+    )

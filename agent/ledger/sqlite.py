@@ -29,6 +29,8 @@ from typing import Any, TypeVar
 
 from agent.ledger import _rules as rules
 from agent.ledger.model import (
+    AccountSnapshot,
+    Admission,
     Balance,
     CallRecord,
     CallStatus,
@@ -534,6 +536,11 @@ class SqliteLedger:
 
     # -- calls ----------------------------------------------------------------
     async def admit_call(self, call: CallRecord, max_live: int | None) -> bool:
+        return await self._write(self._admit_job(call, max_live))
+
+    def _admit_job(
+        self, call: CallRecord, max_live: int | None
+    ) -> Callable[[sqlite3.Connection], bool]:
         rate = rules.to_units(call.rate, self.unit, what="rate")
         admitted = rules.to_micros(call.admitted_at)
         answered = rules.to_micros(call.answered_at) if call.answered_at else None
@@ -570,7 +577,7 @@ class SqliteLedger:
             )
             return True
 
-        return await self._write(run)
+        return run
 
     async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord:
         when = rules.to_micros(answered_at)
@@ -592,6 +599,11 @@ class SqliteLedger:
     async def hold(
         self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
     ) -> bool:
+        return await self._write(self._hold_job(call_id, step, amount, paid_seconds, at))
+
+    def _hold_job(
+        self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
+    ) -> Callable[[sqlite3.Connection], bool]:
         units = rules.positive_units(amount, self.unit, what="hold")
         when = rules.to_micros(at)
         key = rules.hold_key(call_id, step)
@@ -642,7 +654,7 @@ class SqliteLedger:
             )
             return True
 
-        return await self._write(run)
+        return run
 
     async def settle_call(self, cdr: Cdr) -> Cdr:
         fingerprint = rules.cdr_fingerprint(cdr)
@@ -743,6 +755,12 @@ class SqliteLedger:
     async def record_attempt(
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str
     ) -> None:
+        await self._write(self._attempt_job(account, destination, at, allowed, reason))
+
+    @staticmethod
+    def _attempt_job(
+        account: str, destination: str, at: datetime, allowed: bool, reason: str
+    ) -> Callable[[sqlite3.Connection], None]:
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> None:
@@ -752,7 +770,67 @@ class SqliteLedger:
                 (account, destination, when, allowed, reason),
             )
 
-        await self._write(run)
+        return run
+
+    # -- the gate: one read and one write per decision -------------------------
+    async def account_state(
+        self, account: str, *, account_since: datetime | None = None,
+        callee_since: datetime | None = None, destination: str | None = None,
+    ) -> AccountSnapshot:
+        unit = self.unit
+        a_since = rules.to_micros(account_since) if account_since else None
+        c_since = rules.to_micros(callee_since) if callee_since else None
+
+        def run(conn: sqlite3.Connection) -> AccountSnapshot:
+            acc = conn.execute(
+                "SELECT posted, held, closed FROM accounts WHERE id = ?", (account,)
+            ).fetchone()
+            (live,) = conn.execute(
+                "SELECT count(*) FROM calls WHERE account = ? AND status != 'ended'", (account,)
+            ).fetchone()
+            account_attempts: tuple[datetime, ...] = ()
+            callee_attempts: tuple[datetime, ...] = ()
+            if a_since is not None:
+                account_attempts = tuple(rules.from_micros(r[0]) for r in conn.execute(
+                    "SELECT at FROM attempts WHERE account = ? AND at >= ? AND allowed",
+                    (account, a_since)))
+            if c_since is not None and destination is not None:
+                callee_attempts = tuple(rules.from_micros(r[0]) for r in conn.execute(
+                    "SELECT at FROM attempts WHERE account = ? AND destination = ?"
+                    " AND at >= ? AND allowed", (account, destination, c_since)))
+            if acc is None:
+                return AccountSnapshot(Decimal(0), False, live, account_attempts,
+                                       callee_attempts, known=False)
+            available = rules.from_units(acc["posted"] - acc["held"], unit)
+            return AccountSnapshot(available, bool(acc["closed"]), live, account_attempts,
+                                   callee_attempts)
+
+        return await self._read(run)
+
+    async def admit_and_hold(
+        self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
+        *, reason: str,
+    ) -> Admission:
+        admit = self._admit_job(call, max_live)
+        hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
+
+        def attempt(allowed: bool, why: str) -> Callable[[sqlite3.Connection], None]:
+            return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why)
+
+        def run(conn: sqlite3.Connection) -> Admission:
+            if not admit(conn):
+                attempt(False, "concurrency_limit")(conn)
+                return Admission.LINES_BUSY
+            if not hold(conn):
+                # Nothing was written for the call but its row: take that back too.
+                conn.execute("DELETE FROM calls WHERE call_id = ? AND held = 0 AND steps = 0",
+                             (call.call_id,))
+                attempt(False, "insufficient_balance")(conn)
+                return Admission.NO_FUNDS
+            attempt(True, reason)(conn)
+            return Admission.ADMITTED
+
+        return await self._write(run)
 
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None

@@ -1,0 +1,197 @@
+"""The real gate path: Gatekeeper decisions with the ledger reads and writes they make.
+
+Each decision reads the account's state (balance, live calls, attempts for the
+caps), runs decide(), admits the call (atomic concurrency check), reserves the
+first increment and logs the attempt. Measured on the SQLite ledger (durable:
+WAL, synchronous=FULL) and, when reachable, PostgreSQL: decisions/s and latency
+p50/p99 at 300/s and 2,000/s offered load and at saturation, each against the
+same decisions made by pure decide() in the same run. Calls are hung up
+(settled at zero) shortly after admission so rented lines free up, as in life.
+The socket part of the gate is measured by gate_fastagi.py / gate_esl.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import structlog
+
+from agent.calls import CallInfo, Direction
+from agent.gate.decide import decide
+from agent.gate.decision import AccountState
+from agent.gate.policy import load_policy
+from agent.gatekeeper import Gatekeeper
+from agent.ledger import Cdr, open_ledger
+from agent.meter.clock import WallClock
+
+ACCOUNTS = 50
+
+
+def policy_text() -> str:
+    lines = ["version: 1", "defaults:",
+             "  calling_hours: [{days: all, windows: [{start: '00:00', end: '24:00'}]}]",
+             "  callee_cap: {max_attempts: 2, period: day}",
+             "  rate_cap: {max_attempts: 1000000, period: 1h}",
+             "  max_concurrent_calls: 500", "accounts:"]
+    lines += [f'  a{i}: {{name: A{i}, caller_ids: ["021{i:08d}"]}}' for i in range(ACCOUNTS)]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(lat: list[float], elapsed: float) -> dict[str, float]:
+    lat.sort()
+    q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
+    return {"per_s": round(len(lat) / elapsed, 1), "p50_ms": round(q[49] * 1000, 3),
+            "p99_ms": round(q[98] * 1000, 3)}
+
+
+async def measure(url: str, seconds: float, rates: list[float], concurrency: int,
+                  tmp: Path) -> dict[str, object]:
+    policy = load_policy(tmp / "policy.yaml")
+    ledger = await open_ledger(url)
+    clock = WallClock()
+    for i in range(ACCOUNTS):
+        await ledger.topup(f"a{i}", Decimal("100000"), ref=f"bench-{time.time_ns()}-{i}",
+                           at=clock.now())
+    gate = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=clock, node="bench",
+                      budget=30)
+    seq = 0
+    hangups: set[asyncio.Task[object]] = set()
+
+    def request() -> CallInfo:
+        nonlocal seq
+        seq += 1
+        a = seq % ACCOUNTS
+        return CallInfo(f"b{time.time_ns()}-{seq}", Direction.OUTBOUND, f"021{a:08d}",
+                        f"13{seq:09d}", f"a{a}")
+
+    async def hang_up(call: CallInfo, account: str) -> None:
+        await asyncio.sleep(0.2)
+        await ledger.settle_call(Cdr(call.call_id, account, call.caller_id, call.destination,
+                                     None, datetime.now(UTC), 0, 0, Decimal(0), "NO_ANSWER"))
+
+    async def one() -> float:
+        call = request()
+        t0 = time.perf_counter()
+        decision = await gate(call)
+        took = time.perf_counter() - t0
+        if not decision.allow:
+            raise RuntimeError(f"refused: {decision.reason}")
+        task = asyncio.ensure_future(hang_up(call, decision.account or ""))
+        hangups.add(task)
+        task.add_done_callback(hangups.discard)
+        return took
+
+    results: dict[str, object] = {}
+    loop = asyncio.get_running_loop()
+    for rate in rates:
+        lat: list[float] = []
+        start = loop.time()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        lat = [x for x in await asyncio.gather(*tasks) if isinstance(x, float)]
+        results[f"rate_{int(rate)}"] = summarize(lat, loop.time() - start)
+    lat = []
+    end = loop.time() + seconds
+
+    async def caller() -> None:
+        while loop.time() < end:
+            lat.append(await one())
+
+    start = loop.time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    results["saturation"] = summarize(lat, loop.time() - start)
+    await asyncio.gather(*hangups, return_exceptions=True)
+    results["audit_problems"] = len(await ledger.audit())
+    await ledger.close()
+    return results
+
+
+def pure_decide_rate(tmp: Path, n: int = 50_000) -> float:
+    policy = load_policy(tmp / "policy.yaml")
+    now = datetime.now(UTC)
+    state = AccountState(balance=Decimal("100"), live_calls=1)
+    calls = [CallInfo(f"c{i}", Direction.OUTBOUND, f"021{i % ACCOUNTS:08d}", f"13{i:09d}",
+                      f"a{i % ACCOUNTS}") for i in range(1000)]
+    t0 = time.perf_counter()
+    for i in range(n):
+        decide(policy, state, calls[i % 1000], now)
+    return n / (time.perf_counter() - t0)
+
+
+async def postgres_url() -> str | None:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect("postgresql://root@127.0.0.1:5432/test", timeout=3)
+    except Exception:
+        return None
+    schema = f"bench_gate_{time.time_ns()}"
+    await conn.execute(f'CREATE SCHEMA "{schema}"')
+    await conn.close()
+    return f"postgresql://root@127.0.0.1:5432/test?search_path={schema}"
+
+
+async def drop_schema(url: str) -> None:
+    import asyncpg
+
+    schema = url.rsplit("search_path=", 1)[1]
+    conn = await asyncpg.connect("postgresql://root@127.0.0.1:5432/test")
+    await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    await conn.close()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    rates = [float(r) for r in args.rates.split(",")]
+    figures: dict[str, object] = {"bench": "gate_ledger", "seconds": args.seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "policy.yaml").write_text(policy_text())
+        figures["pure_decide_per_s"] = round(pure_decide_rate(Path(tmp)))
+        sqlite = await measure(f"sqlite://{tmp}/ledger.db", args.seconds, rates,
+                               args.concurrency, Path(tmp))
+        figures["sqlite"] = sqlite
+        pg_url = await postgres_url()
+        if pg_url is not None:
+            try:
+                figures["postgres"] = await measure(pg_url, args.seconds, rates,
+                                                    args.concurrency, Path(tmp))
+            finally:
+                await drop_schema(pg_url)
+    return figures
+
+
+def main() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rates", default="300,2000")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    figures = asyncio.run(main_async(args))
+    for backend in ("sqlite", "postgres"):
+        if backend in figures:
+            r = figures[backend]
+            assert isinstance(r, dict)
+            sat = r["saturation"]
+            ratio = sat["per_s"] / figures["pure_decide_per_s"]  # type: ignore[operator]
+            print(f"{backend}: saturation {sat['per_s']} decisions/s "
+                  f"(p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms; {ratio:.3f}x pure decide()); "
+                  + "; ".join(f"{k}: p50 {v['p50_ms']} ms p99 {v['p99_ms']} ms at {v['per_s']}/s"
+                              for k, v in r.items() if k.startswith("rate_")))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
