@@ -478,7 +478,6 @@ async def test_admit_and_hold_is_one_all_or_nothing_write(ledger: Any) -> None:
 
 
 async def test_admit_and_hold_on_a_closed_account_is_refused(ledger: Any) -> None:
-
     await funded(ledger, "1")
     await ledger.refund("acme", ref="bye", at=T0)
     with pytest.raises(AccountClosed):
