@@ -221,7 +221,8 @@ class Agent:
         """Lines that show a bug rather than a fault handled: tracebacks, failed components."""
         fatal = {"meter.call_failed", "meter.event_failed", "daemon.component_failed"}
         return [line for line in self.lines
-                if "exception" in line or line.get("event") in fatal
+                if line.get("event") in fatal
+                or ("exception" in line and line.get("level") in ("error", "critical"))
                 or (line.get("raw") and "Traceback" in line["event"])]
 
     async def kill(self) -> None:
