@@ -121,7 +121,7 @@ class CallResult:
     ended_at: datetime
     billsec: int
     cause: int
-    ended_by: str  # caller | callee | ami | deadline | limit | busy | noanswer | denied
+    ended_by: str  # caller | callee | ami | deadline | limit | busy | noanswer | denied | restart
     agi_status: str = ""  # SUCCESS | FAILURE | HANGUP | "" (no gate)
     variables: dict[str, str] = field(default_factory=dict)
 
@@ -280,7 +280,20 @@ class AsteriskSimulator:
         drops every call without events, as an Asterisk restart does."""
         await self._stop_ami()
         if not keep_calls:
+            end = time.time()
             for call in list(self._calls.values()):
+                # The PBX's own figures for a call it dropped: its talk ended now.
+                ch = call.caller
+                if not call._result.done():
+                    call._result.set_result(CallResult(
+                        ch.uniqueid,
+                        datetime.fromtimestamp(ch.answered, UTC) if ch.answered else None,
+                        datetime.fromtimestamp(end, UTC),
+                        cdr_billsec(ch.answered, end, self.initiatedseconds),
+                        0,
+                        "restart",
+                        variables=dict(ch.variables),
+                    ))
                 if call.task is not None:
                     call.task.cancel()
             self._calls.clear()
