@@ -39,7 +39,11 @@ def parse_amount(
         raise AmountError(f"amount {raw!r} is not a number") from None
     if not value.is_finite():
         raise AmountError(f"amount {raw!r} is not a finite number")
-    if value != value.quantize(minor_unit, rounding="ROUND_DOWN"):
+    try:
+        whole_units = value.quantize(minor_unit, rounding="ROUND_DOWN")
+    except InvalidOperation:  # more digits than the decimal context holds (28)
+        raise AmountError(f"amount {raw!r} is too large") from None
+    if value != whole_units:
         raise AmountError(
             f"amount {raw!r} has more decimal places than the minor unit {minor_unit}"
         )
