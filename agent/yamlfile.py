@@ -24,6 +24,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError, RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 Path_ = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
@@ -112,6 +113,12 @@ def read_yaml(path: Path) -> YamlDocument:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
         what = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([LocatedError(name, line, "", f"YAML syntax: {what}")]) from None
+    except ReaderError as exc:
+        # A control character (a stray ^H or NUL from a paste): ruamel gives
+        # only its offset in the text, so count the lines up to it.
+        line = text.count("\n", 0, exc.position) + 1
+        what = str(exc).split("\n", 1)[0]
         raise ConfigError([LocatedError(name, line, "", f"YAML syntax: {what}")]) from None
     except YAMLError as exc:
         raise ConfigError([LocatedError(name, None, "", f"YAML syntax: {exc}")]) from None
