@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -441,6 +442,10 @@ def _metric(body: str, name: str) -> float:
     raise AssertionError(f"{name} not in the metrics:\n{body}")
 
 
+# The broker's outage; the minute is CALLGATE_FAULT_MQTT_OUTAGE=60 (a soak run).
+MQTT_OUTAGE = float(os.environ.get("CALLGATE_FAULT_MQTT_OUTAGE", "10"))
+
+
 @pytest.mark.mqtt
 async def test_mqtt_broker_down_gating_and_metering_go_on_events_follow(tmp_path):
     import aiomqtt
@@ -468,9 +473,10 @@ async def test_mqtt_broker_down_gating_and_metering_go_on_events_follow(tmp_path
                     await agent.wait_for("meter.settled", call_id=call.call_id)
                     line = await decision(agent, call)
                     assert line["result"] == "ALLOW"
-                await asyncio.sleep(8)  # the broker stays away for ~10 s in all
+                await asyncio.sleep(MQTT_OUTAGE - 2)  # the calls took ~2 s of it
                 await proxy.up()
-                await agent.wait_for("mqtt.connected", count=2, timeout=30)
+                # Reconnect backoff is capped at 30 s (+25% jitter).
+                await agent.wait_for("mqtt.connected", count=2, timeout=45)
                 received: list[tuple[str, dict[str, Any]]] = []
                 async with asyncio.timeout(15):
                     async for message in client.messages:
@@ -568,3 +574,52 @@ async def test_two_agents_on_one_postgres_balance_never_overdraw_and_share_the_c
             assert not problems, "\n".join(problems)
     finally:
         _in_thread(_pg_schema, base, schema, False)
+
+
+# -- the checker itself can fail -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PbxSays:
+    call_id: str
+    answered_at: datetime | None
+    billsec: int
+
+
+async def test_money_problems_names_each_broken_invariant(tmp_path):
+    from agent.ledger import CallRecord, Cdr
+
+    ledger = await open_ledger(f"sqlite://{tmp_path}/ledger.db")
+    now = datetime.now(UTC)
+    try:
+        await ledger.topup("acme", Decimal("1"), ref="t", at=now)
+
+        async def call(call_id: str, paid: int, charged: str | None, billsec: int) -> None:
+            await ledger.admit_call(CallRecord(
+                call_id=call_id, account="acme", node="t1", caller="1", callee="2",
+                tariff_name="quick", rate=Decimal("0.13"), increment=2, minimum=2,
+                admitted_at=now), None)
+            assert await ledger.hold(call_id, 1, Decimal("0.13") * (paid // 2), paid, now)
+            if charged is not None:
+                await ledger.settle_call(Cdr(
+                    call_id=call_id, account="acme", caller="1", callee="2", answered_at=now,
+                    ended_at=now, billsec=billsec, billed_seconds=paid, amount=Decimal(charged),
+                    cause="NORMAL_CLEARING"))
+
+        await call("right", 4, "0.26", 3)
+        assert await money_problems(ledger, {"right": _PbxSays("right", now, 3)}) == []
+        await call("short", 4, "0.13", 4)  # billed 2 s of 4
+        await call("long", 4, "0.26", 4)  # the PBX let it talk 9 s
+        await call("open", 2, None, 0)  # never settled
+        problems = "\n".join(await money_problems(ledger, {
+            "right": _PbxSays("right", now, 3), "short": _PbxSays("short", now, 4),
+            "long": _PbxSays("long", now, 9), "open": _PbxSays("open", now, 1),
+            "ghost": _PbxSays("ghost", now, 5)}))
+        for needle in ("short: charged 0.1300, expected 0.2600",
+                       "long: talked 9 s, paid 4 s", "long: charged 0.2600, expected 0.6500",
+                       "open: ended on the PBX, never settled", "acme: 0.1300 still held",
+                       "live calls left in the ledger: ['open']",
+                       "ghost: talked 5 s, unknown to the ledger"):
+            assert needle in problems, problems
+    finally:
+        await ledger.close()
