@@ -184,6 +184,25 @@ async def test_restart_adopts_calls_still_up_and_meters_them_on(h):
     await h.check_invariants()
 
 
+async def test_restart_frees_at_once_a_call_it_did_not_admit_that_ended_meanwhile(h):
+    # Allowed (first unit held) and ringing when the agent died; answered and ended
+    # while nobody watched. A call admitted before this meter started cannot be newer
+    # than the PBX's list at start, so not listed means gone: its hold and its line
+    # are freed at once, not once admitted_timeout (30 s) has passed.
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=10, ring=5)
+    await h.advance(1)
+    await h.kill_agent()
+    await h.clock.advance(20)
+    assert call.ended_by == "party"
+    await h.restart_agent()  # t=21: admitted 21 s ago
+    assert (await h.ledger.balance("a0")).held == 0
+    assert await h.ledger.live_calls() == []
+    cdr = await h.cdr(call.info.call_id)
+    assert "outcome_unknown" in cdr.flags and cdr.amount == 0
+    await h.check_invariants()
+
+
 async def test_unseen_answered_call_is_metered_from_its_elapsed_time(h):
     await h.topup("a0", "10")
     _, call = await h.dial(talk=130, ring=1, gated=False)

@@ -157,6 +157,10 @@ class Meter:
         self.live: dict[str, LiveCall] = {}
         self.pbx_connected = False
         self.cutoffs = 0
+        # Calls admitted before this meter existed were admitted by an earlier process:
+        # the PBX listing at start is later than their admission, so it shows them if
+        # they are still up (see _reconcile).
+        self._started_at = clock.now()
         self._queue: asyncio.Queue[CallEvent] = asyncio.Queue()
         self._settled: OrderedDict[str, None] = OrderedDict()  # recent, bounded
         self._low_warned: set[str] = set()
@@ -639,9 +643,13 @@ class Meter:
                     log.info("meter.adopted", call_id=record.call_id, account=record.account)
                     self._spawn(live)
                 continue
-            if record.status is CallStatus.ADMITTED and (
-                    now - record.admitted_at).total_seconds() < self.settings.admitted_timeout:
-                continue  # allowed a moment ago; its channel may not be listed yet
+            if (record.status is CallStatus.ADMITTED and record.admitted_at >= self._started_at
+                    and (now - record.admitted_at).total_seconds()
+                    < self.settings.admitted_timeout):
+                # Allowed a moment ago; the PBX's list may predate its channel. One
+                # allowed before this process started cannot be newer than the list
+                # taken at start: not listed means gone, and its hold is freed now.
+                continue
             live = LiveCall.from_record(record)
             live.end(None, "ended_while_away")
             log.warning("meter.settle_ended_while_away", call_id=record.call_id,
