@@ -210,17 +210,24 @@ async def test_agent_killed_mid_call_restarts_settles_and_adopts(tmp_path, store
                 long = await r.place("slowco", talk=11)  # 10 s increments: outlives the outage
                 await r.until_status(short, CallStatus.ANSWERED)
                 await r.until_status(long, CallStatus.ANSWERED)
+                # Allowed (first unit held) but still ringing when the agent dies.
+                ringing = await r.place("acme", talk=None, ring=1.0)
+                await r.until_status(ringing, CallStatus.ADMITTED)
                 await agent.kill()
-            # Nobody meters now: the PBX's own deadline (paid + grace) ends the short call.
-            short_result = (await ended(short, timeout=10))[short.call_id]
-            assert short_result.by_deadline, short_result
+            # Nobody meters now: the PBX's own deadline (paid + grace) ends the short
+            # call, and the limit armed at allow time ends the one answered meanwhile.
+            away = await ended(short, ringing, timeout=10)
+            assert away[short.call_id].by_deadline, away
+            assert away[ringing.call_id].by_deadline and away[ringing.call_id].answered_at, away
             assert long.call_id in _live(r), "the long call should still be up"
             async with Agent(r.config) as agent:
                 await agent.wait_for("meter.settle_ended_while_away", call_id=short.call_id)
+                await agent.wait_for("meter.settle_ended_while_away", call_id=ringing.call_id)
                 await agent.wait_for("meter.adopted", call_id=long.call_id)
-                results = await ended(short, long, timeout=20)
+                results = await ended(short, ringing, long, timeout=20)
                 await agent.wait_for("meter.settled", call_id=long.call_id)
                 await agent.wait_for("meter.settled", call_id=short.call_id)
+                await agent.wait_for("meter.settled", call_id=ringing.call_id)
                 # The adopted call was metered on: its second increment was held by
                 # the new agent, and it ended by itself, not at the old deadline.
                 record = await r.ledger.get_call(long.call_id)
@@ -395,15 +402,14 @@ async def test_ledger_unavailable_refuses_new_calls_ends_paid_ones_and_recovers(
             assert (await ended(refused))[refused.call_id].answered_at is None
             line = await decision(agent, refused)
             assert (line["result"], line["reason"]) == ("DENY", "ledger_unavailable"), line
-            # The running call is not extended past what it paid: it ends at its
-            # paid boundary (the meter's hang-up, or the PBX deadline + grace).
+            # The running call is not extended past what it paid: it ends at its paid
+            # boundary (the meter's hang-up, or the PBX deadline + grace) while the
+            # ledger is still away; money_problems checks billsec <= paid + grace.
             results = await ended(running, timeout=outage)
-            assert results[running.call_id].ended_at < datetime.now(UTC)
+            assert time.monotonic() - outage_started < outage
+            await asyncio.sleep(max(0.0, outage - (time.monotonic() - outage_started)))
             if proxy is not None:
-                await asyncio.sleep(max(0.0, outage - (time.monotonic() - outage_started)))
                 await proxy.up()
-            else:
-                await asyncio.sleep(max(0.0, outage - (time.monotonic() - outage_started)))
             # Recovers by itself: the ended call is settled, new calls are allowed.
             await agent.wait_for("meter.settled", call_id=running.call_id, timeout=20)
             async with asyncio.timeout(20):
