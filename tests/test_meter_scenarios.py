@@ -239,6 +239,23 @@ async def test_pbx_disconnect_loses_the_hangup_and_reconcile_settles(h):
     await h.check_invariants()
 
 
+async def test_reconnect_frees_at_once_a_call_allowed_and_gone_while_the_link_was_down(h):
+    # The gate works without the event link: a call is allowed, answered and ended
+    # while it is down, and none of its events arrive. At the reconnect it is young
+    # (admitted 10 s ago, under admitted_timeout), so the meter lists the PBX again:
+    # not listed after the admission means gone. Hold and line are freed at once.
+    await h.topup("a0", "10")
+    h.pbx.disconnect()
+    _, call = await h.dial(talk=5, ring=1)
+    await h.clock.advance(10)
+    assert call.ended_by == "party"
+    h.pbx.reconnect()
+    await h.meter.wait_idle()
+    assert (await h.ledger.balance("a0")).held == 0
+    assert await h.ledger.live_calls() == []
+    await h.check_invariants()
+
+
 async def test_suspending_the_account_ends_calls_at_the_paid_boundary(h, tmp_path):
     await h.topup("a0", "10")
     _, call = await h.dial(talk=1000, ring=1)

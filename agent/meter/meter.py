@@ -630,6 +630,7 @@ class Meter:
             return
         now = self.clock.now()
         known = {r.call_id for r in records}
+        young: list[CallRecord] = []
         for record in records:
             if record.call_id in self.live:
                 continue
@@ -646,15 +647,25 @@ class Meter:
             if (record.status is CallStatus.ADMITTED and record.admitted_at >= self._started_at
                     and (now - record.admitted_at).total_seconds()
                     < self.settings.admitted_timeout):
-                # Allowed a moment ago; the PBX's list may predate its channel. One
-                # allowed before this process started cannot be newer than the list
-                # taken at start: not listed means gone, and its hold is freed now.
+                # Allowed a moment ago: the PBX's list may predate its channel (one
+                # allowed before this process started cannot: not listed, it is gone).
+                young.append(record)
                 continue
-            live = LiveCall.from_record(record)
-            live.end(None, "ended_while_away")
-            log.warning("meter.settle_ended_while_away", call_id=record.call_id,
-                        account=record.account, answered=record.answered_at is not None)
-            self._spawn(live)
+            self._settle_gone(record)
+        if young:
+            # A channel exists before it asks the gate, so a list taken now (after the
+            # ledger read, so after these admissions) shows each of these still up. Not
+            # listed: gone while the link was down or the PBX restarted. Settle it now
+            # rather than hold its first unit and its line until admitted_timeout.
+            try:
+                listed = {c.call.call_id for c in await self.pbx.active_calls()}
+            except PbxError as exc:
+                log.warning("meter.reconcile_failed", error=str(exc))
+            else:
+                for record in young:
+                    if (record.call_id not in listed and record.call_id not in self.live
+                            and record.call_id not in self._settled):
+                        self._settle_gone(record)
         for call_id, live in list(self.live.items()):
             if call_id not in on_pbx and not live.ended.is_set():
                 self._track(self._end_if_still_absent(live))
@@ -662,6 +673,14 @@ class Meter:
             if (call_id not in known and call_id not in self.live
                     and call_id not in self._settled and active.answered_at is not None):
                 await self._unseen(active.call, active.answered_at)
+
+    def _settle_gone(self, record: CallRecord) -> None:
+        """An open call of this node the PBX no longer has: settle it from what is known."""
+        live = LiveCall.from_record(record)
+        live.end(None, "ended_while_away")
+        log.warning("meter.settle_ended_while_away", call_id=record.call_id,
+                    account=record.account, answered=record.answered_at is not None)
+        self._spawn(live)
 
     def _track(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
