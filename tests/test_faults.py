@@ -278,14 +278,18 @@ async def test_pbx_link_drop_and_pbx_restart_reconcile_without_double_charge(tmp
                 # and it is gone without a word.
                 await asyncio.sleep(1.5)
                 assert survivor.call_id in _live(r)
+                ringing = await r.place(talk=None, ring=30)  # first unit held at setup
+                await r.until_status(ringing, CallStatus.ADMITTED)
                 await r.restart_pbx()
                 await agent.wait_for(r.connected_event, count=3)
                 await agent.wait_for("meter.settled", call_id=survivor.call_id)
+                # Gone unanswered: its hold and line are freed now, not in 30-60 s.
+                await agent.wait_for("meter.settled", call_id=ringing.call_id, timeout=5)
                 # Service goes on after all that.
                 after = await r.place(talk=2.5)
                 await agent.wait_for("meter.settled", call_id=after.call_id)
-                results = await ended(survivor, lost, unheard, after)
-                assert len(agent.matching("meter.settled")) == 4
+                results = await ended(survivor, lost, unheard, ringing, after)
+                assert len(agent.matching("meter.settled")) == 5
                 assert await agent.stop() == 0
                 await assert_money(r, results, agent)
                 flags = {c.call_id: c.flags for c in await _cdrs(r, "acme")}
