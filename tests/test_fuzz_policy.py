@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ruamel.yaml import YAML
 
@@ -119,23 +119,16 @@ def test_deleting_any_key_or_item(path: tuple[Any, ...]) -> None:
     check(_dump(doc))
 
 
-# Found by this fuzz: ``defaults: {numbers: null}`` (or ``destinations: null``) passes
-# the schema (DefaultsSpec allows None there) and then trips an ``assert`` in
-# compile_policy (agent/gate/policy.py) instead of a located error. The fix
-# belongs in agent/gate/schema.py (the lead's): refuse null for these two
-# defaults. Until then the fuzz steps around them, and the strict xfail below
-# turns red the day it is fixed, so this list gets emptied.
-NULL_CRASHES = {("defaults", "numbers"), ("defaults", "destinations")}
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="null defaults.numbers/destinations crash compile_policy")
-@pytest.mark.parametrize("path", sorted(NULL_CRASHES))
-def test_null_defaults_numbers_and_destinations_are_located_errors(
-        path: tuple[str, str]) -> None:
+# A null for a default that accounts inherit (numbers, destinations, …) once
+# crashed compile_policy with an AssertionError; it is now a located error.
+@pytest.mark.parametrize("path", [("defaults", "numbers"), ("defaults", "destinations"),
+                                  ("defaults", "calling_hours"), ("defaults", "tariff")])
+def test_null_defaults_are_located_errors(path: tuple[str, str]) -> None:
     doc = _yaml().load(SHIPPED_TEXT)
     doc[path[0]][path[1]] = None
-    assert isinstance(check(_dump(doc)), ConfigError)
+    result = check(_dump(doc))
+    assert isinstance(result, ConfigError)
+    assert any(e.path == ".".join(path) and e.line for e in result.errors), result
 
 
 @FUZZ
@@ -143,7 +136,6 @@ def test_null_defaults_numbers_and_destinations_are_located_errors(
     SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                      st.dictionaries(KEYS, inner, max_size=3)), max_leaves=6))
 def test_any_value_replaced_by_another_type(path: tuple[Any, ...], value: Any) -> None:
-    assume(not (path in NULL_CRASHES and value is None))
     doc = _yaml().load(SHIPPED_TEXT)
     parent, key = _parent_and_key(doc, path)
     parent[key] = value

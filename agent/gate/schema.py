@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictStr,
+    field_validator,
     model_validator,
 )
 
@@ -218,6 +219,18 @@ class DefaultsSpec(RulesSpec):
     destinations: ScopeSpec | None = Field(default_factory=ScopeSpec)
     do_not_call: DoNotCallSpec | None = Field(default_factory=DoNotCallSpec)
     low_balance_warning: Money | None = Decimal("20")
+
+    @field_validator("timezone", "calling_hours", "closed_dates", "at_window_end", "tariff",
+                     "numbers", "destinations", "do_not_call", "low_balance_warning",
+                     mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        # Accounts inherit these; "nothing" has no meaning for them (the caps and
+        # max_concurrent_calls may be null: no limit).
+        if value is None:
+            raise ValueError("must not be empty here: remove the key to keep the built-in "
+                             "default, or give a value")
+        return value
 
 
 class AccountSpec(RulesSpec):
