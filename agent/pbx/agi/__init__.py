@@ -6,6 +6,7 @@ The asyncio server around it lives in :mod:`agent.pbx.asterisk`.
 from agent.pbx.agi._protocol import (
     MAX_LINE,
     MAX_REQUEST,
+    MAX_USAGE,
     AgiEvent,
     AgiHangup,
     AgiReply,
@@ -23,6 +24,7 @@ from agent.pbx.agi._protocol import (
 __all__ = [
     "MAX_LINE",
     "MAX_REQUEST",
+    "MAX_USAGE",
     "AgiEvent",
     "AgiHangup",
     "AgiReply",

@@ -11,7 +11,8 @@ as :class:`AgiHangup` so replies stay in step. Asterisk never closes the
 socket itself (06d waited 10 s): the server must.
 
 Bounds, because anything on the network can connect: the request is at most
-:data:`MAX_REQUEST` bytes and a line at most :data:`MAX_LINE`; more is a
+:data:`MAX_REQUEST` bytes, a line at most :data:`MAX_LINE` and a ``520-`` usage
+text at most :data:`MAX_USAGE`; more is a
 :class:`ParseFailed` and the connection is done. Lines are split on bytes and
 decoded whole, so a UTF-8 caller name cut between two TCP reads decodes right.
 A request that ends before its empty line is never reported (nothing may be
@@ -29,6 +30,10 @@ MAX_REQUEST = 16384
 """Bytes of request headers; the traces' requests are about 500 bytes."""
 MAX_LINE = 4096
 """Bytes in one line (request header or reply)."""
+MAX_USAGE = 16384
+"""Characters of a multi-line ``520-`` reply's usage text (res_agi.c's longest
+usage texts are about 2 KB); without a bound a peer that never sends the
+closing ``520 `` line would grow it for as long as it writes."""
 
 
 class AgiState(Enum):
@@ -155,11 +160,14 @@ class FastAgiConnection:
         self._headers: dict[str, str] = {}
         self._usage: list[str] | None = None  # inside a 520- reply
         self._usage_code = 0
+        self._usage_size = 0
 
     def receive_data(self, data: bytes | None) -> None:
         if not data:
             self._eof = True
             return
+        if self.state is AgiState.CLOSED:
+            return  # refused or ended: nothing more is read, so nothing is kept
         self._buf += data
 
     def send_command(self, *words: str) -> bytes:
@@ -263,10 +271,15 @@ class FastAgiConnection:
                 usage, self._usage = tuple(self._usage), None
                 return AgiReply(self._usage_code, text=line, usage=usage)
             self._usage.append(line)
+            self._usage_size += len(line) + 1
+            if self._usage_size > MAX_USAGE:
+                self.state = AgiState.CLOSED
+                return ParseFailed(f"AGI 520 usage text longer than {MAX_USAGE} characters")
             return None
         m = _REPLY.fullmatch(line)
         if m is not None and m.group(2) == "-":
             self._usage = []
+            self._usage_size = 0
             self._usage_code = int(m.group(1))
             return None
         return parse_reply(line)
