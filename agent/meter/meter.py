@@ -88,6 +88,10 @@ class MeterSettings:
     reconcile_interval: float = 30.0
     absent_grace: float = 3.0  # wait this long for a real hang-up event before settling
     admitted_timeout: float = 30.0  # an admitted call the PBX never shows is dropped after this
+    # FreeSWITCH's `show channels` reads its core database, written asynchronously
+    # (the traces show it about a second behind): a channel created this recently
+    # may be missing from a list without being gone, so it is looked for again.
+    listing_lag: float = 2.0
     ledger_retry: float = 1.0
     unseen_calls: Literal["meter", "cut"] = "meter"
 
@@ -663,8 +667,11 @@ class Meter:
                 log.warning("meter.reconcile_failed", error=str(exc))
             else:
                 for record in young:
-                    if (record.call_id not in listed and record.call_id not in self.live
-                            and record.call_id not in self._settled):
+                    if record.call_id in listed:
+                        continue
+                    if (now - record.admitted_at).total_seconds() < self.settings.listing_lag:
+                        self._track(self._settle_if_still_unlisted(record))
+                    elif record.call_id not in self.live and record.call_id not in self._settled:
                         self._settle_gone(record)
         for call_id, live in list(self.live.items()):
             if call_id not in on_pbx and not live.ended.is_set():
@@ -673,6 +680,21 @@ class Meter:
             if (call_id not in known and call_id not in self.live
                     and call_id not in self._settled and active.answered_at is not None):
                 await self._unseen(active.call, active.answered_at)
+
+    async def _settle_if_still_unlisted(self, record: CallRecord) -> None:
+        """A call admitted a moment ago and not listed yet: look again after the lag."""
+        await self.clock.sleep_until(
+            record.admitted_at + timedelta(seconds=self.settings.listing_lag))
+        try:
+            listed = {c.call.call_id for c in await self.pbx.active_calls()}
+        except PbxError:
+            return  # the next reconcile decides
+        if record.call_id in listed or record.call_id in self.live \
+                or record.call_id in self._settled:
+            return
+        current = await self._record(record.call_id)
+        if current is not None and current.status is CallStatus.ADMITTED:
+            self._settle_gone(current)
 
     def _settle_gone(self, record: CallRecord) -> None:
         """An open call of this node the PBX no longer has: settle it from what is known."""
