@@ -20,7 +20,10 @@ increments) so a scenario takes seconds.
    newest events (the buffer's worth) published once it is back; drops counted.
 6. A bad policy edit while a call runs: the call is not affected.
 7. Two agents (an Asterisk node and a FreeSWITCH node) selling one PostgreSQL
-   balance: no overdraw, the concurrency cap held across both.
+   balance: no overdraw, the concurrency cap held across both; and while one
+   node's agent is dead, the other's reconcile leaves that node's calls alone.
+
+``money_problems`` itself is tested last (it must be able to fail).
 """
 
 from __future__ import annotations
@@ -639,3 +642,43 @@ async def test_money_problems_names_each_broken_invariant(tmp_path):
             assert needle in problems, problems
     finally:
         await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_two_agents_on_one_ledger_reconcile_only_their_own_calls(tmp_path):
+    # Node n1's agent dies mid-call while n2's agent reconnects to its PBX and
+    # reconciles: n2 must leave n1's call alone (it is not on n2's PBX, yet it is up).
+    base = pg_base_url()
+    schema = f"faults_nodes_{uuid.uuid4().hex[:10]}"
+    _in_thread(_pg_schema, base, schema, True)
+    url = f"{base}?search_path={schema}"
+    try:
+        async with (
+            rig("asterisk", tmp_path / "n1", url, node="n1") as one,
+            rig("freeswitch", tmp_path / "n2", url, node="n2") as two,
+            Agent(two.config) as agent_two,
+        ):
+            await one.topup("acme", "5.00")
+            async with Agent(one.config) as agent_one:
+                await agent_one.wait_for("daemon.ready")
+                await agent_two.wait_for("daemon.ready")
+                mine, theirs = await one.place(talk=6), await two.place(talk=6)
+                await one.until_status(mine, CallStatus.ANSWERED)
+                await two.until_status(theirs, CallStatus.ANSWERED)
+                await agent_one.kill()
+            two.drop_link()
+            await agent_two.wait_for(two.connected_event, count=2)
+            async with Agent(one.config) as agent_one:
+                await agent_one.wait_for("daemon.ready")
+                results = await ended(mine, theirs)
+                await agent_one.wait_for("meter.settled", call_id=mine.call_id)
+                await agent_two.wait_for("meter.settled", call_id=theirs.call_id)
+                assert await agent_one.stop() == 0
+                await assert_money(one, results, agent_one)
+            assert not [line for line in agent_two.lines if line.get("call_id") == mine.call_id]
+            assert await agent_two.stop() == 0
+            cdrs = {c.call_id: c for c in await _cdrs(one, "acme")}
+            assert cdrs[mine.call_id].node == "n1" and cdrs[theirs.call_id].node == "n2"
+            assert "vanished" not in cdrs[theirs.call_id].flags
+    finally:
+        _in_thread(_pg_schema, base, schema, False)
