@@ -52,6 +52,7 @@ from tests.daemon_harness import (
     TcpProxy,
     free_port,
     money_problems,
+    scrape_metrics,
     service_or_skip,
     sim_port,
     simulator,
@@ -445,22 +446,6 @@ async def test_ledger_unavailable_refuses_new_calls_ends_paid_ones_and_recovers(
 # -- 5. the MQTT broker is down ----------------------------------------------------------------
 
 
-async def _http_get(port: int, path: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    return data.decode().partition("\r\n\r\n")[2]
-
-
-def _metric(body: str, name: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in the metrics:\n{body}")
-
-
 # The broker's outage; the minute is CALLGATE_FAULT_MQTT_OUTAGE=60 (a soak run).
 MQTT_OUTAGE = float(os.environ.get("CALLGATE_FAULT_MQTT_OUTAGE", "10"))
 
@@ -502,7 +487,7 @@ async def test_mqtt_broker_down_gating_and_metering_go_on_events_follow(tmp_path
                         received.append((str(message.topic), json.loads(message.payload)))
                         if len(received) == buffer:
                             break
-                metrics = await _http_get(metrics_port, "/metrics")
+                metrics = await scrape_metrics(metrics_port)
                 assert await agent.stop() == 0
                 await assert_money(r, results, agent)
     # The newest events came through, in order; the gap is exactly the drops counted.
@@ -510,7 +495,7 @@ async def test_mqtt_broker_down_gating_and_metering_go_on_events_follow(tmp_path
     assert seqs == list(range(seqs[0], seqs[0] + buffer)), seqs
     assert received[-1][0].endswith("/call/end")
     assert received[-1][1]["call_id"] == calls[-1].call_id
-    assert _metric(metrics, "callgate_mqtt_dropped_total") == seqs[0] - 1
+    assert metrics["callgate_mqtt_dropped_total"] == seqs[0] - 1
     assert seqs[0] - 1 == 3 * 3 - buffer
 
 
