@@ -408,7 +408,7 @@ async def test_ledger_unavailable_refuses_new_calls_ends_paid_ones_and_recovers(
             outage_started = time.monotonic()
             if proxy is not None:
                 await proxy.down()
-                outage = 6.0
+                outage = 8.0
             else:
                 await stack.enter_async_context(sqlite_locked(url, 10))
                 outage = 10.0
