@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -170,6 +171,9 @@ class Daemon:
                 log.error("policy.invalid", error=str(error))
             raise StartupError(f"policy {config.policy_path} is invalid:\n{exc}") from None
         self._policy_stamp = _stamp(_files_of(config.policy_path))
+        # asyncpg logs a traceback every second or two while PostgreSQL is away; the
+        # ledger's own LedgerUnavailable lines already say so, once per operation.
+        logging.getLogger("asyncpg").setLevel(logging.ERROR)
         if config.ledger.startswith("sqlite:///"):
             database = Path("/" + config.ledger[len("sqlite:///"):].split("?")[0].lstrip("/"))
             with contextlib.suppress(OSError):  # open_ledger reports what is wrong

@@ -77,8 +77,11 @@ class Gatekeeper:
         account = policy.match_account(call)
         if account is None:
             return decide(policy, AccountState(balance=None), call, now)
+        # One deadline for the whole decision (read and admission together), so the
+        # answer is ours — logged, counted, published — before the adapter gives up.
+        deadline = asyncio.get_running_loop().time() + self.budget
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout_at(deadline):
                 state = await self._state(account, call, now)
         except (TimeoutError, LedgerError) as exc:
             log.warning("gate.ledger_unavailable", call_id=call.call_id, error=str(exc)
@@ -86,7 +89,7 @@ class Gatekeeper:
             state = AccountState(balance=None)
         decision = decide(policy, state, call, now)
         if decision.allow and decision.tariff is not None and state.balance is not None:
-            return await self._admit(account, call, decision, now)
+            return await self._admit(account, call, decision, now, deadline)
         if state.balance is not None:  # the ledger answers: log the refusal for the caps
             await self._log_attempt(account, decision, now)
         return decision
@@ -105,7 +108,7 @@ class Gatekeeper:
                             snapshot.closed)
 
     async def _admit(self, account: AccountPolicy, call: CallInfo, decision: Decision,
-                     now: Any) -> Decision:
+                     now: Any, deadline: float) -> Decision:
         """One ledger write: admit (concurrency across nodes), hold the first unit, log it.
 
         Reserving the first billing unit at setup (RFC 4006's initial request) makes
@@ -120,7 +123,7 @@ class Gatekeeper:
             increment=tariff.increment, minimum=tariff.minimum, admitted_at=now,
         )
         try:
-            async with asyncio.timeout(self.budget):
+            async with asyncio.timeout_at(deadline):
                 outcome = await self.ledger.admit_and_hold(
                     record, account.max_concurrent_calls, tariff.first_unit_cost,
                     tariff.first_unit_seconds, reason=decision.reason.value)

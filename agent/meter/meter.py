@@ -648,9 +648,11 @@ class Meter:
                     log.info("meter.adopted", call_id=record.call_id, account=record.account)
                     self._spawn(live)
                 continue
-            if (record.status is CallStatus.ADMITTED and record.admitted_at >= self._started_at
-                    and (now - record.admitted_at).total_seconds()
-                    < self.settings.admitted_timeout):
+            age = (now - record.admitted_at).total_seconds()
+            if record.status is CallStatus.ADMITTED and (
+                    (record.admitted_at >= self._started_at
+                     and age < self.settings.admitted_timeout)
+                    or age < self.settings.listing_lag):
                 # Allowed a moment ago: the PBX's list may predate its channel (one
                 # allowed before this process started cannot: not listed, it is gone).
                 young.append(record)
