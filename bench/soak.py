@@ -330,6 +330,10 @@ def _figures(pbx: str, cps: float, minutes: float, talk_mean: float, warmup: flo
     rss0, rss1 = median_of(first, "rss"), median_of(last, "rss")
     tasks0, tasks1 = median_of(first, "tasks"), median_of(last, "tasks")
     fds0, fds1 = median_of(first, "fds"), median_of(last, "fds")
+    # RSS slope in each half of the measured window: a bounded cache filling up
+    # slows down, a leak does not.
+    half = len(steady) // 2
+    slopes = [_slope_mb_per_min(part) for part in (steady[:half], steady[half:])]
     growth = {"rss_growth": (rss1 - rss0) / rss0, "tasks_growth": (tasks1 - tasks0) / tasks0,
               "fds_growth": fds1 - fds0}
     flat = {name: growth[name] < limit for name, limit in THRESHOLDS.items()}
@@ -350,11 +354,19 @@ def _figures(pbx: str, cps: float, minutes: float, talk_mean: float, warmup: flo
         "rss_mb_first": round(rss0 / 2**20, 1), "rss_mb_last": round(rss1 / 2**20, 1),
         "fds_first": fds0, "fds_last": fds1, "tasks_first": tasks0, "tasks_last": tasks1,
         "rss_growth": round(growth["rss_growth"], 4),
+        "rss_mb_per_min_first_half": slopes[0], "rss_mb_per_min_second_half": slopes[1],
         "tasks_growth": round(growth["tasks_growth"], 4), "fds_growth": growth["fds_growth"],
         "flat": all(flat.values()), "cpu_share_of_one_core": round(cpu_share, 3),
         "log_lines": dict(levels), "samples": len(samples), "reconciled": not problems,
         "ok": not problems, "problems": problems[:20],
     }
+
+
+def _slope_mb_per_min(samples: list[Sample]) -> float | None:
+    if len(samples) < 3 or samples[-1].t == samples[0].t:
+        return None
+    slope = statistics.linear_regression([s.t for s in samples], [s.rss for s in samples]).slope
+    return round(slope * 60 / 2**20, 3)
 
 
 def _describe(f: dict[str, Any]) -> list[str]:
@@ -365,7 +377,8 @@ def _describe(f: dict[str, Any]) -> list[str]:
         f"({f['ended_by_pbx_deadline']} of them by the PBX-side deadline)",
         f"peak live calls {f['peak_live_calls']}; daemon CPU {f['cpu_share_of_one_core']:.1%} "
         "of one core after warm-up",
-        f"RSS {f['rss_mb_first']} -> {f['rss_mb_last']} MB ({f['rss_growth']:+.1%}), "
+        f"RSS {f['rss_mb_first']} -> {f['rss_mb_last']} MB ({f['rss_growth']:+.1%}; "
+        f"{f['rss_mb_per_min_first_half']} then {f['rss_mb_per_min_second_half']} MB/min), "
         f"fds {f['fds_first']:g} -> {f['fds_last']:g}, asyncio tasks {f['tasks_first']:g} -> "
         f"{f['tasks_last']:g} ({f['tasks_growth']:+.1%}); flat: {f['flat']} "
         f"(thresholds {THRESHOLDS})",
