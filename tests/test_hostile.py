@@ -174,6 +174,12 @@ async def test_hostile_gate_clients_are_refused_without_leaks(tmp_path: Path, pb
                 for kind, event in zip(kinds, connected, strict=True)]
             async with asyncio.timeout(CLOSE_WAIT):
                 await asyncio.gather(*(e.wait() for e in connected))
+            # The probes see the burst (the silent clients alone hold ~28 sockets
+            # and handler tasks), so "back to baseline" below means something.
+            silent = kinds.count("silent")
+            assert open_fds(proc.pid) >= fds_before + silent // 2
+            during = (await scrape_metrics(metrics_port))["callgate_asyncio_tasks"]
+            assert during >= tasks_before + silent // 2
             # Real calls while 200 hostile connections are open.
             calls = [asyncio.create_task(real_call(n)) for n in range(1, 6)]
             answers = []
