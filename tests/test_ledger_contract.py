@@ -483,3 +483,24 @@ async def test_admit_and_hold_on_a_closed_account_is_refused(ledger: Any) -> Non
     with pytest.raises(AccountClosed):
         await ledger.admit_and_hold(call("c1"), None, RATE, 60, reason="allowed")
 
+
+
+async def test_racing_admissions_respect_the_line_cap_and_the_balance(ledger: Any) -> None:
+    import asyncio
+
+    from agent.ledger import Admission
+
+    await funded(ledger, "0.65")  # five first increments
+    lines = await asyncio.gather(*(
+        ledger.admit_and_hold(call(f"l{i}"), 3, RATE, 60, reason="allowed")
+        for i in range(12)))
+    assert lines.count(Admission.ADMITTED) == 3
+    assert lines.count(Admission.LINES_BUSY) == 9
+    money = await asyncio.gather(*(
+        ledger.admit_and_hold(call(f"m{i}"), None, RATE, 60, reason="allowed")
+        for i in range(12)))
+    assert money.count(Admission.ADMITTED) == 2  # 0.65 - 3 x 0.13 = 0.26 left
+    assert money.count(Admission.NO_FUNDS) == 10
+    balance = await ledger.balance("acme")
+    assert balance.available == 0 and balance.held == D("0.65")
+    assert await ledger.audit() == []

@@ -622,8 +622,60 @@ class PostgresLedger:
     ) -> Admission:
         admit = self._admit_job(call, max_live)
         hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
+        units = rules.positive_units(amount, self.unit, what="hold")
+        rate = rules.to_units(call.rate, self.unit, what="rate")
+        admitted = rules.check_time(call.admitted_at)
+        key = rules.hold_key(call.call_id, 1)
+
+        async def fresh(conn: Any) -> Admission | None:
+            """The usual case — a new call — in three round trips; None: take the slow path."""
+            # Locking the account row serialises admissions across every node. The
+            # count must come from a later statement: under READ COMMITTED a
+            # subquery of the locking SELECT keeps the snapshot taken before it
+            # waited for the lock, and would miss the calls admitted meanwhile.
+            closed = await conn.fetchval(
+                "SELECT closed FROM accounts WHERE id = $1 FOR UPDATE", call.account)
+            if closed is None or closed or call.answered_at is not None:
+                return None  # unknown or closed account: the careful path says why
+            row = await conn.fetchrow(
+                "SELECT EXISTS (SELECT 1 FROM calls WHERE call_id = $2) AS known,"
+                " (SELECT count(*) FROM calls WHERE account = $1 AND status != 'ended') AS live",
+                call.account, call.call_id,
+            )
+            if row["known"]:
+                return None  # a replay: the careful path answers it
+            if max_live is not None and row["live"] >= max_live:
+                await _insert_attempt(conn, call.account, call.callee, admitted, False,
+                                      "concurrency_limit")
+                return Admission.LINES_BUSY
+            # The conditional UPDATE is the balance check; the inserts happen only if
+            # it matched, all in one statement.
+            held = await conn.fetchval(
+                "WITH acc AS (UPDATE accounts SET held = held + $1"
+                "   WHERE id = $2 AND posted - held >= $1 RETURNING id),"
+                " c AS (INSERT INTO calls (call_id, account, node, caller, callee, tariff_name,"
+                "   rate, increment, minimum, admitted_at, status, held, paid_seconds, steps)"
+                "   SELECT $3, id, $4, $5, $6, $7, $8, $9, $10, $11, 'admitted', $1, $12, 1"
+                "   FROM acc RETURNING call_id),"
+                " p AS (INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                "   SELECT id, 'hold', $1, $11, $3, $13, $3 FROM acc RETURNING 1),"
+                " t AS (INSERT INTO attempts (account, destination, at, allowed, reason)"
+                "   SELECT id, $6, $11, true, $14 FROM acc RETURNING 1)"
+                " SELECT count(*) FROM acc",
+                units, call.account, call.call_id, call.node, call.caller, call.callee,
+                call.tariff_name, rate, call.increment, call.minimum, admitted, paid_seconds,
+                key, reason,
+            )
+            if held:
+                return Admission.ADMITTED
+            await _insert_attempt(conn, call.account, call.callee, admitted, False,
+                                  "insufficient_balance")
+            return Admission.NO_FUNDS
 
         async def run(conn: Any) -> Admission:
+            quick = await fresh(conn)
+            if quick is not None:
+                return quick
             if not await admit(conn):
                 await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
                                       False, "concurrency_limit")
