@@ -19,6 +19,7 @@ from agent.ledger.model import (
     CallStatus,
     Cdr,
     IdempotencyConflict,
+    Posting,
     PostingKind,
     RefusedOperation,
 )
@@ -310,3 +311,44 @@ def audit(
                 f"but charged {show(charged, unit)}"
             )
     return problems
+
+
+class FinanceFront:
+    """The finance operations as both backends expose them: checked input, then ``_finance``.
+
+    A backend provides ``unit`` (the minor unit) and ``_finance(kind, account,
+    units, ref, at, note, first_minimum=0)``, which does the storage work.
+    """
+
+    unit: Decimal
+
+    async def _finance(
+        self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
+        note: str, first_minimum: int = 0,
+    ) -> Posting:
+        raise NotImplementedError
+
+    async def topup(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime,
+        first_minimum: Decimal = Decimal(0), note: str = "",
+    ) -> Posting:
+        units = positive_units(amount, self.unit)
+        minimum = to_units(first_minimum, self.unit, what="first top-up minimum")
+        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
+
+    async def penalty(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = positive_units(amount, self.unit)
+        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
+
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
+        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
+
+    async def adjust(
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+    ) -> Posting:
+        units = to_units(amount, self.unit)
+        if units == 0:
+            raise RefusedOperation("an adjustment must not be zero")
+        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)

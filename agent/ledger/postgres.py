@@ -220,7 +220,7 @@ def split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), "")), ours
 
 
-class PostgresLedger:
+class PostgresLedger(rules.FinanceFront):
     """The ledger in PostgreSQL. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str) -> None:
@@ -283,31 +283,6 @@ class PostgresLedger:
             return await fn(conn)
 
     # -- finance --------------------------------------------------------------
-    async def topup(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime,
-        first_minimum: Decimal = Decimal(0), note: str = "",
-    ) -> Posting:
-        units = rules.positive_units(amount, self.unit)
-        minimum = rules.to_units(first_minimum, self.unit, what="first top-up minimum")
-        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
-
-    async def penalty(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
-    ) -> Posting:
-        units = rules.positive_units(amount, self.unit)
-        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
-
-    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
-        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
-
-    async def adjust(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
-    ) -> Posting:
-        units = rules.to_units(amount, self.unit)
-        if units == 0:
-            raise RefusedOperation("an adjustment must not be zero")
-        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)
-
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
         note: str, first_minimum: int = 0,

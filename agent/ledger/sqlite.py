@@ -372,7 +372,7 @@ def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal) -> Decim
     return Decimal(meta["minor_unit"])
 
 
-class SqliteLedger:
+class SqliteLedger(rules.FinanceFront):
     """The ledger in one SQLite file. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, path: Path, unit: Decimal, worker: _Worker) -> None:
@@ -424,31 +424,6 @@ class SqliteLedger:
         return await self._worker.submit(fn, write=False)
 
     # -- finance --------------------------------------------------------------
-    async def topup(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime,
-        first_minimum: Decimal = Decimal(0), note: str = "",
-    ) -> Posting:
-        units = rules.positive_units(amount, self.unit)
-        minimum = rules.to_units(first_minimum, self.unit, what="first top-up minimum")
-        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
-
-    async def penalty(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
-    ) -> Posting:
-        units = rules.positive_units(amount, self.unit)
-        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
-
-    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
-        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
-
-    async def adjust(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
-    ) -> Posting:
-        units = rules.to_units(amount, self.unit)
-        if units == 0:
-            raise RefusedOperation("an adjustment must not be zero")
-        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)
-
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
         note: str, first_minimum: int = 0,
