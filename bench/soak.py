@@ -269,7 +269,11 @@ async def _drain(proc: asyncio.subprocess.Process, tail: deque[str],
         text = line.decode(errors="replace")
         tail.append(text)
         try:
-            levels[json.loads(text).get("level", "?")] += 1
+            record = json.loads(text)
+            level = record.get("level", "?")
+            levels[level] += 1
+            if level not in ("info", "debug"):  # what went wrong, by event name
+                levels[f"{level}:{record.get('event', '?')}"] += 1
         except (json.JSONDecodeError, AttributeError):
             levels["unparsed"] += 1
 
@@ -302,7 +306,7 @@ async def _reconcile(ledger: Any, names: list[str], outcomes: Outcomes,
             wrong += 1
             if wrong <= 3:
                 problems.append(f"call {call_id}: PBX billsec {billsec}, CDR billsec "
-                                f"{cdr.billsec} amount {cdr.amount}")
+                                f"{cdr.billsec} amount {cdr.amount} flags {list(cdr.flags)}")
     if missing:
         problems.append(f"{missing} of {len(outcomes.answered)} answered calls have no CDR")
     if wrong:
