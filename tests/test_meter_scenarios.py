@@ -287,3 +287,36 @@ async def test_warning_hook_fires_before_a_cut_off(tmp_path):
         await h.check_invariants()
     finally:
         await h.stop()
+
+
+async def test_a_late_hang_up_event_wins_over_vanished(tmp_path):
+    """The adapter may deliver a hang-up seconds after the PBX stopped listing the call
+    (Asterisk: waiting for the Cdr; a busy meter: a long queue). It must be settled from
+    that event's billsec, not as 'vanished' at the paid amount."""
+    import asyncio
+
+    from agent.calls import CallEnded
+
+    h = await Harness(tmp_path, START, settings=MeterSettings(reconcile_interval=1)).start()
+    late: list[asyncio.Task[None]] = []
+
+    def delay_ends(event, deliver) -> None:
+        if isinstance(event, CallEnded):
+            async def later() -> None:
+                await h.clock.sleep_until(h.clock.now() + timedelta(seconds=4.5))
+                deliver(event)
+            late.append(asyncio.ensure_future(later()))
+        else:
+            deliver(event)
+
+    h.event_filter = delay_ends
+    try:
+        await h.topup("a0", "10")
+        _, call = await h.dial(talk=65, ring=1)
+        await h.advance(120)
+        cdr = await h.cdr(call.info.call_id)
+        assert "vanished" not in cdr.flags, cdr.flags
+        assert cdr.billsec == 65 and cdr.amount == Decimal("0.26")
+        await h.check_invariants()
+    finally:
+        await h.stop()

@@ -86,7 +86,11 @@ class MeterSettings:
     lead_seconds: int = 5
     warning_seconds: int = 0  # > 0: call the warning hook this long before a cut-off
     reconcile_interval: float = 30.0
-    absent_grace: float = 3.0  # wait this long for a real hang-up event before settling
+    # A call the PBX no longer lists is given this long for its real hang-up event
+    # (the Asterisk adapter holds one up to cdr_wait, 2 s, for its Cdr) before it
+    # is settled as vanished; the check then queues behind every event already in.
+    absent_grace: float = 5.0
+    settled_memory: float = 600.0  # seconds a settled call id is remembered (late events)
     admitted_timeout: float = 30.0  # an admitted call the PBX never shows is dropped after this
     # FreeSWITCH's `show channels` reads its core database, written asynchronously
     # (the traces show it about a second behind): a channel created this recently
@@ -165,8 +169,8 @@ class Meter:
         # the PBX listing at start is later than their admission, so it shows them if
         # they are still up (see _reconcile).
         self._started_at = clock.now()
-        self._queue: asyncio.Queue[CallEvent] = asyncio.Queue()
-        self._settled: OrderedDict[str, None] = OrderedDict()  # recent, bounded
+        self._queue: asyncio.Queue[CallEvent | _StillAbsent] = asyncio.Queue()
+        self._settled: OrderedDict[str, datetime] = OrderedDict()  # call id -> settled at
         self._low_warned: set[str] = set()
         self._busy = 0
         self._idle = asyncio.Event()
@@ -232,13 +236,21 @@ class Meter:
         task.add_done_callback(self._tasks.discard)
 
     def _remember_settled(self, call_id: str) -> None:
-        self._settled[call_id] = None
-        while len(self._settled) > 100_000:
+        """Remember a settled call for late events, for a while (the ledger has it for good)."""
+        now = self.clock.now()
+        self._settled[call_id] = now
+        horizon = now - timedelta(seconds=self.settings.settled_memory)
+        while self._settled and next(iter(self._settled.values())) < horizon:
             self._settled.popitem(last=False)
 
     # -- events -------------------------------------------------------------------
-    async def _handle(self, event: CallEvent) -> None:
-        if isinstance(event, CallAnswered):
+    async def _handle(self, event: CallEvent | _StillAbsent) -> None:
+        if isinstance(event, _StillAbsent):
+            live = self.live.get(event.call_id)
+            if live is not None and not live.ended.is_set():
+                log.warning("meter.call_vanished", call_id=live.call_id, account=live.account)
+                live.end(None, "vanished")
+        elif isinstance(event, CallAnswered):
             await self._answered(event)
         elif isinstance(event, CallEnded):
             await self._ended(event)
@@ -712,13 +724,26 @@ class Meter:
         task.add_done_callback(self._tasks.discard)
 
     async def _end_if_still_absent(self, live: LiveCall) -> None:
-        """The PBX no longer lists a metered call: wait briefly for its real hang-up event."""
+        """The PBX no longer lists a metered call: wait for its real hang-up event.
+
+        After the grace the verdict goes through the event queue, behind every event
+        the adapter delivered before it: under load the queue can run seconds behind,
+        and a real hang-up waiting in it must win over "vanished".
+        """
         live.absent = True
         ended_in_time = await self._sleep_or_end(
             live, self.clock.now() + timedelta(seconds=self.settings.absent_grace))
         if not ended_in_time:
-            log.warning("meter.call_vanished", call_id=live.call_id, account=live.account)
-            live.end(None, "vanished")
+            self._busy += 1
+            self._idle.clear()
+            self._queue.put_nowait(_StillAbsent(live.call_id))
+
+
+@dataclass(frozen=True, slots=True)
+class _StillAbsent:
+    """Queued by the absence check: settle the call as vanished unless it has ended."""
+
+    call_id: str
 
 
 def _cdr_payload(cdr: Cdr) -> dict[str, Any]:
