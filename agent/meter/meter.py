@@ -117,6 +117,7 @@ class LiveCall:
     end_event: CallEnded | None = None
     cut_reason: str | None = None
     absent: bool = False  # the PBX no longer lists it: never extend, await its end
+    seen_at: datetime | None = None  # when this meter took it on (meter clock)
     flags: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
@@ -229,6 +230,7 @@ class Meter:
             self._idle.set()
 
     def _spawn(self, live: LiveCall) -> None:
+        live.seen_at = self.clock.now()
         self.live[live.call_id] = live
         task = asyncio.create_task(self._run_call(live), name=f"call {live.call_id}")
         live.task = task
@@ -623,6 +625,9 @@ class Meter:
                 self.clock.now() + timedelta(seconds=self.settings.reconcile_interval))
             if not self.pbx_connected:
                 continue
+            # A listing is a snapshot that can take seconds to build under load: only
+            # calls known before it started can be judged absent from it.
+            listed_at = self.clock.now()
             try:
                 calls = await self.pbx.active_calls()
             except PbxError as exc:
@@ -631,13 +636,20 @@ class Meter:
             self._busy += 1
             self._idle.clear()
             try:
-                await self._reconcile(calls)
+                await self._reconcile(calls, listed_at)
             except Exception:
                 log.exception("meter.reconcile_failed")
             finally:
                 self._done()
 
-    async def _reconcile(self, calls: list[ActiveCall]) -> None:
+    async def _reconcile(self, calls: list[ActiveCall],
+                         listed_at: datetime | None = None) -> None:
+        """Compare the PBX's list (taken at ``listed_at``) with the ledger and the meter.
+
+        After a (re)connect the adapter holds events back until it has listed the
+        calls, so everything the meter knows predates the list: ``listed_at`` is now.
+        """
+        listed_at = listed_at or self.clock.now()
         on_pbx = {c.call.call_id: c for c in calls}
         try:
             records = [r for r in await self.ledger.live_calls() if r.node == self.node]
@@ -661,10 +673,10 @@ class Meter:
                     self._spawn(live)
                 continue
             age = (now - record.admitted_at).total_seconds()
-            if record.status is CallStatus.ADMITTED and (
+            if record.admitted_at >= listed_at or (record.status is CallStatus.ADMITTED and (
                     (record.admitted_at >= self._started_at
                      and age < self.settings.admitted_timeout)
-                    or age < self.settings.listing_lag):
+                    or age < self.settings.listing_lag)):
                 # Allowed a moment ago: the PBX's list may predate its channel (one
                 # allowed before this process started cannot: not listed, it is gone).
                 young.append(record)
@@ -685,10 +697,15 @@ class Meter:
                         continue
                     if (now - record.admitted_at).total_seconds() < self.settings.listing_lag:
                         self._track(self._settle_if_still_unlisted(record))
-                    elif record.call_id not in self.live and record.call_id not in self._settled:
+                    elif (record.status is CallStatus.ADMITTED
+                          and record.call_id not in self.live
+                          and record.call_id not in self._settled):
+                        # (an answered one has its hang-up event coming, or the next
+                        # reconcile, when it is old, settles it)
                         self._settle_gone(record)
         for call_id, live in list(self.live.items()):
-            if call_id not in on_pbx and not live.ended.is_set():
+            known_before = live.seen_at is not None and live.seen_at < listed_at
+            if call_id not in on_pbx and not live.ended.is_set() and known_before:
                 self._track(self._end_if_still_absent(live))
         for call_id, active in on_pbx.items():
             if (call_id not in known and call_id not in self.live
