@@ -336,7 +336,8 @@ class Daemon:
 
     # -- events and metrics -------------------------------------------------------
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
-        if topic == "cutoff" and payload.get("stage") == "planned" and self.metrics is not None:
+        # Count the cut-offs that happened, not the planned ones (a party may hang up first).
+        if topic == "cutoff" and payload.get("stage") == "executed" and self.metrics is not None:
             self.metrics.cutoff()
         if self.publisher is not None:
             self.publisher.publish(topic, payload)

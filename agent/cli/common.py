@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -35,12 +34,6 @@ class UsageError(Exception):
 
 class CheckFailed(Exception):
     """A check did not pass (e.g. an invalid policy): exit status 1."""
-
-
-@dataclass(frozen=True)
-class Located:
-    config: AgentConfig | None
-    config_path: Path | None
 
 
 def agent_config(args: argparse.Namespace) -> AgentConfig | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 MAX_DIGITS = 18  # "1" + 18 digits < 2**64
@@ -100,9 +99,3 @@ def load_file(path: Path, normalize: Callable[[str], str]) -> DncSet:
     result = DncSet(ordered)
     _cache[cache_key] = (stat.st_size, stat.st_mtime_ns, result)
     return result
-
-
-@dataclass(frozen=True)
-class DncSource:
-    numbers: tuple[str, ...]
-    files: tuple[Path, ...]

@@ -165,7 +165,6 @@ class Meter:
         self.warning_hook = warning_hook
         self.live: dict[str, LiveCall] = {}
         self.pbx_connected = False
-        self.cutoffs = 0
         # Calls admitted before this meter existed were admitted by an earlier process:
         # the PBX listing at start is later than their admission, so it shows them if
         # they are still up (see _reconcile).
@@ -481,8 +480,10 @@ class Meter:
         if await self._sleep_or_end(live, cut_at):
             return
         with self._working():
-            self.cutoffs += 1
             lateness = (self.clock.now() - cut_at).total_seconds()
+            self.publish("cutoff", {
+                "stage": "executed", "call_id": live.call_id, "account": live.account,
+                "reason": live.cut_reason, "late_ms": round(lateness * 1000)})
             bound.info("meter.cutoff", reason=live.cut_reason, late_ms=round(lateness * 1000))
             cause = (HangupCause.CALL_REJECTED if live.cut_reason == "first_hold_failed"
                      else HangupCause.ALLOTTED_TIMEOUT)
