@@ -6,10 +6,19 @@ lock is taken up front, so the check-then-write of a hold cannot interleave with
 another process's), and a busy timeout after which the store is reported
 unavailable rather than hanging.
 
-The event loop never waits on an fsync: one worker thread owns the connection
-and runs every statement. Writes that arrive together are committed together
-(group commit): each runs in its own savepoint, so one refused request rolls
-back alone, and each is acknowledged only after the shared COMMIT is durable.
+The event loop never waits on an fsync: one worker thread owns the writing
+connection and runs every write. Writes that arrive together are committed
+together (group commit): each runs in its own savepoint, so one refused request
+rolls back alone, and each is acknowledged only after the shared COMMIT is
+durable. The replies of a batch reach the event loop in one wake-up.
+
+The gate's and the meter's point reads (an account's state, a call, a
+balance: a few indexed rows) run on the event loop's own read-only
+connection: a WAL reader never waits for the writer, and such a read costs
+less than the hand-off to the worker and back. A read that finds the file
+busy (another process recovering or checkpointing it) goes to the worker,
+which waits out the busy timeout there. Long reads (statements, listings)
+always run on the worker.
 """
 
 from __future__ import annotations
@@ -115,6 +124,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX attempts_account_at ON attempts (account, at)",
         "CREATE INDEX attempts_at ON attempts (at)",
     ],
+    [  # 3: the gate's reads stay O(live calls) and O(attempts to one number) as history grows
+        "CREATE INDEX calls_live ON calls (account) WHERE status != 'ended'",
+        "CREATE INDEX attempts_callee ON attempts (account, destination, at)",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -141,6 +154,11 @@ def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _deliver_all(replies: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in replies:
+        _deliver(future, result, error)
+
+
 def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
     text = str(exc)
     if "locked" in text or "busy" in text:
@@ -158,6 +176,7 @@ class _Worker(threading.Thread):
         self.path = path
         self.busy_timeout = busy_timeout
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._replies: list[tuple[_Job, Any, BaseException | None]] = []
 
     def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -201,14 +220,24 @@ class _Worker(threading.Thread):
                     self._reply(j, None, error)
             else:
                 self._run_batch(conn, batch)
+            self._send_replies()
             if stop:
                 break
         if conn is not None:
             conn.close()
 
     def _reply(self, job: _Job, result: Any, error: BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-            job.loop.call_soon_threadsafe(_deliver, job.future, result, error)
+        self._replies.append((job, result, error))
+
+    def _send_replies(self) -> None:
+        """Hand the batch's replies to their loops: one wake-up per loop, not per job."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for job, result, error in self._replies:
+            by_loop.setdefault(job.loop, []).append((job.future, result, error))
+        self._replies = []
+        for loop, replies in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
+                loop.call_soon_threadsafe(_deliver_all, replies)
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
         writes = []
@@ -225,6 +254,7 @@ class _Worker(threading.Thread):
             else:
                 self._reply(job, result, None)
         if writes:
+            self._send_replies()  # the reads need not wait for the commit
             self._commit_group(conn, writes)
 
     def _commit_group(self, conn: sqlite3.Connection, writes: list[_Job]) -> None:
@@ -379,6 +409,14 @@ class SqliteLedger(rules.FinanceFront):
         self.path = path
         self.unit = unit
         self._worker = worker
+        self._reader: sqlite3.Connection | None = None
+        self._reader_thread = threading.get_ident()
+        with contextlib.suppress(sqlite3.Error):  # no reader: every read goes to the worker
+            reader = sqlite3.connect(path, timeout=0, isolation_level=None,
+                                     check_same_thread=True)
+            reader.row_factory = sqlite3.Row
+            reader.execute("PRAGMA query_only=ON")
+            self._reader = reader
 
     @classmethod
     async def open(
@@ -408,6 +446,10 @@ class SqliteLedger(rules.FinanceFront):
         return cls(path, unit, worker)
 
     async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(sqlite3.Error):  # ProgrammingError: another thread's
+                reader.close()
         if not self._worker.is_alive():
             return
         self._worker.jobs.put(None)
@@ -422,6 +464,22 @@ class SqliteLedger(rules.FinanceFront):
         if not self._worker.is_alive():
             raise LedgerUnavailable(f"ledger {self.path} is closed")
         return await self._worker.submit(fn, write=False)
+
+    async def _point_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """A read of a few indexed rows: on this thread's reader, else on the worker.
+
+        ``fn`` must fetch everything it reads (``fetchone``/``fetchall``), so
+        that no read transaction stays open to hold back the WAL checkpoint.
+        """
+        reader = self._reader
+        if reader is not None and threading.get_ident() == self._reader_thread:
+            if not self._worker.is_alive():
+                raise LedgerUnavailable(f"ledger {self.path} is closed")
+            try:
+                return fn(reader)
+            except sqlite3.DatabaseError:
+                pass  # busy (recovery, a truncating checkpoint) or worse: the worker's turn
+        return await self._read(fn)
 
     # -- finance --------------------------------------------------------------
     async def _finance(
@@ -484,7 +542,7 @@ class SqliteLedger(rules.FinanceFront):
                 raise UnknownAccount(f"the ledger has no account {account!r}")
             return _balance(row, unit)
 
-        return await self._read(run)
+        return await self._point_read(run)
 
     async def balances(self) -> list[Balance]:
         unit = self.unit
@@ -697,7 +755,7 @@ class SqliteLedger(rules.FinanceFront):
             row = conn.execute("SELECT * FROM calls WHERE call_id = ?", (call_id,)).fetchone()
             return None if row is None else _call(row, unit)
 
-        return await self._read(run)
+        return await self._point_read(run)
 
     async def live_calls(self, account: str | None = None) -> list[CallRecord]:
         unit = self.unit
@@ -780,7 +838,7 @@ class SqliteLedger(rules.FinanceFront):
             return AccountSnapshot(available, bool(acc["closed"]), live, account_attempts,
                                    callee_attempts)
 
-        return await self._read(run)
+        return await self._point_read(run)
 
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
