@@ -273,6 +273,49 @@ def test_explain_lists_every_rule_checked(policy):
     assert decide(policy, rich("1"), call(), MORNING).checks == ()
 
 
+def test_explain_details_are_exact(tmp_path):
+    # The details are built only when explaining (lazily); pin their text.
+    text = BASE.replace("accounts:", """defaults:
+  destinations: {allow: ["13"], deny: ["139"]}
+  do_not_call: {numbers: ["13800000003"]}
+  callee_cap: {max_attempts: 2, period: day}
+  rate_cap: {max_attempts: 3, period: 10m}
+  at_window_end: cut
+accounts:""")
+    p = policy_from(tmp_path, text)
+    now = local("2026-11-24T19:25:00")
+    d = decide(p, rich("1", live_calls=1, callee_attempts=(now,)), call(), now, explain=True)
+    assert d.message == "allowed for up to 300 s"
+    assert [(c.rule, c.passed, c.detail) for c in d.checks] == [
+        ("direction", True, "outbound"),
+        ("account", True, "matched 'acme'"),
+        ("status", True, "active"),
+        ("ledger_account", True, "open"),
+        ("caller_id", True, "'02158880000' is one of the account's numbers"),
+        ("number", True, "'13800138000' normalised to '13800138000'"),
+        ("scope", True, "longest prefix '13' is allowed"),
+        ("do_not_call", True, "13800138000 is not on the do-not-call list (1 numbers)"),
+        ("closed_date", True, "2026-11-24 is open"),
+        ("calling_hours", True, "tue 19:25:00 Asia/Shanghai; open 08:00-19:30"),
+        ("concurrency", True, "1 live of 2"),
+        ("rate_cap", True, "0 attempts, at most 3 per 600 s"),
+        ("frequency_cap", True, "1 attempts to 13800138000, at most 2 per calendar day"),
+        ("balance", True, "available 1.00, first increment costs 0.13 (standard)"),
+        ("window_end", True, "window closes in 300 s and the policy cuts"),
+    ]
+    late = decide(p, rich("1"), call(), local("2026-11-24T21:00"), explain=True)
+    assert late.message == "outside calling hours (tue 21:00:00 Asia/Shanghai; open 08:00-19:30)"
+    assert late.checks[-1].detail == "tue 21:00:00 Asia/Shanghai; open 08:00-19:30"
+    denied = decide(p, rich("1"), call("13900000000"), now, explain=True)
+    assert denied.checks[-1].detail == "longest prefix '139' is denied"
+    poor = decide(p, rich("0.01"), call(), now, explain=True)
+    assert poor.message == "balance 0.01 cannot pay 0.13 for the first 60 s"
+    assert poor.checks[-1].detail == "available 0.01, first increment costs 0.13 (standard)"
+    unknown = decide(p, rich("1"), call(accountcode="nobody"), now, explain=True)
+    assert unknown.checks[-1].detail == \
+        "no account for accountcode 'nobody', endpoint '', caller ID '02158880000'"
+
+
 def test_example_policy_is_valid_and_matches_the_contract():
     from pathlib import Path
 

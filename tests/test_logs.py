@@ -165,3 +165,24 @@ def test_loggers_created_before_configuration_follow_it() -> None:
     _EARLY.info("two")
     assert [line["event"] for line in _lines(first)] == ["one"]
     assert [line["event"] for line in _lines(second)] == ["two"]
+
+
+def test_positional_arguments_are_interpolated() -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    structlog.get_logger("x").info("broker %s:%d unreachable", "127.0.0.1", 1883)
+    assert _lines(buf)[0]["event"] == "broker 127.0.0.1:1883 unreachable"
+
+
+class _Broken(io.StringIO):
+    def write(self, s: str) -> int:
+        raise BrokenPipeError("journald went away")
+
+
+def test_a_failing_stream_never_raises_into_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # no report on stderr
+    configure_logging("json", "info", stream=_Broken())
+    structlog.get_logger("x").info("gate.decision", call_id="c-1")
+    logging.getLogger("asyncio").warning("also lost")

@@ -14,6 +14,7 @@ out-of-hours calls with the precise reason.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from agent.calls import CallInfo, Direction
@@ -34,9 +35,12 @@ def decide(
 ) -> Decision:
     checks: list[Check] = []
 
-    def check(rule: str, passed: bool, detail: str) -> bool:
+    # A detail is only read by `policy explain`: a rule whose detail has to be
+    # built (f-strings, hours.describe()) passes it as a zero-argument callable,
+    # called only when explaining, so the live gate does not pay for it.
+    def check(rule: str, passed: bool, detail: str | Callable[[], str]) -> bool:
         if explain:
-            checks.append(Check(rule, passed, detail))
+            checks.append(Check(rule, passed, detail if isinstance(detail, str) else detail()))
         return passed
 
     def deny(reason: Reason, message: str, account: AccountPolicy | None = None,
@@ -52,7 +56,7 @@ def decide(
 
     account = policy.match_account(request)
     if not check("account", account is not None,
-                 f"matched {account.id!r}" if account else
+                 lambda: f"matched {account.id!r}" if account else
                  f"no account for accountcode {request.accountcode!r}, endpoint "
                  f"{request.endpoint!r}, caller ID {request.caller_id!r}"):
         return deny(Reason.UNKNOWN_ACCOUNT,
@@ -68,67 +72,72 @@ def decide(
                     account)
 
     owned = account.owns_caller_id(request.caller_id)
-    if not check("caller_id", owned, f"{request.caller_id!r} "
+    if not check("caller_id", owned, lambda: f"{request.caller_id!r} "
                  + ("is one of the account's numbers" if owned else "is not the account's")):
         return deny(Reason.CALLER_ID_NOT_OWNED,
                     f"caller ID {request.caller_id} is not registered to {account.id}", account)
 
     destination = account.normalize(request.destination)
     if not check("number", is_dialable(destination),
-                 f"{request.destination!r} normalised to {destination!r}"):
+                 lambda: f"{request.destination!r} normalised to {destination!r}"):
         return deny(Reason.INVALID_NUMBER,
                     f"{request.destination!r} is not a dialable number", account, destination)
 
     hit = account.scope.longest(destination) if account.scope else None
-    if hit is not None:
-        in_scope, scope_detail = hit[1], f"longest prefix {hit[0]!r} is " + (
-            "allowed" if hit[1] else "denied")
-    else:
-        in_scope = not account.allow_list_only
-        scope_detail = "no prefix rule matches" + (
+    in_scope = hit[1] if hit is not None else not account.allow_list_only
+
+    def scope_detail() -> str:
+        if hit is not None:
+            return f"longest prefix {hit[0]!r} is " + ("allowed" if hit[1] else "denied")
+        return "no prefix rule matches" + (
             "; only allowed prefixes may be called" if account.allow_list_only else "")
+
     if not check("scope", in_scope, scope_detail):
         return deny(Reason.DESTINATION_NOT_ALLOWED,
                     f"{destination} is outside the allowed destinations", account, destination)
 
     listed = destination in account.dnc
     if not check("do_not_call", not listed,
-                 f"{destination} {'is' if listed else 'is not'} on the do-not-call list "
-                 f"({len(account.dnc)} numbers)"):
+                 lambda: f"{destination} {'is' if listed else 'is not'} on the do-not-call "
+                 f"list ({len(account.dnc)} numbers)"):
         return deny(Reason.DO_NOT_CALL, f"{destination} is on a do-not-call list", account,
                     destination)
 
     hours = account.hours
     closed = hours.is_closed_date(now)
     if not check("closed_date", not closed,
-                 f"{hours.local(now).date()} is {'a closed date' if closed else 'open'}"):
+                 lambda: f"{hours.local(now).date()} is "
+                 f"{'a closed date' if closed else 'open'}"):
         return deny(Reason.CLOSED_DATE,
                     f"outbound calling is closed on {hours.local(now).date()}", account,
                     destination)
     window = hours.window_at(now)
-    if not check("calling_hours", window is not None, hours.describe(now)):
+    if not check("calling_hours", window is not None, lambda: hours.describe(now)):
         return deny(Reason.OUTSIDE_HOURS,
                     f"outside calling hours ({hours.describe(now)})", account, destination)
 
     limit = account.max_concurrent_calls
     if not check("concurrency", limit is None or state.live_calls < limit,
-                 f"{state.live_calls} live of {limit if limit is not None else 'unlimited'}"):
+                 lambda: f"{state.live_calls} live of "
+                 f"{limit if limit is not None else 'unlimited'}"):
         return deny(Reason.CONCURRENCY_LIMIT,
                     f"all {limit} lines of {account.id} are in use", account, destination)
 
     if account.rate_cap is not None:
         since = account.rate_cap.since(now, hours.timezone)
         used = sum(1 for t in state.account_attempts if t >= since)
-        if not check("rate_cap", used < account.rate_cap.max_attempts,
-                     f"{used} attempts, {account.rate_cap.describe()}"):
+        rate_cap = account.rate_cap
+        if not check("rate_cap", used < rate_cap.max_attempts,
+                     lambda: f"{used} attempts, {rate_cap.describe()}"):
             return deny(Reason.RATE_CAP,
                         f"{account.id} made {used} attempts ({account.rate_cap.describe()})",
                         account, destination)
     if account.callee_cap is not None:
         since = account.callee_cap.since(now, hours.timezone)
         used = sum(1 for t in state.callee_attempts if t >= since)
-        if not check("frequency_cap", used < account.callee_cap.max_attempts,
-                     f"{used} attempts to {destination}, {account.callee_cap.describe()}"):
+        callee_cap = account.callee_cap
+        if not check("frequency_cap", used < callee_cap.max_attempts,
+                     lambda: f"{used} attempts to {destination}, {callee_cap.describe()}"):
             return deny(Reason.FREQUENCY_CAP,
                         f"{destination} was tried {used} times "
                         f"({account.callee_cap.describe()})", account, destination)
@@ -152,8 +161,9 @@ def decide(
                         account.id, tariff, seconds, destination, tuple(checks))
 
     paid = payable_seconds(tariff, state.balance)
+    balance = state.balance
     if not check("balance", paid > 0,
-                 f"available {format_amount(state.balance)}, first increment costs "
+                 lambda: f"available {format_amount(balance)}, first increment costs "
                  f"{format_amount(tariff.first_unit_cost)} ({tariff.name})"):
         return deny(Reason.INSUFFICIENT_BALANCE,
                     f"balance {format_amount(state.balance)} cannot pay "
@@ -162,7 +172,8 @@ def decide(
 
     max_seconds = paid
     if window_left is not None:
-        check("window_end", True, f"window closes in {window_left} s and the policy cuts")
+        check("window_end", True,
+              lambda: f"window closes in {window_left} s and the policy cuts")
         max_seconds = min(max_seconds, window_left)
     return Decision(True, Reason.ALLOWED, f"allowed for up to {max_seconds} s",
                     account.id, tariff, max_seconds, destination, tuple(checks))

@@ -569,6 +569,8 @@ class AsteriskAdapter:
             async with asyncio.timeout(budget):
                 return await self.gate(call)
         except TimeoutError:
+            log.warning("gate.over_budget", call_id=call.call_id, account=call.accountcode,
+                        budget=budget)
             return Decision(False, Reason.LEDGER_UNAVAILABLE, f"no decision within {budget:g} s")
         except Exception as exc:
             log.exception("gate.failed", call_id=call.call_id)
@@ -619,15 +621,10 @@ class AsteriskAdapter:
             return
         call = call_from_agi(request, self.tracker)
         self.tracker.mark_gated(call.call_id)
+        # Not logged here: the gatekeeper logs every decision it makes
+        # ("gate.decision"), self.decide() the refusals it makes itself (over
+        # budget, gate failed).
         decision = await self.decide(call)
-        log.info(
-            "gate.decided",
-            call_id=call.call_id,
-            account=call.accountcode,
-            result=decision.result,
-            reason=decision.reason.value,
-            max_seconds=decision.max_seconds,
-        )
         for name, value in gate_variables(decision):
             writer.write(conn.send_command("SET VARIABLE", name, value))
             while True:
