@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -321,3 +322,30 @@ async def test_a_late_hang_up_event_wins_over_vanished(tmp_path):
         await h.check_invariants()
     finally:
         await h.stop()
+
+
+async def test_an_event_that_fails_is_logged_and_metering_goes_on(h, monkeypatch):
+    """One bad event costs that event, never the meter's loop (and its log line renders)."""
+    from structlog.testing import capture_logs
+
+    handle = h.meter._handle
+    failed: list[object] = []
+
+    async def fail_once(event):
+        if not failed:
+            failed.append(event)
+            raise RuntimeError("boom")
+        await handle(event)
+
+    monkeypatch.setattr(h.meter, "_handle", fail_once)
+    await h.topup("a0", "10")
+    # A meter loop that died would leave advance() waiting for it forever.
+    async with asyncio.timeout(10):
+        with capture_logs() as logs:
+            h.pbx.reconnect()  # this PbxConnected is the event that fails
+            _, call = await h.dial(talk=30, ring=1)
+            await h.advance(60)
+    assert failed and [e for e in logs if e["event"] == "meter.event_failed"]
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.billsec == 30 and cdr.amount == Decimal("0.13")
+    await h.check_invariants()

@@ -193,7 +193,7 @@ class Meter:
                 try:
                     await self._handle(event)
                 except Exception:  # one bad event must never stop metering
-                    log.exception("meter.event_failed", event=type(event).__name__)
+                    log.exception("meter.event_failed", kind=type(event).__name__)
                 finally:
                     self._done()
         finally:
