@@ -65,7 +65,14 @@ from tests.daemon_harness import (  # noqa: E402
     write_config,
 )
 
-TARIFF = Tariff("soak", Decimal("0.01"), 10, 10)
+TARIFFS = {
+    # The default: increments of 10 s, so a 40 s call reserves and extends its
+    # deadline several times and cut-offs happen all along.
+    "compressed": Tariff("soak", Decimal("0.01"), 10, 10),
+    # The contract's 0.13 per started 60 s: most calls live on the unit held at
+    # the gate, as they would in service.
+    "contract": Tariff("soak", Decimal("0.13"), 60, 60),
+}
 RICH_BALANCE = Decimal("100000")
 POOR_SHARE = 5  # every 5th account lives on a trickle
 TRICKLE_EVERY = 10.0  # seconds between the trickle top-ups
@@ -76,13 +83,13 @@ first and the last fifth of the samples after warm-up."""
 FINISH_BOUND = 120.0  # seconds past the longest talk for the last calls to be settled
 
 
-def policy_yaml(accounts: int, max_live: int) -> str:
+def policy_yaml(accounts: int, max_live: int, tariff: Tariff) -> str:
     lines = [
         "version: 1",
         'prepaid: {first_topup_minimum: "0.01"}',
         "tariffs:",
-        f'  soak: {{rate: "{TARIFF.rate}", increment: {TARIFF.increment}, '
-        f"minimum: {TARIFF.minimum}}}",
+        f'  soak: {{rate: "{tariff.rate}", increment: {tariff.increment}, '
+        f"minimum: {tariff.minimum}}}",
         "defaults:",
         "  tariff: soak",
         "  calling_hours: [{days: all, windows: [{start: '00:00', end: '24:00'}]}]",
@@ -120,10 +127,11 @@ def median_of(samples: list[Sample], name: str) -> float:
 
 async def soak(pbx: str = "asterisk", cps: float = 50, minutes: float = 60,
                talk_mean: float = 40, sample_every: float = 5, accounts: int = 50,
-               warmup: float | None = None, seed: int = 8,
+               warmup: float | None = None, seed: int = 8, tariff: str = "compressed",
                report: Any = print) -> dict[str, Any]:
     """Run the soak; the figures (``ok`` False and ``problems`` when a check failed)."""
     rng = random.Random(seed)
+    plan = TARIFFS[tariff]
     warmup = 3 * talk_mean if warmup is None else warmup
     seconds = minutes * 60
     if warmup >= seconds:
@@ -135,7 +143,7 @@ async def soak(pbx: str = "asterisk", cps: float = 50, minutes: float = 60,
         gate_port, metrics_port, secret = free_port(), free_port(), "soak-secret"
         async with simulator(pbx, secret, gate_port) as sim:
             config = write_config(tmp, pbx, sim_port(sim), gate_port, secret)
-            (tmp / "policy.yaml").write_text(policy_yaml(accounts, max_live))
+            (tmp / "policy.yaml").write_text(policy_yaml(accounts, max_live, plan))
             config.write_text(config.read_text()
                               + f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n")
             ledger = await open_ledger(f"sqlite://{tmp / 'ledger.db'}")
@@ -144,9 +152,9 @@ async def soak(pbx: str = "asterisk", cps: float = 50, minutes: float = 60,
             poor = names[::POOR_SHARE]
             # A poor account's calls cost about cps/accounts * talk_mean / 10 s * rate
             # per second; the trickle pays half of that, the rest is cut off or refused.
-            spend = Decimal(str(round(cps / accounts * talk_mean / TARIFF.increment, 4))) \
-                * TARIFF.rate
-            trickle = max(TARIFF.rate, (spend * Decimal(str(TRICKLE_EVERY)) / 2)
+            spend = Decimal(str(round(cps / accounts * talk_mean / plan.increment, 4))) \
+                * plan.rate
+            trickle = max(plan.rate, (spend * Decimal(str(TRICKLE_EVERY)) / 2)
                           .quantize(Decimal("0.01")))
             for name in names:
                 amount = trickle if name in poor else RICH_BALANCE
@@ -168,7 +176,8 @@ async def soak(pbx: str = "asterisk", cps: float = 50, minutes: float = 60,
                     _sample(proc.pid, metrics_port, sample_every, samples, t0))
                 trickler = asyncio.create_task(_trickle(ledger, poor, trickle))
                 longest = 0.0
-                report(f"soak: {pbx}, {cps:g} CPS for {minutes:g} min, mean talk "
+                report(f"soak: {pbx}, {cps:g} CPS for {minutes:g} min, tariff {plan.rate} per "
+                       f"{plan.increment} s, mean talk "
                        f"{talk_mean:g} s (~{cps * talk_mean:.0f} live), {accounts} accounts "
                        f"({len(poor)} on a trickle of {trickle} per {TRICKLE_EVERY:g} s)")
                 n = 0
@@ -211,12 +220,13 @@ async def soak(pbx: str = "asterisk", cps: float = 50, minutes: float = 60,
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-            problems += await _reconcile(ledger, names, outcomes, started_at)
+            problems += await _reconcile(ledger, names, outcomes, started_at, plan)
             await ledger.close()
     # Flatness is judged while the load is on, not while the last calls drain away.
     measured = [s for s in samples if warmup <= s.t <= placing_end]
     figures = _figures(pbx, cps, minutes, talk_mean, warmup, samples, measured, outcomes,
                        placing_seconds, problems, levels)
+    figures["tariff"] = f"{plan.rate} per {plan.increment} s"
     for line in _describe(figures):
         report(line)
     if problems:
@@ -279,7 +289,7 @@ async def _drain(proc: asyncio.subprocess.Process, tail: deque[str],
 
 
 async def _reconcile(ledger: Any, names: list[str], outcomes: Outcomes,
-                     started_at: datetime) -> list[str]:
+                     started_at: datetime, tariff: Tariff) -> list[str]:
     """The money checks after the run; the problems found (empty: every call reconciled)."""
     problems = [f"ledger audit: {line}" for line in await ledger.audit()]
     live = await ledger.live_calls()
@@ -302,7 +312,7 @@ async def _reconcile(ledger: Any, names: list[str], outcomes: Outcomes,
             missing += 1
             continue
         outcomes.cut_off += cdr.cut_off
-        if cdr.billsec != billsec or cdr.amount != rate(TARIFF, billsec):
+        if cdr.billsec != billsec or cdr.amount != rate(tariff, billsec):
             wrong += 1
             if wrong <= 3:
                 problems.append(f"call {call_id}: PBX billsec {billsec}, CDR billsec "
@@ -401,9 +411,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=None,
                         help="seconds before flatness is measured (default 3 mean talk times)")
     parser.add_argument("--seed", type=int, default=8)
+    parser.add_argument("--tariff", choices=sorted(TARIFFS), default="compressed",
+                        help="compressed: 0.01 per 10 s (many extensions and cut-offs); "
+                             "contract: 0.13 per 60 s")
     args = parser.parse_args()
     figures = asyncio.run(soak(args.pbx, args.cps, args.minutes, args.talk_mean,
-                               args.sample_every, args.accounts, args.warmup, args.seed))
+                               args.sample_every, args.accounts, args.warmup, args.seed,
+                               args.tariff))
     print(json.dumps(figures))
     sys.exit(0 if figures["ok"] else 1)
 
