@@ -96,11 +96,11 @@ class Gatekeeper:
 
     async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
         """One ledger read: balance, live calls and the attempts the caps count."""
-        since = account.attempts_since(now)
+        zone = account.hours.timezone
         snapshot = await self.ledger.account_state(
             account.id,
-            account_since=since if account.rate_cap is not None else None,
-            callee_since=since if account.callee_cap is not None else None,
+            account_since=account.rate_cap.since(now, zone) if account.rate_cap else None,
+            callee_since=account.callee_cap.since(now, zone) if account.callee_cap else None,
             destination=account.normalize(call.destination),
         )
         return AccountState(snapshot.available, snapshot.live_calls,

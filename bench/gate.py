@@ -85,7 +85,7 @@ def main() -> None:
     dnc_bytes = policy.accounts["a0"].dnc.nbytes
 
     now = datetime(2026, 11, 24, 3, 0, tzinfo=UTC)  # 11:00 in Shanghai
-    attempts = tuple(now for _ in range(1))
+    attempts = 1  # allowed attempts within each cap's period
     requests = []
     for i in range(1000):
         account = rng.randrange(args.accounts)

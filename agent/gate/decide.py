@@ -124,8 +124,7 @@ def decide(
                     f"all {limit} lines of {account.id} are in use", account, destination)
 
     if account.rate_cap is not None:
-        since = account.rate_cap.since(now, hours.timezone)
-        used = sum(1 for t in state.account_attempts if t >= since)
+        used = state.account_attempts
         rate_cap = account.rate_cap
         if not check("rate_cap", used < rate_cap.max_attempts,
                      lambda: f"{used} attempts, {rate_cap.describe()}"):
@@ -133,8 +132,7 @@ def decide(
                         f"{account.id} made {used} attempts ({account.rate_cap.describe()})",
                         account, destination)
     if account.callee_cap is not None:
-        since = account.callee_cap.since(now, hours.timezone)
-        used = sum(1 for t in state.callee_attempts if t >= since)
+        used = state.callee_attempts
         callee_cap = account.callee_cap
         if not check("frequency_cap", used < callee_cap.max_attempts,
                      lambda: f"{used} attempts to {destination}, {callee_cap.describe()}"):

@@ -9,7 +9,6 @@ dashboards and MQTT consumers match on them, so a code is never renamed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 
@@ -76,16 +75,18 @@ class AccountState:
     """What the ledger knows of an account at decision time.
 
     ``balance`` is the *available* balance (postings minus open holds), or
-    ``None`` when the ledger could not be read. Attempts are the times of
-    earlier *allowed* outbound attempts: ``callee_attempts`` to this
-    destination, ``account_attempts`` to any, each at least as far back as the
-    longest cap period of the policy.
+    ``None`` when the ledger could not be read. Attempts count earlier
+    *allowed* outbound attempts within the current period of each cap:
+    ``callee_attempts`` to this destination within the callee cap's period,
+    ``account_attempts`` to any number within the rate cap's period (see
+    :meth:`~agent.gate.policy.Cap.since`; the gatekeeper asks the ledger for
+    exactly those counts).
     """
 
     balance: Decimal | None
     live_calls: int = 0
-    callee_attempts: tuple[datetime, ...] = ()
-    account_attempts: tuple[datetime, ...] = ()
+    callee_attempts: int = 0
+    account_attempts: int = 0
     closed: bool = False
 
 

@@ -84,15 +84,6 @@ class AccountPolicy:
     caller_ids: frozenset[str]
     caller_id_prefixes: PrefixTable[bool]
 
-    def attempts_since(self, now: datetime) -> datetime | None:
-        """How far back the caps look: the attempts the gate must fetch, or None."""
-        starts = [
-            cap.since(now, self.hours.timezone)
-            for cap in (self.callee_cap, self.rate_cap)
-            if cap is not None
-        ]
-        return min(starts) if starts else None
-
     def owns_caller_id(self, caller_id: str) -> bool:
         number = self.normalize(caller_id)
         if number in self.caller_ids:

@@ -150,8 +150,8 @@ class AccountSnapshot:
     available: Decimal
     closed: bool
     live_calls: int
-    account_attempts: tuple[datetime, ...] = ()
-    callee_attempts: tuple[datetime, ...] = ()
+    account_attempts: int = 0  # allowed attempts since account_since, to any number
+    callee_attempts: int = 0  # allowed attempts since callee_since, to the destination
     known: bool = True  # False: no top-up yet (available 0)
 
 

@@ -571,23 +571,23 @@ class PostgresLedger(rules.FinanceFront):
     ) -> AccountSnapshot:
         a_since = rules.check_time(account_since) if account_since else None
         c_since = rules.check_time(callee_since) if callee_since else None
-        # One round trip: the row, the live count and both attempt lists together.
+        # One round trip: the row, the live count and both attempt counts together.
         async with self._conn() as conn:
             row = await conn.fetchrow(
                 "SELECT a.posted, a.held, a.closed,"
                 " (SELECT count(*) FROM calls c WHERE c.account = $1 AND c.status != 'ended')"
                 "   AS live,"
-                " (SELECT coalesce(array_agg(t.at), '{}') FROM attempts t WHERE t.account = $1"
-                "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_at,"
-                " (SELECT coalesce(array_agg(t.at), '{}') FROM attempts t WHERE t.account = $1"
+                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
+                "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_n,"
+                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
                 "   AND t.allowed AND $3::timestamptz IS NOT NULL AND t.destination = $4"
-                "   AND t.at >= $3) AS callee_at"
+                "   AND t.at >= $3) AS callee_n"
                 " FROM (SELECT $1::text AS id) k LEFT JOIN accounts a ON a.id = k.id",
                 account, a_since, c_since, destination,
             )
         live = int(row["live"])
-        account_attempts = tuple(sorted(row["acc_at"]))
-        callee_attempts = tuple(sorted(row["callee_at"]))
+        account_attempts = int(row["acc_n"])
+        callee_attempts = int(row["callee_n"])
         if row["posted"] is None:
             return AccountSnapshot(Decimal(0), False, live, account_attempts, callee_attempts,
                                    known=False)

@@ -821,16 +821,15 @@ class SqliteLedger(rules.FinanceFront):
             (live,) = conn.execute(
                 "SELECT count(*) FROM calls WHERE account = ? AND status != 'ended'", (account,)
             ).fetchone()
-            account_attempts: tuple[datetime, ...] = ()
-            callee_attempts: tuple[datetime, ...] = ()
+            account_attempts = callee_attempts = 0
             if a_since is not None:
-                account_attempts = tuple(rules.from_micros(r[0]) for r in conn.execute(
-                    "SELECT at FROM attempts WHERE account = ? AND at >= ? AND allowed",
-                    (account, a_since)))
+                (account_attempts,) = conn.execute(
+                    "SELECT count(*) FROM attempts WHERE account = ? AND at >= ? AND allowed",
+                    (account, a_since)).fetchone()
             if c_since is not None and destination is not None:
-                callee_attempts = tuple(rules.from_micros(r[0]) for r in conn.execute(
-                    "SELECT at FROM attempts WHERE account = ? AND destination = ?"
-                    " AND at >= ? AND allowed", (account, destination, c_since)))
+                (callee_attempts,) = conn.execute(
+                    "SELECT count(*) FROM attempts WHERE account = ? AND destination = ?"
+                    " AND at >= ? AND allowed", (account, destination, c_since)).fetchone()
             if acc is None:
                 return AccountSnapshot(Decimal(0), False, live, account_attempts,
                                        callee_attempts, known=False)
