@@ -485,6 +485,24 @@ async def test_admit_and_hold_on_a_closed_account_is_refused(ledger: Any) -> Non
 
 
 
+async def test_admit_and_hold_replayed_holds_once(ledger: Any) -> None:
+    """A gate that retries after a lost reply: the same call admitted once, held once."""
+    from agent.ledger import Admission
+
+    await funded(ledger, "1")
+    first = await ledger.admit_and_hold(call("c1"), 5, RATE, 60, reason="allowed")
+    again = await ledger.admit_and_hold(call("c1"), 5, RATE, 60, reason="allowed")
+    assert first is again is Admission.ADMITTED
+    record = await ledger.get_call("c1")
+    assert (record.steps, record.held, record.paid_seconds) == (1, RATE, 60)
+    assert record.status.value == "admitted" and record.admitted_at == T0
+    balance = await ledger.balance("acme")
+    assert balance.held == RATE and balance.available == D("1") - RATE
+    holds = [p for p in await ledger.history("acme") if p.kind.value == "hold"]
+    assert [(p.amount, p.ref, p.at) for p in holds] == [(RATE, "c1", T0)]
+    assert await ledger.audit() == []
+
+
 async def test_racing_admissions_respect_the_line_cap_and_the_balance(ledger: Any) -> None:
     import asyncio
 

@@ -846,10 +846,59 @@ class SqliteLedger(rules.FinanceFront):
         admit = self._admit_job(call, max_live)
         hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
 
+        units = rules.positive_units(amount, self.unit, what="hold")
+        rate = rules.to_units(call.rate, self.unit, what="rate")
+        admitted = rules.to_micros(call.admitted_at)
+        key = rules.hold_key(call.call_id, 1)
+
         def attempt(allowed: bool, why: str) -> Callable[[sqlite3.Connection], None]:
             return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why)
 
+        def fresh(conn: sqlite3.Connection) -> Admission | None:
+            """The usual case, a new call on an open account, in six statements.
+
+            None: the careful path below (unknown or closed account, a replay of a
+            call already known, a call recorded as answered) decides and says why.
+            Under BEGIN IMMEDIATE no other writer runs between these statements.
+            """
+            row = conn.execute(
+                "SELECT closed,"
+                " (SELECT count(*) FROM calls WHERE account = ?1 AND status != 'ended'),"
+                " EXISTS (SELECT 1 FROM calls WHERE call_id = ?2)"
+                " FROM accounts WHERE id = ?1", (call.account, call.call_id),
+            ).fetchone()
+            if row is None or row[0] or row[2] or call.answered_at is not None:
+                return None
+            if max_live is not None and row[1] >= max_live:
+                attempt(False, "concurrency_limit")(conn)
+                return Admission.LINES_BUSY
+            # The conditional update is the balance check.
+            if conn.execute(
+                "UPDATE accounts SET held = held + ? WHERE id = ? AND posted - held >= ?",
+                (units, call.account, units),
+            ).rowcount == 0:
+                attempt(False, "insufficient_balance")(conn)
+                return Admission.NO_FUNDS
+            conn.execute(
+                "INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+                " increment, minimum, admitted_at, status, held, paid_seconds, steps)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'admitted', ?, ?, 1)",
+                (call.call_id, call.account, call.node, call.caller, call.callee,
+                 call.tariff_name, rate, call.increment, call.minimum, admitted, units,
+                 paid_seconds),
+            )
+            conn.execute(
+                "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+                " VALUES (?, 'hold', ?, ?, ?, ?, ?)",
+                (call.account, units, admitted, call.call_id, key, call.call_id),
+            )
+            attempt(True, reason)(conn)
+            return Admission.ADMITTED
+
         def run(conn: sqlite3.Connection) -> Admission:
+            quick = fresh(conn)
+            if quick is not None:
+                return quick
             if not admit(conn):
                 attempt(False, "concurrency_limit")(conn)
                 return Admission.LINES_BUSY
