@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from agent.rating import Tariff, rate
-from agent.sim.asterisk import AsteriskSimulator
+from agent.sim.asterisk import SHIPPED_EVENTFILTER, AsteriskSimulator
 from agent.sim.freeswitch import FreeswitchSimulator
 
 POLICY = """\
@@ -90,10 +90,14 @@ async def read_until(proc: asyncio.subprocess.Process, needle: str, seen: list[s
 
 
 @contextlib.asynccontextmanager
-async def simulator(kind: str, secret: str, gate_port: int) -> AsyncIterator[object]:
+async def simulator(kind: str, secret: str, gate_port: int, *,
+                    shipped_eventfilter: bool = False) -> AsyncIterator[object]:
+    """The simulator of ``kind``; ``shipped_eventfilter``: Asterisk sends only what
+    config/asterisk/manager.conf's eventfilter lets through, as in service."""
     if kind == "asterisk":
         sim = AsteriskSimulator("callgate", secret, ("127.0.0.1", gate_port),
-                                auth_fail_delay=0.05)
+                                auth_fail_delay=0.05,
+                                eventfilter=[SHIPPED_EVENTFILTER] if shipped_eventfilter else ())
         async with sim:
             yield sim
     else:

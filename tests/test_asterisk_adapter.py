@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +38,7 @@ from agent.pbx.asterisk import (
     AsteriskSettings,
     deadline_seconds,
 )
-from agent.sim.asterisk import AsteriskSimulator, cdr_billsec
+from agent.sim.asterisk import SHIPPED_EVENTFILTER, AsteriskSimulator, EventFilter, cdr_billsec
 
 SECRET = "test-secret"
 ALLOW = Decision(True, Reason.ALLOWED, "ok", account="acme", max_seconds=600)
@@ -399,3 +401,41 @@ async def test_with_timestampevents_times_are_the_pbx_clock_not_ours() -> None:
     assert result.answered_at is not None
     assert abs((answered.answered_at - result.answered_at).total_seconds()) < 0.05
     assert abs((ended.ended_at - result.ended_at).total_seconds()) < 0.05
+
+
+def test_the_simulator_ships_the_eventfilter_of_manager_conf() -> None:
+    text = (Path(__file__).parent.parent / "config" / "asterisk" / "manager.conf").read_text()
+    assert re.findall(r"^eventfilter = (.*)$", text, re.M) == [SHIPPED_EVENTFILTER]
+
+
+def test_eventfilter_allows_then_blocks_as_asterisk_does() -> None:
+    shipped = EventFilter([SHIPPED_EVENTFILTER])
+    assert shipped.passes(b"Event: Hangup\r\nPrivilege: call,all\r\n\r\n")
+    assert not shipped.passes(b"Event: HangupRequest\r\nPrivilege: call,all\r\n\r\n")
+    assert not shipped.passes(b"Event: Newstate\r\nChannel: Hangup\r\n\r\n")  # anchored
+    both = EventFilter(["^Event: (Hangup|Cdr)\r", "!Channel: Local/"])
+    assert both.passes(b"Event: Cdr\r\nChannel: PJSIP/a\r\n\r\n")
+    assert not both.passes(b"Event: Cdr\r\nChannel: Local/a\r\n\r\n")
+    assert EventFilter([]).passes(b"Event: VarSet\r\n\r\n")
+    assert not EventFilter(["!^Event: VarSet"]).passes(b"Event: VarSet\r\n\r\n")
+
+
+@pytest.mark.parametrize("cdr", ["before", "after"])
+async def test_the_adapter_meters_on_the_shipped_eventfilter_stream(cdr: str) -> None:
+    """What a PBX set up by the README sends is enough: gate, answer, end, billsec."""
+    options = {"cdr": cdr, "eventfilter": [SHIPPED_EVENTFILTER]}
+    async with harness(sim_options=options) as (sim, adapter, events):
+        call = await sim.place_call(ring_seconds=0.05, talk_seconds=1.3)
+        deadline_call = await sim.place_call(ring_seconds=0.05, talk_seconds=30)
+        await until(lambda: of(events, CallAnswered, deadline_call.call_id))
+        await adapter.set_deadline(deadline_call.call_id,
+                                   datetime.now(UTC) + timedelta(seconds=2.5))
+        result = await call.ended()
+        await deadline_call.ended()
+        await until(lambda: len(of(events, CallEnded)) == 2)
+    (ended,) = of(events, CallEnded, call.call_id)
+    assert [e for e in of(events, CallRequested) if e.call.call_id == call.call_id]
+    assert of(events, CallAnswered, call.call_id)
+    assert ended.billsec == result.billsec == 1
+    sent = {m.name for m in sim.actions}
+    assert "AbsoluteTimeout" in sent

@@ -191,6 +191,33 @@ class _AmiClientSession:
         return any(c in self.classes for c in privilege.split(","))
 
 
+SHIPPED_EVENTFILTER = (
+    r"^Event: (Newchannel|NewAccountCode|DialBegin|DialEnd|BridgeEnter|Rename|Hangup|Cdr"
+    r"|FullyBooted)[^A-Za-z]"
+)
+"""The ``eventfilter`` of config/asterisk/manager.conf (a test keeps the two equal)."""
+
+
+class EventFilter:
+    """manager.conf ``eventfilter`` lines of one AMI user, as Asterisk applies them.
+
+    Each is a regex searched in the whole event text; one starting with ``!``
+    blocks what it matches. With any allowing filter an event must match one
+    of them, and then no blocking one. Only events go through it: the replies
+    to an action (CoreShowChannel items, FullyBooted at login) do not.
+    """
+
+    def __init__(self, lines: Iterable[str]) -> None:
+        lines = list(lines)
+        self.allow = [re.compile(line.encode()) for line in lines if not line.startswith("!")]
+        self.block = [re.compile(line[1:].encode()) for line in lines if line.startswith("!")]
+
+    def passes(self, event: bytes) -> bool:
+        if self.allow and not any(r.search(event) for r in self.allow):
+            return False
+        return not any(r.search(event) for r in self.block)
+
+
 class AsteriskSimulator:
     """``async with AsteriskSimulator("callgate", "secret") as sim:`` then ``sim.ami_address``."""
 
@@ -206,11 +233,14 @@ class AsteriskSimulator:
         dialplan_events: bool = True,
         agi_timeout: float = 10.0,
         initiatedseconds: bool = False,
+        eventfilter: Iterable[str] = (),
     ) -> None:
         """``cdr``: where the Cdr event goes relative to the caller's Hangup
         ("before", "after"; the traces show both), or None for no cdr_manager.
         ``initiatedseconds``: cdr.conf's option of that name (see :func:`cdr_billsec`).
-        ``dialplan_events``: also write the VarSet/Newexten noise of the traces."""
+        ``dialplan_events``: also write the VarSet/Newexten noise of the traces.
+        ``eventfilter``: the AMI user's manager.conf ``eventfilter`` lines
+        (:data:`SHIPPED_EVENTFILTER` is the one callgate ships); none by default."""
         self.username = username
         self.secret = secret
         self.agi_address = agi_address
@@ -220,6 +250,7 @@ class AsteriskSimulator:
         self.dialplan_events = dialplan_events
         self.agi_timeout = agi_timeout
         self.initiatedseconds = initiatedseconds
+        self.eventfilter = EventFilter(eventfilter)
         self._server: asyncio.Server | None = None
         self._port = 0
         self._sessions: set[_AmiClientSession] = set()
@@ -314,6 +345,8 @@ class AsteriskSimulator:
         if self.timestampevents:
             head.append(("Timestamp", f"{time.time():.6f}"))
         data = ami.Message.build("Event", name, head + fields).to_bytes()
+        if not self.eventfilter.passes(data):
+            return
         for session in self._sessions:
             if session.wants(privilege):
                 session.writer.write(data)
