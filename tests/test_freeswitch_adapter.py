@@ -207,6 +207,16 @@ async def test_hangup_and_call_gone() -> None:
         assert (await r.adapter.bgapi(f"uuid_kill {h.call_id}")) == "-ERR No such channel!\n"
 
 
+async def test_the_agents_cut_off_is_told_apart_from_the_pbx_deadline() -> None:
+    """Both end with ALLOTTED_TIMEOUT; only a scheduled task counts as the deadline."""
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        await r.adapter.hangup(h.call_id, HangupCause.ALLOTTED_TIMEOUT)
+        result = await h.ended()
+        assert result.cause == "ALLOTTED_TIMEOUT" and not result.by_deadline
+
+
 async def test_reconnect_lists_live_calls_not_the_recently_dead() -> None:
     async with asyncio.timeout(15), rig() as r:
         live = await r.sim.place_call(talk_seconds=None)

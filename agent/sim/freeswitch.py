@@ -88,6 +88,7 @@ class SimChannel:
     answered_us: int = 0
     hangup_us: int = 0
     cause: str = ""
+    by_scheduler: bool = False  # hung up by a scheduled task, not by a command or a party
     variables: dict[str, str] = field(default_factory=dict)
     hung_up: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -107,7 +108,7 @@ class CallResult:
     ended_at: datetime
     billsec: int
     cause: str
-    by_deadline: bool  # ended by ALLOTTED_TIMEOUT (sched_hangup / sched_api uuid_kill)
+    by_deadline: bool  # ended by a scheduled task (sched_hangup/sched_api), not by uuid_kill
     gate_result: str  # callgate_result at the end ("" when not gated)
     bridged: bool
 
@@ -133,7 +134,7 @@ class CallHandle:
             ended_at=datetime.fromtimestamp(a.hangup_us / 1e6, UTC),
             billsec=(a.hangup_us - answered) // 1_000_000 if answered else 0,
             cause=a.cause,
-            by_deadline=a.cause == "ALLOTTED_TIMEOUT",
+            by_deadline=a.by_scheduler,
             gate_result=a.variables.get("callgate_result", ""),
             bridged=self.bridged,
         ))
@@ -248,6 +249,7 @@ class FreeswitchSimulator:
         # task id -> (group, runtime in whole epoch seconds, action), as switch_scheduler.c
         self._sched: dict[int, tuple[str, int, Callable[[], object]]] = {}
         self._sched_ids = itertools.count(1)
+        self._in_scheduler = False  # a scheduled task is running (its hang-ups are by_scheduler)
         self._seq = itertools.count(1000)
         # api/bgapi commands received from ESL clients, for tests (bounded for long demos)
         self.api_log: deque[str] = deque(maxlen=10_000)
@@ -533,6 +535,7 @@ class FreeswitchSimulator:
             if chan is None:
                 return "-ERR No such channel!\n"
             if cmd == "uuid_kill":
+                chan.by_scheduler = chan.by_scheduler or (self._in_scheduler and not chan.hangup_us)
                 self.hangup(chan, args[1] if len(args) > 1 else "NORMAL_CLEARING")
                 return "+OK\n"
             if cmd == "uuid_dump":
@@ -589,7 +592,11 @@ class FreeswitchSimulator:
             now = int(time.time())
             for task_id, (_, runtime, action) in list(self._sched.items()):
                 if runtime <= now and self._sched.pop(task_id, None) is not None:
-                    action()
+                    self._in_scheduler = True
+                    try:
+                        action()
+                    finally:
+                        self._in_scheduler = False
 
     # -- events ---------------------------------------------------------------
 
