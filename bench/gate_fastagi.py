@@ -12,7 +12,11 @@ Servers, measured in the same run on the same load:
   gate function (always ALLOW): parse the request, build the CallInfo, decide
   within the budget, ``SET VARIABLE`` x3 each checked for ``200 result=1``, close;
 * ``baseline``: a do-nothing server that reads up to the empty line, writes the
-  same three commands, reads each reply line unparsed, and closes.
+  same three commands, reads each reply line unparsed, and closes;
+* ``ledger``: the adapter with the real gate: :class:`agent.gatekeeper.Gatekeeper`
+  on a durable SQLite ledger (read the account, decide, admit and hold the first
+  unit in one commit); each call is settled 0.2 s later, as a hang-up would.
+  For it every request carries its own uniqueid and destination.
 
 Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
 ``--rates``), and saturation (a fixed number of callers back to back). Usage:
@@ -25,10 +29,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
+import os
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import structlog
@@ -36,6 +46,10 @@ from _loadgen import closed_loop, open_loop
 
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
+from agent.gate.policy import load_policy
+from agent.gatekeeper import Gatekeeper
+from agent.ledger import Cdr, open_ledger
+from agent.meter.clock import WallClock
 from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
 from agent.sim.asterisk import AsteriskSimulator, read_trace
 
@@ -60,11 +74,22 @@ def recorded_request() -> bytes:
     raise ValueError(f"no complete request in {TRACE}")
 
 
-async def one_call(host: str, port: int, request: bytes) -> float:
+_seq = itertools.count()
+
+
+def varied(request: bytes) -> bytes:
+    """The recorded request as a new call: its own uniqueid, a dialable destination."""
+    n = next(_seq)
+    return (request.replace(b"agi_uniqueid: 1795557357.38", f"agi_uniqueid: {os.getpid()}.{n}"
+                            .encode())
+            .replace(b"agi_extension: 1006", f"agi_extension: 138{n % 10**8:08d}".encode()))
+
+
+async def one_call(host: str, port: int, request: bytes, vary: bool = False) -> float:
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(request)
+        writer.write(varied(request) if vary else request)
         commands = 0
         while await reader.readline():
             commands += 1
@@ -78,13 +103,14 @@ async def one_call(host: str, port: int, request: bytes) -> float:
 
 def client_main(argv: list[str]) -> None:
     host, port, mode = argv[0], int(argv[1]), argv[2]
-    value, seconds = float(argv[3]), float(argv[4])
+    value, seconds, vary = float(argv[3]), float(argv[4]), argv[5] == "vary"
     request = recorded_request()
     if mode == "rate":
-        result = asyncio.run(open_loop(lambda: one_call(host, port, request), value, seconds))
+        result = asyncio.run(
+            open_loop(lambda: one_call(host, port, request, vary), value, seconds))
     else:
         result = asyncio.run(
-            closed_loop(lambda: one_call(host, port, request), int(value), seconds))
+            closed_loop(lambda: one_call(host, port, request, vary), int(value), seconds))
     print(json.dumps(result))
 
 
@@ -107,11 +133,55 @@ async def trivial_gate(call: CallInfo) -> Decision:
     return Decision(True, Reason.ALLOWED, "bench", account="acme", max_seconds=600)
 
 
+POLICY = """version: 1
+defaults:
+  calling_hours: [{days: all, windows: [{start: '00:00', end: '24:00'}]}]
+  max_concurrent_calls: 100000
+accounts:
+  acme: {name: ACME, caller_ids: ["2001"]}
+"""
+
+
+@contextlib.asynccontextmanager
+async def real_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable[Decision]]]:
+    """The production gate on a fresh SQLite ledger; each admitted call hangs up 0.2 s on."""
+    (tmp / "policy.yaml").write_text(POLICY)
+    policy = load_policy(tmp / "policy.yaml")
+    ledger = await open_ledger(f"sqlite:///{tmp / 'ledger.db'}")
+    await ledger.topup("acme", Decimal("1000000"), ref="bench", at=datetime.now(UTC))
+    gatekeeper = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=WallClock(),
+                            node="bench")
+    hangups: set[asyncio.Task[object]] = set()
+
+    async def hang_up(call: CallInfo) -> None:
+        await asyncio.sleep(0.2)
+        await ledger.settle_call(Cdr(call.call_id, "acme", call.caller_id, call.destination,
+                                     None, datetime.now(UTC), 0, 0, Decimal(0), "NO_ANSWER"))
+
+    async def gate(call: CallInfo) -> Decision:
+        decision = await gatekeeper(call)
+        if not decision.allow:
+            raise RuntimeError(f"refused: {decision.reason} {decision.message}")
+        task = asyncio.ensure_future(hang_up(call))
+        hangups.add(task)
+        task.add_done_callback(hangups.discard)
+        return decision
+
+    try:
+        yield gate
+    finally:
+        await asyncio.gather(*hangups, return_exceptions=True)
+        problems = await ledger.audit()
+        await ledger.close()
+        if problems:
+            raise AssertionError(f"ledger audit after the bench: {problems[:3]}")
+
+
 async def drive(address: tuple[str, int], mode: str, value: float,
-                seconds: float) -> dict[str, object]:  # fmt: skip
+                seconds: float, vary: bool = False) -> dict[str, object]:  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", address[0], str(address[1]), mode, str(value),
-        str(seconds), stdout=asyncio.subprocess.PIPE)  # fmt: skip
+        str(seconds), "vary" if vary else "same", stdout=asyncio.subprocess.PIPE)  # fmt: skip
     out, _ = await proc.communicate()
     return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -145,6 +215,20 @@ async def bench(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp_dir:
+            async with real_gate(Path(tmp_dir)) as gate:
+                adapter = AsteriskAdapter(settings, gate, lambda e: None)
+                task = asyncio.create_task(adapter.run())
+                await adapter.wait_connected(5)
+                assert adapter.fastagi_address is not None
+                for rate in rates:
+                    results[f"ledger_{rate:g}"] = await drive(
+                        adapter.fastagi_address, "rate", rate, seconds, vary=True)
+                results["ledger_saturation"] = await drive(
+                    adapter.fastagi_address, "closed", concurrency, seconds, vary=True)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
     base_server.close()
     assert decided >= int(str(results["adapter_saturation"]["calls"]))
     return results
@@ -170,13 +254,17 @@ def main() -> None:
     figures: dict[str, object] = {"bench": "gate_fastagi", "seconds": args.seconds,
                                   "concurrency": args.concurrency}  # fmt: skip
     for rate in rates:
-        a, b = r[f"adapter_{rate:g}"], r[f"baseline_{rate:g}"]
+        a, b, g = r[f"adapter_{rate:g}"], r[f"baseline_{rate:g}"], r[f"ledger_{rate:g}"]
         print(f"at {rate:g} calls/s: adapter p50 {a['p50_ms']} ms p99 {a['p99_ms']} ms; "
-              f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms")  # fmt: skip
-        for side, res in (("adapter", a), ("baseline", b)):
+              f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms; through the SQLite "
+              f"ledger p50 {g['p50_ms']} ms p99 {g['p99_ms']} ms at {g['calls_per_s']}/s")
+        for side, res in (("adapter", a), ("baseline", b), ("ledger", g)):
             for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
                 figures[f"{side}_{rate:g}_{key}"] = res[key]
-    for side, res in (("adapter", a_sat), ("baseline", b_sat)):
+    g_sat = r["ledger_saturation"]
+    print(f"saturation through the SQLite ledger: {g_sat['calls_per_s']} calls/s "
+          f"(p99 {g_sat['p99_ms']} ms)")
+    for side, res in (("adapter", a_sat), ("baseline", b_sat), ("ledger", g_sat)):
         for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
             figures[f"{side}_sat_{key}"] = res[key]
     figures["sat_vs_baseline"] = round(ratio, 3)
