@@ -10,6 +10,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from agent.calls import CallInfo
+from agent.ledger import Cdr
 
 OneCall = Callable[[], Awaitable[float]]
 
@@ -56,3 +62,28 @@ def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, obj
     return {"calls": len(lat), "errors": attempted - len(lat),
             "calls_per_s": round(len(lat) / elapsed, 1),
             "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}
+
+
+class HangUps:
+    """Admitted calls settled at zero ``delay`` seconds on, as a hang-up before the
+    answer would be, so rented lines and held units free up during a gate bench."""
+
+    def __init__(self, ledger: Any, delay: float = 0.2) -> None:
+        self.ledger = ledger
+        self.delay = delay
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def later(self, call: CallInfo, account: str) -> None:
+        task = asyncio.ensure_future(self._hang_up(call, account))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hang_up(self, call: CallInfo, account: str) -> None:
+        await asyncio.sleep(self.delay)
+        await self.ledger.settle_call(Cdr(call.call_id, account, call.caller_id,
+                                          call.destination, None, datetime.now(UTC), 0, 0,
+                                          Decimal(0), "NO_ANSWER"))
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+

@@ -42,13 +42,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import structlog
-from _loadgen import closed_loop, open_loop
+from _loadgen import HangUps, closed_loop, open_loop
 
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
 from agent.gate.policy import load_policy
 from agent.gatekeeper import Gatekeeper
-from agent.ledger import Cdr, open_ledger
+from agent.ledger import open_ledger
 from agent.meter.clock import WallClock
 from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
 from agent.sim.asterisk import AsteriskSimulator, read_trace
@@ -151,26 +151,19 @@ async def real_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable[D
     await ledger.topup("acme", Decimal("1000000"), ref="bench", at=datetime.now(UTC))
     gatekeeper = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=WallClock(),
                             node="bench")
-    hangups: set[asyncio.Task[object]] = set()
-
-    async def hang_up(call: CallInfo) -> None:
-        await asyncio.sleep(0.2)
-        await ledger.settle_call(Cdr(call.call_id, "acme", call.caller_id, call.destination,
-                                     None, datetime.now(UTC), 0, 0, Decimal(0), "NO_ANSWER"))
+    hangups = HangUps(ledger)
 
     async def gate(call: CallInfo) -> Decision:
         decision = await gatekeeper(call)
         if not decision.allow:
             raise RuntimeError(f"refused: {decision.reason} {decision.message}")
-        task = asyncio.ensure_future(hang_up(call))
-        hangups.add(task)
-        task.add_done_callback(hangups.discard)
+        hangups.later(call, "acme")
         return decision
 
     try:
         yield gate
     finally:
-        await asyncio.gather(*hangups, return_exceptions=True)
+        await hangups.wait()
         problems = await ledger.audit()
         await ledger.close()
         if problems:

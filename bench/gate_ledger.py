@@ -24,13 +24,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import structlog
+from _loadgen import HangUps
 
 from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState
 from agent.gate.policy import load_policy
 from agent.gatekeeper import Gatekeeper
-from agent.ledger import Cdr, open_ledger
+from agent.ledger import open_ledger
 from agent.meter.clock import WallClock
 
 ACCOUNTS = 50
@@ -64,7 +65,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
     gate = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=clock, node="bench",
                       budget=30)
     seq = 0
-    hangups: set[asyncio.Task[object]] = set()
+    hangups = HangUps(ledger)
 
     def request() -> CallInfo:
         nonlocal seq
@@ -73,11 +74,6 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
         return CallInfo(f"b{time.time_ns()}-{seq}", Direction.OUTBOUND, f"021{a:08d}",
                         f"13{seq:09d}", f"a{a}")
 
-    async def hang_up(call: CallInfo, account: str) -> None:
-        await asyncio.sleep(0.2)
-        await ledger.settle_call(Cdr(call.call_id, account, call.caller_id, call.destination,
-                                     None, datetime.now(UTC), 0, 0, Decimal(0), "NO_ANSWER"))
-
     async def one() -> float:
         call = request()
         t0 = time.perf_counter()
@@ -85,9 +81,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
         took = time.perf_counter() - t0
         if not decision.allow:
             raise RuntimeError(f"refused: {decision.reason}")
-        task = asyncio.ensure_future(hang_up(call, decision.account or ""))
-        hangups.add(task)
-        task.add_done_callback(hangups.discard)
+        hangups.later(call, decision.account or "")
         return took
 
     results: dict[str, object] = {}
@@ -113,7 +107,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
     start = loop.time()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     results["saturation"] = summarize(lat, loop.time() - start)
-    await asyncio.gather(*hangups, return_exceptions=True)
+    await hangups.wait()
     results["audit_problems"] = len(await ledger.audit())
     await ledger.close()
     return results
