@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
@@ -248,6 +249,41 @@ async def test_sqlite_batched_writes_fail_and_succeed_alone(tmp_path: Path) -> N
         assert results[:20].count(True) == 10 and results[:20].count(False) == 10
         assert all(isinstance(r, RefusedOperation) for r in results[20:])
         assert (await ledger.balance("acme")).available == D(0)
+        assert await ledger.audit() == []
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_jobs_failing_after_they_wrote_undo_only_their_own_writes(
+    tmp_path: Path,
+) -> None:
+    """In one group commit: each failing job's writes are undone, its neighbours' kept."""
+    ledger = await SqliteLedger.open(tmp_path / "ledger.db")
+    try:
+        await ledger.topup("acme", D("1"), ref="T0", at=T0)
+        gate = threading.Event()
+        # Hold the worker, so that everything below is queued and taken as one batch.
+        blocker = asyncio.ensure_future(ledger._write(lambda conn: gate.wait(5)))
+        await asyncio.sleep(0.05)
+
+        def half_done(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE accounts SET posted = posted + 999 WHERE id = 'acme'")
+            raise RefusedOperation("changed its mind after writing")
+
+        topups = iter(ledger.topup("acme", D("1"), ref=f"T{n}", at=T0) for n in range(1, 8))
+        jobs = [next(topups), next(topups), ledger._write(half_done), next(topups),
+                ledger._write(half_done), next(topups), next(topups), next(topups),
+                next(topups), ledger._write(half_done)]
+        pending = asyncio.gather(*jobs, return_exceptions=True)
+        await asyncio.sleep(0.05)  # all ten queued behind the blocker
+        gate.set()
+        await blocker
+        results = await pending
+        failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        assert failed == [2, 4, 9]
+        assert all(isinstance(results[i], RefusedOperation) for i in failed)
+        assert (await ledger.balance("acme")).available == D("8")
+        assert len(await ledger.history("acme")) == 8
         assert await ledger.audit() == []
     finally:
         await ledger.close()

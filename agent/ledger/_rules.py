@@ -25,7 +25,7 @@ from agent.ledger.model import (
 )
 from agent.money import format_amount
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,
