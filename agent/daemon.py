@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from agent import eventloop
 from agent.calls import CallInfo, EventSink, PbxControl
 from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
@@ -227,7 +228,7 @@ class Daemon:
             self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
         log.info("daemon.started", node=config.node, pbx=spec.pbx.kind,
                  policy=str(config.policy_path), ledger=_redact(config.ledger),
-                 accounts=len(self.policy.accounts))
+                 accounts=len(self.policy.accounts), loop=eventloop.running_loop_name())
 
     async def _announce_ready(self) -> None:
         from agent import systemd

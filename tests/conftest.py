@@ -115,3 +115,10 @@ async def ledger(ledger_url: str) -> AsyncIterator[Any]:
         yield opened
     finally:
         await opened.close()
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """The tests run on the loop the daemon runs on (agent.eventloop)."""
+    from agent import eventloop
+
+    return {eventloop.loop_name(): eventloop.loop_factory()}

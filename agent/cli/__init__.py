@@ -11,7 +11,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from agent import __version__
+from agent import __version__, eventloop
 from agent.cli.common import CheckFailed, UsageError
 
 
@@ -58,9 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         result = args.func(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            result = eventloop.run(result)
         return int(result or 0)
-    except UsageError as exc:
+    except (UsageError, eventloop.LoopChoiceError) as exc:
         print(f"callgate: error: {exc}", file=sys.stderr)
         return 2
     except CheckFailed as exc:

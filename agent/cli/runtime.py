@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
+from agent import eventloop
 from agent.cli.common import UsageError, agent_config, ledger_url, now, print_json
 from agent.money import format_amount
 
@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
                          "(or CALLGATE_CONFIG)")
     configure_logging(config.spec.log.format, config.spec.log.level)
     try:
-        return asyncio.run(Daemon(config).run())
+        return eventloop.run(Daemon(config).run())
     except StartupError as exc:
         from agent.cli.common import CheckFailed
 
@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
-    return asyncio.run(run_demo(args.pbx, args.keep))
+    return eventloop.run(run_demo(args.pbx, args.keep))
 
 
 async def _calls(args: argparse.Namespace) -> int:
