@@ -355,3 +355,57 @@ async def test_an_event_that_fails_is_logged_and_metering_goes_on(h, monkeypatch
     cdr = await h.cdr(call.info.call_id)
     assert cdr.billsec == 30 and cdr.amount == Decimal("0.13")
     await h.check_invariants()
+
+
+async def test_a_publisher_that_fails_never_stops_a_cut_off(h):
+    """The cut-off is published just before the hang-up: a failing publisher must
+    cost the event, not the hang-up (talk beyond the paid time)."""
+    from structlog.testing import capture_logs
+
+    class Broken(list):
+        def append(self, item):
+            raise RuntimeError("publisher bug")
+
+    h.published = Broken()
+    await h.topup("a0", "0.26")
+    with capture_logs() as logs:
+        _, call = await h.dial(talk=600, ring=1)
+        await h.advance(1000)
+    assert call.billsec == 120 and call.ended_by == "hangup"  # the meter cut, on time
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.cut_off and cdr.amount == Decimal("0.26")
+    assert {e.get("topic") for e in logs if e["event"] == "meter.publish_failed"} >= {
+        "call/start", "cutoff", "call/end"}
+    await h.check_invariants()
+
+
+async def test_every_sleeper_on_a_call_wakes_when_it_ends(h):
+    """The call's own task and an absence check may sleep on one call at once;
+    its end must wake both at once, not one now and the other at its deadline."""
+    from agent.meter.meter import LiveCall
+    from agent.rating import Tariff
+
+    live = LiveCall("c-sleepers", "a0", "02100000000", "13800000000",
+                    Tariff("std", Decimal("0.13")), START)
+    far = h.clock.now() + timedelta(hours=1)
+    sleepers = [asyncio.ensure_future(h.meter._sleep_or_end(live, far)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert len(live.sleepers) == 2
+    live.end(None)
+    async with asyncio.timeout(1):  # the simulated clock never moves here
+        assert await asyncio.gather(*sleepers) == [True, True]
+    assert live.sleepers == set()
+
+
+async def test_a_sleeping_call_task_cancelled_at_shutdown_stays_cancelled(h):
+    from agent.meter.meter import LiveCall
+    from agent.rating import Tariff
+
+    live = LiveCall("c-shutdown", "a0", "02100000000", "13800000000",
+                    Tariff("std", Decimal("0.13")), START)
+    task = asyncio.ensure_future(h.meter._sleep_or_end(live, h.clock.now() + timedelta(hours=1)))
+    await asyncio.sleep(0)
+    task.cancel()
+    live.end(None)  # ended meanwhile: the cancellation still wins
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -30,8 +30,15 @@ class WallClock:
         return datetime.now(UTC)
 
     def sleep_until(self, when: datetime) -> Awaitable[None]:
-        delay = (when - datetime.now(UTC)).total_seconds()
-        return asyncio.sleep(max(0.0, delay))
+        return _sleep_until(when)
+
+
+async def _sleep_until(when: datetime) -> None:
+    """Never returns before ``when``: a loop's timers may fire early by up to their
+    resolution (uvloop's is 1 ms, on a clock cached per loop turn), and a caller
+    that then reads the wall clock must find its moment reached."""
+    while (delay := (when - datetime.now(UTC)).total_seconds()) > 0:
+        await asyncio.sleep(delay)
 
 
 class SimClock:

@@ -120,6 +120,8 @@ class LiveCall:
     seen_at: datetime | None = None  # when this meter took it on (meter clock)
     flags: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
+    # What _sleep_or_end waits on: the call's own task, and an absence check's.
+    sleepers: set[asyncio.Future[None]] = field(default_factory=set)
 
     @classmethod
     def from_record(cls, record: CallRecord) -> LiveCall:
@@ -140,6 +142,8 @@ class LiveCall:
         if flag:
             self.flags.append(flag)
         self.ended.set()
+        for sleeper in self.sleepers:  # wake whoever sleeps on this call
+            sleeper.cancel()
 
 
 class Meter:
@@ -161,7 +165,7 @@ class Meter:
         self.clock = clock
         self.node = node
         self.settings = settings or MeterSettings()
-        self.publish: Publish = publish or (lambda topic, payload: None)
+        self._publish_hook: Publish = publish or (lambda topic, payload: None)
         self.warning_hook = warning_hook
         self.live: dict[str, LiveCall] = {}
         self.pbx_connected = False
@@ -214,6 +218,14 @@ class Meter:
             await self._idle.wait()
 
     # -- bookkeeping --------------------------------------------------------------
+    def publish(self, topic: str, payload: dict[str, Any]) -> None:
+        """Tell subscribers; a failing publisher costs the event, never the call's
+        metering (a cut-off is published just before the hang-up it announces)."""
+        try:
+            self._publish_hook(topic, payload)
+        except Exception:
+            log.exception("meter.publish_failed", topic=topic, call_id=payload.get("call_id"))
+
     @contextlib.contextmanager
     def _working(self) -> Iterator[None]:
         self._busy += 1
@@ -353,13 +365,20 @@ class Meter:
             return True
         if until <= self.clock.now():
             return False
+        # One sleeper, which LiveCall.end() cancels: not a second task on the ended
+        # event and an asyncio.wait over both (at 10,000 live calls the pair cost
+        # tens of MB).
         sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
-        ender = asyncio.ensure_future(live.ended.wait())
+        live.sleepers.add(sleeper)
         try:
-            await asyncio.wait({sleeper, ender}, return_when=asyncio.FIRST_COMPLETED)
+            await sleeper
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not live.ended.is_set() or (task is not None and task.cancelling()):
+                raise  # this task is being cancelled (shutdown), not woken by the end
         finally:
+            live.sleepers.discard(sleeper)
             sleeper.cancel()
-            ender.cancel()
         return live.ended.is_set()
 
     def _stop_reason(self, live: LiveCall, policy: Policy) -> tuple[str | None, datetime | None]:
@@ -395,6 +414,17 @@ class Meter:
         if live.ended.is_set():
             return
         assert live.answered_at is not None
+        settings = self.settings
+        grace = timedelta(seconds=settings.grace_seconds)
+        if live.steps > 0:  # the gate reserved the first unit: arm the deadline from answer
+            # First, before any ledger write: the limit armed at setup counts from the
+            # gate's answer, ringing included, and ends the call early if not re-armed.
+            with self._working():
+                _, hard_stop = self._stop_reason(live, self.policy())
+                deadline = live.answered_at + timedelta(seconds=live.paid_seconds) + grace
+                if hard_stop is not None and hard_stop < deadline:
+                    deadline = hard_stop
+                await self._set_deadline(live, deadline, bound)
         with self._working():
             # The answered status is informational; holds and settlement carry the money.
             with contextlib.suppress(LedgerUnavailable):
@@ -404,15 +434,6 @@ class Meter:
                     "call_id": live.call_id, "account": live.account, "caller": live.caller,
                     "callee": live.callee, "answered_at": live.answered_at.isoformat(),
                     "tariff": live.tariff.name})
-        settings = self.settings
-        grace = timedelta(seconds=settings.grace_seconds)
-        if live.steps > 0:  # the gate reserved the first unit: arm the deadline from answer
-            with self._working():
-                _, hard_stop = self._stop_reason(live, self.policy())
-                deadline = live.answered_at + timedelta(seconds=live.paid_seconds) + grace
-                if hard_stop is not None and hard_stop < deadline:
-                    deadline = hard_stop
-                await self._set_deadline(live, deadline, bound)
         while not live.ended.is_set():
             assert live.answered_at is not None
             boundary = live.answered_at + timedelta(seconds=live.paid_seconds)
