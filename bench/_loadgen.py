@@ -1,5 +1,9 @@
 """Load generation shared by the gate benchmarks: open loop (a rate), closed loop (N callers).
 
+Also the gate they put the load on when it goes through the ledger
+(:func:`ledger_gate`: the production Gatekeeper on a fresh SQLite file) and
+the hang-ups that free its lines again (:class:`HangUps`).
+
 ``one_call`` is a zero-argument coroutine factory that performs one gate
 exchange and returns its latency in seconds; it raises OSError or
 ConnectionError on failure, which is counted as an error, not a latency.
@@ -8,14 +12,20 @@ ConnectionError on failure, which is counted as an error, not a latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from agent.calls import CallInfo
-from agent.ledger import Cdr
+from agent.gate.decision import Decision
+from agent.gate.policy import load_policy
+from agent.gatekeeper import Gatekeeper
+from agent.ledger import Cdr, open_ledger
+from agent.meter.clock import WallClock
 
 OneCall = Callable[[], Awaitable[float]]
 
@@ -64,6 +74,32 @@ def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, obj
             "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}
 
 
+def target_verdicts(results: dict[str, dict[str, object]], rate: float = 2000.0,
+                    p99_ms: float = 5.0) -> dict[str, object]:
+    """The gate target (``rate`` calls/s at p99 <= ``p99_ms``) for the adapter with a
+    trivial gate ("socket") and with the real one ("ledger"): every call offered at
+    that rate completed, allowed (a refusal counts as an error), within the p99.
+
+    Completion, not calls/s, is the throughput test: the open loop offers the rate
+    on a fixed schedule, and a gate that falls behind shows in the latencies.
+    """
+
+    def met(key: str) -> bool | None:
+        res = results.get(key)
+        if res is None:
+            return None  # that rate was not offered in this run
+        return (res["errors"] == 0 and int(str(res["calls"])) > 0
+                and float(str(res["p99_ms"])) <= p99_ms)
+
+    socket, ledger = met(f"adapter_{rate:g}"), met(f"ledger_{rate:g}")
+    return {"target_met_socket": socket, "target_met_ledger": ledger,
+            "target_met": None if socket is None or ledger is None else socket and ledger}
+
+
+def verdict_word(met: object) -> str:
+    return "not measured" if met is None else "met" if met else "missed"
+
+
 class HangUps:
     """Admitted calls settled at zero ``delay`` seconds on, as a hang-up before the
     answer would be, so rented lines and held units free up during a gate bench."""
@@ -87,3 +123,47 @@ class HangUps:
     async def wait(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+
+
+# Both recorded requests carry accountcode ``acme``, the account's id (FastAGI trace
+# 06, ESL trace 06a), and caller 2001 (the ESL bench's calls present it instead
+# of the recording's "sipp"); calling hours all day, so the time does not matter.
+LEDGER_POLICY = """version: 1
+defaults:
+  calling_hours: [{days: all, windows: [{start: '00:00', end: '24:00'}]}]
+  max_concurrent_calls: 100000
+accounts:
+  acme: {name: ACME, caller_ids: ["2001"]}
+"""
+
+
+@contextlib.asynccontextmanager
+async def ledger_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable[Decision]]]:
+    """The production gate on a fresh SQLite ledger; each admitted call hangs up 0.2 s on.
+
+    A refusal raises (the load is sized to be admitted), and the ledger is
+    audited when the bench is over.
+    """
+    (tmp / "policy.yaml").write_text(LEDGER_POLICY)
+    policy = load_policy(tmp / "policy.yaml")
+    ledger = await open_ledger(f"sqlite:///{tmp / 'ledger.db'}")
+    await ledger.topup("acme", Decimal("1000000"), ref="bench", at=datetime.now(UTC))
+    gatekeeper = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=WallClock(),
+                            node="bench")
+    hangups = HangUps(ledger)
+
+    async def gate(call: CallInfo) -> Decision:
+        decision = await gatekeeper(call)
+        if not decision.allow:
+            raise RuntimeError(f"refused: {decision.reason} {decision.message}")
+        hangups.later(call, "acme")
+        return decision
+
+    try:
+        yield gate
+    finally:
+        await hangups.wait()
+        problems = await ledger.audit()
+        await ledger.close()
+        if problems:
+            raise AssertionError(f"ledger audit after the bench: {problems[:3]}")

@@ -36,20 +36,14 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 import structlog
-from _loadgen import HangUps, closed_loop, open_loop
+from _loadgen import closed_loop, ledger_gate, open_loop, target_verdicts, verdict_word
 
+from agent import eventloop
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
-from agent.gate.policy import load_policy
-from agent.gatekeeper import Gatekeeper
-from agent.ledger import open_ledger
-from agent.meter.clock import WallClock
 from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
 from agent.sim.asterisk import AsteriskSimulator, read_trace
 
@@ -91,11 +85,15 @@ async def one_call(host: str, port: int, request: bytes, vary: bool = False) -> 
     try:
         writer.write(varied(request) if vary else request)
         commands = 0
-        while await reader.readline():
+        allowed = False
+        while line := await reader.readline():
             commands += 1
+            allowed |= line.startswith(b"SET VARIABLE CALLGATE_RESULT") and b"ALLOW" in line
             writer.write(OK)
         if commands != 3:
             raise ConnectionError(f"expected 3 commands, got {commands}")
+        if not allowed:  # a refusal is quick, and no measure of the gate's work
+            raise ConnectionError("the gate did not allow the call")
         return time.perf_counter() - t0
     finally:
         writer.close()
@@ -106,10 +104,10 @@ def client_main(argv: list[str]) -> None:
     value, seconds, vary = float(argv[3]), float(argv[4]), argv[5] == "vary"
     request = recorded_request()
     if mode == "rate":
-        result = asyncio.run(
+        result = eventloop.run(
             open_loop(lambda: one_call(host, port, request, vary), value, seconds))
     else:
-        result = asyncio.run(
+        result = eventloop.run(
             closed_loop(lambda: one_call(host, port, request, vary), int(value), seconds))
     print(json.dumps(result))
 
@@ -131,43 +129,6 @@ async def do_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 
 async def trivial_gate(call: CallInfo) -> Decision:
     return Decision(True, Reason.ALLOWED, "bench", account="acme", max_seconds=600)
-
-
-POLICY = """version: 1
-defaults:
-  calling_hours: [{days: all, windows: [{start: '00:00', end: '24:00'}]}]
-  max_concurrent_calls: 100000
-accounts:
-  acme: {name: ACME, caller_ids: ["2001"]}
-"""
-
-
-@contextlib.asynccontextmanager
-async def real_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable[Decision]]]:
-    """The production gate on a fresh SQLite ledger; each admitted call hangs up 0.2 s on."""
-    (tmp / "policy.yaml").write_text(POLICY)
-    policy = load_policy(tmp / "policy.yaml")
-    ledger = await open_ledger(f"sqlite:///{tmp / 'ledger.db'}")
-    await ledger.topup("acme", Decimal("1000000"), ref="bench", at=datetime.now(UTC))
-    gatekeeper = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=WallClock(),
-                            node="bench")
-    hangups = HangUps(ledger)
-
-    async def gate(call: CallInfo) -> Decision:
-        decision = await gatekeeper(call)
-        if not decision.allow:
-            raise RuntimeError(f"refused: {decision.reason} {decision.message}")
-        hangups.later(call, "acme")
-        return decision
-
-    try:
-        yield gate
-    finally:
-        await hangups.wait()
-        problems = await ledger.audit()
-        await ledger.close()
-        if problems:
-            raise AssertionError(f"ledger audit after the bench: {problems[:3]}")
 
 
 async def drive(address: tuple[str, int], mode: str, value: float,
@@ -209,7 +170,7 @@ async def bench(
         with contextlib.suppress(asyncio.CancelledError):
             await task
         with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp_dir:
-            async with real_gate(Path(tmp_dir)) as gate:
+            async with ledger_gate(Path(tmp_dir)) as gate:
                 adapter = AsteriskAdapter(settings, gate, lambda e: None)
                 task = asyncio.create_task(adapter.run())
                 await adapter.wait_connected(5)
@@ -237,7 +198,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
-    r = asyncio.run(bench(args.seconds, rates, args.concurrency))
+    r = eventloop.run(bench(args.seconds, rates, args.concurrency))
     for key, val in r.items():
         print(f"  {key:22s} {val}")
     a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
@@ -261,6 +222,12 @@ def main() -> None:
         for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
             figures[f"{side}_sat_{key}"] = res[key]
     figures["sat_vs_baseline"] = round(ratio, 3)
+    # The target: 2,000 calls/s at p99 <= 5 ms. The gate's socket path alone, and
+    # the whole gate through the durable ledger (the stricter reading), both count.
+    figures.update(target_verdicts(r))
+    print(f"target 2,000 calls/s at p99 <= 5 ms: socket path "
+          f"{verdict_word(figures['target_met_socket'])}, through the ledger "
+          f"{verdict_word(figures['target_met_ledger'])}")
     print(json.dumps(figures))
 
 

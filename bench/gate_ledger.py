@@ -26,6 +26,7 @@ from pathlib import Path
 import structlog
 from _loadgen import HangUps
 
+from agent import eventloop
 from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--rates", default="300,2000")
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
-    figures = asyncio.run(main_async(args))
+    figures = eventloop.run(main_async(args))
     for backend in ("sqlite", "postgres"):
         if backend in figures:
             r = figures[backend]

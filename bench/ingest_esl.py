@@ -159,6 +159,7 @@ def main() -> None:
     print(json.dumps({"bench": "ingest_esl", "events": args.events,
                       "mean_event_bytes": round(size), "baseline_eps": round(base),
                       "parser_eps": round(parsed), "end_to_end_eps": round(e2e),
+                      "target_met": e2e >= 20_000,
                       "parser_vs_baseline": round(parsed / base, 3),
                       "end_to_end_vs_baseline": round(e2e / base, 3),
                       "mb_per_s_parser": round(parsed * size / 1e6, 1),

@@ -46,6 +46,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from agent import eventloop
 from agent.ledger import CallRecord, Cdr
 from agent.ledger import _rules as rules
 from agent.ledger.postgres import PostgresLedger
@@ -339,7 +340,7 @@ def main() -> None:
     parser.add_argument("--pg-connections", type=int, default=8)
     parser.add_argument("--no-pg", action="store_true")
     args = parser.parse_args()
-    figures = asyncio.run(main_async(args))
+    figures = eventloop.run(main_async(args))
     print(json.dumps(figures))
 
 

@@ -19,10 +19,12 @@ import resource
 import statistics
 import tempfile
 import time
+from collections import Counter
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from agent import eventloop
 from agent.calls import CallInfo, Direction
 from agent.gate.policy import load_policy
 from agent.gatekeeper import Gatekeeper
@@ -64,7 +66,8 @@ async def run(calls: int, ramp: float, seed: int) -> dict[str, object]:
         planned: dict[str, datetime] = {}
 
         def publish(topic: str, payload: dict) -> None:
-            if topic == "cutoff":
+            # "planned" carries the paid boundary; "warning" and "executed" follow it.
+            if topic == "cutoff" and payload.get("stage") == "planned":
                 planned[payload["call_id"]] = datetime.fromisoformat(payload["at"])
 
         meter = Meter(ledger=ledger, pbx=pbx, policy=lambda: policy, clock=clock, node="b",
@@ -106,6 +109,7 @@ async def run(calls: int, ramp: float, seed: int) -> dict[str, object]:
             call = pbx.calls.get(call_id)
             if call is not None and call.ended_by == "hangup" and call.ended_at is not None:
                 late.append((call.ended_at - cut_at) / timedelta(milliseconds=1))
+        ended_by = Counter(c.ended_by for c in pbx.calls.values())
         problems = await ledger.audit()
         held = sum((b.held for b in await ledger.balances()), Decimal(0))
         task.cancel()
@@ -120,6 +124,7 @@ async def run(calls: int, ramp: float, seed: int) -> dict[str, object]:
         "placed": placed,
         "peak_live_calls": peak_live,
         "cutoffs": len(late),
+        "ended_by": dict(ended_by),
         "late_ms_p50": round(statistics.median(late), 1) if late else None,
         "late_ms_p99": round(p99, 1) if p99 is not None else None,
         "late_ms_max": round(late[-1], 1) if late else None,
@@ -145,7 +150,7 @@ def main() -> None:
     parser.add_argument("--ramp", type=float, default=10.0, help="seconds to place all calls")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    figures = asyncio.run(run(args.calls, args.ramp, args.seed))
+    figures = eventloop.run(run(args.calls, args.ramp, args.seed))
     print(f"{figures['placed']} calls placed, peak {figures['peak_live_calls']} live, "
           f"{figures['cutoffs']} cut off at their paid boundary")
     print(f"cut-off lateness p50 {figures['late_ms_p50']} ms, p99 {figures['late_ms_p99']} ms, "

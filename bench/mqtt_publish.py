@@ -23,6 +23,7 @@ import uuid
 from decimal import Decimal
 from typing import Any
 
+from agent import eventloop
 from agent.events.mqtt import WINDOW, EventPublisher, MqttSettings
 
 
@@ -85,8 +86,8 @@ def main() -> None:
         "publish_vs_json_dumps": round(publish_us / baseline_us, 2),
     }
     try:
-        windowed = asyncio.run(bench_drain(args.drain_events, WINDOW))
-        stop_and_wait = asyncio.run(bench_drain(args.drain_events, 1))
+        windowed = eventloop.run(bench_drain(args.drain_events, WINDOW))
+        stop_and_wait = eventloop.run(bench_drain(args.drain_events, 1))
     except Exception as exc:
         print(f"drain: Mosquitto at 127.0.0.1:1883 unavailable or failing: {exc}")
         result["drain_error"] = str(exc)

@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the daemon harness lives in tests/
     sys.path.insert(0, str(ROOT))
 
+from agent import eventloop  # noqa: E402
 from agent.ledger import open_ledger  # noqa: E402
 from agent.meter.meter import MeterSettings  # noqa: E402
 from agent.rating import Tariff, rate  # noqa: E402
@@ -445,7 +446,7 @@ def main() -> None:
                         help="the Asterisk simulator sends every event of the login mask, "
                              "not only what the shipped manager.conf eventfilter lets through")
     args = parser.parse_args()
-    figures = asyncio.run(soak(args.pbx, args.cps, args.minutes, args.talk_mean,
+    figures = eventloop.run(soak(args.pbx, args.cps, args.minutes, args.talk_mean,
                                args.sample_every, args.accounts, args.warmup, args.seed,
                                args.tariff, args.eventfilter))
     print(json.dumps(figures))
