@@ -162,12 +162,25 @@ class SimCall:
         self.request_end(by)
 
     def set_timeout(self, seconds: float) -> None:
-        """AbsoluteTimeout: a later one replaces the earlier (DESIGN.md facts)."""
+        """AbsoluteTimeout: a later one replaces the earlier (DESIGN.md facts).
+
+        Due by the wall clock the CDR is timed with: a loop timer may fire early
+        by up to its resolution (uvloop: 1 ms), which would end a 2 s limit at
+        billsec 1; Asterisk's scheduler does not.
+        """
         if self._timeout is not None:
             self._timeout.cancel()
-        self._timeout = asyncio.get_running_loop().call_later(
-            seconds, self.request_end, "deadline", 16
-        )
+        loop = asyncio.get_running_loop()
+        due = time.time() + seconds
+
+        def expire() -> None:
+            left = due - time.time()
+            if left > 0:
+                self._timeout = loop.call_later(left, expire)
+            else:
+                self.request_end("deadline", 16)
+
+        self._timeout = loop.call_later(seconds, expire)
 
     async def ended(self) -> CallResult:
         return await asyncio.shield(self._result)
@@ -526,12 +539,22 @@ class AsteriskSimulator:
         call._result.set_result(result)
 
     async def _wait_end(self, call: SimCall, seconds: float | None) -> tuple[str, int] | None:
-        """Wait ``seconds`` (None: forever) or until something ends the call."""
-        try:
-            async with asyncio.timeout(seconds):
-                return await asyncio.shield(call._end)
-        except TimeoutError:
-            return None
+        """Wait ``seconds`` (None: forever) or until something ends the call.
+
+        Timed by the wall clock the CDR is timed with, as :meth:`SimCall.set_timeout`:
+        a loop timer firing early (uvloop: up to 1 ms) would make 3 s of talk
+        billsec 2.
+        """
+        if seconds is None or call._end.done():
+            return await asyncio.shield(call._end)
+        due = time.time() + seconds
+        while (left := due - time.time()) > 0:
+            try:
+                async with asyncio.timeout(left):
+                    return await asyncio.shield(call._end)
+            except TimeoutError:
+                continue
+        return None
 
     async def _script(
         self,

@@ -736,12 +736,21 @@ def trace_stream(path: str | Path, conn: str = "inbound", direction: str = "RECV
 
 
 async def _wait(event: asyncio.Event, seconds: float | None) -> bool:
-    """Wait up to ``seconds`` (None = forever) for ``event``; True if it was set."""
-    if event.is_set():
+    """Wait up to ``seconds`` (None = forever) for ``event``; True if it was set.
+
+    Timed by the wall clock the CDR's billsec is computed from: a loop timer
+    may fire early by up to its resolution (uvloop: 1 ms), which would make
+    3 s of talk billsec 2.
+    """
+    if event.is_set() or seconds is None:
+        await event.wait()
         return True
-    try:
-        async with asyncio.timeout(seconds):
-            await event.wait()
-        return True
-    except TimeoutError:
-        return False
+    due = time.time() + seconds
+    while (left := due - time.time()) > 0:
+        try:
+            async with asyncio.timeout(left):
+                await event.wait()
+            return True
+        except TimeoutError:
+            continue
+    return event.is_set()
