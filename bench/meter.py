@@ -5,7 +5,9 @@ SQLite ledger (WAL, synchronous=FULL) on the wall clock. Calls of 100 accounts
 share each account's balance, which runs out part-way, so most calls end by a
 cut-off at a paid boundary. Reports cut-off lateness (the PBX's hang-up time
 minus the planned cut time) p50/p99/max, CPU seconds per 1,000 calls, peak RSS,
-and ledger writes per second. Time is compressed with a 10 s increment.
+and the garbage collector's full collections (how many, the longest pause: each
+stops the loop, so it bounds the lateness of a cut-off due meanwhile). Time is
+compressed with a 10 s increment.
 Targets (issue 4): p99 lateness <= 250 ms; <= 200 MB RSS.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import resource
@@ -54,7 +57,39 @@ def policy_yaml(calls: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+class FullCollections:
+    """Times the garbage collector's full (generation 2) collections: each pauses
+    the whole loop, and every cut-off due meanwhile is that much late."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._started = 0.0
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append((time.perf_counter() - self._started) * 1000)
+
+
 async def run(calls: int, ramp: float, seed: int) -> dict[str, object]:
+    with FullCollections() as collections:
+        figures = await _run(calls, ramp, seed)
+    figures["gc_full_collections"] = len(collections.pauses_ms)
+    figures["gc_longest_full_ms"] = round(max(collections.pauses_ms, default=0.0), 1)
+    return figures
+
+
+async def _run(calls: int, ramp: float, seed: int) -> dict[str, object]:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "policy.yaml"
@@ -158,6 +193,8 @@ def main() -> None:
     print(f"CPU {figures['cpu_seconds_per_1000_calls']} s per 1,000 calls "
           f"({figures['cpu_share_of_one_core']:.0%} of one core), peak RSS "
           f"{figures['peak_rss_mb']} MB; ledger audit problems {figures['audit_problems']}")
+    print(f"{figures['gc_full_collections']} full garbage collections, the longest "
+          f"{figures['gc_longest_full_ms']} ms")
     print(json.dumps(figures))
 
 

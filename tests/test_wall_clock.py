@@ -9,7 +9,11 @@ must find that moment reached.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from agent.meter.clock import WallClock
 
@@ -31,3 +35,51 @@ async def test_sleep_until_a_past_moment_returns_at_once() -> None:
     before = datetime.now(UTC)
     await clock.sleep_until(before - timedelta(seconds=5))
     assert (datetime.now(UTC) - before).total_seconds() < 0.5
+
+
+
+def test_a_sleeper_completed_early_wakes_and_frees_its_timer() -> None:
+    """The meter wakes a call's sleeper at the call's end by completing it."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        sleeper = WallClock().sleep_until(datetime.now(UTC) + timedelta(seconds=60))
+        assert _armed(loop) == 1
+        started = time.monotonic()
+        loop.call_later(0.01, sleeper.set_result, None)
+        await sleeper
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0)
+        assert _armed(loop) == 0
+
+    _on_asyncio_loop(scenario())
+
+
+def test_cancelled_sleepers_free_their_timers() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        clock = WallClock()
+        sleepers = [clock.sleep_until(datetime.now(UTC) + timedelta(seconds=60))
+                    for _ in range(5)]
+        assert _armed(loop) == 5
+        for sleeper in sleepers:
+            sleeper.cancel()
+        await asyncio.sleep(0)  # done callbacks run on the next loop turn
+        assert _armed(loop) == 0
+
+    _on_asyncio_loop(scenario())
+
+
+def _on_asyncio_loop(scenario: Coroutine[Any, Any, None]) -> None:
+    """asyncio's own loop lists its timers (uvloop's are inside libuv); the sleeper
+    is plain asyncio and behaves alike on both."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(scenario)
+    finally:
+        loop.close()
+
+
+def _armed(loop: asyncio.AbstractEventLoop) -> int:
+    return sum(1 for handle in loop._scheduled  # type: ignore[attr-defined]
+               if not handle.cancelled())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from agent.calls import (
@@ -46,7 +46,12 @@ class SimCall:
     cause: str = ""
     ended_by: str = ""  # "party", "deadline", "hangup"
     deadlines_set: int = 0
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _sleeper: asyncio.Future[None] | None = None  # what its life waits on now
+
+    def _wake(self) -> None:
+        """Something changed (a deadline set, the call ended): re-examine it now."""
+        if self._sleeper is not None and not self._sleeper.done():
+            self._sleeper.set_result(None)
 
 
 class MemoryPbx:
@@ -77,7 +82,7 @@ class MemoryPbx:
         whole = math.floor(max(0.0, (at - now).total_seconds()))
         call.deadline = now + timedelta(seconds=whole)
         call.deadlines_set += 1
-        call._changed.set()
+        call._wake()
 
     async def active_calls(self) -> list[ActiveCall]:
         self._require_connection()
@@ -140,14 +145,12 @@ class MemoryPbx:
                 self._end(call, "NORMAL_CLEARING", "party")
 
     async def _wait(self, call: SimCall, until: datetime) -> None:
-        call._changed.clear()
-        sleeper = asyncio.ensure_future(self.clock.sleep_until(until))
-        changed = asyncio.ensure_future(call._changed.wait())
+        sleeper = call._sleeper = self.clock.sleep_until(until)
         try:
-            await asyncio.wait({sleeper, changed}, return_when=asyncio.FIRST_COMPLETED)
+            await sleeper
         finally:
+            call._sleeper = None
             sleeper.cancel()
-            changed.cancel()
 
     def _end(self, call: SimCall, cause: str, by: str) -> None:
         if call.ended_at is not None:
@@ -156,7 +159,7 @@ class MemoryPbx:
         call.ended_at, call.cause, call.ended_by = now, cause, by
         if call.answered_at is not None:
             call.billsec = int((now - call.answered_at).total_seconds())
-        call._changed.set()
+        call._wake()
         self._emit(CallEnded(call.info.call_id, now, cause, billsec=call.billsec,
                              answered_at=call.answered_at, call=call.info))
 
