@@ -8,7 +8,6 @@ except under CI (``CI=true``) where they fail: CI must not pass by skipping.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agent import eventloop
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -29,7 +30,7 @@ _pg_base: list[str | None] = []  # cached: the working base URL, or None
 def _in_thread(coro_fn: Any, *args: Any) -> Any:
     """Run a coroutine on a private loop: sync fixtures must not touch the test's loop."""
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro_fn(*args)).result()
+        return pool.submit(eventloop.run, coro_fn(*args)).result()
 
 
 async def _find_pg() -> tuple[str | None, str]:

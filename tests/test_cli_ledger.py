@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
@@ -15,6 +14,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from agent import eventloop
 from agent.cli import main
 from agent.ledger import CallRecord, Cdr, open_ledger
 
@@ -58,7 +58,7 @@ def ledger_do(url: str, fn: Any) -> Any:
         finally:
             await ledger.close()
 
-    return asyncio.run(go())
+    return eventloop.run(go())
 
 
 def postings(cli: Any, account: str = "acme") -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import asyncio, sys, time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
+from agent import eventloop
 from agent.ledger.sqlite import SqliteLedger
 
 async def main(path, worker, calls, go):
@@ -49,7 +50,7 @@ async def main(path, worker, calls, go):
     await ledger.close()
     print(sum(results))
 
-asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
+eventloop.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]))
 """
 
 

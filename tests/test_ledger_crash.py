@@ -25,6 +25,7 @@ CHILD = """
 import asyncio, sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from agent import eventloop
 from agent.ledger import CallRecord, Cdr, open_ledger
 
 def ack(account, key):
@@ -55,7 +56,7 @@ async def main(url):
     ledger = await open_ledger(url)
     await asyncio.gather(*(writer(ledger, t) for t in range(4)))
 
-asyncio.run(main(sys.argv[1]))
+eventloop.run(main(sys.argv[1]))
 """
 
 

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent import eventloop
 from agent.ledger import (
     CallRecord,
     CallStatus,
@@ -215,7 +216,7 @@ class LoopThread:
     """
 
     def __init__(self, url: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = eventloop.loop_factory()()  # the daemon's loop
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.ledger = self.call(open_ledger(url))
