@@ -302,9 +302,9 @@ async def _drain(proc: asyncio.subprocess.Process, tail: deque[str],
 def _within_grace(cdr: Any, billsec: int, tariff: Tariff) -> bool:
     """A cut-off that came late, inside the PBX-side grace: the README's rule.
 
-    Up to ``meter.grace_seconds`` past the paid boundary are never billed (CDR
-    flag ``grace``): the charge is the tariff's for the paid seconds, never more
-    than was held. Counted and reported, not a mismatch.
+    Up to ``meter.grace_seconds`` past the paid boundary of a call being cut
+    are not billed (CDR flag ``grace``): the charge is the tariff's for the paid
+    seconds, never more than was held. Counted and reported, not a mismatch.
     """
     return ("grace" in cdr.flags and cdr.billsec == billsec
             and 0 < billsec - cdr.billed_seconds <= MeterSettings().grace_seconds

@@ -331,7 +331,7 @@ async def money_problems(ledger: Any, results: Mapping[str, Any], grace: int = 2
     (``answered_at`` and ``billsec`` are the PBX's truth). Empty when all hold:
 
     1. every ended answered call is charged exactly ``rate(billsec)``, once; up to
-       ``grace`` s past the paid boundary is not billed (flag ``grace``); a call
+       ``grace`` s past the paid boundary may go unbilled (flag ``grace``); a call
        whose end the agent never heard is charged what it paid for (flag
        ``billsec_assumed_paid``), and one whose answer it never knew nothing
        (flag ``outcome_unknown``), as the meter documents;

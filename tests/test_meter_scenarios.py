@@ -409,3 +409,66 @@ async def test_a_sleeping_call_task_cancelled_at_shutdown_stays_cancelled(h):
     live.end(None)  # ended meanwhile: the cancellation still wins
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def _answer_writes_held_back(h):
+    """Hold the meter's first ledger write of a call (its answered status) until the
+    returned event is set: the meter is late, as with a slow disk, and reserves nothing
+    before the party hangs up."""
+    release = asyncio.Event()
+    answer_call = h.ledger.answer_call
+
+    async def slow_answer_call(*args, **kwargs):
+        await release.wait()
+        return await answer_call(*args, **kwargs)
+
+    h.ledger.answer_call = slow_answer_call
+    h.clock.settle = None  # the meter is busy on purpose: advance without waiting for it
+    return release
+
+
+async def test_a_started_increment_the_meter_was_late_for_is_charged(h):
+    await h.topup("a0", "10")
+    release = await _answer_writes_held_back(h)
+    _, call = await h.dial(talk=61, ring=1)  # 1 s into the increment the meter never held
+    await h.clock.advance(70)
+    assert call.ended_by == "party" and call.billsec == 61
+    release.set()
+    h.clock.settle = h.meter.wait_idle
+    await h.advance(1)
+    cdr = await h.cdr(call.info.call_id)
+    assert (cdr.billsec, cdr.billed_seconds, cdr.amount) == (61, 120, Decimal("0.26"))
+    assert "reserved_at_settle" in cdr.flags and "grace" not in cdr.flags
+    assert await balance(h) == Decimal("9.74")
+    await h.check_invariants()
+
+
+async def test_a_late_increment_the_balance_cannot_pay_is_forgiven_inside_the_grace(h):
+    await h.topup("a0", "0.13")  # the first unit, held by the gate, and nothing more
+    release = await _answer_writes_held_back(h)
+    _, call = await h.dial(talk=61, ring=1)
+    await h.clock.advance(70)
+    release.set()
+    h.clock.settle = h.meter.wait_idle
+    await h.advance(1)
+    cdr = await h.cdr(call.info.call_id)
+    assert (cdr.billsec, cdr.amount) == (61, Decimal("0.13")) and "grace" in cdr.flags
+    assert await balance(h) == Decimal("0")  # never below zero through a call
+    await h.check_invariants()
+
+
+async def test_talk_past_a_cut_off_inside_the_grace_is_not_billed(h, monkeypatch):
+    from agent.calls import PbxError
+
+    async def hangup_fails(call_id, cause):
+        raise PbxError("the hang-up was lost")
+
+    monkeypatch.setattr(h.pbx, "hangup", hangup_fails)
+    await h.topup("a0", "0.13")
+    _, call = await h.dial(talk=600, ring=1)
+    await h.advance(200)
+    # The meter's own hang-up failed: the PBX-side deadline (paid + grace) ended it.
+    assert call.ended_by == "deadline" and call.billsec == 62
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.cut_off and cdr.amount == Decimal("0.13") and "grace" in cdr.flags
+    await h.check_invariants()

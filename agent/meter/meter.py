@@ -14,7 +14,11 @@ online charging, TigerBeetle-style two-phase holds):
 3. On hang-up the call is settled from the PBX's own ``billsec``: the rated
    amount is charged from the holds and the rest released, in one transaction.
    Up to ``grace`` seconds past the paid boundary are the provider's tolerance
-   for signalling delay and are not billed (flag ``grace``).
+   for signalling delay: not billed (flag ``grace``) when the meter had stopped
+   extending the call or the PBX's deadline ended it. A call that talked on
+   while the meter was merely late for its next increment started that
+   increment and pays it, reserved at settlement (flag ``reserved_at_settle``);
+   only what the balance cannot pay there is forgiven.
 4. Every write carries an idempotency key (call id + step; call id for the
    settlement), so duplicate or replayed PBX events never charge twice.
 
@@ -588,27 +592,49 @@ class Meter:
             talk = (event.ended_at - live.answered_at).total_seconds()
             billsec = max(0, math.ceil(talk))
             live.flags.append("billsec_from_times")
-        billable = billsec
-        if 0 < live.paid_seconds < billsec <= live.paid_seconds + self.settings.grace_seconds:
-            billable = live.paid_seconds
-            live.flags.append("grace")
-        return billsec, billable
+        return billsec, billsec
+
+    def _in_grace(self, live: LiveCall, billsec: int) -> bool:
+        """Talk past the paid boundary, within the PBX-side grace."""
+        return 0 < live.paid_seconds < billsec <= live.paid_seconds + self.settings.grace_seconds
+
+    @staticmethod
+    def _stopped_extending(live: LiveCall) -> bool:
+        """The meter had stopped paying this call on (a cut-off, the PBX unreachable or no
+        longer listing it), or the PBX's deadline ended it: talk past the boundary is the
+        signalling tolerance, not time the customer chose to buy."""
+        event = live.end_event
+        return (live.cut_reason is not None or live.absent or "pbx_unreachable" in live.flags
+                or (event is not None and event.cause == "ALLOTTED_TIMEOUT"))
+
+    def _forgive_grace(self, live: LiveCall) -> tuple[int, Decimal]:
+        live.flags.append("grace")
+        return live.paid_seconds, rate(live.tariff, live.paid_seconds)
 
     async def _settle(self, live: LiveCall, bound: Any) -> None:
         with self._working():
             billsec, billable = self._billable(live)
             amount = rate(live.tariff, billable)
+            in_grace = self._in_grace(live, billable)
+            if in_grace and self._stopped_extending(live):
+                billable, amount = self._forgive_grace(live)
             if amount > live.held:
-                # The call talked without the meter reserving ahead (it ended before
-                # its answer was processed, or it was never seen): reserve the rest now.
+                # The call talked on without the meter reserving ahead: it ended before
+                # its answer was processed, it was never seen, or the meter was late for
+                # the next increment (a started increment is a whole one). Reserve the
+                # rest now; what the balance cannot pay inside the grace is forgiven.
                 try:
-                    ok = await self.ledger.hold(live.call_id, live.steps + 1, amount - live.held,
-                                                billable, self.clock.now())
+                    ok = await self.ledger.hold(
+                        live.call_id, live.steps + 1, amount - live.held,
+                        billed_seconds(live.tariff, billable), self.clock.now())
                 except LedgerError:
                     ok = False
                 if ok:
                     live.steps += 1
                     live.held = amount
+                    live.flags.append("reserved_at_settle")
+                elif in_grace:
+                    billable, amount = self._forgive_grace(live)
                 else:
                     live.flags.append("unpaid")
             event = live.end_event
