@@ -209,7 +209,7 @@ class _Worker(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 break
-            batch = [job]
+            batch = [] if job.future.cancelled() else [job]
             stop = False
             while len(batch) < MAX_BATCH:
                 try:
@@ -219,7 +219,19 @@ class _Worker(threading.Thread):
                 if more is None:
                     stop = True
                     break
-                batch.append(more)
+                # A job whose caller gave up before it began (the gate's decision
+                # budget ran out) is dropped, not run: it was never started, so the
+                # caller's "unavailable" is the truth. Running it anyway is what turns
+                # an overload into a collapse: the queue fills with work nobody
+                # awaits, and every fresh request times out behind it. (Read from
+                # another thread, a future's state is one attribute: at worst a job
+                # cancelled this instant still runs, as before.)
+                if not more.future.cancelled():
+                    batch.append(more)
+            if not batch:
+                if stop:
+                    break
+                continue
             if conn is None:
                 assert error is not None
                 for j in batch:
