@@ -574,25 +574,25 @@ class Meter:
             bound.warning("meter.hangup_failed", error=str(exc))
 
     # -- settlement ---------------------------------------------------------------
-    def _billable(self, live: LiveCall) -> tuple[int, int]:
-        """(billsec from the PBX or estimated, seconds to bill) for the ended call."""
+    def _billsec(self, live: LiveCall) -> int:
+        """The ended call's billsec: the PBX's, else estimated (flagged)."""
         event = live.end_event
         if live.answered_at is None:
             if event is None and live.paid_seconds > 0:
                 # Admitted, then it ended while nobody watched: whether it was answered is
                 # not known. It is not charged; the flag sends finance to the PBX's CDR.
                 live.flags.append("outcome_unknown")
-            return 0, 0
+            return 0
         if event is None:
             live.flags.append("billsec_assumed_paid")
-            return live.paid_seconds, live.paid_seconds
+            return live.paid_seconds
         if event.billsec is not None:
             billsec = event.billsec
         else:
             talk = (event.ended_at - live.answered_at).total_seconds()
             billsec = max(0, math.ceil(talk))
             live.flags.append("billsec_from_times")
-        return billsec, billsec
+        return billsec
 
     def _in_grace(self, live: LiveCall, billsec: int) -> bool:
         """Talk past the paid boundary, within the PBX-side grace."""
@@ -613,7 +613,7 @@ class Meter:
 
     async def _settle(self, live: LiveCall, bound: Any) -> None:
         with self._working():
-            billsec, billable = self._billable(live)
+            billsec = billable = self._billsec(live)
             amount = rate(live.tariff, billable)
             in_grace = self._in_grace(live, billable)
             if in_grace and self._stopped_extending(live):
