@@ -289,28 +289,36 @@ async def test_sqlite_jobs_failing_after_they_wrote_undo_only_their_own_writes(
         await ledger.close()
 
 
-async def test_sqlite_a_write_whose_caller_gave_up_before_it_began_is_not_run(
+async def test_sqlite_an_admission_whose_caller_gave_up_before_it_began_is_not_run(
     tmp_path: Path,
 ) -> None:
     """Overload: a gate whose budget ran out must not leave its admission queued, to
-    run later for nobody and delay every fresh request behind it."""
+    run later for nobody and delay every fresh request behind it. Any other write
+    (a top-up here; a settlement cancelled at shutdown) still runs."""
     ledger = await SqliteLedger.open(tmp_path / "ledger.db")
     try:
         await ledger.topup("acme", D("1"), ref="T0", at=T0)
-        gate = threading.Event()
-        blocker = asyncio.ensure_future(ledger._write(lambda conn: gate.wait(5)))
-        await asyncio.sleep(0.05)
+        started, gate = threading.Event(), threading.Event()
+
+        def block(conn: sqlite3.Connection) -> None:
+            started.set()
+            gate.wait(10)
+
+        blocker = asyncio.ensure_future(ledger._write(block))
+        assert await asyncio.to_thread(started.wait, 10)  # the worker is inside it
         with pytest.raises(TimeoutError):  # queued behind the blocker, then abandoned
             async with asyncio.timeout(0.05):
-                await ledger.admit_and_hold(call("late"), None, D("0.13"), 60, reason="allowed")
-        kept = asyncio.ensure_future(ledger.topup("acme", D("1"), ref="T1", at=T0))
-        await asyncio.sleep(0.05)
+                await ledger.admit_and_hold(call("late"), None, D("0.13"), 60,
+                                            reason="allowed")
+        with pytest.raises(TimeoutError):  # abandoned too, but not abandonable
+            async with asyncio.timeout(0.05):
+                await ledger.topup("acme", D("1"), ref="T1", at=T0)
         gate.set()
         await blocker
-        await kept
+        await ledger.topup("acme", D("1"), ref="T2", at=T0)  # behind both: they are done
         assert await ledger.get_call("late") is None  # never admitted, nothing held
         balance = await ledger.balance("acme")
-        assert balance.available == D("2") and balance.held == 0
+        assert balance.available == D("3") and balance.held == 0  # T0, T1 and T2
         assert await ledger.audit() == []
     finally:
         await ledger.close()

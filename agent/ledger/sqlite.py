@@ -149,6 +149,11 @@ class _Job:
     write: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any] = field(repr=False)
+    # Dropped, not run, if its caller gave up before it began (see _Worker.run).
+    abandonable: bool = False
+
+    def abandoned(self) -> bool:
+        return self.abandonable and self.future.cancelled()
 
 
 def _deliver(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -184,10 +189,14 @@ class _Worker(threading.Thread):
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._replies: list[tuple[_Job, Any, BaseException | None]] = []
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool) -> asyncio.Future[T]:
+    def submit(self, fn: Callable[[sqlite3.Connection], T], *, write: bool,
+               abandonable: bool = False) -> asyncio.Future[T]:
+        """Queue ``fn``. A read, or a write marked ``abandonable``, whose caller is
+        cancelled before it begins is dropped; any other write runs regardless (a
+        settlement cancelled at shutdown still stands)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self.jobs.put(_Job(fn, write, loop, future))
+        self.jobs.put(_Job(fn, write, loop, future, abandonable or not write))
         return future
 
     def run(self) -> None:
@@ -209,7 +218,7 @@ class _Worker(threading.Thread):
             job = self.jobs.get()
             if job is None:
                 break
-            batch = [] if job.future.cancelled() else [job]
+            batch = [] if job.abandoned() else [job]
             stop = False
             while len(batch) < MAX_BATCH:
                 try:
@@ -219,14 +228,14 @@ class _Worker(threading.Thread):
                 if more is None:
                     stop = True
                     break
-                # A job whose caller gave up before it began (the gate's decision
+                # A gate job whose caller gave up before it began (the decision
                 # budget ran out) is dropped, not run: it was never started, so the
                 # caller's "unavailable" is the truth. Running it anyway is what turns
                 # an overload into a collapse: the queue fills with work nobody
                 # awaits, and every fresh request times out behind it. (Read from
                 # another thread, a future's state is one attribute: at worst a job
                 # cancelled this instant still runs, as before.)
-                if not more.future.cancelled():
+                if not more.abandoned():
                     batch.append(more)
             if not batch:
                 if stop:
@@ -488,10 +497,11 @@ class SqliteLedger(rules.FinanceFront):
         self._worker.jobs.put(None)
         await asyncio.to_thread(self._worker.join)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *,
+                     abandonable: bool = False) -> T:
         if not self._worker.is_alive():
             raise LedgerUnavailable(f"ledger {self.path} is closed")
-        return await self._worker.submit(fn, write=True)
+        return await self._worker.submit(fn, write=True, abandonable=abandonable)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._worker.is_alive():
@@ -945,7 +955,9 @@ class SqliteLedger(rules.FinanceFront):
             attempt(True, reason)(conn)
             return Admission.ADMITTED
 
-        return await self._write(run)
+        # The gate's budget bounds this wait: an admission nobody awaits any more is
+        # not worth running (the call was refused meanwhile).
+        return await self._write(run, abandonable=True)
 
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None
