@@ -457,18 +457,41 @@ async def test_a_late_increment_the_balance_cannot_pay_is_forgiven_inside_the_gr
     await h.check_invariants()
 
 
-async def test_talk_past_a_cut_off_inside_the_grace_is_not_billed(h, monkeypatch):
-    from agent.calls import PbxError
+async def test_talk_past_a_cut_off_inside_the_grace_is_not_billed(h, tmp_path, monkeypatch):
+    """A planned cut-off whose hang-up got lost: the party talks on 1 s into the
+    grace. The balance could pay another increment, but the meter had refused it."""
+    from agent.gate.policy import load_policy
 
-    async def hangup_fails(call_id, cause):
-        raise PbxError("the hang-up was lost")
+    async def hangup_lost(call_id, cause):
+        h.pbx.commands.append(("hangup-lost", call_id))
 
-    monkeypatch.setattr(h.pbx, "hangup", hangup_fails)
-    await h.topup("a0", "0.13")
-    _, call = await h.dial(talk=600, ring=1)
+    monkeypatch.setattr(h.pbx, "hangup", hangup_lost)
+    await h.topup("a0", "10")
+    _, call = await h.dial(talk=121, ring=1)
+    await h.advance(70)  # step 2 held: paid 120 s
+    path = tmp_path / "p2.yaml"
+    path.write_text(policy_text().replace("{name: A0,", "{name: A0, status: suspended,"))
+    h.policy = load_policy(path)
     await h.advance(200)
-    # The meter's own hang-up failed: the PBX-side deadline (paid + grace) ended it.
-    assert call.ended_by == "deadline" and call.billsec == 62
+    assert ("hangup-lost", call.info.call_id) in h.pbx.commands
+    assert call.ended_by == "party" and call.billsec == 121
     cdr = await h.cdr(call.info.call_id)
-    assert cdr.cut_off and cdr.amount == Decimal("0.13") and "grace" in cdr.flags
+    assert cdr.cut_off and cdr.amount == Decimal("0.26") and "grace" in cdr.flags
+    await h.check_invariants()
+
+
+async def test_a_call_the_pbx_deadline_ended_is_not_charged_its_grace(h):
+    """The meter was late and FreeSWITCH's own deadline (paid + grace) ended the call:
+    it was cut, so it is not also charged the increment it never got."""
+    await h.topup("a0", "10")
+    release = await _answer_writes_held_back(h)
+    _, call = await h.dial(talk=600, ring=1)
+    await h.clock.advance(100)
+    assert call.ended_by == "deadline" and call.billsec == 62
+    release.set()
+    h.clock.settle = h.meter.wait_idle
+    await h.advance(1)
+    cdr = await h.cdr(call.info.call_id)
+    assert cdr.amount == Decimal("0.13") and "grace" in cdr.flags
+    assert await balance(h) == Decimal("9.87")
     await h.check_invariants()

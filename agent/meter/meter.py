@@ -15,7 +15,7 @@ online charging, TigerBeetle-style two-phase holds):
    amount is charged from the holds and the rest released, in one transaction.
    Up to ``grace`` seconds past the paid boundary are the provider's tolerance
    for signalling delay: not billed (flag ``grace``) when the meter had stopped
-   extending the call. A call that talked on
+   extending the call or the PBX's deadline ended it. A call that talked on
    while the meter was merely late for its next increment started that
    increment and pays it, reserved at settlement (flag ``reserved_at_settle``);
    only what the balance cannot pay there is forgiven.
@@ -601,10 +601,16 @@ class Meter:
     @staticmethod
     def _stopped_extending(live: LiveCall) -> bool:
         """The meter had stopped paying this call on (a cut-off, the PBX unreachable or no
-        longer listing it): talk past the boundary is the signalling tolerance, not time
-        the customer chose to buy. Decided from the meter's own state, not the end cause:
-        Asterisk's AbsoluteTimeout ends a call with cause 16, like a hang-up (trace 05)."""
-        return live.cut_reason is not None or live.absent or "pbx_unreachable" in live.flags
+        longer listing it), or the PBX says its deadline ended the call: talk past the
+        boundary is the signalling tolerance, not time the customer chose to buy (a call
+        cut at its deadline is not also charged the increment it was refused).
+
+        Only FreeSWITCH says so (ALLOTTED_TIMEOUT). Asterisk ends an AbsoluteTimeout
+        with cause 16, like a hang-up (trace 05): there a call the meter was too late
+        to extend, and that the PBX then cut, pays the increment it started."""
+        event = live.end_event
+        return (live.cut_reason is not None or live.absent or "pbx_unreachable" in live.flags
+                or (event is not None and event.cause == "ALLOTTED_TIMEOUT"))
 
     def _forgive_grace(self, live: LiveCall) -> tuple[int, Decimal]:
         live.flags.append("grace")
