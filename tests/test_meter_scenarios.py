@@ -411,10 +411,10 @@ async def test_a_sleeping_call_task_cancelled_at_shutdown_stays_cancelled(h):
         await task
 
 
-async def _answer_writes_held_back(h):
-    """Hold the meter's first ledger write of a call (its answered status) until the
-    returned event is set: the meter is late, as with a slow disk, and reserves nothing
-    before the party hangs up."""
+async def _call_with_a_late_meter(h, *, talk: float, until: float):
+    """A call the meter is late for: its first ledger write (the answered status) is
+    held back, as by a slow disk, until ``until`` s after dialling, so nothing is
+    reserved before the call ends. Returns the PBX's call and the settled CDR."""
     release = asyncio.Event()
     answer_call = h.ledger.answer_call
 
@@ -424,19 +424,19 @@ async def _answer_writes_held_back(h):
 
     h.ledger.answer_call = slow_answer_call
     h.clock.settle = None  # the meter is busy on purpose: advance without waiting for it
-    return release
+    _, call = await h.dial(talk=talk, ring=1)
+    await h.clock.advance(until)
+    release.set()
+    h.clock.settle = h.meter.wait_idle
+    await h.advance(1)
+    return call, await h.cdr(call.info.call_id)
 
 
 async def test_a_started_increment_the_meter_was_late_for_is_charged(h):
     await h.topup("a0", "10")
-    release = await _answer_writes_held_back(h)
-    _, call = await h.dial(talk=61, ring=1)  # 1 s into the increment the meter never held
-    await h.clock.advance(70)
+    # The party hangs up 1 s into the increment the meter never held.
+    call, cdr = await _call_with_a_late_meter(h, talk=61, until=70)
     assert call.ended_by == "party" and call.billsec == 61
-    release.set()
-    h.clock.settle = h.meter.wait_idle
-    await h.advance(1)
-    cdr = await h.cdr(call.info.call_id)
     assert (cdr.billsec, cdr.billed_seconds, cdr.amount) == (61, 120, Decimal("0.26"))
     assert "reserved_at_settle" in cdr.flags and "grace" not in cdr.flags
     assert await balance(h) == Decimal("9.74")
@@ -445,13 +445,7 @@ async def test_a_started_increment_the_meter_was_late_for_is_charged(h):
 
 async def test_a_late_increment_the_balance_cannot_pay_is_forgiven_inside_the_grace(h):
     await h.topup("a0", "0.13")  # the first unit, held by the gate, and nothing more
-    release = await _answer_writes_held_back(h)
-    _, call = await h.dial(talk=61, ring=1)
-    await h.clock.advance(70)
-    release.set()
-    h.clock.settle = h.meter.wait_idle
-    await h.advance(1)
-    cdr = await h.cdr(call.info.call_id)
+    _, cdr = await _call_with_a_late_meter(h, talk=61, until=70)
     assert (cdr.billsec, cdr.amount) == (61, Decimal("0.13")) and "grace" in cdr.flags
     assert await balance(h) == Decimal("0")  # never below zero through a call
     await h.check_invariants()
@@ -484,14 +478,8 @@ async def test_a_call_the_pbx_deadline_ended_is_not_charged_its_grace(h):
     """The meter was late and FreeSWITCH's own deadline (paid + grace) ended the call:
     it was cut, so it is not also charged the increment it never got."""
     await h.topup("a0", "10")
-    release = await _answer_writes_held_back(h)
-    _, call = await h.dial(talk=600, ring=1)
-    await h.clock.advance(100)
+    call, cdr = await _call_with_a_late_meter(h, talk=600, until=100)
     assert call.ended_by == "deadline" and call.billsec == 62
-    release.set()
-    h.clock.settle = h.meter.wait_idle
-    await h.advance(1)
-    cdr = await h.cdr(call.info.call_id)
     assert cdr.amount == Decimal("0.13") and "grace" in cdr.flags
     assert await balance(h) == Decimal("9.87")
     await h.check_invariants()
