@@ -20,8 +20,9 @@ Servers, measured in the same run on the same load:
 
 Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
 ``--rates``), and saturation (a fixed number of callers back to back). Usage:
-``python bench/gate_fastagi.py [--seconds S] [--rates 300,2000] [--concurrency C]``;
-the last line is one JSON object.
+``python bench/gate_fastagi.py [--seconds S] [--rates 300,2000] [--concurrency C]
+[--ledger-only]`` (``--ledger-only``: the ``ledger`` server's open-loop rates alone,
+for A/B runs of a ledger change); the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -141,7 +142,7 @@ async def drive(address: tuple[str, int], mode: str, value: float,
 
 
 async def bench(
-    seconds: float, rates: list[float], concurrency: int
+    seconds: float, rates: list[float], concurrency: int, ledger_only: bool = False
 ) -> dict[str, dict[str, object]]:
     # Decisions are logged at info in production; here that would flood stdout.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -162,7 +163,9 @@ async def bench(
         task = asyncio.create_task(adapter.run())
         await adapter.wait_connected(5)
         assert adapter.fastagi_address is not None
-        for name, addr in (("baseline", base_addr), ("adapter", adapter.fastagi_address)):
+        servers = [] if ledger_only else [("baseline", base_addr),
+                                          ("adapter", adapter.fastagi_address)]
+        for name, addr in servers:
             for rate in rates:
                 results[f"{name}_{rate:g}"] = await drive(addr, "rate", rate, seconds)
             results[f"{name}_saturation"] = await drive(addr, "closed", concurrency, seconds)
@@ -178,13 +181,15 @@ async def bench(
                 for rate in rates:
                     results[f"ledger_{rate:g}"] = await drive(
                         adapter.fastagi_address, "rate", rate, seconds, vary=True)
-                results["ledger_saturation"] = await drive(
-                    adapter.fastagi_address, "closed", concurrency, seconds, vary=True)
+                if not ledger_only:
+                    results["ledger_saturation"] = await drive(
+                        adapter.fastagi_address, "closed", concurrency, seconds, vary=True)
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     base_server.close()
-    assert decided >= int(str(results["adapter_saturation"]["calls"]))
+    if not ledger_only:
+        assert decided >= int(str(results["adapter_saturation"]["calls"]))
     return results
 
 
@@ -196,11 +201,21 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--rates", default="300,2000", help="open-loop arrival rates, calls/s")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--ledger-only", action="store_true",
+                    help="only the gate through the SQLite ledger, at the --rates")
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
-    r = eventloop.run(bench(args.seconds, rates, args.concurrency))
+    r = eventloop.run(bench(args.seconds, rates, args.concurrency, args.ledger_only))
     for key, val in r.items():
         print(f"  {key:22s} {val}")
+    if args.ledger_only:
+        only: dict[str, object] = {"bench": "gate_fastagi", "mode": "ledger_only",
+                                   "seconds": args.seconds}
+        for key, res in r.items():
+            for field in ("calls", "errors", "calls_per_s", "p50_ms", "p99_ms"):
+                only[f"{key}_{field}"] = res[field]
+        print(json.dumps(only))
+        return
     a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
     ratio = float(str(a_sat["calls_per_s"])) / float(str(b_sat["calls_per_s"]))
     print(f"saturation ({args.concurrency} callers): adapter {a_sat['calls_per_s']} calls/s "
