@@ -228,11 +228,12 @@ class _Worker(threading.Thread):
                 if more is None:
                     stop = True
                     break
-                # A gate job whose caller gave up before it began (the decision
-                # budget ran out) is dropped, not run: it was never started, so the
-                # caller's "unavailable" is the truth. Running it anyway is what turns
-                # an overload into a collapse: the queue fills with work nobody
-                # awaits, and every fresh request times out behind it. (Read from
+                # An abandonable job (a read, the gate's admission) whose caller gave
+                # up before it began (the decision budget ran out) is dropped, not
+                # run: it was never started, so the caller's "unavailable" is the
+                # truth. Running it anyway is what turns an overload into a collapse:
+                # the queue fills with work nobody awaits, and every fresh request
+                # times out behind it. (Read from
                 # another thread, a future's state is one attribute: at worst a job
                 # cancelled this instant still runs, as before.)
                 if not more.abandoned():
