@@ -87,6 +87,12 @@ class CallEnded:
     FreeSWITCH ``variable_billsec``) when it has one; ``None`` when the adapter
     could not get it. ``answered_at`` is repeated here because an end may be
     the first thing the meter hears of a call (after a restart).
+
+    ``by_party``: True when a party hung up, False when the PBX or a manager
+    client ended the call (a deadline, a ``Hangup`` command), None when the
+    adapter cannot tell. Asterisk tells by ``HangupRequest``: a party's BYE
+    raises one on its channel (traces 01, 02, 06b, 07, 08); an AMI ``Hangup`` and
+    an ``AbsoluteTimeout`` expiry raise only ``SoftHangupRequest`` (04, 05).
     """
 
     call_id: str
@@ -96,6 +102,7 @@ class CallEnded:
     billsec: int | None = None
     answered_at: datetime | None = None
     call: CallInfo | None = None
+    by_party: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,34 @@ def test_trace_gives_one_call_with_the_pbx_figures(name: str) -> None:
     assert tracker.live_calls() == []
 
 
+PARTY_ENDED = {"01-outbound-answered-caller-hangup.ami.txt",
+               "02-outbound-answered-callee-hangup.ami.txt", "06b-fastagi-allow.ami.txt",
+               "06c-fastagi-no-listener.ami.txt", "07-ami-actions-live-call.ami.txt",
+               "08-inbound-from-trunk.ami.txt"}  # fmt: skip
+PBX_ENDED = {"04-outbound-ami-hangup.ami.txt", "05-outbound-absolutetimeout.ami.txt"}
+
+
+@pytest.mark.parametrize("name", sorted(PARTY_ENDED | PBX_ENDED))
+def test_who_ended_an_answered_call_is_told_by_its_hangup_request(name: str) -> None:
+    """A BYE raises HangupRequest on the party's channel (caller in 01, callee in 02);
+    an AMI Hangup (04) and an AbsoluteTimeout (05) raise only SoftHangupRequest.
+    Alone, 04 and 05 never show a HangupRequest, so the tracker cannot tell their
+    silence from a filter that drops them; after a party's hang-up it can."""
+    events, _ = replay(name)
+    assert events[-1].by_party is (True if name in PARTY_ENDED else None)
+    _, tracker = replay("01-outbound-answered-caller-hangup.ami.txt")
+    events, _ = replay(name, tracker)
+    assert events[-1].by_party is (name in PARTY_ENDED)
+
+
+def test_without_hangup_requests_nobody_is_said_to_have_ended_a_call() -> None:
+    """An eventfilter that drops HangupRequest: no end says who ended it."""
+    _, tracker = replay("01-outbound-answered-caller-hangup.ami.txt", drop="HangupRequest")
+    for name in sorted(PARTY_ENDED | PBX_ENDED):
+        events, _ = replay(name, tracker, drop="HangupRequest")
+        assert events[-1].by_party is None, name
+
+
 def test_callee_leg_never_becomes_a_call() -> None:
     events, _ = replay("01-outbound-answered-caller-hangup.ami.txt")
     assert {e.call_id for e in events if isinstance(e, CallAnswered | CallEnded)} == {

@@ -411,7 +411,9 @@ def test_the_simulator_ships_the_eventfilter_of_manager_conf() -> None:
 def test_eventfilter_allows_then_blocks_as_asterisk_does() -> None:
     shipped = EventFilter([SHIPPED_EVENTFILTER])
     assert shipped.passes(b"Event: Hangup\r\nPrivilege: call,all\r\n\r\n")
-    assert not shipped.passes(b"Event: HangupRequest\r\nPrivilege: call,all\r\n\r\n")
+    assert shipped.passes(b"Event: HangupRequest\r\nPrivilege: call,all\r\n\r\n")
+    assert not shipped.passes(b"Event: SoftHangupRequest\r\nPrivilege: call,all\r\n\r\n")
+    assert not shipped.passes(b"Event: HangupHandlerPush\r\nPrivilege: dialplan,all\r\n\r\n")
     assert not shipped.passes(b"Event: Newstate\r\nChannel: Hangup\r\n\r\n")  # anchored
     both = EventFilter(["^Event: (Hangup|Cdr)\r", "!Channel: Local/"])
     assert both.passes(b"Event: Cdr\r\nChannel: PJSIP/a\r\n\r\n")
@@ -427,15 +429,24 @@ async def test_the_adapter_meters_on_the_shipped_eventfilter_stream(cdr: str) ->
     async with harness(sim_options=options) as (sim, adapter, events):
         call = await sim.place_call(ring_seconds=0.05, talk_seconds=1.3)
         deadline_call = await sim.place_call(ring_seconds=0.05, talk_seconds=30)
-        await until(lambda: of(events, CallAnswered, deadline_call.call_id))
+        cut_call = await sim.place_call(ring_seconds=0.05, talk_seconds=30)
+        await until(lambda: of(events, CallAnswered, deadline_call.call_id)
+                    and of(events, CallAnswered, cut_call.call_id))
         await adapter.set_deadline(deadline_call.call_id,
                                    datetime.now(UTC) + timedelta(seconds=2.5))
         result = await call.ended()
+        await until(lambda: of(events, CallEnded, call.call_id))
+        await adapter.hangup(cut_call.call_id, HangupCause.NORMAL_CLEARING)
         await deadline_call.ended()
-        await until(lambda: len(of(events, CallEnded)) == 2)
+        await until(lambda: len(of(events, CallEnded)) == 3)
     (ended,) = of(events, CallEnded, call.call_id)
     assert [e for e in of(events, CallRequested) if e.call.call_id == call.call_id]
     assert of(events, CallAnswered, call.call_id)
     assert ended.billsec == result.billsec == 1
     sent = {m.name for m in sim.actions}
     assert "AbsoluteTimeout" in sent
+    # Who ended each call: the party (its HangupRequest passes the filter), the
+    # PBX's deadline and a manager's Hangup (neither raises one, traces 04, 05).
+    assert ended.by_party is True
+    assert of(events, CallEnded, deadline_call.call_id)[0].by_party is False
+    assert of(events, CallEnded, cut_call.call_id)[0].by_party is False

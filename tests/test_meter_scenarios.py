@@ -432,7 +432,12 @@ async def _call_with_a_late_meter(h, *, talk: float, until: float):
     return call, await h.cdr(call.info.call_id)
 
 
-async def test_a_started_increment_the_meter_was_late_for_is_charged(h):
+END_STYLES = ["freeswitch", "asterisk", "asterisk-unfiltered"]
+
+
+@pytest.mark.parametrize("ends", END_STYLES)
+async def test_a_started_increment_the_meter_was_late_for_is_charged(h, ends):
+    h.pbx.ends = ends
     await h.topup("a0", "10")
     # The party hangs up 1 s into the increment the meter never held.
     call, cdr = await _call_with_a_late_meter(h, talk=61, until=70)
@@ -474,12 +479,27 @@ async def test_talk_past_a_cut_off_inside_the_grace_is_not_billed(h, tmp_path, m
     await h.check_invariants()
 
 
-async def test_a_call_the_pbx_deadline_ended_is_not_charged_its_grace(h):
-    """The meter was late and FreeSWITCH's own deadline (paid + grace) ended the call:
-    it was cut, so it is not also charged the increment it never got."""
+@pytest.mark.parametrize("ends", ["freeswitch", "asterisk"])
+async def test_a_call_the_pbx_deadline_ended_is_not_charged_its_grace(h, ends):
+    """The meter was late and the PBX's own deadline (paid + grace) ended the call: it
+    was cut, so it is not also charged the increment it never got. FreeSWITCH says
+    ALLOTTED_TIMEOUT; Asterisk says cause 16 with no party's HangupRequest."""
+    h.pbx.ends = ends
     await h.topup("a0", "10")
     call, cdr = await _call_with_a_late_meter(h, talk=600, until=100)
     assert call.ended_by == "deadline" and call.billsec == 62
-    assert cdr.amount == Decimal("0.13") and "grace" in cdr.flags
+    assert cdr.amount == Decimal("0.13") and "grace" in cdr.flags and cdr.cut_off
     assert await balance(h) == Decimal("9.87")
+    await h.check_invariants()
+
+
+async def test_an_asterisk_deadline_end_is_charged_when_the_agent_cannot_tell_it(h):
+    """Without HangupRequest events (an older eventfilter) an Asterisk deadline end
+    looks like a hang-up: the increment the call started is charged, never lost."""
+    h.pbx.ends = "asterisk-unfiltered"
+    await h.topup("a0", "10")
+    call, cdr = await _call_with_a_late_meter(h, talk=600, until=100)
+    assert call.ended_by == "deadline" and call.billsec == 62
+    assert cdr.amount == Decimal("0.26") and "reserved_at_settle" in cdr.flags
+    assert "grace" not in cdr.flags
     await h.check_invariants()

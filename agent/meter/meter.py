@@ -15,10 +15,11 @@ online charging, TigerBeetle-style two-phase holds):
    amount is charged from the holds and the rest released, in one transaction.
    Up to ``grace`` seconds past the paid boundary are the provider's tolerance
    for signalling delay: not billed (flag ``grace``) when the meter had stopped
-   extending the call or the PBX's deadline ended it. A call that talked on
-   while the meter was merely late for its next increment started that
-   increment and pays it, reserved at settlement (flag ``reserved_at_settle``);
-   only what the balance cannot pay there is forgiven.
+   extending the call or the PBX ended it itself (its deadline, a manager's
+   Hangup; not a party). A call that talked on while the meter was merely late
+   for its next increment started that increment and pays it, reserved at
+   settlement (flag ``reserved_at_settle``); only what the balance cannot pay
+   there is forgiven.
 4. Every write carries an idempotency key (call id + step; call id for the
    settlement), so duplicate or replayed PBX events never charge twice.
 
@@ -601,16 +602,17 @@ class Meter:
     @staticmethod
     def _stopped_extending(live: LiveCall) -> bool:
         """The meter had stopped paying this call on (a cut-off, the PBX unreachable or no
-        longer listing it), or the PBX says its deadline ended the call: talk past the
+        longer listing it), or the PBX says it ended the call itself: talk past the
         boundary is the signalling tolerance, not time the customer chose to buy (a call
         cut at its deadline is not also charged the increment it was refused).
 
-        Only FreeSWITCH says so (ALLOTTED_TIMEOUT). Asterisk ends an AbsoluteTimeout
-        with cause 16, like a hang-up (trace 05): there a call the meter was too late
-        to extend, and that the PBX then cut, pays the increment it started."""
-        event = live.end_event
+        FreeSWITCH names its deadline (ALLOTTED_TIMEOUT). Asterisk ends an
+        AbsoluteTimeout with cause 16, like a hang-up (trace 05); there the adapter
+        says no party hung up (``by_party`` False: no ``HangupRequest``). Where
+        the adapter cannot tell (``by_party`` None), the call pays the increment
+        it started."""
         return (live.cut_reason is not None or live.absent or "pbx_unreachable" in live.flags
-                or (event is not None and event.cause == "ALLOTTED_TIMEOUT"))
+                or _pbx_ended(live.end_event))
 
     def _forgive_grace(self, live: LiveCall) -> tuple[int, Decimal]:
         live.flags.append("grace")
@@ -645,7 +647,7 @@ class Meter:
             event = live.end_event
             ended_at = event.ended_at if event is not None else self.clock.now()
             cause = event.cause if event is not None else "UNKNOWN"
-            cut = live.cut_reason is not None or cause == "ALLOTTED_TIMEOUT"
+            cut = live.cut_reason is not None or _pbx_ended(event)
             cdr = Cdr(
                 call_id=live.call_id, account=live.account, caller=live.caller,
                 callee=live.callee, answered_at=live.answered_at, ended_at=ended_at,
@@ -811,6 +813,12 @@ class _StillAbsent:
     """Queued by the absence check: settle the call as vanished unless it has ended."""
 
     call_id: str
+
+
+def _pbx_ended(event: CallEnded | None) -> bool:
+    """The PBX itself ended the call, not a party: its deadline (FreeSWITCH
+    ``ALLOTTED_TIMEOUT``) or, on Asterisk, an end without a party's ``HangupRequest``."""
+    return event is not None and (event.cause == "ALLOTTED_TIMEOUT" or event.by_party is False)
 
 
 def _cdr_payload(cdr: Cdr) -> dict[str, Any]:

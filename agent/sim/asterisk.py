@@ -205,8 +205,8 @@ class _AmiClientSession:
 
 
 SHIPPED_EVENTFILTER = (
-    r"^Event: (Newchannel|NewAccountCode|DialBegin|DialEnd|BridgeEnter|Rename|Hangup|Cdr"
-    r"|FullyBooted)[^A-Za-z]"
+    r"^Event: (Newchannel|NewAccountCode|DialBegin|DialEnd|BridgeEnter|Rename|Hangup"
+    r"|HangupRequest|Cdr|FullyBooted)[^A-Za-z]"
 )
 """The ``eventfilter`` of config/asterisk/manager.conf (a test keeps the two equal)."""
 

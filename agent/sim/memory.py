@@ -11,6 +11,12 @@ dialplans do (Asterisk ``TIMEOUT(absolute)``, FreeSWITCH ``sched_hangup``):
 ring time counts against it. It can lose events (a PBX connection that
 dropped) and list its live calls. The truth it records per call (answered,
 ended, billsec, who ended it) is what the invariants are checked against.
+
+Its hang-up events speak FreeSWITCH by default (a deadline's cause is
+``ALLOTTED_TIMEOUT``, who hung up is not said); ``ends="asterisk"`` makes them
+speak as the Asterisk adapter does: every cause ``NORMAL_CLEARING`` (16) and
+``by_party`` from ``HangupRequest``, or ``ends="asterisk-unfiltered"`` for an
+Asterisk whose ``HangupRequest`` events never reach the agent (``by_party`` None).
 """
 
 from __future__ import annotations
@@ -57,9 +63,13 @@ class SimCall:
 class MemoryPbx:
     """Implements :class:`~agent.calls.PbxControl`; events go to ``sink`` while connected."""
 
-    def __init__(self, clock: Clock, sink: EventSink | None = None) -> None:
+    def __init__(self, clock: Clock, sink: EventSink | None = None,
+                 ends: str = "freeswitch") -> None:
+        if ends not in ("freeswitch", "asterisk", "asterisk-unfiltered"):
+            raise ValueError(f"ends={ends!r}: freeswitch, asterisk or asterisk-unfiltered")
         self.clock = clock
         self.sink = sink
+        self.ends = ends
         self.connected = True
         self.calls: dict[str, SimCall] = {}
         self.commands: list[tuple[str, str]] = []
@@ -160,8 +170,13 @@ class MemoryPbx:
         if call.answered_at is not None:
             call.billsec = int((now - call.answered_at).total_seconds())
         call._wake()
+        by_party = None
+        if self.ends != "freeswitch":
+            cause = HangupCause.NORMAL_CLEARING.name  # Asterisk ends a deadline with 16 (05)
+            if self.ends == "asterisk":
+                by_party = by == "party"
         self._emit(CallEnded(call.info.call_id, now, cause, billsec=call.billsec,
-                             answered_at=call.answered_at, call=call.info))
+                             answered_at=call.answered_at, call=call.info, by_party=by_party))
 
     def _emit(self, event: object) -> None:
         if self.connected and self.sink is not None:

@@ -16,6 +16,11 @@ Rules, each from the Asterisk 20 traces (``traces/asterisk/README.md``):
   (``timestampevents=yes``) or else the time it was received.
 - ``Rename`` of the originating channel changes the name commands go to.
 - End is the originating channel's ``Hangup`` (``Cause``, ``Cause-txt``).
+  Who ended it is the ``HangupRequest`` before it: a party's hang-up raises one
+  on its own channel, either leg (01 caller, 02 callee); an AMI ``Hangup`` or an
+  ``AbsoluteTimeout`` expiry raises only ``SoftHangupRequest`` (04, 05). Until
+  the tracker has seen one ``HangupRequest`` it cannot tell their absence from
+  an ``eventfilter`` that drops them, and says "not known".
   ``billsec`` is the sum of ``BillableSeconds`` of the ``Cdr`` events whose
   ``UniqueID`` is the call; the Cdr comes before, between or after the Hangups
   (04 / 01 / 05), so an answered call's end waits up to ``cdr_wait`` for one,
@@ -97,6 +102,7 @@ class _Call:
     cause: str = ""
     cause_code: int | None = None
     expires: datetime | None = None
+    party_hung_up: bool = False  # a HangupRequest on one of its channels
 
 
 class CallTracker:
@@ -112,6 +118,9 @@ class CallTracker:
         self.cdr_wait = timedelta(seconds=cdr_wait)
         self._live: dict[str, _Call] = {}
         self._waiting: dict[str, _Call] = {}  # hung up, waiting for a Cdr; expiry order
+        # HangupRequest events reach us (the AMI user's filter lets them through):
+        # only then does a call ended without one say the PBX ended it.
+        self.sees_hangup_requests = False
         self._handlers = {
             "Newchannel": self._newchannel,
             "NewAccountCode": self._newaccountcode,
@@ -119,6 +128,7 @@ class CallTracker:
             "DialEnd": self._dialend,
             "BridgeEnter": self._bridgeenter,
             "Hangup": self._hangup,
+            "HangupRequest": self._hangup_request,
             "Cdr": self._cdr,
             "Rename": self._rename,
         }
@@ -303,6 +313,13 @@ class CallTracker:
             self._waiting[call.info.call_id] = call
         return out
 
+    def _hangup_request(self, msg: Message, now: datetime) -> Sequence[CallEvent]:
+        self.sees_hangup_requests = True
+        call = self._live.get(msg.get("Linkedid")) or self._live.get(msg.get("Uniqueid"))
+        if call is not None:
+            call.party_hung_up = True
+        return _NOTHING
+
     def _rename(self, msg: Message, now: datetime) -> Sequence[CallEvent]:
         # A masquerade (transfer, pickup) renames the channel; commands must
         # follow the new name (Asterisk 20 Rename event: snapshot + Newname).
@@ -341,4 +358,6 @@ class CallTracker:
             billsec=billsec,
             answered_at=call.answered_at,
             call=call.info,
+            by_party=True if call.party_hung_up else (
+                False if self.sees_hangup_requests else None),
         )
