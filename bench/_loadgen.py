@@ -7,13 +7,21 @@ the hang-ups that free its lines again (:class:`HangUps`).
 ``one_call`` is a zero-argument coroutine factory that performs one gate
 exchange and returns its latency in seconds; it raises OSError or
 ConnectionError on failure, which is counted as an error, not a latency.
+
+CPU is counted per call offered on both sides: ``client_cpu_ms`` by the load
+generator's process, ``server_cpu_ms`` by the server's (:func:`with_server_cpu`,
+every thread of it: the SQLite worker too). Their sum says how many cores a
+rate needs (:func:`cores_note`), which no latency figure on a shared machine
+does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -33,6 +41,7 @@ OneCall = Callable[[], Awaitable[float]]
 async def open_loop(one_call: OneCall, rate: float, seconds: float) -> dict[str, object]:
     """Start calls at a fixed rate, whatever the latency (the load a PBX offers)."""
     loop = asyncio.get_running_loop()
+    cpu = time.process_time()
     start = loop.time()
     tasks = []
     n = int(rate * seconds)
@@ -43,7 +52,8 @@ async def open_loop(one_call: OneCall, rate: float, seconds: float) -> dict[str,
         tasks.append(asyncio.ensure_future(one_call()))
     lat = await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = loop.time() - start
-    return summarize([x for x in lat if isinstance(x, float)], n, elapsed)
+    return summarize([x for x in lat if isinstance(x, float)], n, elapsed,
+                     time.process_time() - cpu)
 
 
 async def closed_loop(one_call: OneCall, concurrency: int, seconds: float) -> dict[str, object]:
@@ -61,17 +71,48 @@ async def closed_loop(one_call: OneCall, concurrency: int, seconds: float) -> di
             except (OSError, ConnectionError):
                 errors += 1
 
+    cpu = time.process_time()
     start = loop.time()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return summarize(lat, len(lat) + errors, loop.time() - start)
+    return summarize(lat, len(lat) + errors, loop.time() - start, time.process_time() - cpu)
 
 
-def summarize(lat: list[float], attempted: int, elapsed: float) -> dict[str, object]:
+def summarize(lat: list[float], attempted: int, elapsed: float,
+              cpu_seconds: float) -> dict[str, object]:
     lat.sort()
     q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [float("nan")] * 99
     return {"calls": len(lat), "errors": attempted - len(lat),
             "calls_per_s": round(len(lat) / elapsed, 1),
-            "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3)}
+            "p50_ms": round(q[49] * 1000, 3), "p99_ms": round(q[98] * 1000, 3),
+            "client_cpu_ms": round(cpu_seconds * 1000 / max(attempted, 1), 4)}
+
+
+async def with_server_cpu(run: Awaitable[dict[str, object]]) -> dict[str, object]:
+    """``run``'s figures and the CPU this process (the server) spent per call offered
+    while it ran."""
+    cpu = time.process_time()
+    result = await run
+    offered = int(str(result["calls"])) + int(str(result["errors"]))
+    result["server_cpu_ms"] = round((time.process_time() - cpu) * 1000 / max(offered, 1), 4)
+    return result
+
+
+def cores_needed(result: dict[str, object], rate: float = 2000.0) -> float:
+    """Cores the server and the load generator together need for ``rate`` calls/s, at
+    the CPU per call they spent in ``result``."""
+    per_call_ms = float(str(result["server_cpu_ms"])) + float(str(result["client_cpu_ms"]))
+    return round(per_call_ms * rate / 1000, 2)
+
+
+def cores_note(results: dict[str, dict[str, object]], rate: float = 2000.0) -> str:
+    """One line per load: CPU per call on each side, and the cores ``rate`` would need."""
+    lines = [f"CPU per call offered (server + load generator) and the cores {rate:,.0f}"
+             f" calls/s would need at that cost; this machine has {os.cpu_count()}:"]
+    for key, res in results.items():
+        if "server_cpu_ms" in res:
+            lines.append(f"  {key:22s} {res['server_cpu_ms']:.3f} + {res['client_cpu_ms']:.3f}"
+                         f" ms -> {cores_needed(res, rate):.2f} cores")
+    return "\n".join(lines)
 
 
 def target_verdicts(results: dict[str, dict[str, object]], rate: float = 2000.0,

@@ -23,6 +23,12 @@ Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
 ``python bench/gate_fastagi.py [--seconds S] [--rates 300,2000] [--concurrency C]
 [--ledger-only]`` (``--ledger-only``: the ``ledger`` server's open-loop rates alone,
 for A/B runs of a ledger change); the last line is one JSON object.
+
+Every load also reports the CPU it cost per call offered, in the server's
+process (all its threads) and in the load generator's (``server_cpu_ms``,
+``client_cpu_ms``), and from their sum the cores 2,000 calls/s would need at
+that cost: on a machine whose cores the two share, that, and not a latency,
+says whether the target can be reached here at all.
 """
 
 from __future__ import annotations
@@ -40,7 +46,16 @@ import time
 from pathlib import Path
 
 import structlog
-from _loadgen import closed_loop, ledger_gate, open_loop, target_verdicts, verdict_word
+from _loadgen import (
+    closed_loop,
+    cores_needed,
+    cores_note,
+    ledger_gate,
+    open_loop,
+    target_verdicts,
+    verdict_word,
+    with_server_cpu,
+)
 
 from agent import eventloop
 from agent.calls import CallInfo
@@ -134,11 +149,16 @@ async def trivial_gate(call: CallInfo) -> Decision:
 
 async def drive(address: tuple[str, int], mode: str, value: float,
                 seconds: float, vary: bool = False) -> dict[str, object]:  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--client", address[0], str(address[1]), mode, str(value),
-        str(seconds), "vary" if vary else "same", stdout=asyncio.subprocess.PIPE)  # fmt: skip
-    out, _ = await proc.communicate()
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+    async def client() -> dict[str, object]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", address[0], str(address[1]), mode,
+            str(value), str(seconds), "vary" if vary else "same",
+            stdout=asyncio.subprocess.PIPE)  # fmt: skip
+        out, _ = await proc.communicate()
+        result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+    return await with_server_cpu(client())
 
 
 async def bench(
@@ -212,8 +232,11 @@ def main() -> None:
         only: dict[str, object] = {"bench": "gate_fastagi", "mode": "ledger_only",
                                    "seconds": args.seconds}
         for key, res in r.items():
-            for field in ("calls", "errors", "calls_per_s", "p50_ms", "p99_ms"):
+            for field in ("calls", "errors", "calls_per_s", "p50_ms", "p99_ms",
+                          "server_cpu_ms", "client_cpu_ms"):
                 only[f"{key}_{field}"] = res[field]
+            only[f"{key}_cores_for_2000"] = cores_needed(res)
+        print(cores_note(r))
         print(json.dumps(only))
         return
     a_sat, b_sat = r["adapter_saturation"], r["baseline_saturation"]
@@ -228,15 +251,22 @@ def main() -> None:
               f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms; through the SQLite "
               f"ledger p50 {g['p50_ms']} ms p99 {g['p99_ms']} ms at {g['calls_per_s']}/s")
         for side, res in (("adapter", a), ("baseline", b), ("ledger", g)):
-            for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+            for key in ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms",
+                        "client_cpu_ms"):
                 figures[f"{side}_{rate:g}_{key}"] = res[key]
     g_sat = r["ledger_saturation"]
     print(f"saturation through the SQLite ledger: {g_sat['calls_per_s']} calls/s "
           f"(p99 {g_sat['p99_ms']} ms)")
     for side, res in (("adapter", a_sat), ("baseline", b_sat), ("ledger", g_sat)):
-        for key in ("calls_per_s", "p50_ms", "p99_ms", "errors"):
+        for key in ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms",
+                        "client_cpu_ms"):
             figures[f"{side}_sat_{key}"] = res[key]
     figures["sat_vs_baseline"] = round(ratio, 3)
+    # What the rates cost in CPU, and so how many cores 2,000 calls/s would take at
+    # that cost (the server and the load generator share this machine's cores).
+    print(cores_note(r))
+    for rate in rates:
+        figures[f"ledger_{rate:g}_cores_for_2000"] = cores_needed(r[f"ledger_{rate:g}"])
     # The target: 2,000 calls/s at p99 <= 5 ms. The gate's socket path alone, and
     # the whole gate through the durable ledger (the stricter reading), both count.
     figures.update(target_verdicts(r))
