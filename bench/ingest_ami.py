@@ -150,7 +150,7 @@ def main() -> None:
     pattern = eventfilter()
     filtered = [[m for m in call if pattern.search(m)] for call in calls]
     names = {m.split(b"\r\n", 1)[0][7:].decode() for call in filtered for m in call}
-    assert "HangupRequest" not in names and "Hangup" in names and "Cdr" in names, names
+    assert {"Hangup", "HangupRequest", "Cdr"} <= names and "SoftHangupRequest" not in names, names
     per_call = {}
     for label, stream_calls in (("all", calls), ("login_mask", masked),
                                 ("eventfilter", filtered)):  # fmt: skip
