@@ -88,11 +88,13 @@ class CallEnded:
     could not get it. ``answered_at`` is repeated here because an end may be
     the first thing the meter hears of a call (after a restart).
 
-    ``by_party``: True when a party hung up, False when the PBX or a manager
-    client ended the call (a deadline, a ``Hangup`` command), None when the
-    adapter cannot tell. Asterisk tells by ``HangupRequest``: a party's BYE
-    raises one on its channel (traces 01, 02, 06b, 07, 08); an AMI ``Hangup`` and
-    an ``AbsoluteTimeout`` expiry raise only ``SoftHangupRequest`` (04, 05).
+    ``by_party`` (answered calls): True when a party hung up, False when the
+    PBX ended the call itself (its deadline, a manager's ``Hangup`` command, a
+    media timeout), None when the adapter cannot tell. Asterisk tells by
+    ``HangupRequest``: a party's BYE raises one on its channel (traces 01, 02,
+    06b, 06c, 07, 08); an AMI ``Hangup`` and an ``AbsoluteTimeout`` expiry raise
+    only ``SoftHangupRequest`` (04, 05). FreeSWITCH says None: its deadline is
+    the cause ``ALLOTTED_TIMEOUT``.
     """
 
     call_id: str

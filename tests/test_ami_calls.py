@@ -106,19 +106,40 @@ PARTY_ENDED = {"01-outbound-answered-caller-hangup.ami.txt",
                "06c-fastagi-no-listener.ami.txt", "07-ami-actions-live-call.ami.txt",
                "08-inbound-from-trunk.ami.txt"}  # fmt: skip
 PBX_ENDED = {"04-outbound-ami-hangup.ami.txt", "05-outbound-absolutetimeout.ami.txt"}
+UNANSWERED = {name for name, expected in EXPECTED.items() if not expected[4]}
 
 
-@pytest.mark.parametrize("name", sorted(PARTY_ENDED | PBX_ENDED))
+@pytest.mark.parametrize("name", sorted(PARTY_ENDED | PBX_ENDED | UNANSWERED))
 def test_who_ended_an_answered_call_is_told_by_its_hangup_request(name: str) -> None:
     """A BYE raises HangupRequest on the party's channel (caller in 01, callee in 02);
     an AMI Hangup (04) and an AbsoluteTimeout (05) raise only SoftHangupRequest.
     Alone, 04 and 05 never show a HangupRequest, so the tracker cannot tell their
-    silence from a filter that drops them; after a party's hang-up it can."""
+    silence from a filter that drops them; after a party's hang-up it can. Nobody
+    is said to have ended an unanswered call (busy, no answer, refused: 03, 03b,
+    06, 06d raise no HangupRequest either)."""
+    expected = None if name in UNANSWERED else name in PARTY_ENDED
     events, _ = replay(name)
-    assert events[-1].by_party is (True if name in PARTY_ENDED else None)
+    assert events[-1].by_party is (True if expected else None)
     _, tracker = replay("01-outbound-answered-caller-hangup.ami.txt")
     events, _ = replay(name, tracker)
-    assert events[-1].by_party is (name in PARTY_ENDED)
+    assert events[-1].by_party is expected
+
+
+def test_a_new_session_and_an_adopted_call_must_show_their_hangup_requests_again() -> None:
+    """After a reconnect the filter may differ, and an adopted call's HangupRequest
+    may have come while the link was down: neither is taken on trust."""
+    messages = [m for m, _ in timed_messages("07-ami-actions-live-call.ami.txt")]
+    items = [m for m in messages if m.name == "CoreShowChannel"]
+    now = datetime(2026, 11, 24, 21, 56, 31, tzinfo=UTC)
+    _, tracker = replay("01-outbound-answered-caller-hangup.ami.txt")
+    assert tracker.sees_hangup_requests
+    tracker.adopt(items, {"1795557390.44": now}, now)
+    assert not tracker.sees_hangup_requests
+    events, _ = replay("02-outbound-answered-callee-hangup.ami.txt", tracker)
+    assert events[-1].by_party is True and tracker.sees_hangup_requests
+    ends = [e for m in messages if m.name != "HangupRequest"
+            for e in tracker.feed(m, now) if isinstance(e, CallEnded)]
+    assert [(e.call_id, e.by_party) for e in ends] == [("1795557390.44", None)]
 
 
 def test_without_hangup_requests_nobody_is_said_to_have_ended_a_call() -> None:

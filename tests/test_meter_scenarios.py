@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from agent.meter.meter import MeterSettings
+from agent.sim.memory import ENDS
 from tests.meter_harness import Harness, policy_text
 
 START = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai
@@ -432,7 +433,7 @@ async def _call_with_a_late_meter(h, *, talk: float, until: float):
     return call, await h.cdr(call.info.call_id)
 
 
-END_STYLES = ["freeswitch", "asterisk", "asterisk-unfiltered"]
+END_STYLES = list(ENDS)
 
 
 @pytest.mark.parametrize("ends", END_STYLES)

@@ -14,9 +14,10 @@ ended, billsec, who ended it) is what the invariants are checked against.
 
 Its hang-up events speak FreeSWITCH by default (a deadline's cause is
 ``ALLOTTED_TIMEOUT``, who hung up is not said); ``ends="asterisk"`` makes them
-speak as the Asterisk adapter does: every cause ``NORMAL_CLEARING`` (16) and
-``by_party`` from ``HangupRequest``, or ``ends="asterisk-unfiltered"`` for an
-Asterisk whose ``HangupRequest`` events never reach the agent (``by_party`` None).
+speak as the Asterisk adapter does: a deadline's cause is ``NORMAL_CLEARING``
+(16, trace 05) and an answered call's ``by_party`` says who ended it, or
+``ends="asterisk-unfiltered"`` for an Asterisk whose ``HangupRequest`` events
+never reach the agent (the deadline's cause 16, ``by_party`` None).
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from agent.calls import (
     PbxError,
 )
 from agent.meter.clock import Clock
+
+ENDS = ("freeswitch", "asterisk", "asterisk-unfiltered")
 
 
 @dataclass(eq=False)
@@ -65,8 +68,6 @@ class MemoryPbx:
 
     def __init__(self, clock: Clock, sink: EventSink | None = None,
                  ends: str = "freeswitch") -> None:
-        if ends not in ("freeswitch", "asterisk", "asterisk-unfiltered"):
-            raise ValueError(f"ends={ends!r}: freeswitch, asterisk or asterisk-unfiltered")
         self.clock = clock
         self.sink = sink
         self.ends = ends
@@ -75,6 +76,17 @@ class MemoryPbx:
         self.commands: list[tuple[str, str]] = []
         self.lost_events = 0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def ends(self) -> str:
+        """Whose hang-up events it speaks: see the module docstring."""
+        return self._ends
+
+    @ends.setter
+    def ends(self, ends: str) -> None:
+        if ends not in ENDS:
+            raise ValueError(f"ends={ends!r}: one of {', '.join(ENDS)}")
+        self._ends = ends
 
     # -- PbxControl ---------------------------------------------------------------
     async def hangup(self, call_id: str, cause: HangupCause) -> None:
@@ -171,10 +183,10 @@ class MemoryPbx:
             call.billsec = int((now - call.answered_at).total_seconds())
         call._wake()
         by_party = None
-        if self.ends != "freeswitch":
+        if self.ends != "freeswitch" and cause == HangupCause.ALLOTTED_TIMEOUT.name:
             cause = HangupCause.NORMAL_CLEARING.name  # Asterisk ends a deadline with 16 (05)
-            if self.ends == "asterisk":
-                by_party = by == "party"
+        if self.ends == "asterisk" and call.answered_at is not None:
+            by_party = by == "party"
         self._emit(CallEnded(call.info.call_id, now, cause, billsec=call.billsec,
                              answered_at=call.answered_at, call=call.info, by_party=by_party))
 

@@ -16,11 +16,15 @@ Rules, each from the Asterisk 20 traces (``traces/asterisk/README.md``):
   (``timestampevents=yes``) or else the time it was received.
 - ``Rename`` of the originating channel changes the name commands go to.
 - End is the originating channel's ``Hangup`` (``Cause``, ``Cause-txt``).
-  Who ended it is the ``HangupRequest`` before it: a party's hang-up raises one
-  on its own channel, either leg (01 caller, 02 callee); an AMI ``Hangup`` or an
-  ``AbsoluteTimeout`` expiry raises only ``SoftHangupRequest`` (04, 05). Until
-  the tracker has seen one ``HangupRequest`` it cannot tell their absence from
-  an ``eventfilter`` that drops them, and says "not known".
+  Who ended an answered call is the ``HangupRequest`` before it: a party's
+  hang-up raises one on its own channel, either leg (01 caller, 02 callee, and
+  06b, 06c, 07, 08), before any ``Hangup`` or ``Cdr``; an AMI ``Hangup`` or an
+  ``AbsoluteTimeout`` expiry raises only ``SoftHangupRequest`` (04, 05), as
+  does any end the PBX makes itself (a media timeout, say). "Not known" is said
+  for an unanswered call (03, 03b and 06 raise none either), for a call adopted
+  from a listing (its ``HangupRequest`` may have come while the link was down),
+  and until this AMI session has shown one ``HangupRequest``: till then their
+  absence cannot be told from an ``eventfilter`` that drops them.
   ``billsec`` is the sum of ``BillableSeconds`` of the ``Cdr`` events whose
   ``UniqueID`` is the call; the Cdr comes before, between or after the Hangups
   (04 / 01 / 05), so an answered call's end waits up to ``cdr_wait`` for one,
@@ -103,6 +107,7 @@ class _Call:
     cause_code: int | None = None
     expires: datetime | None = None
     party_hung_up: bool = False  # a HangupRequest on one of its channels
+    adopted: bool = False  # from a CoreShowChannels listing, not seen from its start
 
 
 class CallTracker:
@@ -201,6 +206,7 @@ class CallTracker:
         (``Getvar CDR(answer,u)``), ``None`` where it could not be read.
         """
         self._live.clear()
+        self.sees_hangup_requests = False  # a new session: its filter is not yet shown
         for item in channels:
             uid = item.get("Uniqueid")
             if not uid or uid != item.get("Linkedid"):
@@ -210,6 +216,7 @@ class CallTracker:
                 info=info,
                 created_at=now - parse_duration(item.get("Duration")),
                 requested=True,
+                adopted=True,
             )
             if item.get("ChannelState") == "6":
                 call.answered_at = answer_times.get(uid)
@@ -315,7 +322,7 @@ class CallTracker:
 
     def _hangup_request(self, msg: Message, now: datetime) -> Sequence[CallEvent]:
         self.sees_hangup_requests = True
-        call = self._live.get(msg.get("Linkedid")) or self._live.get(msg.get("Uniqueid"))
+        call = self._live.get(msg.get("Linkedid"))  # either leg carries the call's id
         if call is not None:
             call.party_hung_up = True
         return _NOTHING
@@ -358,6 +365,14 @@ class CallTracker:
             billsec=billsec,
             answered_at=call.answered_at,
             call=call.info,
-            by_party=True if call.party_hung_up else (
-                False if self.sees_hangup_requests else None),
+            by_party=self._by_party(call),
         )
+
+    def _by_party(self, call: _Call) -> bool | None:
+        if call.answered_at is None and not call.answer_unknown:
+            return None  # nobody talked: who ended it changes no charge
+        if call.party_hung_up:
+            return True
+        if call.adopted or not self.sees_hangup_requests:
+            return None
+        return False
