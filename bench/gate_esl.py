@@ -24,11 +24,8 @@ machine's load average (this box is shared). Usage:
 ``python bench/gate_esl.py [--seconds S] [--rounds R] [--rates 300,2000]
 [--concurrency C]``; the last line is one JSON object.
 
-Every load also reports the CPU it cost per call offered, in the server's
-process (all its threads) and in the load generator's (``server_cpu_ms``,
-``client_cpu_ms``), and from their sum the cores 2,000 calls/s would need at
-that cost: on a machine whose cores the two share, that, and not a latency,
-says whether the target can be reached here at all.
+Every load also reports its CPU per call on both sides and the cores 2,000
+calls/s would need at that cost (``_loadgen``: ``server_cpu_ms``, ``client_cpu_ms``).
 """
 
 from __future__ import annotations

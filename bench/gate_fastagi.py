@@ -24,11 +24,8 @@ Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
 [--ledger-only]`` (``--ledger-only``: the ``ledger`` server's open-loop rates alone,
 for A/B runs of a ledger change); the last line is one JSON object.
 
-Every load also reports the CPU it cost per call offered, in the server's
-process (all its threads) and in the load generator's (``server_cpu_ms``,
-``client_cpu_ms``), and from their sum the cores 2,000 calls/s would need at
-that cost: on a machine whose cores the two share, that, and not a latency,
-says whether the target can be reached here at all.
+Each load's figures carry its CPU per call, server and load generator, and the
+cores that cost puts on 2,000 calls/s (see ``_loadgen``).
 """
 
 from __future__ import annotations
