@@ -9,7 +9,7 @@ exchange and returns its latency in seconds; it raises OSError or
 ConnectionError on failure, which is counted as an error, not a latency.
 
 CPU is counted per call offered on both sides: ``client_cpu_ms`` by the load
-generator's process, ``server_cpu_ms`` by the server's (:func:`with_server_cpu`,
+generator's process, ``server_cpu_ms`` by the server's (:func:`client_figures`,
 every thread of it: the SQLite worker too). Their sum says how many cores a
 rate needs (:func:`cores_note`), which no latency figure on a shared machine
 does.
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -87,11 +89,19 @@ def summarize(lat: list[float], attempted: int, elapsed: float,
             "client_cpu_ms": round(cpu_seconds * 1000 / max(attempted, 1), 4)}
 
 
-async def with_server_cpu(run: Awaitable[dict[str, object]]) -> dict[str, object]:
-    """``run``'s figures and the CPU this process (the server) spent per call offered
-    while it ran."""
+FIGURES = ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms", "client_cpu_ms")
+"""The figures of one load that a gate bench's JSON line carries."""
+
+
+async def client_figures(script: str, *args: str) -> dict[str, object]:
+    """Run ``script --client ARGS`` (the load generator, its own process) and return
+    the figures it prints, with the CPU this process (the server) spent per call
+    offered while it ran."""
     cpu = time.process_time()
-    result = await run
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, script, "--client", *args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
     offered = int(str(result["calls"])) + int(str(result["errors"]))
     result["server_cpu_ms"] = round((time.process_time() - cpu) * 1000 / max(offered, 1), 4)
     return result

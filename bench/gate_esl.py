@@ -45,6 +45,8 @@ from pathlib import Path
 
 import structlog
 from _loadgen import (
+    FIGURES,
+    client_figures,
     closed_loop,
     cores_needed,
     cores_note,
@@ -52,7 +54,6 @@ from _loadgen import (
     open_loop,
     target_verdicts,
     verdict_word,
-    with_server_cpu,
 )
 
 from agent import eventloop
@@ -165,16 +166,9 @@ async def trivial_gate(call: CallInfo) -> Decision:
 
 async def drive(address: tuple[str, int], mode: str, value: float,
                 seconds: float, vary: bool = False, gated: bool = True) -> dict[str, object]:
-    async def client() -> dict[str, object]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--client", address[0], str(address[1]), mode,
-            str(value), str(seconds), "vary" if vary else "same",
-            "gated" if gated else "ungated", stdout=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate()
-        result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
-        return result
-
-    return await with_server_cpu(client())
+    return await client_figures(__file__, address[0], str(address[1]), mode, str(value),
+                                str(seconds), "vary" if vary else "same",
+                                "gated" if gated else "ungated")
 
 
 @contextlib.asynccontextmanager
@@ -265,15 +259,13 @@ def main() -> None:
               f"do-nothing p50 {b['p50_ms']} ms p99 {b['p99_ms']} ms; through the SQLite "
               f"ledger p50 {g['p50_ms']} ms p99 {g['p99_ms']} ms at {g['calls_per_s']}/s")
         for side, res in (("adapter", a), ("baseline", b), ("ledger", g)):
-            for key in ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms",
-                        "client_cpu_ms"):
+            for key in FIGURES:
                 figures[f"{side}_{rate:g}_{key}"] = res[key]
     g_sat = r["ledger_saturation"]
     print(f"saturation through the SQLite ledger: {g_sat['calls_per_s']} calls/s "
           f"(p99 {g_sat['p99_ms']} ms)")
     for side, res in (("adapter", a_sat), ("baseline", b_sat), ("ledger", g_sat)):
-        for key in ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms",
-                        "client_cpu_ms"):
+        for key in FIGURES:
             figures[f"{side}_sat_{key}"] = res[key]
     figures["sat_vs_baseline"] = round(ratio, 3)
     # What the rates cost in CPU, and so how many cores 2,000 calls/s would take at
