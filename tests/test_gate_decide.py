@@ -20,10 +20,12 @@ def policy(tmp_path):
 MORNING = local("2026-11-24T10:00:00")
 
 
-def test_contract_defaults_allow_and_compute_max_seconds(policy):
+def test_contract_defaults_allow_and_compute_paid_seconds(policy):
     d = decide(policy, rich("1.30"), call(), MORNING)
     assert d.allow and d.reason is Reason.ALLOWED
-    assert d.max_seconds == 600  # 10 increments of 60 s at 0.13
+    assert d.paid_seconds == 600  # 10 increments of 60 s at 0.13
+    assert d.max_seconds == 60  # the limit armed now: the first paid unit
+    assert d.until_close is None  # finish: the close does not limit the call
     assert d.tariff is not None and d.tariff.rate == Decimal("0.13")
     assert d.result == "ALLOW"
 
@@ -199,9 +201,12 @@ def test_cut_at_window_end_caps_max_seconds(tmp_path):
     text = BASE.replace("accounts:", "defaults:\n  at_window_end: cut\naccounts:")
     p = policy_from(tmp_path, text)
     d = decide(p, rich("100"), call(), local("2026-11-24T19:25:00"))
-    assert d.allow and d.max_seconds == 300
+    assert d.allow and d.until_close == 300 and d.max_seconds == 60
+    d = decide(p, rich("100"), call(), local("2026-11-24T19:29:30"))
+    assert not d.allow and d.reason is Reason.OUTSIDE_HOURS  # 30 s < the 60 s first unit
     p2 = policy_from(tmp_path, BASE)  # finish: only the balance limits
-    assert decide(p2, rich("100"), call(), local("2026-11-24T19:25:00")).max_seconds == 46140
+    d2 = decide(p2, rich("100"), call(), local("2026-11-24T19:25:00"))
+    assert d2.paid_seconds == 46140 and d2.until_close is None
 
 
 def test_per_destination_rate_longest_prefix(tmp_path):
@@ -266,7 +271,7 @@ def test_matching_by_endpoint_and_caller_prefix(tmp_path):
 def test_explain_lists_every_rule_checked(policy):
     d = decide(policy, rich("1"), call(), MORNING, explain=True)
     rules = [c.rule for c in d.checks]
-    assert rules[:3] == ["direction", "account", "status"]
+    assert rules[:4] == ["direction", "emergency", "account", "status"]
     assert "balance" in rules and all(c.passed for c in d.checks)
     assert decide(policy, rich("1"), call(), MORNING).checks == ()
 
@@ -283,9 +288,10 @@ accounts:""")
     p = policy_from(tmp_path, text)
     now = local("2026-11-24T19:25:00")
     d = decide(p, rich("1", live_calls=1, callee_attempts=1), call(), now, explain=True)
-    assert d.message == "allowed for up to 300 s"
+    assert d.message == "allowed: first unit 60 s, the balance pays 420 s, the hours close in 300 s"
     assert [(c.rule, c.passed, c.detail) for c in d.checks] == [
         ("direction", True, "outbound"),
+        ("emergency", True, "'13800138000' is not an emergency number"),
         ("account", True, "matched 'acme'"),
         ("status", True, "active"),
         ("ledger_account", True, "open"),
@@ -295,11 +301,12 @@ accounts:""")
         ("do_not_call", True, "13800138000 is not on the do-not-call list (1 numbers)"),
         ("closed_date", True, "2026-11-24 is open"),
         ("calling_hours", True, "tue 19:25:00 Asia/Shanghai; open 08:00-19:30"),
+        ("window_end", True,
+         "the hours close in 300 s and the policy cuts; the shortest call is 60 s"),
         ("concurrency", True, "1 live of 2"),
         ("rate_cap", True, "0 attempts, at most 3 per 600 s"),
         ("frequency_cap", True, "1 attempts to 13800138000, at most 2 per calendar day"),
         ("balance", True, "available 1.00, first increment costs 0.13 (standard)"),
-        ("window_end", True, "window closes in 300 s and the policy cuts"),
     ]
     late = decide(p, rich("1"), call(), local("2026-11-24T21:00"), explain=True)
     assert late.message == "outside calling hours (tue 21:00:00 Asia/Shanghai; open 08:00-19:30)"

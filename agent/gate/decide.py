@@ -5,11 +5,14 @@ and ``callgate policy explain``. Rules are checked in a fixed order and the
 first that fails gives the reason; with ``explain=True`` every rule looked at
 is recorded in ``Decision.checks``. Inbound calls are never gated.
 
-Order: account match → status → caller-ID ownership → number → scope →
-do-not-call → closed date → calling hours → concurrency → rate cap →
-frequency cap → ledger reachable → balance. Cheap, static rules come first;
-rules that depend on the ledger come last, so a ledger outage still refuses
-out-of-hours calls with the precise reason.
+Order: emergency number → account match → status → caller-ID ownership →
+number → scope → do-not-call → closed date → calling hours (with, under
+``cut``, room for the shortest call before the close) → concurrency → rate cap →
+frequency cap → ledger reachable → balance. An emergency number is allowed
+before anything else is looked at. Cheap, static rules come first; rules that
+depend on the ledger come last, so a ledger outage still refuses out-of-hours
+calls with the precise reason. An allowed call always has ``max_seconds`` > 0
+(or None: not limited).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from datetime import datetime
 
 from agent.calls import CallInfo, Direction
 from agent.gate.decision import AccountState, Check, Decision, Reason
-from agent.gate.numbers import is_dialable
 from agent.gate.policy import AccountPolicy, Policy
 from agent.money import format_amount
 from agent.rating import payable_seconds
@@ -55,6 +57,14 @@ def decide(
     check("direction", True, "outbound")
 
     account = policy.match_account(request)
+    emergency = policy.emergency_number(request, account)
+    check("emergency", True, lambda: f"{request.destination!r} is "
+          + ("an emergency number: allowed first" if emergency else "not an emergency number"))
+    if emergency is not None:
+        return Decision(True, Reason.EMERGENCY,
+                        f"{emergency} is an emergency number: always allowed, never charged",
+                        account.id if account else None, destination=emergency or "",
+                        checks=tuple(checks))
     if not check("account", account is not None,
                  lambda: f"matched {account.id!r}" if account else
                  f"no account for accountcode {request.accountcode!r}, endpoint "
@@ -78,10 +88,12 @@ def decide(
                     f"caller ID {request.caller_id} is not registered to {account.id}", account)
 
     destination = account.normalize(request.destination)
-    if not check("number", is_dialable(destination),
+    if not check("number", account.normalize.is_dialable(destination),
                  lambda: f"{request.destination!r} normalised to {destination!r}"):
+        shown = request.destination if len(request.destination) <= 40 else \
+            request.destination[:40] + "…"
         return deny(Reason.INVALID_NUMBER,
-                    f"{request.destination!r} is not a dialable number", account, destination)
+                    f"{shown!r} is not a dialable number (3-15 digits)", account, destination)
 
     hit = account.scope.longest(destination) if account.scope else None
     in_scope = hit[1] if hit is not None else not account.allow_list_only
@@ -111,10 +123,25 @@ def decide(
         return deny(Reason.CLOSED_DATE,
                     f"outbound calling is closed on {hours.local(now).date()}", account,
                     destination)
-    window = hours.window_at(now)
-    if not check("calling_hours", window is not None, lambda: hours.describe(now)):
+    period = hours.open_period(now)
+    if not check("calling_hours", period is not None, lambda: hours.describe(now)):
         return deny(Reason.OUTSIDE_HOURS,
                     f"outside calling hours ({hours.describe(now)})", account, destination)
+    assert period is not None
+    tariff = account.tariff.for_destination(destination)
+    until_close: int | None = None
+    if account.at_window_end == "cut":
+        # A call that cannot get its shortest useful slot before the close is refused
+        # here, never allowed with nothing (or a fraction of its first increment) to talk.
+        until_close = max(0, int((period[1] - now).total_seconds()))
+        shortest = account.min_call_seconds or tariff.first_unit_seconds
+        left = until_close
+        if not check("window_end", left >= shortest,
+                     lambda: f"the hours close in {left} s and the policy cuts; the shortest "
+                     f"call is {shortest} s"):
+            return deny(Reason.OUTSIDE_HOURS,
+                        f"the calling hours close in {left} s, less than the shortest call "
+                        f"({shortest} s)", account, destination)
 
     limit = account.max_concurrent_calls
     if not check("concurrency", limit is None or state.live_calls < limit,
@@ -140,9 +167,6 @@ def decide(
                         f"{destination} was tried {used} times "
                         f"({account.callee_cap.describe()})", account, destination)
 
-    tariff = account.tariff.for_destination(destination)
-    window_left = hours.seconds_to_close(now) if account.at_window_end == "cut" else None
-
     if state.balance is None:
         fail_open = policy.prepaid.fail_mode == "open"
         check("ledger", fail_open, "ledger unreachable; fail mode "
@@ -152,11 +176,12 @@ def decide(
                         "the ledger cannot be read and the policy fails closed", account,
                         destination)
         seconds = policy.prepaid.fail_open_max_seconds
-        if window_left is not None:
-            seconds = min(seconds, window_left)
+        if until_close is not None:
+            seconds = min(seconds, until_close)
         return Decision(True, Reason.LEDGER_UNAVAILABLE,
-                        "ledger unreachable; allowed because the policy fails open",
-                        account.id, tariff, seconds, destination, tuple(checks))
+                        f"ledger unreachable; allowed for {seconds} s because the policy "
+                        "fails open", account.id, tariff, seconds, destination, tuple(checks),
+                        until_close=until_close)
 
     paid = payable_seconds(tariff, state.balance)
     balance = state.balance
@@ -168,10 +193,13 @@ def decide(
                     f"{format_amount(tariff.first_unit_cost)} for the first "
                     f"{tariff.first_unit_seconds} s", account, destination)
 
-    max_seconds = paid
-    if window_left is not None:
-        check("window_end", True,
-              lambda: f"window closes in {window_left} s and the policy cuts")
-        max_seconds = min(max_seconds, window_left)
-    return Decision(True, Reason.ALLOWED, f"allowed for up to {max_seconds} s",
-                    account.id, tariff, max_seconds, destination, tuple(checks))
+    # The limit armed now is the first paid unit (the meter extends it as the call
+    # pays on); what the whole balance pays for is paid_seconds.
+    max_seconds = min(tariff.first_unit_seconds, paid)
+    if until_close is not None:
+        max_seconds = min(max_seconds, until_close)
+    message = f"allowed: first unit {max_seconds} s, the balance pays {paid} s"
+    if until_close is not None:
+        message += f", the hours close in {until_close} s"
+    return Decision(True, Reason.ALLOWED, message, account.id, tariff, max_seconds,
+                    destination, tuple(checks), paid_seconds=paid, until_close=until_close)

@@ -21,6 +21,7 @@ class Reason(StrEnum):
 
     ALLOWED = "allowed"
     INBOUND = "inbound"
+    EMERGENCY = "emergency"
     OUTSIDE_HOURS = "outside_hours"
     CLOSED_DATE = "closed_date"
     INSUFFICIENT_BALANCE = "insufficient_balance"
@@ -41,14 +42,16 @@ class Reason(StrEnum):
 REASON_HELP: dict[Reason, str] = {
     Reason.ALLOWED: "the call may go out",
     Reason.INBOUND: "inbound calls are never gated",
-    Reason.OUTSIDE_HOURS: "outside the account's calling hours",
+    Reason.EMERGENCY: "an emergency number: always allowed, never charged or counted",
+    Reason.OUTSIDE_HOURS: "outside the account's calling hours, or too close to the close "
+                          "for the shortest call (cut mode)",
     Reason.CLOSED_DATE: "outbound calling is closed on this date",
     Reason.INSUFFICIENT_BALANCE: "the balance cannot pay the first billing increment",
     Reason.UNKNOWN_ACCOUNT: "no account in the policy matches the call",
     Reason.ACCOUNT_SUSPENDED: "the account is suspended in the policy",
     Reason.ACCOUNT_CLOSED: "the account was refunded and closed in the ledger",
     Reason.DESTINATION_NOT_ALLOWED: "the destination is outside the allowed scope",
-    Reason.INVALID_NUMBER: "the destination is not a dialable number",
+    Reason.INVALID_NUMBER: "the destination is not a dialable number (3-15 digits)",
     Reason.DO_NOT_CALL: "the destination is on a do-not-call list",
     Reason.FREQUENCY_CAP: "too many attempts to this number in the cap period",
     Reason.RATE_CAP: "too many attempts by this account in the rate period",
@@ -101,6 +104,15 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """The verdict. Three durations, three names (each None where it does not apply):
+
+    - ``max_seconds``: the limit the PBX arms for this call *now* — the first paid
+      billing unit (capped by the close under ``cut``; the gate adds the ring
+      allowance). The meter extends it as the call pays on.
+    - ``paid_seconds``: what the whole available balance pays for.
+    - ``until_close``: seconds until the calling hours close (``cut`` only).
+    """
+
     allow: bool
     reason: Reason
     message: str
@@ -109,6 +121,8 @@ class Decision:
     max_seconds: int | None = None
     destination: str = ""
     checks: tuple[Check, ...] = ()
+    paid_seconds: int | None = None
+    until_close: int | None = None
 
     @property
     def result(self) -> str:

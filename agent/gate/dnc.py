@@ -5,14 +5,22 @@ one unsigned 64-bit integer (``1`` followed by its digits, so leading zeros
 survive: ``010…`` and ``10…`` stay distinct) in a sorted ``array('Q')``: 8 bytes
 a number, and a lookup is a binary search. Files are cached by (path, size,
 mtime) so a policy reload does not re-read an unchanged multi-million-line file.
+
+A line is one number, normalised like any dialled number (:func:`parse_line`):
+what a line means never depends on what else the file holds.
 """
 
 from __future__ import annotations
 
+import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
+
+from agent.gate.numbers import MAX_DIGITS as MAX_NUMBER_DIGITS
+from agent.gate.numbers import MIN_DIGITS as MIN_NUMBER_DIGITS
+from agent.gate.numbers import Normalizer
 
 MAX_DIGITS = 18  # "1" + 18 digits < 2**64
 
@@ -63,39 +71,74 @@ class DncSet:
 
 EMPTY = DncSet(array("Q"))
 
-_cache: dict[str, tuple[int, int, DncSet]] = {}  # resolved path -> (size, mtime_ns, set)
+# (resolved path, normaliser) -> (size, mtime_ns, set): a file is read with the
+# normaliser of the accounts that name it.
+_cache: dict[tuple[str, Normalizer], tuple[int, int, DncSet]] = {}
 
 
-def load_file(path: Path, normalize: Callable[[str], str]) -> DncSet:
-    """Read one number per line (blank lines and ``#`` comments skipped)."""
+def parse_line(line: str, normalize: Normalizer) -> str | None:
+    """One line of a do-not-call file: the normalised number, or None (blank/comment).
+
+    A line holds one number, written as it would be dialled (separators and a
+    ``+86`` allowed: ``138 0013 8000`` is the one number 13800138000), and may end
+    in a ``# comment``. Raises :class:`ValueError` when the rest is not a number.
+    """
+    text = line.split("#", 1)[0].strip()
+    if not text:
+        return None
+    number = normalize(text)
+    if not normalize.is_dialable(number) or len(number) > MAX_DIGITS:
+        shown = text if len(text) <= 40 else text[:40] + "…"
+        raise ValueError(f"{shown!r} is not a phone number")
+    return number
+
+
+def load_file(path: Path, normalize: Normalizer) -> DncSet:
+    """Read one number per line (see :func:`parse_line`; blank lines and comments skipped)."""
     stat = path.stat()
-    cache_key = str(path.resolve())
+    cache_key = (str(path.resolve()), normalize)
     cached = _cache.get(cache_key)
     if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
         return cached[2]
-    text_all = path.read_text(encoding="utf-8")
-    tokens = text_all.split()
-    # Fast path: a plain file of digits (the common case, millions of lines).
-    # Anything else (comments, +86…, separators) takes the careful per-line
-    # path, which also knows the line number of a bad entry.
-    if tokens and "".join(tokens).isdigit() and max(map(len, tokens)) <= MAX_DIGITS:
-        keys = array("Q", sorted({int("1" + t) for t in tokens}))
-        result = DncSet(keys)
-        _cache[cache_key] = (stat.st_size, stat.st_mtime_ns, result)
-        return result
-    keys = array("Q")
-    append = keys.append
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        for line_no, line in enumerate(handle, 1):
-            text = line.strip()
-            if not text or text[0] == "#":
-                continue
-            if not text.isdigit():
-                text = normalize(text)
-            if not text.isdigit() or len(text) > MAX_DIGITS:
-                raise DncFileError(path, line_no, f"{text!r} is not a phone number")
-            append(int("1" + text))
-    ordered = array("Q", sorted(set(keys)))
-    result = DncSet(ordered)
+    text = path.read_text(encoding="utf-8")
+    result = _plain_digits(text, normalize)
+    if result is None:
+        result = _line_by_line(path, text, normalize)
     _cache[cache_key] = (stat.st_size, stat.st_mtime_ns, result)
     return result
+
+
+def _plain_digits(text: str, normalize: Normalizer) -> DncSet | None:
+    """The fast path: a file of bare digit lines (millions of them) -> the set, or None.
+
+    Means exactly what :func:`parse_line` makes of each line: the digit prefixes
+    the normaliser strips are stripped here too, in one regular-expression pass,
+    and every line must be a dialable length. Anything else returns None and
+    takes the careful path, which also knows the line number of a bad entry.
+    """
+    bare = text.replace("\n", "").replace("\r", "")
+    if not bare or not (bare.isascii() and bare.isdigit()):
+        return None
+    digit_prefixes = [p for p in normalize.strip_prefixes if p.isdigit()]  # longest first
+    if digit_prefixes:
+        pattern = "|".join(re.escape(p) for p in digit_prefixes)
+        text = re.sub(rf"(?m)^(?:{pattern})(?=\d)", "", text)
+    tokens = text.split()
+    international = len(normalize.international_prefix)
+    if min(map(len, tokens)) < MIN_NUMBER_DIGITS + international or \
+            max(map(len, tokens)) > MAX_NUMBER_DIGITS:
+        return None  # short or long lines: let the careful path judge each one
+    return DncSet(array("Q", sorted({int("1" + t) for t in tokens})))
+
+
+def _line_by_line(path: Path, text: str, normalize: Normalizer) -> DncSet:
+    keys = array("Q")
+    append = keys.append
+    for line_no, line in enumerate(text.splitlines(), 1):
+        try:
+            number = parse_line(line, normalize)
+        except ValueError as exc:
+            raise DncFileError(path, line_no, str(exc)) from None
+        if number is not None:
+            append(int("1" + number))
+    return DncSet(array("Q", sorted(set(keys))))

@@ -1,10 +1,17 @@
 """Phone numbers: normalisation and longest-prefix tables (pure).
 
 A number is normalised before any rule sees it, so the do-not-call list, the
-scope rules and the tariff prefixes all compare like with like: separators are
-removed, the first configured national prefix that matches (``+86``, ``0086``,
-…) is stripped, and a remaining leading ``+`` becomes the international prefix
-(``00``) so that ``deny: ["00"]`` also catches ``+1…``.
+scope rules and the tariff prefixes all compare like with like: separators
+(space, ``-``, ``.``, brackets, tab) are removed, the first configured national
+prefix that matches (``+86``, ``0086``, …) is stripped, and a remaining leading
+``+`` followed by digits becomes the international prefix (``00``) so that
+``deny: ["00"]`` also catches ``+1…``.
+
+What a dialable number is, said once (:func:`is_dialable`): after normalisation,
+digits only, and 3 to 15 of them (E.164's maximum) not counting a leading
+international prefix. A bare ``+``, letters, ``*``/``#`` service codes, a
+1-digit or a 23-digit string are not numbers and are refused
+(``invalid_number``).
 """
 
 from __future__ import annotations
@@ -34,14 +41,26 @@ class Normalizer:
             if digits.startswith(prefix) and len(digits) > len(prefix):
                 digits = digits[len(prefix):]
                 break
-        if digits.startswith("+"):
+        if digits.startswith("+") and digits[1:].isdigit():
             digits = self.international_prefix + digits[1:]
         return digits
 
+    def is_dialable(self, number: str) -> bool:
+        """``number`` (already normalised) is a number callgate lets be dialled."""
+        return is_dialable(number, self.international_prefix)
 
-def is_dialable(number: str) -> bool:
-    """Digits only, after normalisation (``*``/``#`` service codes are not dialled out)."""
-    return number.isdigit()
+
+MIN_DIGITS = 3  # 110, 114: the shortest numbers (scope rules decide which may be called)
+MAX_DIGITS = 15  # E.164: at most 15 digits, country code included
+
+
+def is_dialable(number: str, international_prefix: str = "00") -> bool:
+    """Digits only, 3 to 15 of them after a leading international prefix (if any)."""
+    if not number.isdigit() or not number.isascii():
+        return False
+    if international_prefix and number.startswith(international_prefix):
+        number = number[len(international_prefix):]
+    return MIN_DIGITS <= len(number) <= MAX_DIGITS
 
 
 class PrefixTable(Generic[V]):

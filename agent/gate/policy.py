@@ -18,12 +18,14 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from agent.calls import CallInfo
-from agent.gate.dnc import EMPTY, DncFileError, DncSet, load_file
+from agent.gate.dnc import EMPTY, DncFileError, DncSet, load_file, parse_line
 from agent.gate.hours import WEEKDAYS, CallingHours, Window, parse_time_of_day
 from agent.gate.numbers import Normalizer, PrefixTable
 from agent.gate.schema import AccountSpec, PolicySpec, RulesSpec
 from agent.rating import Tariff
 from agent.yamlfile import ConfigError, LocatedError, YamlDocument, read_yaml, validate
+
+_BARE = Normalizer.build(["+86", "0086"], "00")  # for a call no account matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,7 @@ class AccountPolicy:
     rate_cap: Cap | None
     max_concurrent_calls: int | None
     low_balance_warning: Decimal
+    min_call_seconds: int | None  # None: the tariff's first billing unit
     caller_ids: frozenset[str]
     caller_id_prefixes: PrefixTable[bool]
 
@@ -101,6 +104,15 @@ class Policy:
     by_endpoint: PrefixTable[str]
     by_caller_prefix: PrefixTable[str]
     longest_cap_seconds: int  # how long the attempts log must be kept
+    emergency_numbers: frozenset[str] = frozenset()
+
+    def emergency_number(self, call: CallInfo, account: AccountPolicy | None) -> str | None:
+        """The normalised destination when it is an emergency number, else None."""
+        if not self.emergency_numbers:
+            return None
+        number = account.normalize(call.destination) if account else \
+            _BARE(call.destination)
+        return number if number in self.emergency_numbers else None
 
     def match_account(self, call: CallInfo) -> AccountPolicy | None:
         """Accountcode first, then the longest endpoint prefix, then caller-ID prefix."""
@@ -178,7 +190,16 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         key = (tuple(source.numbers), tuple(source.files))
         if key in dnc_cache:
             return dnc_cache[key]
-        sets = [DncSet.of(normalize(n) for n in source.numbers)]
+        inline = []
+        for index, number in enumerate(source.numbers):
+            try:
+                parsed = parse_line(number, normalize)
+            except ValueError as exc:
+                errors.append(doc.error((*where, "do_not_call", "numbers", index), str(exc)))
+                continue
+            if parsed is not None:
+                inline.append(parsed)
+        sets = [DncSet.of(inline)]
         for index, name in enumerate(source.files):
             file = (base_dir / name) if not Path(name).is_absolute() else Path(name)
             try:
@@ -251,6 +272,7 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
             rate_cap=rate_cap,
             max_concurrent_calls=rules.max_concurrent_calls,
             low_balance_warning=rules.low_balance_warning or Decimal(0),
+            min_call_seconds=rules.min_call_seconds,
             caller_ids=frozenset(normalize(n) for n in account.caller_ids),
             caller_id_prefixes=PrefixTable({p: True for p in account.caller_id_prefixes}),
         )
@@ -285,4 +307,5 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         by_endpoint=PrefixTable(endpoints),
         by_caller_prefix=PrefixTable(caller_prefixes),
         longest_cap_seconds=longest_cap,
+        emergency_numbers=frozenset(spec.emergency_numbers),
     )

@@ -201,6 +201,7 @@ class RulesSpec(Strict):
     rate_cap: CapSpec | None = None
     max_concurrent_calls: int | None = Field(None, gt=0)
     low_balance_warning: Money | None = None
+    min_call_seconds: int | None = Field(None, gt=0, le=86400)
 
 
 class DefaultsSpec(RulesSpec):
@@ -256,9 +257,21 @@ class PrepaidSpec(Strict):
     fail_open_max_seconds: int = Field(300, gt=0)
 
 
+DEFAULT_EMERGENCY_NUMBERS = ("110", "112", "119", "120", "122")  # China: police, GSM, fire,
+# ambulance, traffic accidents
+
+
+def _emergency(value: str) -> str:
+    if not re.fullmatch(r"\d{2,15}", value):
+        raise ValueError(f"{value!r} is not an emergency number (quoted digits, e.g. '110')")
+    return value
+
+
 class PolicySpec(Strict):
     version: Literal[1]
     currency: Literal["CNY"] = "CNY"
+    emergency_numbers: list[Annotated[StrictStr, AfterValidator(_emergency)]] = Field(
+        default_factory=lambda: list(DEFAULT_EMERGENCY_NUMBERS))
     prepaid: PrepaidSpec = Field(default_factory=PrepaidSpec)
     tariffs: dict[Identifier, TariffSpec] = Field(
         default_factory=lambda: {"standard": TariffSpec(rate=Decimal("0.13"))}

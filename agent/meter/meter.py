@@ -394,10 +394,10 @@ class Meter:
             return "unseen", None
         if account.at_window_end == "cut":
             now = self.clock.now()
-            left = account.hours.seconds_to_close(now)
-            if left is None:
+            close = account.hours.close_at(now)  # absolute time: DST-safe, windows joined
+            if close is None:
                 return "window_end", now
-            return None, now + timedelta(seconds=left)
+            return None, close
         return None, None
 
     async def _run_call(self, live: LiveCall) -> None:
