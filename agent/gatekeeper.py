@@ -7,9 +7,11 @@ it in the ledger (an atomic concurrency check across every node sharing the
 ledger) and logs the attempt for the frequency and rate caps. A ledger that
 does not answer in time is ``ledger_unavailable``, and the policy's fail mode
 decides. The first billing unit is held at admission, and ``max_seconds`` of
-an allowed call becomes the talk time already paid: that is the limit the
-dialplan arms, and the meter extends it as the call pays on. A stopping agent
-refuses new calls (``shutting_down``).
+an allowed call is the talk time already paid (that first unit, plus the ring
+allowance): that is the limit the dialplan arms, and the meter extends it as
+the call pays on. A stopping agent refuses new calls (``shutting_down``). An
+emergency number is allowed before any of this: no ledger read, no hold, no
+attempt logged.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class Gatekeeper:
         elapsed = time.perf_counter() - started
         log.info("gate.decision", call_id=call.call_id, account=decision.account,
                  result=decision.result, reason=decision.reason.value,
-                 max_seconds=decision.max_seconds, caller=call.caller_id,
+                 max_seconds=decision.max_seconds, paid_seconds=decision.paid_seconds,
+                 until_close=decision.until_close, caller=call.caller_id,
                  callee=call.destination, ms=round(elapsed * 1000, 2))
         if self.on_decision is not None:
             self.on_decision(call, decision, elapsed)
@@ -72,9 +75,13 @@ class Gatekeeper:
         policy = self.policy()
         if call.direction is Direction.INBOUND:
             return decide(policy, AccountState(balance=None), call, now)
+        account = policy.match_account(call)
+        if policy.emergency_number(call, account) is not None:
+            # Allowed before anything else, even while stopping: no ledger read, no
+            # admission, no hold, no attempt logged (never charged, never counted).
+            return decide(policy, AccountState(balance=None), call, now)
         if not self.accepting:
             return Decision(False, Reason.SHUTTING_DOWN, "the agent is stopping")
-        account = policy.match_account(call)
         if account is None:
             return decide(policy, AccountState(balance=None), call, now)
         # One deadline for the whole decision (read and admission together), so the

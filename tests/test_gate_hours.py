@@ -151,3 +151,23 @@ def test_fail_open_under_cut_also_needs_the_minimum(tmp_path):
     p = policy_from(tmp_path, text)
     d = decide(p, rich(None), call(), local("2026-11-24T19:29:59.500000"))
     assert not d.allow and d.reason is Reason.OUTSIDE_HOURS
+
+
+# -- the meter's hard stop is the same close -------------------------------------------
+
+async def test_the_meter_cuts_at_the_true_close_across_a_dst_gap(tmp_path):
+    from tests.meter_harness import Harness, policy_text
+
+    text = policy_text(extra_defaults="  at_window_end: cut\n  timezone: America/New_York\n")
+    text = text.replace('"00:00", end: "24:00"', '"01:30", end: "02:30"')
+    h = await Harness(tmp_path, utc("2026-03-08T06:30:00"), text).start()
+    try:
+        await h.topup("a0", "100")
+        _, sim = await h.dial(talk=3 * 3600, ring=0)
+        await h.advance(4 * 3600)
+        assert sim is not None and sim.billsec == 1800  # 07:00Z, not 07:30Z
+        cdr = await h.cdr(sim.info.call_id)
+        assert cdr.cut_off
+        await h.check_invariants()
+    finally:
+        await h.stop()

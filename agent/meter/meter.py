@@ -334,6 +334,11 @@ class Meter:
             return
         policy = self.policy()
         account = policy.match_account(call)
+        if policy.emergency_number(call, account) is not None:
+            # Routed before the gate (or allowed by it): never cut, held or charged.
+            log.info("meter.emergency_call_not_metered", call_id=call.call_id,
+                     account=account.id if account else None)
+            return
         bound = log.bind(call_id=call.call_id, account=account.id if account else None)
         if account is None or (self.settings.unseen_calls == "cut" and ended is None):
             bound.warning("meter.unseen_call_cut", reason="no account" if account is None
