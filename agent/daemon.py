@@ -54,23 +54,49 @@ class StartupError(Exception):
     """The agent cannot start; the message says why (exit status 1)."""
 
 
-def _files_of(policy_path: Path) -> list[Path]:
-    """The policy file and the do-not-call files it names (what a reload depends on)."""
+def _files_of(policy_path: Path, policy: Policy | None) -> list[Path]:
+    """The policy file and the do-not-call files it names (what a reload depends on).
+
+    Read from the text, so a refused policy's new DNC file names are watched too;
+    whatever shape the text has, this never raises (a file it cannot read is
+    watched alone, plus the files of the policy in force).
+    """
     files = [policy_path]
+    known = list(policy.dnc_files) if policy is not None else []
     try:
         from agent.yamlfile import read_yaml
 
-        data = read_yaml(policy_path).data or {}
-    except ConfigError:
-        return files
-    sections = [data.get("defaults") or {}, *(data.get("accounts") or {}).values()]
-    for section in sections:
-        if isinstance(section, dict):
-            dnc = section.get("do_not_call") or {}
-            for name in (dnc.get("files") or []) if isinstance(dnc, dict) else []:
+        data = read_yaml(policy_path).data
+        sections = []
+        if isinstance(data, dict):
+            accounts = data.get("accounts")
+            sections = [data.get("defaults"),
+                        *(accounts.values() if isinstance(accounts, dict) else [])]
+        for section in sections:
+            dnc = section.get("do_not_call") if isinstance(section, dict) else None
+            names = dnc.get("files") if isinstance(dnc, dict) else None
+            for name in names if isinstance(names, list) else []:
                 path = Path(str(name))
-                files.append(path if path.is_absolute() else policy_path.parent / path)
+                known.append(path if path.is_absolute() else policy_path.parent / path)
+    except Exception as exc:  # ConfigError, or anything else: the watcher must go on
+        log.debug("policy.files_unknown", error=str(exc))
+    for path in known:
+        if path not in files:
+            files.append(path)
     return files
+
+
+def _load(path: Path, current: Policy | None) -> tuple[Policy | None, list[str], list[Path]]:
+    """Load ``path`` (in a worker thread): the policy or its errors, and the files to watch."""
+    policy: Policy | None = None
+    errors: list[str] = []
+    try:
+        policy = load_policy(path)
+    except ConfigError as exc:
+        errors = [str(e) for e in exc.errors]
+    except Exception as exc:  # load_policy promises ConfigError; be sure anyway
+        errors = [f"{path}: cannot load: {type(exc).__name__}: {exc}"]
+    return policy, errors, _files_of(path, policy or current)
 
 
 def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -171,8 +197,12 @@ class Daemon:
         except ConfigError as exc:
             for error in exc.errors:
                 log.error("policy.invalid", error=str(error))
-            raise StartupError(f"policy {config.policy_path} is invalid:\n{exc}") from None
-        self._policy_files = _files_of(config.policy_path)
+            more = len(exc.errors) - 1
+            raise StartupError(
+                f"policy refused: {exc.errors[0]}"
+                + (f" (and {more} more error{'s' if more > 1 else ''}; see the log)"
+                   if more > 0 else "")) from None
+        self._policy_files = _files_of(config.policy_path, self.policy)
         self._policy_stamp = _stamp(self._policy_files)
         # asyncpg logs a traceback every second or two while PostgreSQL is away; the
         # ledger's own LedgerUnavailable lines already say so, once per operation.
@@ -281,49 +311,60 @@ class Daemon:
         return installed
 
     # -- policy -------------------------------------------------------------------
-    def reload_policy(self, why: str) -> bool:
-        """Load the policy again; keep the old one if the new one has any error."""
+    async def reload_policy(self, why: str) -> bool:
+        """Load the policy again; keep the old one if the new one has any error.
+
+        Never raises: whatever the file holds, the outcome is logged and published
+        (``policy/reload``), and a refused policy leaves the one in force. The file
+        is read and compiled in a worker thread, so gating goes on meanwhile (a
+        multi-megabyte policy or DNC file takes seconds).
+        """
         from agent import systemd
 
         systemd.reloading()
         path = self.config.policy_path
         try:
-            try:
-                policy = load_policy(path)
-            except ConfigError as exc:
-                errors = [str(e) for e in exc.errors]
-                for error in errors:
-                    log.error("policy.reload_refused", error=error, why=why)
-                log.error("policy.kept_old", errors=len(errors))
-                self._publish("policy/reload", {"ok": False, "why": why, "errors": errors})
-                self._count_reload(False)
-                return False
+            policy, errors, files = await asyncio.to_thread(_load, path, self.policy)
+        except Exception as exc:  # _load promises not to raise; be sure anyway
+            log.exception("policy.reload_failed", why=why)
+            policy, errors, files = None, [f"{path}: cannot load: {exc}"], [path]
+        # Work out the files once per load: the watcher only stats them (parsing
+        # the policy every poll cost 2% of the daemon's CPU under load).
+        self._policy_files = files
+        self._policy_stamp = _stamp(files)
+        systemd.ready()
+        if policy is not None:
             self.policy = policy
             log.info("policy.reloaded", why=why, accounts=len(policy.accounts))
             self._publish("policy/reload", {"ok": True, "why": why,
                                             "accounts": len(policy.accounts)})
             self._count_reload(True)
             return True
-        finally:
-            # Work out the files once per load: the watcher only stats them (parsing
-            # the policy every poll cost 2% of the daemon's CPU under load).
-            self._policy_files = _files_of(path)
-            self._policy_stamp = _stamp(self._policy_files)
-            systemd.ready()
+        for error in errors:
+            log.error("policy.reload_refused", error=error, why=why)
+        log.error("policy.kept_old", errors=len(errors))
+        self._publish("policy/reload", {"ok": False, "why": why, "errors": errors})
+        self._count_reload(False)
+        return False
 
     async def _watch_policy(self) -> None:
+        """Reload on SIGHUP or a changed file; one bad round never ends the watch."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLICY_POLL_SECONDS):
                     await self._reload.wait()
-            if self._reload.is_set():
-                self._reload.clear()
-                self.reload_policy("SIGHUP")
-                continue
-            stamp = _stamp(self._policy_files)
-            if stamp != self._policy_stamp:
-                await asyncio.sleep(0.2)  # let an editor finish writing
-                self.reload_policy("file changed")
+            try:
+                if self._reload.is_set():
+                    self._reload.clear()
+                    await self.reload_policy("SIGHUP")
+                    continue
+                stamp = _stamp(self._policy_files)
+                if stamp != self._policy_stamp:
+                    await asyncio.sleep(0.2)  # let an editor finish writing
+                    await self.reload_policy("file changed")
+            except Exception:
+                log.exception("policy.watch_failed")
+                self._policy_stamp = _stamp(self._policy_files)  # no retry storm
 
     async def _prune_attempts(self) -> None:
         while True:

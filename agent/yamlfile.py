@@ -9,10 +9,17 @@ closed here rather than in every model:
 - Numbers that are really strings: ``0900`` or ``+86`` read as integers by YAML.
   Fields that hold dial prefixes or phone numbers are strict strings, and the
   error message says to quote them.
+
+Whatever a file holds — an impossible date (``2026-02-30``), nesting thousands
+deep, a megabyte line, binary bytes — reading and validating it either succeeds
+or raises :class:`ConfigError`; nothing else escapes (a validator that fails in
+an unforeseen way becomes an error without a line rather than a traceback).
+Messages are clipped so an error stays one readable line.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -29,13 +36,50 @@ from ruamel.yaml.reader import ReaderError
 Path_ = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
+MAX_DEPTH = 64  # no file a person edits nests deeper; far below Python's recursion limit
+MAX_BYTES = 4 * 2**20  # a policy is rules; millions of numbers belong in do-not-call files
+_FLOW = re.compile(r"""'[^'\n]*'|"(?:[^"\\\n]|\\.)*"|#[^\n]*|[\[\]{}]""")
 
-@dataclass(frozen=True, slots=True)
+
+def _flow_too_deep(text: str) -> int | None:
+    """The line where ``[``/``{`` nesting passes MAX_DEPTH, or None.
+
+    ruamel's scanner is quadratic in flow nesting (5,000 ``[`` take seconds), so
+    this cheap pass refuses it first. Quoted text and comments are skipped; where
+    it cannot tell, it undercounts, so it never refuses a file ruamel would read.
+    """
+    if "[" * 8 not in text and "{" * 8 not in text and text.count("[") + text.count("{") \
+            <= MAX_DEPTH:
+        return None
+    depth = 0
+    for match in _FLOW.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return text.count("\n", 0, match.start()) + 1
+        elif token in ("]", "}"):
+            depth = max(0, depth - 1)
+    return None
+MAX_MESSAGE = 300  # characters of one error message (a pasted megabyte stays one line)
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    one = " ".join(text.split())
+    return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
 class LocatedError:
     file: str
     line: int | None
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", clip(self.message))
+        object.__setattr__(self, "path", clip(self.path, 120))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -61,8 +105,21 @@ class _DecimalConstructor(RoundTripConstructor):
             return super().construct_yaml_float(node)
 
 
+    def construct_yaml_timestamp(self, node: Any, values: Any = None) -> Any:
+        # ruamel builds the date itself: 2026-13-01 or 2026-02-30 would raise a bare
+        # ValueError with no line or field. Hand the text on instead; the schema
+        # refuses it as a date with its file, line and field.
+        try:
+            return super().construct_yaml_timestamp(node, values)
+        except (ValueError, OverflowError):
+            return str(node.value)
+
+
 _DecimalConstructor.add_constructor(
     "tag:yaml.org,2002:float", _DecimalConstructor.construct_yaml_float
+)
+_DecimalConstructor.add_constructor(
+    "tag:yaml.org,2002:timestamp", _DecimalConstructor.construct_yaml_timestamp
 )
 
 
@@ -102,6 +159,13 @@ def read_yaml(path: Path) -> YamlDocument:
         raise ConfigError([LocatedError(name, None, "", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([LocatedError(name, None, "", f"cannot read: {exc}")]) from None
+    if len(text) > MAX_BYTES:
+        raise ConfigError([LocatedError(
+            name, None, "", f"larger than {MAX_BYTES // 2**20} MiB: not a file a person edits")])
+    deep = _flow_too_deep(text)
+    if deep is not None:
+        raise ConfigError([LocatedError(
+            name, deep, "", f"nested too deeply (more than {MAX_DEPTH} levels)")])
     yaml = YAML(typ="rt")
     yaml.Constructor = _DecimalConstructor
     try:
@@ -122,10 +186,24 @@ def read_yaml(path: Path) -> YamlDocument:
         raise ConfigError([LocatedError(name, line, "", f"YAML syntax: {what}")]) from None
     except YAMLError as exc:
         raise ConfigError([LocatedError(name, None, "", f"YAML syntax: {exc}")]) from None
+    except RecursionError:
+        raise ConfigError([LocatedError(
+            name, None, "", f"nested too deeply (more than {MAX_DEPTH} levels)")]) from None
+    except Exception as exc:  # whatever the parser trips on is the file's fault
+        raise ConfigError([LocatedError(
+            name, None, "", f"cannot parse: {type(exc).__name__}: {exc}")]) from None
     lines: dict[Path_, int] = {(): 1}
     errors: list[LocatedError] = []
 
+    class TooDeep(Exception):
+        pass
+
     def plain(node: Any, at: Path_) -> Any:
+        if len(at) > MAX_DEPTH:
+            line = lines.get(at)
+            errors.append(LocatedError(name, line, dotted(at[:8]) + "…",
+                                       f"nested too deeply (more than {MAX_DEPTH} levels)"))
+            raise TooDeep
         if isinstance(node, CommentedMap):
             out: dict[str, Any] = {}
             for key, value in node.items():
@@ -155,7 +233,12 @@ def read_yaml(path: Path) -> YamlDocument:
             return str(node)
         return node
 
-    data = plain(raw, ())
+    try:
+        data = plain(raw, ())
+    except (TooDeep, RecursionError):
+        if not errors:
+            errors.append(LocatedError(name, None, "",
+                                       f"nested too deeply (more than {MAX_DEPTH} levels)"))
     if errors:
         raise ConfigError(errors)
     return YamlDocument(name, data, lines)
@@ -190,3 +273,8 @@ def validate(doc: YamlDocument, model: type[M], context: dict[str, Any] | None =
             loc = tuple(p for p in err["loc"] if isinstance(p, str | int))
             located.append(doc.error(loc, _message(err)))
         raise ConfigError(located) from None
+    except RecursionError:
+        raise ConfigError([LocatedError(doc.file, None, "", "nested too deeply")]) from None
+    except Exception as exc:  # a validator that failed unforeseen
+        raise ConfigError([LocatedError(
+            doc.file, None, "", f"cannot validate: {type(exc).__name__}: {exc}")]) from None

@@ -105,6 +105,7 @@ class Policy:
     by_caller_prefix: PrefixTable[str]
     longest_cap_seconds: int  # how long the attempts log must be kept
     emergency_numbers: frozenset[str] = frozenset()
+    dnc_files: tuple[Path, ...] = ()  # what a reload depends on besides the policy file
 
     def emergency_number(self, call: CallInfo, account: AccountPolicy | None) -> str | None:
         """The normalised destination when it is an emergency number, else None."""
@@ -144,7 +145,15 @@ def load_policy(path: Path | str) -> Policy:
     path = Path(path)
     doc = read_yaml(path)
     spec = validate(doc, PolicySpec)
-    return compile_policy(spec, doc, path)
+    try:
+        return compile_policy(spec, doc, path)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError([LocatedError(str(path), None, "", "nested too deeply")]) from None
+    except Exception as exc:  # a rule the checks above missed: refused, never a traceback
+        raise ConfigError([LocatedError(
+            str(path), None, "", f"cannot compile: {type(exc).__name__}: {exc}")]) from None
 
 
 def _merged(defaults: RulesSpec, account: AccountSpec) -> RulesSpec:
@@ -182,6 +191,7 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         plans[name] = TariffPlan(base, PrefixTable(prefixed))
 
     dnc_cache: dict[tuple[tuple[str, ...], tuple[str, ...]], DncSet] = {}
+    dnc_files: list[Path] = []
 
     def dnc_for(rules: RulesSpec, where: tuple[str | int, ...], normalize: Normalizer) -> DncSet:
         source = rules.do_not_call
@@ -202,6 +212,8 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         sets = [DncSet.of(inline)]
         for index, name in enumerate(source.files):
             file = (base_dir / name) if not Path(name).is_absolute() else Path(name)
+            if file not in dnc_files:
+                dnc_files.append(file)
             try:
                 sets.append(load_file(file, normalize))
             except FileNotFoundError:
@@ -210,7 +222,7 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
             except DncFileError as exc:
                 errors.append(doc.error((*where, "do_not_call", "files", index),
                                         f"{exc.path}:{exc.line}: {exc}"))
-            except (OSError, UnicodeDecodeError) as exc:
+            except (OSError, ValueError) as exc:  # a directory, binary bytes, a NUL in the name
                 errors.append(doc.error((*where, "do_not_call", "files", index),
                                         f"cannot read do-not-call file {file}: {exc}"))
         result = sets[0].union(*sets[1:])
@@ -308,4 +320,5 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         by_caller_prefix=PrefixTable(caller_prefixes),
         longest_cap_seconds=longest_cap,
         emergency_numbers=frozenset(spec.emergency_numbers),
+        dnc_files=tuple(dnc_files),
     )

@@ -64,7 +64,7 @@ def _number(value: str) -> str:
 def _timezone(value: str) -> str:
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long
         raise ValueError(
             f"unknown timezone {value!r} (use an IANA name such as 'Asia/Shanghai')"
         ) from None
@@ -92,17 +92,25 @@ def _days(value: Any) -> Any:
     return value
 
 
+MAX_PERIOD = 366 * 86400
+
+
 def _period(value: Any) -> int | str:
     """``day`` (calendar day in the account's timezone) or a duration: 90, '30s', '10m', '24h'."""
     if value == "day":
         return "day"
+    seconds = None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        match = re.fullmatch(r"(\d+)\s*([smhd])", value)
+        seconds = value
+    elif isinstance(value, str):
+        match = re.fullmatch(r"(\d{1,9})\s*([smhd])", value)
         if match and int(match.group(1)) > 0:
-            return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    raise ValueError(f"{value!r} is not a period (use 'day' or a duration like '10m', '24h')")
+            seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[
+                match.group(2)]
+    if seconds is not None and seconds <= MAX_PERIOD:
+        return seconds
+    raise ValueError(f"{value!r} is not a period (use 'day' or a duration from 1 s to 366 days, "
+                     "like '10m', '24h')")
 
 
 Money = Annotated[Decimal, BeforeValidator(_money)]
