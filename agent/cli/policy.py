@@ -1,12 +1,23 @@
-"""``callgate policy check|explain``: validate a policy; show what it decides for one call."""
+"""``callgate policy check|explain``: validate a policy; show what it decides for one call.
+
+``explain`` reads the account's state from the ledger in the gate's own single
+read (balance, live calls, and the attempts the rate and callee caps count over
+their periods ending at ``--at``), so a cap refusal can be checked before a
+policy ships. ``--balance``/``--live-calls`` override what the ledger says; when
+the ledger cannot be read (none configured, unreachable) with ``--balance``
+given, the caps are checked with 0 attempts and the output says so. A SQLite
+ledger file that does not exist is never created by ``explain``.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from agent.calls import CallInfo, Direction
 from agent.cli.common import CheckFailed, UsageError, load_policy, now, policy_path, print_json
@@ -14,6 +25,10 @@ from agent.gate.decide import decide
 from agent.gate.decision import AccountState
 from agent.money import AmountError, format_amount, parse_amount
 from agent.yamlfile import ConfigError
+
+if TYPE_CHECKING:
+    from agent.gate.policy import AccountPolicy
+    from agent.ledger import AccountSnapshot
 
 
 def register(sub: Any) -> None:
@@ -59,24 +74,49 @@ async def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ledger_state(args: argparse.Namespace, account: str) -> tuple[Decimal | None, int, bool]:
-    """Balance, live calls and closed flag from the ledger (None balance: unreachable)."""
-    from agent.cli.common import ledger_url
-    from agent.ledger import LedgerError, UnknownAccount, open_ledger
+@dataclass(frozen=True)
+class _Read:
+    """What ``explain`` got from the ledger (``snapshot`` None: not read, ``why`` says)."""
 
+    snapshot: AccountSnapshot | None
+    why: str = ""
+
+
+async def _ledger_state(args: argparse.Namespace, account: AccountPolicy, destination: str,
+                        at: datetime) -> _Read:
+    """The gate's one read: balance, live calls, closed flag and the caps' attempts."""
+    from agent.cli.common import ledger_url
+    from agent.ledger import LedgerError, open_ledger
+
+    url = ledger_url(args)
+    missing = _missing_sqlite_file(url)
+    if missing is not None:
+        return _Read(None, f"no ledger at {missing}")
     try:
-        ledger = await open_ledger(ledger_url(args))
+        ledger = await open_ledger(url)
     except LedgerError as exc:
-        raise UsageError(f"cannot open the ledger for --balance: {exc}") from None
+        return _Read(None, f"cannot open the ledger: {exc}")
+    zone = account.hours.timezone
     try:
-        try:
-            balance = await ledger.balance(account)
-        except UnknownAccount:
-            return Decimal(0), 0, False
-        live = len(await ledger.live_calls(account))
-        return balance.available, live, balance.closed
+        snapshot = await ledger.account_state(
+            account.id,
+            account_since=account.rate_cap.since(at, zone) if account.rate_cap else None,
+            callee_since=account.callee_cap.since(at, zone) if account.callee_cap else None,
+            destination=account.normalize(destination))
+    except LedgerError as exc:
+        return _Read(None, f"cannot read the ledger: {exc}")
     finally:
         await ledger.close()
+    return _Read(snapshot)
+
+
+def _missing_sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL when it does not exist (opening it would create it)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite" or parts.netloc or not parts.path.strip("/"):
+        return None
+    path = Path("/" + parts.path.lstrip("/") if parts.path.startswith("/") else parts.path)
+    return None if path.exists() else path
 
 
 async def _explain(args: argparse.Namespace) -> int:
@@ -97,25 +137,36 @@ async def _explain(args: argparse.Namespace) -> int:
         at = at.astimezone(UTC)
     else:
         at = now()
-    closed = False
+    read = await _ledger_state(args, account, args.destination, at)
+    snapshot = read.snapshot
     if args.balance is not None:
         try:
             balance: Decimal | None = parse_amount(args.balance, allow_zero=True,
                                                    allow_negative=True)
         except AmountError as exc:
             raise UsageError(f"--balance: {exc}") from None
-        live = args.live_calls or 0
+    elif snapshot is None:
+        raise UsageError(f"{read.why} (give --balance to explain without it)")
     else:
-        balance, live, closed = await _ledger_state(args, account.id)
-        if args.live_calls is not None:
-            live = args.live_calls
+        balance = snapshot.available
+    live = args.live_calls if args.live_calls is not None else (
+        snapshot.live_calls if snapshot is not None else 0)
     caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
     request = CallInfo(
         call_id="explain", direction=Direction(args.direction), caller_id=caller,
         destination=args.destination, accountcode=args.account,
     )
-    state = AccountState(balance=balance, live_calls=live, closed=closed)
+    state = AccountState(
+        balance=balance, live_calls=live,
+        callee_attempts=snapshot.callee_attempts if snapshot else 0,
+        account_attempts=snapshot.account_attempts if snapshot else 0,
+        closed=snapshot.closed if snapshot else False)
     decision = decide(policy, state, request, at, explain=True)
+    if snapshot is not None:
+        attempts_note = (f"attempts from the ledger: {state.account_attempts} by the account, "
+                         f"{state.callee_attempts} to this number (in the caps' periods)")
+    else:
+        attempts_note = f"attempts not read ({read.why}): the caps were checked with 0"
     if args.json:
         tariff = decision.tariff
         print_json({
@@ -124,6 +175,10 @@ async def _explain(args: argparse.Namespace) -> int:
             "reason": decision.reason.value,
             "message": decision.message,
             "max_seconds": decision.max_seconds,
+            "paid_seconds": decision.paid_seconds,
+            "until_close": decision.until_close,
+            "attempts": {"read": snapshot is not None, "account": state.account_attempts,
+                         "callee": state.callee_attempts, "note": attempts_note},
             "tariff": None if tariff is None else {
                 "name": tariff.name, "rate": tariff.rate, "increment": tariff.increment,
                 "minimum": tariff.minimum, "rounding": tariff.rounding.value},
@@ -142,5 +197,12 @@ async def _explain(args: argparse.Namespace) -> int:
         t = decision.tariff
         print(f"  tariff {t.name}: {format_amount(t.rate)} CNY per {t.increment} s, "
               f"minimum {t.minimum} s, rounding {t.rounding.value}")
-    print(f"  max_seconds {decision.max_seconds if decision.max_seconds is not None else '-'}")
+    def show(value: int | None) -> str:
+        return "-" if value is None else f"{value} s"
+
+    print(f"  max_seconds  {show(decision.max_seconds)}  (the limit armed now: the first "
+          "paid unit, capped by the close)")
+    print(f"  paid_seconds {show(decision.paid_seconds)}  (what the whole balance pays for)")
+    print(f"  until_close  {show(decision.until_close)}  (to the close; cut mode only)")
+    print(f"  {attempts_note}")
     return 0
