@@ -397,6 +397,7 @@ class Daemon:
             "reason": decision.reason.value, "message": decision.message,
             "caller": call.caller_id, "callee": call.destination,
             "direction": call.direction.value, "max_seconds": decision.max_seconds,
+            "paid_seconds": decision.paid_seconds, "until_close": decision.until_close,
         })
 
     def _count_reload(self, ok: bool) -> None:

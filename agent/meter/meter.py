@@ -76,7 +76,7 @@ from agent.ledger import (
     LedgerUnavailable,
 )
 from agent.meter.clock import Clock
-from agent.money import format_amount
+from agent.meter.low_balance import LowBalanceWatch
 from agent.rating import Tariff, billed_seconds, rate
 
 log = structlog.get_logger("callgate.meter")
@@ -103,6 +103,9 @@ class MeterSettings:
     listing_lag: float = 2.0
     ledger_retry: float = 1.0
     unseen_calls: Literal["meter", "cut"] = "meter"
+    # How often every account's balance is looked at for the low-balance warning
+    # (finance postings come from the CLI, another process).
+    balance_check_interval: float = 10.0
 
 
 @dataclass(eq=False)
@@ -181,7 +184,7 @@ class Meter:
         self._started_at = clock.now()
         self._queue: asyncio.Queue[CallEvent | _StillAbsent] = asyncio.Queue()
         self._settled: OrderedDict[str, datetime] = OrderedDict()  # call id -> settled at
-        self._low_warned: set[str] = set()
+        self.low_balance = LowBalanceWatch(ledger, policy, self.publish)
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -197,6 +200,7 @@ class Meter:
     async def run(self) -> None:
         """Consume events in order and reconcile periodically, until cancelled."""
         reconciler = asyncio.create_task(self._reconcile_periodically())
+        sweeper = asyncio.create_task(self._sweep_balances_periodically())
         try:
             while True:
                 event = await self._queue.get()
@@ -208,10 +212,11 @@ class Meter:
                     self._done()
         finally:
             reconciler.cancel()
+            sweeper.cancel()
             for task in list(self._tasks):
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(reconciler, *self._tasks, return_exceptions=True)
+                await asyncio.gather(reconciler, sweeper, *self._tasks, return_exceptions=True)
 
     async def wait_idle(self) -> None:
         """Return once no event, ledger write or PBX command is in flight (tests)."""
@@ -541,26 +546,8 @@ class Meter:
         live.steps = step
         live.paid_seconds += seconds
         live.held += amount
-        await self._check_low_balance(live.account, bound)
+        await self.low_balance.check(live.account)
         return True
-
-    async def _check_low_balance(self, account_id: str, bound: Any) -> None:
-        account = self.policy().accounts.get(account_id)
-        if account is None or account.low_balance_warning <= 0:
-            return
-        try:
-            balance = await self.ledger.balance(account_id)
-        except LedgerError:
-            return
-        if balance.available < account.low_balance_warning:
-            if account_id not in self._low_warned:
-                self._low_warned.add(account_id)
-                self.publish("balance/low", {
-                    "account": account_id, "available": str(balance.available),
-                    "threshold": str(account.low_balance_warning)})
-                bound.warning("meter.balance_low", available=format_amount(balance.available))
-        else:
-            self._low_warned.discard(account_id)
 
     async def _set_deadline(self, live: LiveCall, at: datetime, bound: Any) -> None:
         try:
@@ -671,9 +658,21 @@ class Meter:
                     bound.warning("meter.settle_replayed_with_other_figures")
                     return
             self._remember_settled(live.call_id)
+            await self.low_balance.check(live.account)
             bound.info("meter.settled", billsec=billsec, amount=str(stored.amount),
                        cut_off=cut, flags=list(stored.flags))
             self.publish("call/end", _cdr_payload(stored))
+
+    async def _sweep_balances_periodically(self) -> None:
+        """The low-balance warning for postings this process did not make (the CLI's)."""
+        while True:
+            with self._working():
+                try:
+                    await self.low_balance.sweep()
+                except Exception:
+                    log.exception("meter.balance_sweep_failed")
+            await self.clock.sleep_until(
+                self.clock.now() + timedelta(seconds=self.settings.balance_check_interval))
 
     # -- reconciliation -----------------------------------------------------------
     async def _reconcile_periodically(self) -> None:
