@@ -100,7 +100,7 @@ def load_file(path: Path, normalize: Normalizer) -> DncSet:
     cached = _cache.get(cache_key)
     if cached is not None and cached[:2] == (stat.st_size, stat.st_mtime_ns):
         return cached[2]
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's export may start with a BOM
     result = _plain_digits(text, normalize)
     if result is None:
         result = _line_by_line(path, text, normalize)
