@@ -6,6 +6,8 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.gate.decide import decide
 from agent.gate.decision import Reason
@@ -169,5 +171,53 @@ async def test_the_meter_cuts_at_the_true_close_across_a_dst_gap(tmp_path):
         cdr = await h.cdr(sim.info.call_id)
         assert cdr.cut_off
         await h.check_invariants()
+    finally:
+        await h.stop()
+
+
+@settings(max_examples=200, deadline=None)
+@given(seconds=st.integers(0, 7 * 86400 * 1000), increment=st.sampled_from([1, 6, 30, 60]),
+       windows=st.lists(st.tuples(st.integers(0, 95), st.integers(1, 96)), min_size=1,
+                        max_size=4))
+def test_never_allowed_with_nothing_to_talk(tmp_path_factory, seconds, increment, windows):
+    """Whatever the hours, the time and the increment: an allowed call has a limit > 0."""
+    spans = [(a * 900, b * 900) for a, b in windows if a < b]
+    if not spans:
+        return
+    listed = ", ".join(f'{{start: "{_hm(a)}", end: "{_hm(b)}"}}' for a, b in spans)
+    text = f"""\
+version: 1
+tariffs: {{standard: {{rate: "0.13", increment: {increment}, minimum: {increment}}}}}
+defaults:
+  at_window_end: cut
+  calling_hours: [{{days: all, windows: [{listed}]}}]
+accounts:
+  acme: {{name: ACME, caller_ids: ["02158880000"]}}
+"""
+    p = policy_from(tmp_path_factory.mktemp("p"), text)
+    now = utc("2026-11-23T00:00:00") + timedelta(milliseconds=seconds)
+    for balance in ("100", None):
+        d = decide(p, rich(balance), call(), now)
+        if d.allow:
+            assert d.max_seconds is not None and d.max_seconds > 0
+            assert d.until_close is not None and d.until_close >= increment
+
+
+def _hm(seconds: int) -> str:
+    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}"
+
+
+async def test_the_live_gate_refuses_a_call_too_close_to_the_close(tmp_path):
+    from tests.meter_harness import Harness, policy_text
+
+    text = policy_text(extra_defaults="  at_window_end: cut\n").replace(
+        '"00:00", end: "24:00"', '"08:00", end: "19:30"')
+    h = await Harness(tmp_path, local("2026-11-24T19:29:59.500000"), text).start()
+    try:
+        await h.topup("a0", "10")
+        decision, sim = await h.dial(talk=30, ring=0)
+        assert not decision.allow and decision.reason is Reason.OUTSIDE_HOURS and sim is None
+        assert (await h.ledger.balance("a0")).held == 0  # nothing held
+        assert await h.ledger.live_calls() == []
     finally:
         await h.stop()
