@@ -105,7 +105,7 @@ def _stamp(files: list[Path]) -> tuple[tuple[str, int, int], ...]:
         try:
             st = f.stat()
             out.append((str(f), st.st_mtime_ns, st.st_size))
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in a name from a bad edit
             out.append((str(f), 0, 0))
     return tuple(out)
 
@@ -362,9 +362,8 @@ class Daemon:
                 if stamp != self._policy_stamp:
                     await asyncio.sleep(0.2)  # let an editor finish writing
                     await self.reload_policy("file changed")
-            except Exception:
+            except Exception:  # the next round (one poll later) tries again
                 log.exception("policy.watch_failed")
-                self._policy_stamp = _stamp(self._policy_files)  # no retry storm
 
     async def _prune_attempts(self) -> None:
         while True:

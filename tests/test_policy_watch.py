@@ -243,3 +243,75 @@ async def test_a_refused_policy_at_start_is_one_line_and_exit_1(tmp_path: Path) 
     assert last.startswith("callgate: cannot start: policy refused: ")
     assert "policy.yaml:6: defaults.closed_dates[0]:" in last and "1 more error" in last
     assert b"Traceback" not in out
+
+
+# -- the watcher in process: what is published, and that it survives anything ------------
+
+def _daemon_in_process(tmp_path: Path) -> Any:
+    from agent.config import load_agent_config
+    from agent.daemon import Daemon
+
+    config = write_config(tmp_path, "asterisk", free_port(), free_port(), "x", policy=GOOD)
+    daemon = Daemon(load_agent_config(config))
+    daemon.policy = load_policy(tmp_path / "policy.yaml")
+    published: list[tuple[str, dict[str, Any]]] = []
+    daemon._publish = lambda topic, payload: published.append((topic, payload))  # type: ignore[method-assign]
+    return daemon, published
+
+
+async def test_a_refused_reload_is_published_and_the_old_policy_stays(tmp_path: Path) -> None:
+    daemon, published = _daemon_in_process(tmp_path)
+    old = daemon.policy
+    (tmp_path / "policy.yaml").write_text(_insert(GOOD, "  closed_dates: [2026-02-30]"))
+    assert await daemon.reload_policy("SIGHUP") is False
+    assert daemon.policy is old
+    topic, payload = published[-1]
+    assert topic == "policy/reload" and payload["ok"] is False
+    assert "defaults.closed_dates[0]" in payload["errors"][0]
+
+
+async def test_an_unforeseen_failure_is_refused_too(tmp_path: Path, monkeypatch: Any) -> None:
+    import agent.daemon as daemon_module
+
+    daemon, published = _daemon_in_process(tmp_path)
+    old = daemon.policy
+
+    def boom(path: Path) -> None:
+        raise KeyError("unforeseen")
+
+    monkeypatch.setattr(daemon_module, "load_policy", boom)
+    assert await daemon.reload_policy("SIGHUP") is False
+    assert daemon.policy is old and published[-1][1]["ok"] is False
+    assert "KeyError" in published[-1][1]["errors"][0]
+
+
+async def test_the_watch_loop_survives_a_failing_round(tmp_path: Path, monkeypatch: Any) -> None:
+    import agent.daemon as daemon_module
+
+    daemon, _published = _daemon_in_process(tmp_path)
+    monkeypatch.setattr(daemon_module, "POLICY_POLL_SECONDS", 0.01)
+    calls = {"n": 0}
+
+    def flaky(files: list[Path]) -> Any:
+        calls["n"] += 1
+        raise RuntimeError("stat failed in an unforeseen way")
+
+    monkeypatch.setattr(daemon_module, "_stamp", flaky)
+    watcher = asyncio.create_task(daemon._watch_policy())
+    await asyncio.sleep(0.3)
+    assert not watcher.done() and calls["n"] > 3  # still watching after many failures
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def test_a_bad_file_name_does_not_blind_the_watcher(tmp_path: Path) -> None:
+    import agent.daemon as daemon_module
+
+    daemon, _published = _daemon_in_process(tmp_path)
+    (tmp_path / "policy.yaml").write_text(
+        GOOD.replace("  calling_hours:", '  do_not_call: {files: ["a\\0b"]}\n  calling_hours:', 1)
+        .replace('  do_not_call: {numbers: ["13800138009"]}\n', ""))
+    assert await daemon.reload_policy("file changed") is False
+    daemon_module._stamp(daemon._policy_files)  # must not raise: the watcher would go blind
+    (tmp_path / "policy.yaml").write_text(GOOD)
+    assert await daemon.reload_policy("file changed") is True
