@@ -194,6 +194,10 @@ async def test_run_publishes_events_to_mqtt_and_serves_metrics(tmp_path):
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
+    # 5.00 is below the default low_balance_warning (20.00): warned once, not per call.
+    low = [p for t, p in received if t.endswith("/balance/low")]
+    assert len(low) == 1 and low[0]["account"] == "acme", low
+    received = [(t, p) for t, p in received if not t.endswith("/balance/low")]
     topics = [t.split("/", 2)[2] for t, _ in received]
     assert topics[0] == "decision" and "call/start" in topics and topics[-1] == "call/end"
     decision = received[0][1]
