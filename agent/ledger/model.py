@@ -62,6 +62,7 @@ class PostingKind(StrEnum):
     PENALTY = "penalty"
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
+    REOPEN = "reopen"  # amount 0: a closed (refunded) account opened again
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Posting:
     key: str
     call_id: str | None = None
     note: str = ""
+    operator: str = ""  # who made it (finance postings); blank for the agent's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +165,19 @@ class Ledger(Protocol):
     # -- finance --------------------------------------------------------------
     async def topup(
         self, account: str, amount: Decimal, *, ref: str, at: datetime,
-        first_minimum: Decimal = Decimal(0), note: str = "",
+        first_minimum: Decimal = Decimal(0), note: str = "", operator: str = "",
     ) -> Posting: ...
     async def penalty(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting: ...
-    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting: ...
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting: ...
+    async def reopen(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting: ...
     async def adjust(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting: ...
     async def balance(self, account: str) -> Balance: ...
     async def balances(self) -> list[Balance]: ...
