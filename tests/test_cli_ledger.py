@@ -258,9 +258,9 @@ def test_statement_text_adds_up(cli: Any) -> None:
         "2026-11-15 10:00:00  02158880000  13800138000      121     180   -0.39",
         "2026-11-30 23:58:00  02158880000  13800138000      119     120   -0.26  cut off",
     ]
-    totals = lines[lines.index("TOTALS              AMOUNT"):]
+    totals = lines[lines.index("TOTALS             AMOUNT"):]
     assert totals == [
-        "TOTALS              AMOUNT",
+        "TOTALS             AMOUNT",
         "opening balance    100.00",
         "top-ups             50.00",
         "calls               -0.78",
