@@ -71,9 +71,9 @@ def _max_posting(options: dict[str, str], url: str) -> Decimal:
     if text is None:
         return DEFAULT_MAX_POSTING
     try:
-        return parse_amount(text, maximum=Decimal(10**13))
+        return parse_amount(text, maximum=Decimal(10**14))
     except AmountError as exc:
-        raise LedgerError(f"ledger URL {clip(url)!r}: max_posting {exc}") from None
+        raise LedgerError(f"ledger URL {clip(url, 200)!r}: max_posting {exc}") from None
 
 
 async def open_ledger(url: str, *, create: bool = True) -> Ledger:

@@ -182,6 +182,10 @@ def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
     return LedgerUnavailable(f"ledger {path} cannot be used: {text}")
 
 
+class _NotALedger(LedgerError):
+    pass
+
+
 class _Worker(threading.Thread):
     """The one thread that owns the sqlite3 connection."""
 
@@ -205,7 +209,7 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         conn: sqlite3.Connection | None = None
-        error: LedgerUnavailable | None = None
+        error: LedgerError | None = None
         try:
             # mode=rw never creates the file: only `ledger init` and `run` may.
             target = self.path if self.create else f"{self.path.resolve().as_uri()}?mode=rw"
@@ -214,12 +218,21 @@ class _Worker(threading.Thread):
                 check_same_thread=True, uri=not self.create,
             )
             conn.row_factory = sqlite3.Row
+            if not self.create and conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone() is None:
+                # Not a ledger: say so before anything (even the WAL switch) writes to it.
+                conn.close()
+                conn = None
+                raise _NotALedger(f"{self.path} is not a callgate ledger (no callgate tables)")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             error = _unavailable(self.path, exc)
             conn = None
+        except _NotALedger as exc:
+            error = exc
         while True:
             job = self.jobs.get()
             if job is None:
