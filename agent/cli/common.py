@@ -81,7 +81,12 @@ def load_policy(args: argparse.Namespace) -> Policy:
     try:
         return load(path)
     except ConfigError as exc:
-        raise UsageError(f"policy {path} is invalid:\n{exc}") from None
+        first = clip(str(exc.errors[0]), 300) if exc.errors else "unreadable"
+        more = len(exc.errors) - 1
+        raise UsageError(
+            f"policy {path} is invalid: {first}"
+            + (f" (and {more} more; see callgate policy check)" if more > 0 else "")
+        ) from None
 
 
 def ledger_url(args: argparse.Namespace) -> str:
