@@ -54,13 +54,28 @@ class StartupError(Exception):
     """The agent cannot start; the message says why (exit status 1)."""
 
 
-def preflight(config: AgentConfig) -> Policy:
+def preflight(config: AgentConfig, notes: list[str] | None = None) -> Policy:
     """Everything ``run`` checks before it opens a socket or the ledger; the policy.
 
     ``callgate config check`` runs exactly this (and then probes the ledger), so
     a config it passes is not refused by ``run`` for a reason it could have seen.
-    Raises :class:`StartupError`, one line per problem.
+    Raises :class:`StartupError`, one line per problem. Given ``notes`` (a check
+    run outside the service), a secret that only systemd provides
+    (``LoadCredential=``, absent without ``$CREDENTIALS_DIRECTORY``) is noted
+    there instead of counted as a problem.
     """
+    import os
+
+    outside = notes is not None and not os.environ.get("CREDENTIALS_DIRECTORY")
+
+    def credential_only(text: str) -> bool:
+        if outside and "CREDENTIALS_DIRECTORY" in text:
+            assert notes is not None
+            notes.append(f"{text.split(':')[0]}: a systemd credential, provided only "
+                         "inside the service (LoadCredential=); not checked here")
+            return True
+        return False
+
     problems: list[str] = []
     policy: Policy | None = None
     try:
@@ -71,11 +86,13 @@ def preflight(config: AgentConfig) -> Policy:
     try:
         _make_publisher(config)
     except (ValueError, OSError) as exc:  # MqttSettingsError: a bad URL, a missing CA file
-        problems.append(f"{config.path}: mqtt: {_clip(str(exc))}")
+        if not credential_only(f"mqtt: {exc}"):
+            problems.append(f"{config.path}: mqtt: {_clip(str(exc))}")
     try:
         resolve_secret(config)
     except ConfigError as exc:
-        problems.extend(_clip(str(e)) for e in exc.errors)
+        problems.extend(_clip(str(e)) for e in exc.errors
+                        if not credential_only(f"{e.message}"))
     for what, value in _listens(config):
         try:
             config.listen(value)

@@ -54,7 +54,7 @@ async def _check(args: argparse.Namespace) -> int:
             problems.extend(str(e) for e in exc.errors)
     if config is not None:
         try:
-            policy = preflight(config)
+            policy = preflight(config, notes)
             summary = policy.summary()
         except StartupError as exc:
             problems.extend(line for line in str(exc).splitlines() if line.strip())
@@ -63,8 +63,9 @@ async def _check(args: argparse.Namespace) -> int:
         except LedgerError as exc:
             text = clip(str(exc), 400)
             if text.startswith("no ledger at"):
-                notes.append(f"ledger: {text.split(':', 1)[0][3:]}: none yet; "
-                             "`callgate run` (or `ledger init`) creates it")
+                where = text[len("no ledger at "):].split(": ", 1)[0]
+                notes.append(f"ledger: none yet at {where}; `callgate run` "
+                             "(or `callgate ledger init`) creates it")
             else:
                 problems.append(f"ledger: {text}")
         else:

@@ -100,7 +100,7 @@ async def open_ledger(url: str, *, create: bool = True) -> Ledger:
             raise LedgerError(
                 f"ledger URL {url!r}: a SQLite URL has no host; write sqlite:///path/ledger.db"
             )
-        # sqlite:///var/lib/x.db is /var/lib/x.db (DESIGN's agent config);
+        # sqlite:///var/lib/x.db is /var/lib/x.db (the README's agent config);
         # sqlite:ledger.db is relative to the working directory.
         path = "/" + parts.path.lstrip("/") if parts.path.startswith("/") else parts.path
         if not parts.path.strip("/"):
