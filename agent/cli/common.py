@@ -1,5 +1,10 @@
 """What every ``callgate`` command shares: locating config, policy and ledger, errors, output.
 
+Also the two rules every command that writes keeps: a ledger is opened with
+:func:`open_store` / :class:`OpenedLedger`, which never create one (only ``run``
+and ``ledger init`` do), and what it records names its author with
+:func:`operator_name` (``--operator``, else the invoking user's login name).
+
 Resolution order for each setting: the command-line option, then the
 environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 ``CALLGATE_LEDGER``), then the agent config file (``-c``; default
