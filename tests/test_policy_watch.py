@@ -241,7 +241,7 @@ async def test_a_refused_policy_at_start_is_one_line_and_exit_1(tmp_path: Path) 
     assert proc.returncode == 1
     last = out.decode().strip().splitlines()[-1]
     assert last.startswith("callgate: cannot start: policy refused: ")
-    assert "policy.yaml:6: defaults.closed_dates[0]:" in last and "1 more error" in last
+    assert "policy.yaml:6: defaults.closed_dates[0]:" in last and "1 more problem" in last
     assert b"Traceback" not in out
 
 
@@ -263,7 +263,7 @@ async def test_a_refused_reload_is_published_and_the_old_policy_stays(tmp_path: 
     daemon, published = _daemon_in_process(tmp_path)
     old = daemon.policy
     (tmp_path / "policy.yaml").write_text(_insert(GOOD, "  closed_dates: [2026-02-30]"))
-    assert await daemon.reload_policy("SIGHUP") is False
+    assert daemon.reload_policy("SIGHUP") is False
     assert daemon.policy is old
     topic, payload = published[-1]
     assert topic == "policy/reload" and payload["ok"] is False
@@ -280,7 +280,7 @@ async def test_an_unforeseen_failure_is_refused_too(tmp_path: Path, monkeypatch:
         raise KeyError("unforeseen")
 
     monkeypatch.setattr(daemon_module, "load_policy", boom)
-    assert await daemon.reload_policy("SIGHUP") is False
+    assert await daemon.reload_policy_off_loop("SIGHUP") is False
     assert daemon.policy is old and published[-1][1]["ok"] is False
     assert "KeyError" in published[-1][1]["errors"][0]
 
@@ -311,7 +311,7 @@ async def test_a_bad_file_name_does_not_blind_the_watcher(tmp_path: Path) -> Non
     (tmp_path / "policy.yaml").write_text(
         GOOD.replace("  calling_hours:", '  do_not_call: {files: ["a\\0b"]}\n  calling_hours:', 1)
         .replace('  do_not_call: {numbers: ["13800138009"]}\n', ""))
-    assert await daemon.reload_policy("file changed") is False
+    assert daemon.reload_policy("file changed") is False
     daemon_module._stamp(daemon._policy_files)  # must not raise: the watcher would go blind
     (tmp_path / "policy.yaml").write_text(GOOD)
-    assert await daemon.reload_policy("file changed") is True
+    assert daemon.reload_policy("file changed") is True

@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from agent.calls import CallInfo, Direction
 from agent.cli.common import CheckFailed, UsageError, load_policy, now, policy_path, print_json
@@ -57,7 +56,16 @@ def register(sub: Any) -> None:
 async def _check(args: argparse.Namespace) -> int:
     from agent.gate.policy import load_policy as load
 
-    path = Path(args.path) if args.path else policy_path(args)
+    try:
+        path = Path(args.path) if args.path else policy_path(args)
+    except UsageError as exc:
+        # A bad agent.yaml is a failed check (exit 1), like a bad policy: ops run
+        # `policy check` to know whether what they ship will load.
+        if args.json:
+            print_json({"valid": False, "errors": [{"file": None, "line": None, "path": "",
+                                                    "message": str(exc)}]})
+            return 1
+        raise CheckFailed(f"callgate: {exc}") from None
     try:
         policy = load(path)
     except ConfigError as exc:
@@ -85,17 +93,13 @@ class _Read:
 async def _ledger_state(args: argparse.Namespace, account: AccountPolicy, destination: str,
                         at: datetime) -> _Read:
     """The gate's one read: balance, live calls, closed flag and the caps' attempts."""
-    from agent.cli.common import ledger_url
-    from agent.ledger import LedgerError, open_ledger
+    from agent.cli.common import open_store
+    from agent.ledger import LedgerError
 
-    url = ledger_url(args)
-    missing = _missing_sqlite_file(url)
-    if missing is not None:
-        return _Read(None, f"no ledger at {missing}")
     try:
-        ledger = await open_ledger(url)
-    except LedgerError as exc:
-        return _Read(None, f"cannot open the ledger: {exc}")
+        ledger = await open_store(args)  # an existing ledger only: never created here
+    except UsageError as exc:
+        return _Read(None, str(exc))
     zone = account.hours.timezone
     try:
         snapshot = await ledger.account_state(
@@ -108,15 +112,6 @@ async def _ledger_state(args: argparse.Namespace, account: AccountPolicy, destin
     finally:
         await ledger.close()
     return _Read(snapshot)
-
-
-def _missing_sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL when it does not exist (opening it would create it)."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() != "sqlite" or parts.netloc or not parts.path.strip("/"):
-        return None
-    path = Path("/" + parts.path.lstrip("/") if parts.path.startswith("/") else parts.path)
-    return None if path.exists() else path
 
 
 async def _explain(args: argparse.Namespace) -> int:
@@ -146,7 +141,8 @@ async def _explain(args: argparse.Namespace) -> int:
         except AmountError as exc:
             raise UsageError(f"--balance: {exc}") from None
     elif snapshot is None:
-        raise UsageError(f"{read.why} (give --balance to explain without it)")
+        raise UsageError(f"cannot read the balance from the ledger (or give --balance): "
+                         f"{read.why}")
     else:
         balance = snapshot.available
     live = args.live_calls if args.live_calls is not None else (

@@ -26,6 +26,10 @@ from agent.gate.policy import AccountPolicy, Policy
 from agent.money import format_amount
 from agent.rating import payable_seconds
 
+# An emergency call is not limited by money; it still gets a (day-long) limit so that a
+# dialplan which lets only a limited ALLOW through (both shipped ones do) connects it.
+EMERGENCY_MAX_SECONDS = 86400
+
 
 def decide(
     policy: Policy,
@@ -63,8 +67,8 @@ def decide(
     if emergency is not None:
         return Decision(True, Reason.EMERGENCY,
                         f"{emergency} is an emergency number: always allowed, never charged",
-                        account.id if account else None, destination=emergency or "",
-                        checks=tuple(checks))
+                        account.id if account else None, max_seconds=EMERGENCY_MAX_SECONDS,
+                        destination=emergency or "", checks=tuple(checks))
     if not check("account", account is not None,
                  lambda: f"matched {account.id!r}" if account else
                  f"no account for accountcode {request.accountcode!r}, endpoint "

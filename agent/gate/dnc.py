@@ -88,7 +88,7 @@ def parse_line(line: str, normalize: Normalizer) -> str | None:
         return None
     number = normalize(text)
     if not normalize.is_dialable(number) or len(number) > MAX_DIGITS:
-        shown = text if len(text) <= 40 else text[:40] + "…"
+        shown = text if len(text) <= 40 else f"{text[:40]}… ({len(text)} characters)"
         raise ValueError(f"{shown!r} is not a phone number")
     return number
 
