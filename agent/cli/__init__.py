@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import ledger, policy, runtime
+    from agent.cli import ledger, policy, runtime, status
 
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
+    status.register(sub)
     return parser
 
 
