@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-KEEP_MINUTES = 15
 RECENT_WINDOWS = (1, 5, 15)  # minutes reported
+KEEP_MINUTES = max(RECENT_WINDOWS) + 1
 
 
 def file_sha256(path: Path) -> str | None:
@@ -76,7 +76,8 @@ class StatusBoard:
 
     # -- reading -----------------------------------------------------------------
     def recent(self, now: datetime) -> dict[str, Any]:
-        """Counts for the last 1, 5 and 15 minutes (the current minute included)."""
+        """Counts for the last 1, 5 and 15 minutes: the N whole minutes before this one and
+        the current minute so far (minute buckets keep this cheap and bounded)."""
         current = int(now.timestamp() // 60)
         out: dict[str, Any] = {}
         for window in RECENT_WINDOWS:
@@ -84,7 +85,7 @@ class StatusBoard:
             cutoffs: Counter[str] = Counter()
             late = 0
             for key, minute in self._minutes.items():
-                if current - window < key <= current:
+                if current - window <= key <= current:
                     decisions.update(minute.decisions)
                     cutoffs.update(minute.cutoffs)
                     late += minute.late_cutoffs

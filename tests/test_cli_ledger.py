@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import textwrap
 from datetime import UTC, datetime
@@ -282,7 +283,7 @@ def test_statement_csv_rows_sum_to_the_closing_balance(cli: Any) -> None:
     assert movements == D(rows[-1]["amount"]) == D("-850.78")
     assert rows[5]["cut_off"] == "yes" and rows[1]["reference"] == "c1"
     # The running balance: each row's balance is the previous one plus its amount.
-    for before, row in zip(rows[:-1], rows[1:-1], strict=False):
+    for before, row in itertools.pairwise(rows[:-1]):
         assert D(row["balance"]) == D(before["balance"]) + D(row["amount"])
     assert [D(r["balance"]) for r in rows] == [D("100"), D("99.87"), D("149.87"), D("149.48"),
                                                D("-850.52"), D("-850.78"), D("-850.78")]
