@@ -22,7 +22,14 @@ from agent import __version__
 from agent.cli import main
 from agent.ledger import open_ledger
 from agent.status import KEEP_MINUTES, StatusBoard, verdict
-from tests.daemon_harness import Agent, free_port, sim_port, simulator, write_config
+from tests.daemon_harness import (
+    Agent,
+    free_port,
+    scrape_metrics,
+    sim_port,
+    simulator,
+    write_config,
+)
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parent.parent
@@ -176,6 +183,16 @@ async def test_status_of_a_running_daemon_then_a_refused_reload_then_down(
                 (shared_dir / "policy.yaml").read_bytes()).hexdigest()
             assert doc["recent"]["5m"]["allowed"] == 1 and doc["mqtt"] is None
             assert doc["live_calls"] == {"total": 0, "by_account": {}}
+
+            samples = await scrape_metrics(metrics_port)
+            assert samples[f'callgate_build_info{{version="{__version__}"}}'] == 1
+            assert samples["callgate_start_time_seconds"] > 0
+            assert samples['callgate_account_live_calls{account="acme"}'] == 0
+            assert samples['callgate_account_low_balance_line{account="acme"}'] == 20  # default
+            assert samples["callgate_policy_last_reload_ok"] == 1
+            # Read from the ledger at start (5 topped up) and every 15 s after (the 1 s call
+            # at 0.13 per 2 s increment leaves 4.87).
+            assert samples['callgate_account_available_balance{account="acme"}'] in (5.0, 4.87)
 
             code, out = await _status(config)
             assert code == 0, out
