@@ -161,7 +161,7 @@ def test_report_json_per_account_and_totals_to_the_cent(cli: Any) -> None:
                  "calls_amount": D("0.91"), "penalties": D("1000"), "refunds": D("199.87"),
                  "adjustments": D("-2.50"), "corrections": D("0"), "closing": D("-843.28")}
     assert (t["opening"] + t["topups"] - t["calls_amount"] - t["penalties"] - t["refunds"]
-            + t["adjustments"] + t["corrections"]) == t["closing"]
+            + t["adjustments"] - t["corrections"]) == t["closing"]
 
 
 def test_report_text_shows_names_and_a_total_row(cli: Any) -> None:
@@ -182,7 +182,7 @@ def test_report_text_shows_names_and_a_total_row(cli: Any) -> None:
     assert lines[5].split() == ["TOTAL", "110.00", "250.00", "5", "420", "0.91", "1000.00",
                                 "199.87", "-2.50", "0.00", "-843.28"]
     assert lines[-1] == ("opening 110.00 + top-ups 250.00 - calls 0.91 - penalties 1000.00 - "
-                         "refunds 199.87 ± adjustments -2.50 ± corrections 0.00 = closing "
+                         "refunds 199.87 ± adjustments -2.50 - corrections 0.00 = closing "
                          "-843.28")
 
 

@@ -47,19 +47,22 @@ def test_a_correction_is_signed_listed_and_counted() -> None:
         posting(1, PostingKind.TOPUP, "100", T0 - timedelta(days=1)),
         posting(2, PostingKind.HOLD, "0.13", T0 + timedelta(hours=1), "c1"),
         posting(3, PostingKind.CHARGE, "0.13", T0 + timedelta(hours=2), "c1"),
-        posting(4, _Kind.CORRECTION, "-0.26", T0 + timedelta(days=2), "c1", "cdr:c1"),
-        posting(5, _Kind.CORRECTION, "0.13", T0 + timedelta(days=3), "c9", "cdr:c9"),
+        # Signed like a charge, dated the call's end: the PBX's CDR says c1 talked two
+        # increments more; c9 was charged one too many.
+        posting(4, _Kind.CORRECTION, "0.26", T0 + timedelta(hours=2), "c1", "correction:c1"),
+        posting(5, _Kind.CORRECTION, "-0.13", T0 + timedelta(days=3), "c9", "correction:c9"),
     ]
     cdrs = [cdr("c1", T0 + timedelta(hours=2), "0.13")]
     r = account_report("acme", T0, END, history, cdrs)
     assert (r.opening, r.calls_amount, r.corrections, r.closing) == (
-        D("100"), D("0.13"), D("-0.13"), D("99.74"))
+        D("100"), D("0.13"), D("0.13"), D("99.74"))
+    assert r.check() == r.closing
     assert [(x.kind, x.amount, x.balance) for x in r.lines] == [
         ("call", D("-0.13"), D("99.87")), ("correction", D("-0.26"), D("99.61")),
         ("correction", D("0.13"), D("99.74"))]
     looks = flagged("acme", T0, END, history, cdrs)
     assert [(f.call_id, f.flags, f.amount) for f in looks] == [
-        ("c1", ("correction",), D("-0.26")), ("c9", ("correction",), D("0.13"))]
+        ("c1", ("correction",), D("0.26")), ("c9", ("correction",), D("-0.13"))]
     assert movement(history[3]) == D("-0.26")
 
 

@@ -225,7 +225,7 @@ def _report_text(reports: list[AccountReport], grand: dict[str, Decimal | int], 
           f"{_money(Decimal(grand['topups']))} - calls {_money(Decimal(grand['calls_amount']))}"
           f" - penalties {_money(Decimal(grand['penalties']))} - refunds "
           f"{_money(Decimal(grand['refunds']))} ± adjustments "
-          f"{_money(Decimal(grand['adjustments']))} ± corrections "
+          f"{_money(Decimal(grand['adjustments']))} - corrections "
           f"{_money(Decimal(grand['corrections']))} = closing {_money(Decimal(grand['closing']))}")
 
 

@@ -7,8 +7,8 @@ answers by construction; the arithmetic is pure and exact (``Decimal``).
 How a posting moves an account's balance (:func:`movement`): top-ups and
 adjustments add (adjustments are signed), charges, penalties and refunds take
 away, holds and releases move only the held amount. A ``correction`` (a call
-re-rated from the PBX's CDR) is signed like an adjustment: its amount is what
-it adds to the balance.
+brought to the rating of the PBX's own CDR, posted at the call's end) is signed
+like a charge: positive charges more, negative gives back.
 
 A period is ``[start, end)`` in UTC; the caller turns days into instants in
 the account's timezone. Calls belong to the period their CDR *ended* in, and
@@ -50,9 +50,9 @@ class ReportError(Exception):
 def movement(p: Posting) -> Decimal:
     """How a posting moves the account's (posted) balance."""
     kind = p.kind.value
-    if kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT, CORRECTION):
+    if kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return p.amount
-    if kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
+    if kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE, CORRECTION):
         return -p.amount
     return Decimal(0)
 
@@ -118,18 +118,18 @@ class AccountReport:
     topups: Decimal
     calls: int
     billed_seconds: int
-    calls_amount: Decimal  # what the calls cost (positive)
+    calls_amount: Decimal  # what the calls cost as settled (positive)
     penalties: Decimal
     refunds: Decimal
     adjustments: Decimal  # signed net
-    corrections: Decimal  # signed net
+    corrections: Decimal  # signed like a charge: + charged more from the PBX's CDR
     closing: Decimal
     lines: list[Line] = field(default_factory=list)
 
     def check(self) -> Decimal:
         """opening + movements; equal to ``closing`` to the cent, or the report is wrong."""
         return (self.opening + self.topups - self.calls_amount - self.penalties - self.refunds
-                + self.adjustments + self.corrections)
+                + self.adjustments - self.corrections)
 
 
 TOTAL_FIELDS = ("opening", "topups", "calls", "billed_seconds", "calls_amount", "penalties",
@@ -207,7 +207,7 @@ class Flagged:
     call_id: str
     kind: str  # "call" or "correction"
     flags: tuple[str, ...]  # the review flags (a correction: ("correction",))
-    amount: Decimal  # what the call cost, or the correction's signed amount
+    amount: Decimal  # what the call cost, or the correction (signed like a charge)
     billsec: int | None
     cdr: Cdr | None = None
     note: str = ""
