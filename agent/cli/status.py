@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from agent.cli.common import UsageError, agent_config, print_json
@@ -97,12 +98,22 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
+def _time(value: Any) -> str:
+    """An ISO time from the daemon, to the second, in UTC."""
+    try:
+        at = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def render(doc: dict[str, Any], where: str) -> str:
     """The text form: a verdict line, then one line per part."""
     lines = [f"{doc.get('state', 'degraded')}: callgate {doc.get('version')} on node "
              f"{doc.get('node')} (pid {doc.get('pid')}, {where})"]
     lines += [f"  ! {p}" for p in doc.get("problems") or []]
-    lines.append(f"  up since    {doc.get('started_at')} ({_ago(doc.get('uptime_seconds', 0))})")
+    lines.append(f"  up since    {_time(doc.get('started_at'))} "
+                 f"({_ago(doc.get('uptime_seconds', 0))})")
     pbx = doc.get("pbx") or {}
     lines.append(f"  pbx         {pbx.get('kind')}: "
                  + ("connected" if pbx.get("connected") else "NOT connected"))
@@ -113,10 +124,10 @@ def render(doc: dict[str, Any], where: str) -> str:
     policy = doc.get("policy") or {}
     checksum = (policy.get("sha256") or "?")[:16]
     lines.append(f"  policy      {policy.get('file')} sha256 {checksum}… loaded "
-                 f"{policy.get('loaded_at')} ({policy.get('accounts')} accounts)")
+                 f"{_time(policy.get('loaded_at'))} ({policy.get('accounts')} accounts)")
     refused = doc.get("last_refused_reload")
     if refused:
-        lines.append(f"  refused     reload at {refused.get('at')} ({refused.get('why')}), "
+        lines.append(f"  refused     reload at {_time(refused.get('at'))} ({refused.get('why')}), "
                      f"{refused.get('error_count')} error(s):")
         lines += [f"                {e}" for e in refused.get("errors") or []]
     mqtt = doc.get("mqtt")
