@@ -146,9 +146,10 @@ def test_report_json_per_account_and_totals_to_the_cent(cli: Any) -> None:
         return tuple(rows[name][f] if isinstance(rows[name][f], int) else D(rows[name][f])
                      for f in figures)
 
-    assert row("acme") == (D("100"), D("50"), 3, 360, D("0.78"), D("1000"), D("0"),
+    # Every amount signed by its effect on the balance: closing = opening + the columns.
+    assert row("acme") == (D("100"), D("50"), 3, 360, D("-0.78"), D("-1000"), D("0"),
                            D("-2.50"), D("0"), D("-853.28"))
-    assert row("beta") == (D("0"), D("200"), 2, 60, D("0.13"), D("0"), D("199.87"), D("0"),
+    assert row("beta") == (D("0"), D("200"), 2, 60, D("-0.13"), D("0"), D("-199.87"), D("0"),
                            D("0"), D("0"))
     assert row("delta") == (D("10"), D("0"), 0, 0, D("0"), D("0"), D("0"), D("0"), D("0"),
                             D("10"))
@@ -158,10 +159,10 @@ def test_report_json_per_account_and_totals_to_the_cent(cli: Any) -> None:
     assert rows["acme"]["start"] == "2026-10-31T16:00:00+00:00"
     t = {f: v if isinstance(v, int) else D(v) for f, v in doc["totals"].items()}
     assert t == {"opening": D("110"), "topups": D("250"), "calls": 5, "billed_seconds": 420,
-                 "calls_amount": D("0.91"), "penalties": D("1000"), "refunds": D("199.87"),
+                 "calls_amount": D("-0.91"), "penalties": D("-1000"), "refunds": D("-199.87"),
                  "adjustments": D("-2.50"), "corrections": D("0"), "closing": D("-843.28")}
-    assert (t["opening"] + t["topups"] - t["calls_amount"] - t["penalties"] - t["refunds"]
-            + t["adjustments"] - t["corrections"]) == t["closing"]
+    assert (t["opening"] + t["topups"] + t["calls_amount"] + t["penalties"] + t["refunds"]
+            + t["adjustments"] + t["corrections"]) == t["closing"]
 
 
 def test_report_text_shows_names_and_a_total_row(cli: Any) -> None:
@@ -173,16 +174,16 @@ def test_report_text_shows_names_and_a_total_row(cli: Any) -> None:
     assert lines[1].split() == ["ACCOUNT", "NAME", "OPENING", "TOP-UPS", "CALLS", "BILLED", "S",
                                 "CALL", "AMOUNT", "PENALTIES", "REFUNDS", "ADJUSTMENTS",
                                 "CORRECTIONS", "CLOSING"]
-    assert lines[2].split() == ["acme", "ACME", "Trading", "100.00", "50.00", "3", "360", "0.78",
-                                "1000.00", "0.00", "-2.50", "0.00", "-853.28"]
-    assert lines[3].split() == ["beta", "Beta", "&", "Sons", "0.00", "200.00", "2", "60", "0.13",
-                                "0.00", "199.87", "0.00", "0.00", "0.00"]
+    assert lines[2].split() == ["acme", "ACME", "Trading", "100.00", "50.00", "3", "360",
+                                "-0.78", "-1000.00", "0.00", "-2.50", "0.00", "-853.28"]
+    assert lines[3].split() == ["beta", "Beta", "&", "Sons", "0.00", "200.00", "2", "60",
+                                "-0.13", "0.00", "-199.87", "0.00", "0.00", "0.00"]
     assert lines[4].split() == ["delta", "10.00", "0.00", "0", "0", "0.00", "0.00", "0.00",
                                 "0.00", "0.00", "10.00"]
-    assert lines[5].split() == ["TOTAL", "110.00", "250.00", "5", "420", "0.91", "1000.00",
-                                "199.87", "-2.50", "0.00", "-843.28"]
-    assert lines[-1] == ("opening 110.00 + top-ups 250.00 - calls 0.91 - penalties 1000.00 - "
-                         "refunds 199.87 ± adjustments -2.50 - corrections 0.00 = closing "
+    assert lines[5].split() == ["TOTAL", "110.00", "250.00", "5", "420", "-0.91", "-1000.00",
+                                "-199.87", "-2.50", "0.00", "-843.28"]
+    assert lines[-1] == ("opening 110.00 + top-ups 250.00 + calls -0.91 + penalties -1000.00 + "
+                         "refunds -199.87 + adjustments -2.50 + corrections 0.00 = closing "
                          "-843.28")
 
 
@@ -264,7 +265,7 @@ def test_flagged_lists_the_calls_that_need_a_look(cli: Any) -> None:
     assert [(c["call_id"], c["flags"]) for c in doc["calls"]] == [
         ("b2", ["outcome_unknown"]), ("c2", ["billsec_from_times"]), ("c3", ["vanished"])]
     assert doc["count"] == 3 and doc["calls"][0]["name"] == "Beta & Sons"
-    assert D(doc["calls"][2]["amount"]) == D("0.26")
+    assert D(doc["calls"][2]["amount"]) == D("-0.26")  # signed by its effect
     code, out, _ = cli("ledger", "flagged", *NOVEMBER)
     assert code == 0
     lines = out.splitlines()
@@ -275,7 +276,7 @@ def test_flagged_lists_the_calls_that_need_a_look(cli: Any) -> None:
     code, out, _ = cli("ledger", "flagged", *NOVEMBER, "--account", "acme", "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["call_id"], r["flags"], r["amount"]) for r in rows] == [
-        ("c2", "billsec_from_times", "0.39"), ("c3", "vanished", "0.26")]
+        ("c2", "billsec_from_times", "-0.39"), ("c3", "vanished", "-0.26")]
 
 
 # -- ledger balance --at ---------------------------------------------------------------------

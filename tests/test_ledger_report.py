@@ -55,14 +55,14 @@ def test_a_correction_is_signed_listed_and_counted() -> None:
     cdrs = [cdr("c1", T0 + timedelta(hours=2), "0.13")]
     r = account_report("acme", T0, END, history, cdrs)
     assert (r.opening, r.calls_amount, r.corrections, r.closing) == (
-        D("100"), D("0.13"), D("0.13"), D("99.74"))
+        D("100"), D("-0.13"), D("-0.13"), D("99.74"))
     assert r.check() == r.closing
     assert [(x.kind, x.amount, x.balance) for x in r.lines] == [
         ("call", D("-0.13"), D("99.87")), ("correction", D("-0.26"), D("99.61")),
         ("correction", D("0.13"), D("99.74"))]
     looks = flagged("acme", T0, END, history, cdrs)
     assert [(f.call_id, f.flags, f.amount) for f in looks] == [
-        ("c1", ("correction",), D("0.26")), ("c9", ("correction",), D("-0.13"))]
+        ("c1", ("correction",), D("-0.26")), ("c9", ("correction",), D("0.13"))]
     assert movement(history[3]) == D("-0.26")
 
 

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.cli.common import UsageError, load_policy, print_json
+from agent.cli.common import OpenedLedger, UsageError, load_policy, print_json
 from agent.ledger.report import (
     REVIEW_FLAGS,
     AccountReport,
@@ -87,7 +87,7 @@ def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
     if tz:
         try:
             override = ZoneInfo(tz)
-        except (ZoneInfoNotFoundError, ValueError):
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise UsageError(f"--tz {tz!r} is not a timezone (use an IANA name such as "
                              "'Asia/Shanghai' or 'UTC')") from None
     try:
@@ -151,10 +151,8 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 async def _gather(args: argparse.Namespace, d: Directory, first: date, last: date,
                   only: str | None = None) -> list[tuple[AccountReport, list[Flagged]]]:
-    from agent.cli.ledger import _Opened  # the shared open-with-one-line-errors
-
     out = []
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         for balance in await ledger.balances():
             if only is not None and balance.account != only:
                 continue
@@ -221,12 +219,11 @@ def _report_text(reports: list[AccountReport], grand: dict[str, Decimal | int], 
     print(_table(["ACCOUNT", "NAME", *(h for _, h in _COLUMNS)], rows,
                  set(range(2, 2 + len(_COLUMNS)))))
     print()
-    print(f"opening {_money(Decimal(grand['opening']))} + top-ups "
-          f"{_money(Decimal(grand['topups']))} - calls {_money(Decimal(grand['calls_amount']))}"
-          f" - penalties {_money(Decimal(grand['penalties']))} - refunds "
-          f"{_money(Decimal(grand['refunds']))} ± adjustments "
-          f"{_money(Decimal(grand['adjustments']))} - corrections "
-          f"{_money(Decimal(grand['corrections']))} = closing {_money(Decimal(grand['closing']))}")
+    parts = " + ".join(f"{label} {_money(Decimal(grand[f]))}" for f, label in (
+        ("topups", "top-ups"), ("calls_amount", "calls"), ("penalties", "penalties"),
+        ("refunds", "refunds"), ("adjustments", "adjustments"), ("corrections", "corrections")))
+    print(f"opening {_money(Decimal(grand['opening']))} + {parts} = closing "
+          f"{_money(Decimal(grand['closing']))}")
 
 
 CSV_HEADER = ["time", "account", "name", "currency", "type", "amount", "balance", "reference",
@@ -316,12 +313,10 @@ def _moment(text: str, zone: tzinfo) -> datetime:
 
 async def balance_as_of(args: argparse.Namespace) -> int:
     """``callgate ledger balance [ACCOUNT] --at TIME``."""
-    from agent.cli.ledger import _Opened
-
     d = directory(args, quiet=True)
     _moment(args.at, d.fallback)  # a bad --at is refused before the ledger is opened
     rows = []
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         accounts = [args.account] if args.account else [b.account for b in await ledger.balances()]
         for account in accounts:
             at = _moment(args.at, d.zone(account))

@@ -73,7 +73,7 @@ class BalanceAt:
     at: datetime
     posted: Decimal
     held: Decimal
-    closed: bool  # refunded at or before ``at``
+    closed: bool  # refunded at or before ``at`` (and not reopened since)
 
     @property
     def available(self) -> Decimal:
@@ -90,7 +90,10 @@ def balance_at(account: str, history: Iterable[Posting], at: datetime) -> Balanc
         seen = True
         posted += movement(p)
         held += held_movement(p)
-        closed = closed or p.kind.value == PostingKind.REFUND
+        if p.kind.value == PostingKind.REFUND:
+            closed = True
+        elif p.kind.value == "reopen":  # a closed account opened again (a posting of zero)
+            closed = False
     return BalanceAt(account, at, posted, held, closed) if seen else None
 
 
@@ -111,6 +114,10 @@ class Line:
 
 @dataclass(frozen=True)
 class AccountReport:
+    """One account's period. Every amount is signed by its effect on the balance (top-ups
+    positive; calls, penalties and refunds negative; adjustments and corrections either),
+    so closing = opening + the sum of the columns."""
+
     account: str
     start: datetime
     end: datetime
@@ -118,18 +125,18 @@ class AccountReport:
     topups: Decimal
     calls: int
     billed_seconds: int
-    calls_amount: Decimal  # what the calls cost as settled (positive)
+    calls_amount: Decimal  # the calls as settled (negative: they cost)
     penalties: Decimal
     refunds: Decimal
-    adjustments: Decimal  # signed net
-    corrections: Decimal  # signed like a charge: + charged more from the PBX's CDR
+    adjustments: Decimal
+    corrections: Decimal  # from the PBX's CDR: negative charged more, positive gave back
     closing: Decimal
     lines: list[Line] = field(default_factory=list)
 
     def check(self) -> Decimal:
         """opening + movements; equal to ``closing`` to the cent, or the report is wrong."""
-        return (self.opening + self.topups - self.calls_amount - self.penalties - self.refunds
-                + self.adjustments - self.corrections)
+        return (self.opening + self.topups + self.calls_amount + self.penalties + self.refunds
+                + self.adjustments + self.corrections)
 
 
 TOTAL_FIELDS = ("opening", "topups", "calls", "billed_seconds", "calls_amount", "penalties",
@@ -151,14 +158,14 @@ def account_report(account: str, start: datetime, end: datetime, history: list[P
     """One account's period from all its postings and the CDRs that ended in the period."""
     opening = sum((movement(p) for p in history if p.at < start), Decimal(0))
     period = [p for p in history if start <= p.at < end]
-    sums = {k: sum((p.amount for p in period if p.kind.value == k), Decimal(0))
+    sums = {k: sum((movement(p) for p in period if p.kind.value == k), Decimal(0))
             for k in ("topup", "penalty", "refund", "adjustment", CORRECTION, "charge")}
     calls = [c for c in cdrs if start <= c.ended_at < end]
-    calls_amount = sum((c.amount for c in calls), Decimal(0))
+    calls_amount = -sum((c.amount for c in calls), Decimal(0))
     if calls_amount != sums["charge"]:
         raise ReportError(
-            f"account {account!r}: the calls of the period cost {calls_amount} by their CDRs "
-            f"but {sums['charge']} was charged; run an audit of the ledger")
+            f"account {account!r}: the calls of the period cost {-calls_amount} by their CDRs "
+            f"but {-sums['charge']} was charged; run an audit of the ledger")
     # The lines: calls at their end, finance postings at their time; ties by posting order.
     events: list[tuple[datetime, int, str, Decimal, str, str, Cdr | None]] = []
     for c in calls:
@@ -207,7 +214,7 @@ class Flagged:
     call_id: str
     kind: str  # "call" or "correction"
     flags: tuple[str, ...]  # the review flags (a correction: ("correction",))
-    amount: Decimal  # what the call cost, or the correction (signed like a charge)
+    amount: Decimal  # signed by its effect on the balance (a call's cost is negative)
     billsec: int | None
     cdr: Cdr | None = None
     note: str = ""
@@ -221,11 +228,11 @@ def flagged(account: str, start: datetime, end: datetime, history: list[Posting]
         if start <= c.ended_at < end:
             review = tuple(f for f in c.flags if f in REVIEW_FLAGS)
             if review:
-                out.append(Flagged(account, c.ended_at, c.call_id, "call", review, c.amount,
+                out.append(Flagged(account, c.ended_at, c.call_id, "call", review, -c.amount,
                                    c.billsec, c))
     for p in history:
         if p.kind.value == CORRECTION and start <= p.at < end:
             out.append(Flagged(account, p.at, p.call_id or p.ref, CORRECTION, (CORRECTION,),
-                               p.amount, None, None, p.note))
+                               movement(p), None, None, p.note))
     out.sort(key=lambda f: (f.at, f.call_id))
     return out
