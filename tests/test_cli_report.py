@@ -306,3 +306,28 @@ def test_balance_at_a_day_is_that_days_closing_balance(cli: Any) -> None:
 def test_balance_at_refusals(cli: Any) -> None:
     refused(cli("ledger", "balance", "acme", "--at", "yesterday"), "neither a date")
     refused(cli("ledger", "balance", "nobody", "--at", "2026-11-30"), "nobody")
+
+
+# -- the statement agrees with the report ----------------------------------------------------
+def test_the_statement_and_the_report_agree_line_by_line(cli: Any) -> None:
+    """acme's statement (with its running balance) and its rows of the report: same figures."""
+    code, out, _ = cli("ledger", "statement", "acme", *NOVEMBER, "--json")
+    assert code == 0
+    statement = json.loads(out)
+    assert statement["name"] == "ACME Trading"
+    code, out, _ = cli("ledger", "report", *NOVEMBER, "--json")
+    acme = next(a for a in json.loads(out)["accounts"] if a["account"] == "acme")
+    assert (D(statement["opening"]), D(statement["closing"])) == (D(acme["opening"]),
+                                                                   D(acme["closing"]))
+    assert D(statement["totals"]["calls"]) == D(acme["calls_amount"])
+    assert [c["balance"] for c in statement["calls"]] == ["99.8700", "149.4800", "-853.2800"]
+    code, out, _ = cli("ledger", "statement", "acme", *NOVEMBER, "--csv")
+    statement_rows = list(csv.DictReader(io.StringIO(out)))
+    code, out, _ = cli("ledger", "report", *NOVEMBER, "--csv")
+    report_rows = [r for r in csv.DictReader(io.StringIO(out)) if r["account"] == "acme"]
+    assert [(r["type"], D(r["amount"] or 0), D(r["balance"])) for r in statement_rows[1:-1]] == [
+        (r["type"], D(r["amount"]), D(r["balance"])) for r in report_rows[1:-1]]
+    code, out, _ = cli("ledger", "balance", "--json")
+    names = {b["account"]: b["name"] for b in json.loads(out)["accounts"]}
+    assert names == {"acme": "ACME Trading", "beta": "Beta & Sons", "delta": None,
+                     "gamma": None}
