@@ -219,3 +219,29 @@ async def test_status_of_a_running_daemon_then_a_refused_reload_then_down(
             assert await agent.stop() == 0
         code, out = await _status(config)
         assert code == 2 and out.startswith("down: ") and out.count("\n") == 1
+
+
+async def test_a_lost_pbx_link_is_degraded(tmp_path: Path) -> None:
+    gate_port, metrics_port = free_port(), free_port()
+    sim_cm = simulator("asterisk", "s", gate_port)
+    sim = await sim_cm.__aenter__()
+    try:
+        config = write_config(tmp_path, "asterisk", sim_port(sim), gate_port, "s",
+                              extra=f"metrics: {{listen: '127.0.0.1:{metrics_port}'}}\n")
+        async with Agent(config) as agent:
+            await agent.wait_for("daemon.ready")
+            assert (await _status(config))[0] == 0
+            await sim_cm.__aexit__(None, None, None)  # the PBX goes away
+            sim_cm = None
+            for _ in range(50):
+                code, out = await _status(config, "--json")
+                if code == 1:
+                    break
+                await asyncio.sleep(0.2)
+            doc = json.loads(out)
+            assert (code, doc["state"], doc["pbx"]["connected"]) == (1, "degraded", False), out
+            assert "PBX not connected" in doc["problems"]
+            assert doc["ledger"]["reachable"] is True  # the rest still answers
+    finally:
+        if sim_cm is not None:
+            await sim_cm.__aexit__(None, None, None)
