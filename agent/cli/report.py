@@ -29,7 +29,7 @@ from agent.ledger.report import (
     flagged,
     totals,
 )
-from agent.money import CURRENCY, format_amount
+from agent.money import CURRENCY, clip, format_amount
 
 
 def register(commands: Any) -> None:
@@ -88,7 +88,7 @@ def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
         try:
             override = ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError, OSError):
-            raise UsageError(f"--tz {tz!r} is not a timezone (use an IANA name such as "
+            raise UsageError(f"--tz {clip(tz)!r} is not a timezone (use an IANA name such as "
                              "'Asia/Shanghai' or 'UTC')") from None
     try:
         policy = load_policy(args)
@@ -113,7 +113,7 @@ def _day(text: str, what: str) -> date:
     try:
         return date.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+        raise UsageError(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _days(args: argparse.Namespace) -> tuple[date, date]:
@@ -307,7 +307,8 @@ def _moment(text: str, zone: tzinfo) -> datetime:
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"--at {text!r} is neither a date (YYYY-MM-DD) nor an ISO time") from None
+        raise UsageError(f"--at {clip(text)!r} is neither a date (YYYY-MM-DD) nor an ISO "
+                         "time") from None
     return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
 
 
