@@ -245,3 +245,38 @@ async def test_a_lost_pbx_link_is_degraded(tmp_path: Path) -> None:
     finally:
         if sim_cm is not None:
             await sim_cm.__aexit__(None, None, None)
+
+
+# -- what the daemon records from its own events -------------------------------------------
+def test_the_daemon_counts_executed_cutoffs_and_balance_refusals(tmp_path: Path) -> None:
+    from agent.calls import CallInfo, Direction
+    from agent.config import load_agent_config
+    from agent.daemon import Daemon
+    from agent.gate.decision import Decision, Reason
+    from agent.meter.clock import WallClock
+    from agent.metrics import Metrics
+
+    class Fixed(WallClock):
+        def now(self) -> datetime:
+            return T0
+
+    config = load_agent_config(_config(tmp_path, None))
+    daemon = Daemon(config, clock=Fixed())
+    daemon.metrics = metrics = Metrics()
+    metrics.watch_accounts({"acme": Decimal("20")})
+    daemon._publish("cutoff", {"stage": "planned", "reason": "balance"})  # not counted
+    daemon._publish("cutoff", {"stage": "executed", "reason": "balance", "late_ms": 400})
+    daemon._publish("cutoff", {"stage": "executed", "reason": "window_end", "late_ms": 2500})
+    call = CallInfo("c1", Direction.OUTBOUND, "02158880000", "13800138000")
+    daemon._on_decision(call, Decision(False, Reason.INSUFFICIENT_BALANCE, "", "acme"), 0.001)
+    daemon._on_decision(call, Decision(True, Reason.ALLOWED, "", "acme"), 0.001)
+    text = metrics.exposition().decode()
+    assert 'callgate_cutoffs_total{reason="balance"} 1.0' in text
+    assert 'callgate_cutoffs_total{reason="window_end"} 1.0' in text
+    assert "callgate_late_cutoffs_total 1.0" in text  # 2.5 s late; the grace is 2 s
+    assert "callgate_cutoff_lateness_seconds_count 2.0" in text
+    assert ('callgate_account_refusals_total{account="acme",reason="insufficient_balance"} 1.0'
+            in text)
+    recent = daemon.board.recent(T0)["1m"]
+    assert recent == {"decisions": 2, "allowed": 1, "refused": {"insufficient_balance": 1},
+                      "cutoffs": {"balance": 1, "window_end": 1}, "late_cutoffs": 1}
