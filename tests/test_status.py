@@ -98,6 +98,17 @@ def test_no_daemon_is_down_in_one_line(tmp_path: Path, capsys: pytest.CaptureFix
     assert doc["state"] == "down" and doc["listener"] == f"127.0.0.1:{port}"
 
 
+def test_listen_names_the_listener_without_a_config(capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    port = free_port()
+    assert main(["status", "--listen", f"127.0.0.1:{port}"]) == 2
+    assert capsys.readouterr().out.startswith(f"down: no callgate daemon answering on "
+                                              f"127.0.0.1:{port}")
+    assert main(["status", "--listen", "localhost"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not HOST:PORT" in err
+
+
 def test_status_needs_the_metrics_listener(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path, None)
@@ -197,6 +208,8 @@ async def test_status_of_a_running_daemon_then_a_refused_reload_then_down(
             code, out = await _status(config)
             assert code == 0, out
             assert out.startswith(f"healthy: callgate {__version__} on node t1")
+            code, out = await _status(config, "--listen", f"127.0.0.1:{metrics_port}")
+            assert code == 0 and out.startswith("healthy:"), out
             assert "pbx         asterisk: connected" in out
 
             other = _as_other_user()

@@ -1,7 +1,8 @@
 """``callgate status``: is the running daemon healthy? (exit 0 healthy, 1 degraded, 2 down).
 
 It reads ``GET /status`` from the daemon's own loopback metrics listener, found
-from the agent config's ``metrics: listen:``. That listener already exists,
+from the agent config's ``metrics: listen:`` (or given with ``--listen``, for a
+monitoring user who may not read ``agent.yaml``). That listener already exists,
 is bounded and loopback-only, and a TCP connection to 127.0.0.1 needs no file
 permission, group or root: any local user (the daemon's user in a second
 shell, an ops account, a monitoring check) can ask. The daemon answers from
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.cli.common import UsageError, agent_config, print_json
+from agent.money import clip
 
 EXIT = {"healthy": 0, "degraded": 1, "down": 2}
 
@@ -27,10 +29,19 @@ def register(sub: Any) -> None:
     status.add_argument("--json", action="store_true")
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for the daemon (default 5)")
+    status.add_argument("--listen", metavar="HOST:PORT",
+                        help="the daemon's metrics listener, instead of reading it from the "
+                             "agent config (for a user who may not read agent.yaml)")
     status.set_defaults(func=_status)
 
 
 def _endpoint(args: argparse.Namespace) -> tuple[str, int]:
+    if args.listen:
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"--listen {clip(args.listen)!r} is not HOST:PORT "
+                             "(e.g. 127.0.0.1:9108)")
+        return _loopback(host.strip("[]") or "127.0.0.1"), int(port)
     config = agent_config(args)
     if config is None:
         raise UsageError("status needs the agent config: -c /etc/callgate/agent.yaml "
@@ -40,7 +51,12 @@ def _endpoint(args: argparse.Namespace) -> tuple[str, int]:
                          "daemon's loopback metrics listener (add metrics: {listen: "
                          "'127.0.0.1:9108'})")
     host, port = config.listen(config.spec.metrics.listen)
-    return ("127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host), port
+    return _loopback(host), port
+
+
+def _loopback(host: str) -> str:
+    """Where to connect for a listener bound to ``host`` (a wildcard means this machine)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
 
 
 async def fetch_status(host: str, port: int, timeout: float) -> dict[str, Any]:
