@@ -96,6 +96,7 @@ class Daemon:
         self.publisher: Any = None
         self.metrics: Any = None
         self.metrics_server: asyncio.Server | None = None
+        self.cdr_source: Any = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -138,6 +139,8 @@ class Daemon:
                 tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watch"))
             tasks.append(asyncio.create_task(self._prune_attempts(), name="prune"))
+            if self.cdr_source is not None:
+                tasks.append(asyncio.create_task(self.cdr_source.run(), name="cdr"))
             tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
             tasks.append(asyncio.create_task(self._announce_ready(), name="ready"))
             stopper = asyncio.create_task(self._stop.wait(), name="stop")
@@ -210,6 +213,8 @@ class Daemon:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         pbx_proxy.target = self.adapter
+        if spec.cdr is not None:
+            self.cdr_source = _make_cdr_source(config, self.ledger, self.clock, self.metrics)
         if self.metrics is not None:
             meter, adapter = self.meter, self.adapter
             self.metrics.live_calls.set_function(lambda: len(meter.live))
@@ -429,6 +434,28 @@ def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
         outbound_contexts=frozenset(spec.outbound_contexts),
     )
     return FreeswitchAdapter(fs_settings, gate, sink, clock=clock.now)
+
+
+def _make_cdr_source(config: AgentConfig, ledger: Ledger, clock: Clock, metrics: Any) -> Any:
+    """The follower of the PBX's CDR file that settles calls from it (``cdr:`` in agent.yaml)."""
+    from agent.cdr.formats import CdrRow
+    from agent.cdr.source import CdrSource
+
+    spec = config.spec.cdr
+    assert spec is not None and config.cdr_file is not None
+    contexts = frozenset(config.spec.pbx.outbound_contexts)
+
+    def outbound(row: CdrRow) -> bool:
+        return row.context in contexts if contexts else bool(row.accountcode)
+
+    with contextlib.suppress(OSError):  # the source logs what is wrong when it saves
+        config.cdr_state_file.parent.mkdir(parents=True, exist_ok=True)
+    return CdrSource(ledger=ledger, path=config.cdr_file,
+                     layout=spec.layout(config.spec.pbx.kind),
+                     state_path=config.cdr_state_file, clock=clock,
+                     poll_seconds=spec.poll_seconds,
+                     pending_max_age=spec.pending_max_age_seconds, outbound=outbound,
+                     metrics=metrics)
 
 
 def _make_metrics() -> Any:

@@ -13,6 +13,11 @@ share counters. What the daemon calls on :class:`Metrics`:
   ``callgate_ledger_operation_seconds{op}``.
 - ``cutoff()``: a call cut off at its paid boundary -> ``callgate_cutoffs_total``.
 - ``policy_reload(ok)``: -> ``callgate_policy_reloads_total{outcome="ok"|"error"}``.
+- ``cdr_correction()``: a provisional settlement corrected from the PBX's CDR ->
+  ``callgate_cdr_corrections_total``.
+- ``reconcile_mismatch(kind)``: a CDR row the ledger does not agree with
+  (``missing_in_ledger``, ``charged_differently``, ``conflict``,
+  ``not_settled``, ``unreadable``) -> ``callgate_reconcile_mismatches_total{kind}``.
 - ``live_calls``, ``open_holds``, ``open_holds_amount``, ``pbx_connected``,
   ``asyncio_tasks`` (tasks alive in the daemon's event loop: a leak shows as
   growth, bench/soak.py and tests/test_hostile.py watch it): gauges; set them
@@ -123,6 +128,13 @@ class Metrics:
                                       ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.policy_reloads.labels(outcome)  # both series exist from the start at 0
+        self.cdr_corrections = Counter(
+            "callgate_cdr_corrections",
+            "Provisional call settlements corrected from the PBX's own CDR", registry=r)
+        self.reconcile_mismatches = Counter(
+            "callgate_reconcile_mismatches",
+            "PBX CDR rows the ledger could not be reconciled with, by kind", ["kind"],
+            registry=r)
         self._publisher: _PublisherCollector | None = None
 
     def decision(self, result: str, reason: str, seconds: float) -> None:
@@ -137,6 +149,12 @@ class Metrics:
 
     def policy_reload(self, ok: bool) -> None:
         self.policy_reloads.labels("ok" if ok else "error").inc()
+
+    def cdr_correction(self) -> None:
+        self.cdr_corrections.inc()
+
+    def reconcile_mismatch(self, kind: str) -> None:
+        self.reconcile_mismatches.labels(kind).inc()
 
     def watch_publisher(self, publisher: PublisherStats) -> None:
         if self._publisher is not None:

@@ -96,6 +96,10 @@ def register(sub: Any) -> None:
     output.add_argument("--json", action="store_true")
     statement.set_defaults(func=_statement)
 
+    from agent.cli import reconcile  # its own module: the PBX's CDR against the ledger
+
+    reconcile.register(commands)
+
 
 # -- shared helpers ------------------------------------------------------------------
 def _amount(text: str, *, signed: bool = False) -> Decimal:
@@ -291,7 +295,8 @@ def balance_effect(p: Posting) -> Decimal:
     """How a posting moves the account's balance (holds and releases do not)."""
     if p.kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return p.amount
-    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
+    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE,
+                  PostingKind.CORRECTION):  # a correction is signed like a charge
         return -p.amount
     return Decimal(0)
 
@@ -320,7 +325,9 @@ def build_statement(
     finance = [p for p in period if p.kind in FINANCE_KINDS]
     totals = {kind.value: sum((p.amount for p in finance if p.kind is kind), Decimal(0))
               for kind in FINANCE_KINDS}
-    totals["calls"] = sum((c.amount for c in cdrs), Decimal(0))
+    # A call's amount is its charge plus any correction from the PBX's CDR (dated the
+    # call's end, like the charge, so both fall in the call's period).
+    totals["calls"] = sum((c.charged for c in cdrs), Decimal(0))
     closing = (opening + totals["topup"] - totals["penalty"] - totals["refund"]
                + totals["adjustment"] - totals["calls"])
     # Each call is charged in one posting dated its CDR's end, so the postings of the
@@ -357,8 +364,9 @@ async def _statement(args: argparse.Namespace) -> int:
 def _cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
-            "billed_seconds": c.billed_seconds, "amount": c.amount, "cut_off": c.cut_off,
-            "cause": c.cause, "flags": list(c.flags)}
+            "billed_seconds": c.billed_seconds, "amount": c.charged, "cut_off": c.cut_off,
+            "cause": c.cause, "flags": list(c.flags), "pbx_billsec": c.pbx_billsec,
+            "settled_amount": c.amount, "correction": c.correction}
 
 
 def _statement_json(s: Statement) -> dict[str, Any]:
@@ -375,11 +383,16 @@ def _statement_text(s: Statement) -> None:
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
+        # The PBX's billsec is shown once a call of the period was settled from its CDR.
+        pbx = any(c.pbx_billsec is not None for c in s.calls)
         rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(c.amount),
-                 "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
-        print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
+                 str(c.billsec),
+                 *(["-" if c.pbx_billsec is None else str(c.pbx_billsec)] if pbx else []),
+                 str(c.billed_seconds), _money(c.charged),
+                 "cut off" if c.cut_off else "", _flags(c)] for c in s.calls]
+        headers = ["ANSWERED", "CALLER", "CALLEE", "BILLSEC", *(["PBX BILLSEC"] if pbx else []),
+                   "BILLED", "AMOUNT", "CUT-OFF", "FLAGS"]
+        print(_table(headers, rows, {3, 4, 5, 6} if pbx else {3, 4, 5}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
@@ -400,19 +413,28 @@ def _statement_text(s: Statement) -> None:
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
 
 
+def _flags(c: Cdr) -> str:
+    """The CDR's flags; a correction from the PBX's CDR is named with its amount."""
+    flags = list(c.flags)
+    if c.pbx_billsec is not None:
+        flags.append(f"corrected {c.correction:+}" if c.correction else "pbx_cdr_confirmed")
+    return ",".join(flags)
+
+
 def _statement_csv(s: Statement) -> None:
     """One row per movement with its signed effect: opening + rows = closing."""
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["type", "time", "caller", "callee", "billsec", "billed_seconds",
-                  "amount", "cut_off", "reference", "note"])
+                  "amount", "cut_off", "reference", "note", "pbx_billsec"])
     out.writerow(["opening", _local(_start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-                  str(s.opening), "", "", ""])
+                  str(s.opening), "", "", "", ""])
     for c in s.calls:
         out.writerow(["call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
-                      c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-                      c.call_id, ",".join(c.flags)])
+                      c.billsec, c.billed_seconds, str(-c.charged), "yes" if c.cut_off else "no",
+                      c.call_id, _flags(c), "" if c.pbx_billsec is None else c.pbx_billsec])
     for p in s.postings:
         out.writerow([p.kind.value, _local(p.at, s.zone), "", "", "", "",
-                      str(balance_effect(p)), "", p.ref, p.note])
+                      str(balance_effect(p)), "", p.ref, p.note, ""])
     end = _start_of(s.last_day + timedelta(days=1), s.zone)
-    out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", ""])
+    out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", "",
+                  ""])
