@@ -30,11 +30,12 @@ START = datetime(2026, 11, 24, 2, 0, 0, tzinfo=UTC)
 
 
 def fs_row(call_id: str, billsec: int, answer: datetime | None, end: datetime,
-           accountcode: str = "", destination: str = "13800138000") -> str:
+           accountcode: str = "", destination: str = "13800138000",
+           caller: str = "02158880000") -> str:
     """A row in the layout of callgate's mod_cdr_csv template (freeswitch-csv)."""
     start = (answer or end) - timedelta(seconds=3)
     answer_epoch = int(answer.timestamp()) if answer else 0
-    return (f'"{call_id}","{accountcode}","02158880000","{destination}","callgate",'
+    return (f'"{call_id}","{accountcode}","{caller}","{destination}","callgate",'
             f'"{int(start.timestamp())}","{answer_epoch}","{int(end.timestamp())}",'
             f'"{billsec + 3}","{billsec}","NORMAL_CLEARING","recv_bye","bridge"\n')
 

@@ -109,6 +109,13 @@ def read_rows(path: Path, layout: Layout) -> tuple[list[CdrRow], list[CdrFormatE
 
 
 def _outbound_rule(args: argparse.Namespace) -> Callable[[CdrRow], bool]:
+    """Which rows are outbound calls the ledger should know.
+
+    The context names, when given (``--outbound-context``, else the config's
+    ``pbx.outbound_contexts``); otherwise a row with an accountcode, or one whose
+    caller is an account of the policy (its accountcode, endpoint or caller-ID
+    prefix, or one of its registered caller IDs).
+    """
     contexts = args.outbound_context
     config = agent_config(args)
     if contexts is None and config is not None:
@@ -120,14 +127,20 @@ def _outbound_rule(args: argparse.Namespace) -> Callable[[CdrRow], bool]:
             return row.context in contexts
         if row.accountcode:
             return True
-        if policy is None:
-            return False
-        info = CallInfo(call_id=row.call_id, direction=Direction.OUTBOUND,
-                        caller_id=row.caller, destination=row.destination,
-                        accountcode=row.accountcode, context=row.context)
-        return policy.match_account(info) is not None
+        return policy is not None and _account_of(policy, row) is not None
 
     return outbound
+
+
+def _account_of(policy: Any, row: CdrRow) -> Any:
+    info = CallInfo(call_id=row.call_id, direction=Direction.OUTBOUND, caller_id=row.caller,
+                    destination=row.destination, accountcode=row.accountcode,
+                    context=row.context)
+    account = policy.match_account(info)
+    if account is None and row.caller:
+        account = next((a for a in policy.accounts.values()
+                        if a.owns_caller_id(row.caller)), None)
+    return account
 
 
 def _policy_or_none(args: argparse.Namespace) -> Any:
@@ -148,12 +161,7 @@ def _unmatched_rater(args: argparse.Namespace) -> Callable[[CdrRow], Decimal | N
     policy = _policy_or_none(args)
 
     def rated(row: CdrRow) -> Decimal | None:
-        if policy is None:
-            return None
-        info = CallInfo(call_id=row.call_id, direction=Direction.OUTBOUND,
-                        caller_id=row.caller, destination=row.destination,
-                        accountcode=row.accountcode, context=row.context)
-        account = policy.match_account(info)
+        account = _account_of(policy, row) if policy is not None else None
         if account is None:
             return None
         from agent.rating import rate
@@ -260,12 +268,17 @@ def _money(amount: Decimal | None) -> str:
     return "-" if amount is None else format_amount(amount)
 
 
+def _exact(amount: Decimal | None) -> str | None:
+    """An amount as text: exact, at least two decimals (``0.13``, ``-0.13``)."""
+    return None if amount is None else format_amount(amount)
+
+
 def _line_json(x: Line) -> dict[str, Any]:
     return {"kind": x.kind.value, "unexplained": x.unexplained, "call_id": x.call_id,
             "account": x.account, "caller": x.caller, "callee": x.callee,
             "answered_at": x.answered_at, "pbx_billsec": x.pbx_billsec,
-            "ledger_billsec": x.ledger_billsec, "pbx_amount": x.pbx_amount,
-            "ledger_amount": x.ledger_amount, "difference": x.difference,
+            "ledger_billsec": x.ledger_billsec, "pbx_amount": _exact(x.pbx_amount),
+            "ledger_amount": _exact(x.ledger_amount), "difference": _exact(x.difference),
             "flags": list(x.flags), "matched_by": x.matched_by, "note": x.note}
 
 
@@ -293,9 +306,8 @@ def _csv(lines: list[Line]) -> None:
                       x.caller, x.callee, x.answered_at.isoformat() if x.answered_at else "",
                       "" if x.pbx_billsec is None else x.pbx_billsec,
                       "" if x.ledger_billsec is None else x.ledger_billsec,
-                      "" if x.pbx_amount is None else str(x.pbx_amount),
-                      "" if x.ledger_amount is None else str(x.ledger_amount),
-                      "" if x.difference is None else str(x.difference),
+                      _exact(x.pbx_amount) or "", _exact(x.ledger_amount) or "",
+                      _exact(x.difference) or "",
                       ",".join(x.flags), x.matched_by, x.note])
 
 
