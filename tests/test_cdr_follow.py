@@ -137,3 +137,24 @@ def test_reads_are_bounded_and_an_endless_line_is_skipped(tmp_path: Path) -> Non
     assert texts(follower) == ["r2"]  # the rest of it dropped, the next line read
     append(cdr, "y" * 200 + "\nr3\n")
     assert [texts(follower) for _ in range(5)] == [[], [], [], ["r3"], []]
+
+
+def test_a_first_start_on_an_existing_file_begins_after_its_last_complete_line(
+        tmp_path: Path) -> None:
+    cdr = tmp_path / "Master.csv"
+    append(cdr, "old1\nold2\npart")
+    follower = CdrFollower(cdr, FollowState(), from_end=True, max_bytes=64)
+    assert texts(follower) == []
+    append(cdr, "ial\nnew\n")
+    assert texts(follower) == ["partial", "new"]
+
+
+def test_from_end_does_not_skip_a_file_created_later_or_after_rotation(tmp_path: Path) -> None:
+    cdr = tmp_path / "Master.csv"
+    follower = CdrFollower(cdr, FollowState(), from_end=True)
+    assert texts(follower) == []  # no file yet
+    append(cdr, "r1\n")
+    assert texts(follower) == ["r1"]
+    os.rename(cdr, tmp_path / "Master.csv.1")
+    append(cdr, "n1\n")
+    assert texts(follower) == ["n1"]

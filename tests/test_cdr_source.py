@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from agent.cdr.follow import FollowState, save_state
 from agent.cdr.formats import preset
 from agent.cdr.source import CdrSource
 from agent.meter.clock import SimClock
@@ -47,6 +48,10 @@ def sim_row(call: SimCall) -> str:
 
 def source_for(ledger: Any, tmp_path: Path, clock: Any, metrics: Any = None,
                **kw: Any) -> CdrSource:
+    """A source that was following the file already (a saved state from before its rows;
+    a very first start would begin at the end of an existing file)."""
+    if not (tmp_path / "cdr.json").exists():
+        save_state(tmp_path / "cdr.json", FollowState())
     return CdrSource(ledger=ledger, path=tmp_path / "Master.csv",
                      layout=preset("freeswitch-csv"), state_path=tmp_path / "cdr.json",
                      clock=clock, metrics=metrics, **kw)
@@ -82,7 +87,7 @@ async def test_after_a_sigkill_the_cdr_brings_every_call_to_the_pbx_billsec(
             assert settled.charged == rate(tariff, call.billsec), call.info.call_id
         assert metrics.cdr_corrections._value.get() == 2  # short: -0.13, long: +0.13
         assert await h.ledger.audit() == []
-        # Read again (a restart that lost its position): nothing new is written.
+        # Read again from the start (a rotated file, copytruncate): nothing new is written.
         (tmp_path / "cdr.json").unlink()
         again = await source_for(h.ledger, tmp_path, h.clock).step()
         assert again.outcomes == {"replayed": 3}
@@ -173,3 +178,33 @@ async def test_a_row_split_by_a_partial_write_is_applied_once(
     assert (await source.step()).outcomes == {"corrected": 1}
     assert (await source.step()).outcomes == {}
     assert (await ledger.call_cdr("c1")).charged == D("0.26")
+
+
+async def test_a_lasting_failure_is_logged_once_and_the_source_goes_on(
+        ledger: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import asyncio
+
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await answered(ledger, "c1")
+    assert await ledger.hold("c1", 1, D("0.13"), 60, at(5))
+    await ledger.settle_call(cdr("c1", "0.13", flags=("ended_while_away",
+                                                      "billsec_assumed_paid")))
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state directory should be")
+    source = CdrSource(ledger=ledger, path=tmp_path / "Master.csv",
+                       layout=preset("freeswitch-csv"), state_path=blocked / "cdr.json",
+                       clock=clock, poll_seconds=0.01)
+    task = asyncio.create_task(source.run())
+    await asyncio.sleep(0.05)  # following the file before the PBX writes the row
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 61, at(5), at(66)))
+    await asyncio.sleep(0.3)  # many polls, each failing to save its position
+    blocked.unlink()
+    blocked.mkdir()
+    await asyncio.sleep(0.1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    out = capsys.readouterr().out
+    assert out.count("cdr.poll_failed") == 1 and "cdr.poll_recovered" in out
+    assert (await ledger.call_cdr("c1")).charged == D("0.26")  # applied once, replayed since
+    assert (blocked / "cdr.json").exists()

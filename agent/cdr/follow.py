@@ -19,7 +19,9 @@ What the follower survives:
 - restarts: the position is read back; a different file at the path (it was
   rotated while the agent was down) is read from 0, and the lines the old file
   got after the last read are left to ``callgate ledger reconcile`` over it
-  (logged).
+  (logged). The very first start (no saved state) begins after the last
+  complete line of a file that already exists: its history is for
+  ``callgate ledger reconcile --apply``.
 
 Reading is synchronous and bounded (at most ``max_bytes`` per call); the
 daemon runs it in a worker thread.
@@ -98,6 +100,19 @@ def split_lines(data: bytes) -> tuple[list[bytes], int]:
     return data[:end].split(b"\n"), end + 1
 
 
+def _after_last_line(handle: IO[bytes], size: int, chunk: int = 65536) -> int:
+    """The offset just past the file's last newline (0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        handle.seek(start)
+        found = handle.read(end - start).rfind(b"\n")
+        if found >= 0:
+            return start + found + 1
+        end = start
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class Line:
     text: str
@@ -107,10 +122,14 @@ class Line:
 class CdrFollower:
     """Reads the new complete lines of ``path``, from where ``state`` says it stands."""
 
-    def __init__(self, path: Path, state: FollowState, *, max_bytes: int = 1 << 20) -> None:
+    def __init__(self, path: Path, state: FollowState, *, max_bytes: int = 1 << 20,
+                 from_end: bool = False) -> None:
         self.path = path
         self.state = state
         self.max_bytes = max_bytes
+        # A first start (no saved state) on a file that exists: begin after its last
+        # complete line, not with its history (that is for `ledger reconcile`).
+        self.from_end = from_end
         self._file: IO[bytes] | None = None
         self._line_no: int | None = None  # lines of the current file read (None: resumed mid-file)
         self._resumed = False
@@ -126,6 +145,7 @@ class CdrFollower:
         try:
             handle = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
         except FileNotFoundError:
+            self.from_end = False  # a file the PBX creates later is read from its start
             return False
         st = os.fstat(handle.fileno())
         state = self.state
@@ -140,6 +160,9 @@ class CdrFollower:
                             note="rows the old file got after the last read are not read; "
                                  "run `callgate ledger reconcile` over the rotated file")
             state.device, state.inode, state.offset = st.st_dev, st.st_ino, 0
+            if self.from_end and not self._resumed:
+                state.offset = _after_last_line(handle, st.st_size)
+                log.info("cdr.following_from_end", path=str(self.path), offset=state.offset)
         self._line_no = 0 if state.offset == 0 else None
         self._file = handle
         self._resumed = True

@@ -69,16 +69,25 @@ class CdrSource:
         self.metrics = metrics
         self.state: FollowState | None = None
         self.follower: CdrFollower | None = None
+        self._saved: Any = None  # what the state file holds (a failed save is retried)
 
     async def run(self) -> None:
+        failing = ""  # the last failure logged: a lasting one (a file it may not read,
+        # a state directory it may not write) is logged once, not every poll
         try:
             while True:
                 try:
                     await self.step()
                 except asyncio.CancelledError:
                     raise
-                except Exception:
-                    log.exception("cdr.poll_failed", path=str(self.path))
+                except Exception as exc:
+                    if str(exc) != failing:
+                        log.exception("cdr.poll_failed", path=str(self.path), error=str(exc))
+                    failing = str(exc)
+                else:
+                    if failing:
+                        log.info("cdr.poll_recovered", path=str(self.path))
+                    failing = ""
                 await asyncio.sleep(self.poll_seconds)
         finally:
             if self.follower is not None:
@@ -87,12 +96,12 @@ class CdrSource:
     async def step(self) -> StepReport:
         """One poll: read, apply, save."""
         if self.follower is None:
+            first = not await asyncio.to_thread(self.state_path.exists)
             self.state = await asyncio.to_thread(load_state, self.state_path)
-            self.follower = CdrFollower(self.path, self.state)
+            self.follower = CdrFollower(self.path, self.state, from_end=first)
+            self._saved = self._snapshot()
         assert self.state is not None
         follower = self.follower
-        before = (self.state.device, self.state.inode, self.state.offset,
-                  list(self.state.pending))
         lines = await asyncio.to_thread(follower.read)
         now = self.clock.now().timestamp()
         report = StepReport(read=len(lines))
@@ -134,10 +143,15 @@ class CdrSource:
                 pending.extend(texts_of[row.call_id])
         self.state.pending = pending
         report.pending = len(pending)
-        after = (self.state.device, self.state.inode, self.state.offset, pending)
-        if after != before:
+        if self._snapshot() != self._saved:
             await asyncio.to_thread(save_state, self.state_path, self.state)
+            self._saved = self._snapshot()
         return report
+
+    def _snapshot(self) -> Any:
+        assert self.state is not None
+        return (self.state.device, self.state.inode, self.state.offset,
+                list(self.state.pending))
 
     async def _apply(self, row: CdrRow) -> Outcome:
         bound = log.bind(call_id=row.call_id, pbx_billsec=row.billsec)
