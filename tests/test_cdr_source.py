@@ -65,32 +65,38 @@ async def test_after_a_sigkill_the_cdr_brings_every_call_to_the_pbx_billsec(
         _, long_call = await h.dial(talk=3000, ring=1)   # the PBX deadline ends it
         _, short_call = await h.dial(talk=58, ring=1)    # the caller hangs up while it is dead
         _, mid_call = await h.dial(talk=100, ring=1)     # held 2 increments, talked 100 s
+        # Answered while the agent is dead; the limit armed at setup (60 s, ringing
+        # included) ends it 2 s later.
+        _, ringing = await h.dial(talk=20, ring=58)
         await h.advance(57)         # the second increments were held at answer + 55 s
         await h.kill_agent()        # SIGKILL at answer + 56 s
         await h.clock.advance(400)
-        calls = [long_call, short_call, mid_call]
-        assert [c.billsec for c in calls] == [120 + 2, 58, 100]  # 122: paid + grace
+        calls = [long_call, short_call, mid_call, ringing]
+        assert [c.billsec for c in calls] == [120 + 2, 58, 100, 2]  # 122: paid + grace
         await h.restart_agent()
         await h.advance(10)
         provisional = {c.info.call_id: await h.cdr(c.info.call_id) for c in calls}
         assert all("ended_while_away" in x.flags for x in provisional.values())
         assert provisional[short_call.info.call_id].amount == D("0.26")  # paid, not talked
+        unknown = provisional[ringing.info.call_id]
+        assert "outcome_unknown" in unknown.flags and unknown.amount == 0
         (tmp_path / "Master.csv").write_text("".join(sim_row(c) for c in calls))
         metrics = Metrics()
         source = source_for(h.ledger, tmp_path, h.clock, metrics)
         report = await source.step()
-        assert report.outcomes == {"corrected": 3}
+        assert report.outcomes == {"corrected": 4}
         tariff = Tariff("t", D("0.13"), 60, 60)
         for call in calls:
             settled = await h.cdr(call.info.call_id)
             assert settled.pbx_billsec == call.billsec
             assert settled.charged == rate(tariff, call.billsec), call.info.call_id
-        assert metrics.cdr_corrections._value.get() == 2  # short: -0.13, long: +0.13
+        # short: -0.13, long: +0.13, ringing (never seen answered): +0.13
+        assert metrics.cdr_corrections._value.get() == 3
         assert await h.ledger.audit() == []
         # Read again from the start (a rotated file, copytruncate): nothing new is written.
         (tmp_path / "cdr.json").unlink()
         again = await source_for(h.ledger, tmp_path, h.clock).step()
-        assert again.outcomes == {"replayed": 3}
+        assert again.outcomes == {"replayed": 4}
         assert await h.ledger.audit() == []
     finally:
         await h.stop()
@@ -208,3 +214,29 @@ async def test_a_lasting_failure_is_logged_once_and_the_source_goes_on(
     assert out.count("cdr.poll_failed") == 1 and "cdr.poll_recovered" in out
     assert (await ledger.call_cdr("c1")).charged == D("0.26")  # applied once, replayed since
     assert (blocked / "cdr.json").exists()
+
+
+async def test_only_the_very_first_start_skips_an_existing_file(
+        ledger: Any, tmp_path: Path) -> None:
+    """First start with no CDR file yet; killed; the PBX writes a row; the restart reads it."""
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await answered(ledger, "c1")
+    assert await ledger.hold("c1", 1, D("0.13"), 60, at(5))
+    await ledger.settle_call(cdr("c1", "0.13", flags=("ended_while_away",
+                                                      "billsec_assumed_paid")))
+    state, path = tmp_path / "cdr.json", tmp_path / "Master.csv"
+
+    def fresh() -> CdrSource:
+        return CdrSource(ledger=ledger, path=path, layout=preset("freeswitch-csv"),
+                         state_path=state, clock=clock)
+
+    assert (await fresh().step()).read == 0  # no file yet
+    assert state.exists()
+    path.write_text(fs_row("c1", 61, at(5), at(66)))  # while the agent is down
+    assert (await fresh().step()).outcomes == {"corrected": 1}
+    # A first start ever, on a file with history: that is for reconcile --apply.
+    state.unlink()
+    with open(path, "a") as out:
+        out.write(fs_row("c2", 61, at(5), at(66)))
+    assert (await fresh().step()).outcomes == {}

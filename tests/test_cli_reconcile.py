@@ -147,6 +147,14 @@ def test_apply_corrects_only_provisional_calls_and_is_idempotent(
     prov = {c["call_id"]: c for c in json.loads(out)["calls"]}["prov"]
     assert (prov["pbx_billsec"], prov["amount"], prov["settled_amount"]) == (
         58, "0.1300", "0.2600")
+    code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-12-03", "--to",
+                       "2026-12-03")
+    lines = out.splitlines()
+    header = next(x for x in lines if x.startswith("ANSWERED"))
+    assert header.split()[3:6] == ["BILLSEC", "PBX", "BILLSEC"]
+    row = next(x for x in lines if " 120 " in x)  # the provisional billsec, then the PBX's
+    assert row.split()[4:8] == ["120", "58", "120", "0.13"], row
+    assert row.endswith("ended_while_away,billsec_assumed_paid,corrected -0.13")
 
 
 def test_a_day_that_agrees_exits_0(cli: Any, tmp_path: Path) -> None:

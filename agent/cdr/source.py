@@ -99,7 +99,9 @@ class CdrSource:
             first = not await asyncio.to_thread(self.state_path.exists)
             self.state = await asyncio.to_thread(load_state, self.state_path)
             self.follower = CdrFollower(self.path, self.state, from_end=first)
-            self._saved = self._snapshot()
+            # A first start saves its state at once, even with no file to follow yet:
+            # the next start is then no first start, and reads what came meanwhile.
+            self._saved = None if first else self._snapshot()
         assert self.state is not None
         follower = self.follower
         lines = await asyncio.to_thread(follower.read)

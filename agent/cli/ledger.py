@@ -417,7 +417,9 @@ def _flags(c: Cdr) -> str:
     """The CDR's flags; a correction from the PBX's CDR is named with its amount."""
     flags = list(c.flags)
     if c.pbx_billsec is not None:
-        flags.append(f"corrected {c.correction:+}" if c.correction else "pbx_cdr_confirmed")
+        sign = "+" if c.correction > 0 else ""
+        flags.append(f"corrected {sign}{_money(c.correction)}" if c.correction
+                     else "pbx_cdr_confirmed")
     return ",".join(flags)
 
 
