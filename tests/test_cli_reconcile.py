@@ -137,7 +137,9 @@ def test_apply_corrects_only_provisional_calls_and_is_idempotent(
     assert report["applied"] == ["prov"]
     assert (report["counts"]["corrected"], report["counts"]["needs_correction"]) == (1, 0)
     corrections = [p for p in postings(cli) if p["kind"] == "correction"]
-    assert [(p["call_id"], p["amount"]) for p in corrections] == [("prov", "-0.1300")]
+    # Shown by its effect on the balance: 0.13 given back; --apply names who applied it.
+    assert [(p["call_id"], p["amount"]) for p in corrections] == [("prov", "0.1300")]
+    assert corrections[0]["operator"]
     assert "PBX CDR billsec 58" in corrections[0]["note"]
     code, out, _ = reconcile(cli, path, "--json", "--apply")
     assert json.loads(out)["applied"] == []
@@ -145,16 +147,16 @@ def test_apply_corrects_only_provisional_calls_and_is_idempotent(
     code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-12-03", "--to",
                        "2026-12-03", "--json")
     prov = {c["call_id"]: c for c in json.loads(out)["calls"]}["prov"]
-    assert (prov["pbx_billsec"], prov["amount"], prov["settled_amount"]) == (
-        58, "0.1300", "0.2600")
+    assert (prov["pbx_billsec"], prov["amount"], prov["settled_amount"],
+            prov["correction"]) == (58, "-0.1300", "-0.2600", "0.1300")
     code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-12-03", "--to",
                        "2026-12-03")
     lines = out.splitlines()
     header = next(x for x in lines if x.startswith("ANSWERED"))
     assert header.split()[3:6] == ["BILLSEC", "PBX", "BILLSEC"]
     row = next(x for x in lines if " 120 " in x)  # the provisional billsec, then the PBX's
-    assert row.split()[4:8] == ["120", "58", "120", "0.13"], row
-    assert row.endswith("ended_while_away,billsec_assumed_paid,corrected -0.13")
+    assert row.split()[4:8] == ["120", "58", "120", "-0.13"], row
+    assert row.endswith("ended_while_away,billsec_assumed_paid,corrected from -0.26")
 
 
 def test_a_day_that_agrees_exits_0(cli: Any, tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ class Applied:
     why: str = ""
 
 
-async def apply_row(ledger: Ledger, row: CdrRow, *, source: str = "") -> Applied:
+async def apply_row(ledger: Ledger, row: CdrRow, *, source: str = "",
+                    operator: str = "") -> Applied:
     """Settle one call from its PBX CDR row, if it needs it. Ledger errors other than
     a conflict (the store unreachable) propagate: the caller retries the row later."""
     cdr = await ledger.call_cdr(row.call_id)
@@ -113,7 +114,8 @@ async def apply_row(ledger: Ledger, row: CdrRow, *, source: str = "") -> Applied
     assert cdr is not None
     try:
         corrected = await ledger.correct_call(row.call_id, row.billsec,
-                                              note=correction_note(row, cdr, source))
+                                              note=correction_note(row, cdr, source),
+                                              operator=operator)
     except IdempotencyConflict as exc:  # corrected by another process meanwhile
         return Applied(Outcome.CONFLICT, cdr, str(exc))
     except RefusedOperation as exc:

@@ -28,8 +28,15 @@ from agent.calls import CallInfo, Direction
 from agent.cdr.formats import PRESETS, CdrFormatError, CdrRow, Layout, parse_lines, preset
 from agent.cdr.reconcile import Kind, Line, reconcile, summary
 from agent.cdr.settle import Outcome, apply_row, is_provisional, merge_rows
-from agent.cli.common import UsageError, agent_config, ledger_url, policy_path, print_json
-from agent.ledger import CallRecord, Cdr, Ledger, LedgerError, open_ledger
+from agent.cli.common import (
+    UsageError,
+    agent_config,
+    open_store,
+    operator_name,
+    print_json,
+    try_policy,
+)
+from agent.ledger import CallRecord, Cdr, Ledger, LedgerError
 from agent.money import CURRENCY, format_amount
 
 
@@ -144,17 +151,8 @@ def _account_of(policy: Any, row: CdrRow) -> Any:
 
 
 def _policy_or_none(args: argparse.Namespace) -> Any:
-    """The policy when one is configured (it rates calls the ledger lacks); else None."""
-    from agent.gate.policy import load_policy
-
-    try:
-        path = policy_path(args)
-    except UsageError:
-        return None
-    try:
-        return load_policy(path)
-    except Exception as exc:
-        raise UsageError(f"policy {path} is invalid: {str(exc).splitlines()[0]}") from None
+    """The policy when one is configured and valid (it rates calls the ledger lacks)."""
+    return try_policy(args)
 
 
 def _unmatched_rater(args: argparse.Namespace) -> Callable[[CdrRow], Decimal | None]:
@@ -193,10 +191,8 @@ async def _reconcile(args: argparse.Namespace) -> int:
         when = row.when
         return when is not None and start <= when < end
 
-    try:
-        ledger = await open_ledger(ledger_url(args))
-    except LedgerError as exc:
-        raise UsageError(str(exc)) from None
+    operator = operator_name(args) if args.apply else ""
+    ledger = await open_store(args)  # an existing ledger only
     applied: list[str] = []
     try:
         lines, rows_by_id = await _match(ledger, merged, start, end, node, in_period,
@@ -209,7 +205,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
                 cdr = await ledger.call_cdr(line.call_id)
                 if cdr is None or cdr.pbx_billsec is not None or not is_provisional(cdr):
                     continue
-                result = await apply_row(ledger, row, source=str(path))
+                result = await apply_row(ledger, row, source=str(path), operator=operator)
                 if result.outcome is Outcome.CORRECTED:
                     applied.append(line.call_id)
             if applied:
