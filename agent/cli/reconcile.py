@@ -57,8 +57,8 @@ def register(commands: Any) -> None:
                                      "layout's (role or PBX variable names)")
     p.add_argument("--timezone", default="UTC",
                    help="zone of the days and of CDR times written without one (default UTC)")
-    p.add_argument("--node", help="only the ledger's calls of this node (default: the config's "
-                                  "node with -c, else every node)")
+    p.add_argument("--node", help="only the ledger's calls of this node (default: the agent "
+                                  "config's node, if there is a config; else every node)")
     p.add_argument("--outbound-context", action="append", default=None, metavar="CONTEXT",
                    help="a row is outbound when its context is one of these (default: "
                         "pbx.outbound_contexts; else a row with an accountcode)")
@@ -183,7 +183,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
     outbound = _outbound_rule(args)
     rater = _unmatched_rater(args)
     node = args.node
-    if node is None and getattr(args, "config", None):
+    if node is None:  # the node whose PBX wrote the file: the agent config's, if any
         config = agent_config(args)
         node = config.node if config is not None else None
 
