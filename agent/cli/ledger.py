@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from agent.ledger import Balance, Cdr, Posting, PostingKind, UnknownAccount
 from agent.money import CURRENCY, AmountError, clip, format_amount, parse_amount
 
 _Opened = OpenedLedger  # this module's earlier name for it
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's account ids
 
 # The kinds finance posts; MONEY_KINDS move the balance and have a statement total.
 MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
@@ -137,6 +139,23 @@ def _amount(text: str, *, signed: bool = False) -> Decimal:
         raise UsageError(str(exc)) from None
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Account, reference and note as finance typed them: sane before the ledger opens."""
+    from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
+
+    if not ACCOUNT_ID.fullmatch(args.account):
+        raise UsageError(f"{clip(args.account)!r} is not an account id (letters, digits, "
+                         "'_', '.', '-'; at most 64)")
+    if not args.ref.strip():
+        raise UsageError("--ref must not be blank")
+    if len(args.ref) > REF_LIMIT or not args.ref.isprintable():
+        raise UsageError(f"--ref {clip(args.ref)!r} must be printable and at most "
+                         f"{REF_LIMIT} characters")
+    note = getattr(args, "note", None) or getattr(args, "reason", None) or ""
+    if len(note) > NOTE_LIMIT:
+        raise UsageError(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
+
+
 def _posting_json(p: Posting) -> dict[str, Any]:
     return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": signed(p),
             "at": p.at, "ref": p.ref, "key": p.key, "call_id": p.call_id, "note": p.note,
@@ -186,8 +205,7 @@ async def _finance(args: argparse.Namespace, kind: PostingKind) -> int:
     amount = None
     if kind in (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.ADJUSTMENT):
         amount = _amount(args.amount, signed=kind is PostingKind.ADJUSTMENT)
-    if not args.ref.strip():
-        raise UsageError("--ref must not be blank")
+    _check_text(args)
     operator = operator_name(args)
     at = now()
     async with OpenedLedger(args) as ledger:
