@@ -60,6 +60,7 @@ def tier(request: pytest.FixtureRequest) -> Iterator[CdrTier]:
         with open(agent.config, "a") as out:
             out.write(f"cdr: {{file: '{cdr_file}', format: {layout}, poll_seconds: 0.5,"
                       " state_file: cdr-position.json}\n")
+        agent.cli("ledger", "init")  # only `run` and `ledger init` create a ledger
         for account in ACCOUNTS:
             agent.topup(account, "5.00")
         agent.start()
