@@ -98,9 +98,28 @@ def preflight(config: AgentConfig, notes: list[str] | None = None) -> Policy:
             config.listen(value)
         except ValueError as exc:
             problems.append(f"{config.path}: {what}: {exc}")
+    if notes is not None:
+        notes.extend(cdr_notes(config))
     if problems or policy is None:
         raise StartupError("\n".join(problems))
     return policy
+
+
+def cdr_notes(config: AgentConfig) -> list[str]:
+    """What keeps the CDR source (``cdr:``) from reading yet: notes, not refusals (the
+    agent gates and meters without it; the source waits for its file)."""
+    import os
+
+    if config.cdr_file is None:
+        return []
+    path = config.cdr_file
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            return [f"cdr.file: {path} is not readable by this user (the PBX's group?)"]
+        return []
+    if not path.parent.is_dir():
+        return [f"cdr.file: no directory {path.parent}; is the PBX's CDR backend enabled?"]
+    return [f"cdr.file: {path} does not exist yet; the PBX creates it with its first CDR"]
 
 
 def _listens(config: AgentConfig) -> list[tuple[str, str]]:
@@ -326,6 +345,8 @@ class Daemon:
         pbx_proxy.target = self.adapter
         if spec.cdr is not None:
             self.cdr_source = _make_cdr_source(config, self.ledger, self.clock, self.metrics)
+            for note in cdr_notes(config):
+                log.warning("cdr.not_readable_yet", note=note)
         if self.metrics is not None:
             meter, adapter = self.meter, self.adapter
             self.metrics.live_calls.set_function(lambda: len(meter.live))

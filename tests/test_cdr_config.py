@@ -80,3 +80,16 @@ def test_the_daemon_source_takes_outbound_calls_as_the_pbx_config_says(
             CdrRow("c", 1, context="in")]
     assert [source.outbound(r) for r in rows] == expected
     assert (tmp_path / "state").is_dir()
+
+
+def test_config_check_notes_what_keeps_the_cdr_source_from_reading(tmp_path: Path) -> None:
+    from agent.daemon import cdr_notes
+
+    loaded = load_agent_config(config(tmp_path, "cdr: {file: pbx-log/Master.csv}\n"))
+    assert cdr_notes(loaded) == [
+        f"cdr.file: no directory {tmp_path / 'pbx-log'}; is the PBX's CDR backend enabled?"]
+    (tmp_path / "pbx-log").mkdir()
+    assert "does not exist yet" in cdr_notes(loaded)[0]
+    (tmp_path / "pbx-log" / "Master.csv").write_text("")
+    assert cdr_notes(loaded) == []
+    assert cdr_notes(load_agent_config(config(tmp_path, ""))) == []
