@@ -16,7 +16,7 @@ share counters. What the daemon calls on :class:`Metrics`:
 - ``cdr_correction()``: a provisional settlement corrected from the PBX's CDR ->
   ``callgate_cdr_corrections_total``.
 - ``reconcile_mismatch(kind)``: a CDR row the ledger does not agree with
-  (``missing_in_ledger``, ``charged_differently``, ``conflict``,
+  (``missing_in_ledger``, ``charged_differently``, ``conflict``, ``refused``,
   ``not_settled``, ``unreadable``) -> ``callgate_reconcile_mismatches_total{kind}``.
 - ``live_calls``, ``open_holds``, ``open_holds_amount``, ``pbx_connected``,
   ``asyncio_tasks`` (tasks alive in the daemon's event loop: a leak shows as

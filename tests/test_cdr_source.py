@@ -240,3 +240,20 @@ async def test_only_the_very_first_start_skips_an_existing_file(
     with open(path, "a") as out:
         out.write(fs_row("c2", 61, at(5), at(66)))
     assert (await fresh().step()).outcomes == {}
+
+
+async def test_a_closed_account_is_refused_and_counted(ledger: Any, tmp_path: Path) -> None:
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await answered(ledger, "c1")
+    assert await ledger.hold("c1", 1, D("0.13"), 60, at(5))
+    assert await ledger.hold("c1", 2, D("0.13"), 120, at(60))
+    await ledger.settle_call(cdr("c1", "0.26", billsec=120, billed_seconds=120, ended_at=at(200),
+                                 flags=("ended_while_away", "billsec_assumed_paid")))
+    await ledger.refund("acme", ref="R1", at=at(300))
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 58, at(5), at(63)))
+    metrics = Metrics()
+    report = await source_for(ledger, tmp_path, clock, metrics).step()
+    assert (report.outcomes, report.pending) == ({"refused": 1}, 0)
+    assert metrics.reconcile_mismatches.labels("refused")._value.get() == 1
+    assert (await ledger.call_cdr("c1")).pbx_billsec is None

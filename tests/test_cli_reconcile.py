@@ -229,3 +229,19 @@ def test_an_unreadable_row_is_reported_and_unexplained(cli: Any, tmp_path: Path)
     code, out, _ = reconcile(cli, path)
     assert code == 1
     assert "unreadable row: " in out and "line 2: 1 columns" in out
+
+
+def test_apply_on_a_closed_account_says_why_and_stays_unexplained(
+        cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, [("prov", 100, 120, "0.26", ("ended_while_away", "billsec_assumed_paid"))])
+
+    async def close(lg: Any) -> None:
+        await lg.refund("acme", ref="R1", at=t(3600))
+
+    ledger_do(cli.url, close)
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("prov", 58, t(100), t(158)))
+    code, out, _ = reconcile(cli, path, "--apply")
+    assert code == 1
+    assert "not applied to prov: account 'acme' is closed (refunded)" in out
+    assert [p for p in postings(cli) if p["kind"] == "correction"] == []

@@ -122,3 +122,25 @@ async def test_corrections_survive_a_reopen_and_show_in_the_period(ledger_url: s
         assert await ledger.audit() == []
     finally:
         await ledger.close()
+
+
+async def test_a_closed_account_takes_no_correction_until_reopened(ledger: Any) -> None:
+    from agent.ledger import AccountClosed
+
+    await funded(ledger)
+    await settled_provisionally(ledger, "c1")
+    await ledger.refund("acme", ref="R1", at=at(300))
+    with pytest.raises(AccountClosed, match="reopen, then ledger reconcile --apply"):
+        await ledger.correct_call("c1", 58)
+    assert (await ledger.call_cdr("c1")).pbx_billsec is None  # type: ignore[union-attr]
+    await ledger.reopen("acme", ref="O1", at=at(400), note="PBX CDR correction")
+    assert (await ledger.correct_call("c1", 58)).charged == D("0.13")
+    assert (await ledger.balance("acme")).posted == D("0.13")  # given back, to refund again
+    assert await ledger.audit() == []
+
+
+async def test_an_equal_cdr_is_recorded_even_on_a_closed_account(ledger: Any) -> None:
+    await funded(ledger)
+    await settled_provisionally(ledger, "c1")
+    await ledger.refund("acme", ref="R1", at=at(300))
+    assert (await ledger.correct_call("c1", 101)).pbx_billsec == 101  # nothing posted

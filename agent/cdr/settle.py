@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from agent.cdr.formats import CdrRow
-from agent.ledger import Cdr, IdempotencyConflict, Ledger, RefusedOperation
+from agent.ledger import AccountClosed, Cdr, IdempotencyConflict, Ledger, RefusedOperation
 
 # Flags of a settlement made without the PBX's own billsec (see agent/meter/meter.py).
 PROVISIONAL = frozenset({
@@ -39,6 +39,7 @@ class Outcome(StrEnum):
     PENDING = "pending"         # the call is still open in the ledger: try again later
     NOT_OURS = "not_ours"       # the ledger has no call with this id
     CONFLICT = "conflict"       # already corrected from a different billsec: left alone
+    REFUSED = "refused"         # the ledger refuses it (the account is closed): finance acts
 
 
 def is_provisional(cdr: Cdr) -> bool:
@@ -118,6 +119,8 @@ async def apply_row(ledger: Ledger, row: CdrRow, *, source: str = "",
                                               operator=operator)
     except IdempotencyConflict as exc:  # corrected by another process meanwhile
         return Applied(Outcome.CONFLICT, cdr, str(exc))
+    except AccountClosed as exc:
+        return Applied(Outcome.REFUSED, cdr, str(exc))
     except RefusedOperation as exc:
         return Applied(Outcome.PENDING, cdr, str(exc))
     return Applied(Outcome.CORRECTED, corrected)

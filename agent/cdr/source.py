@@ -14,6 +14,7 @@ What the source cannot reconcile is logged and counted in
 ``callgate_reconcile_mismatches_total{kind}``: ``missing_in_ledger`` (an
 answered outbound call the ledger never saw), ``charged_differently``,
 ``conflict`` (a second CDR for a corrected call with another billsec),
+``refused`` (the call's account is closed: reopen it, then ``reconcile --apply``),
 ``not_settled`` (still open after ``pending_max_age``) and ``unreadable``.
 The source never stops the daemon: any failure is logged and the next poll
 tries again.
@@ -169,6 +170,9 @@ class CdrSource:
         elif outcome is Outcome.CONFLICT:
             bound.error("cdr.conflicting_cdr", why=result.why)
             self._mismatch("conflict")
+        elif outcome is Outcome.REFUSED:
+            bound.error("cdr.correction_refused", why=result.why)
+            self._mismatch("refused")
         elif outcome is Outcome.NOT_OURS and row.answered and self.outbound(row):
             bound.error("cdr.call_missing_in_ledger", caller=row.caller,
                         callee=row.destination, accountcode=row.accountcode,

@@ -194,6 +194,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
     operator = operator_name(args) if args.apply else ""
     ledger = await open_store(args)  # an existing ledger only
     applied: list[str] = []
+    refused: list[dict[str, str]] = []  # corrections the ledger would not take, and why
     try:
         lines, rows_by_id = await _match(ledger, merged, start, end, node, in_period,
                                          outbound, rater)
@@ -208,6 +209,8 @@ async def _reconcile(args: argparse.Namespace) -> int:
                 result = await apply_row(ledger, row, source=str(path), operator=operator)
                 if result.outcome is Outcome.CORRECTED:
                     applied.append(line.call_id)
+                elif result.outcome in (Outcome.REFUSED, Outcome.CONFLICT):
+                    refused.append({"call_id": line.call_id, "why": result.why})
             if applied:
                 lines, rows_by_id = await _match(ledger, merged, start, end, node, in_period,
                                                  outbound, rater)
@@ -222,6 +225,7 @@ async def _reconcile(args: argparse.Namespace) -> int:
               "to": last.isoformat(), "timezone": args.timezone, "currency": CURRENCY,
               "rows": len(rows), "calls": len(lines), "counts": counts,
               "unreadable_rows": [str(e) for e in errors], "applied": applied,
+              "refused": refused,
               "unexplained": unexplained}
     if args.json:
         print_json({**report, "lines": [_line_json(x) for x in shown]})
@@ -318,6 +322,8 @@ def _text(report: dict[str, Any], lines: list[Line], zone: tzinfo) -> None:
         f"{n} {kind}" for kind, n in counts.items() if n))
     if report["applied"]:
         print(f"applied {len(report['applied'])} correction(s) from the PBX's CDR")
+    for item in report["refused"]:
+        print(f"not applied to {item['call_id']}: {item['why']}")
     for error in report["unreadable_rows"]:
         print(f"unreadable row: {error}")
     if lines:

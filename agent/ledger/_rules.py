@@ -335,6 +335,13 @@ def correction_conflict(call_id: str, recorded: int, billsec: int) -> Idempotenc
     )
 
 
+def closed_correction_error(account: str, call_id: str) -> AccountClosed:
+    return AccountClosed(
+        f"account {account!r} is closed (refunded); the correction of call {call_id!r} "
+        "needs it open again: callgate ledger reopen, then ledger reconcile --apply"
+    )
+
+
 def not_settled(call_id: str) -> RefusedOperation:
     return RefusedOperation(f"call {call_id!r} is not settled yet; correct it after it ends")
 

@@ -613,6 +613,12 @@ class PostgresLedger(rules.FinanceFront):
             delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
                                            call["minimum"], pbx_billsec, unit)
             if delta:
+                acc = await conn.fetchrow(
+                    "SELECT posted, closed FROM accounts WHERE id = $1 FOR UPDATE",
+                    call["account"])
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
                 await conn.execute(
                     "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
                     " operator) VALUES ($1, 'correction', $2, $3, $4, $5, $4, $6, $7)",

@@ -904,6 +904,11 @@ class SqliteLedger(rules.FinanceFront):
             delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
                                            call["minimum"], pbx_billsec, unit)
             if delta:
+                acc = conn.execute("SELECT posted, closed FROM accounts WHERE id = ?",
+                                   (call["account"],)).fetchone()
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
                 conn.execute(
                     "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
                     " operator) VALUES (?, 'correction', ?, ?, ?, ?, ?, ?, ?)",
