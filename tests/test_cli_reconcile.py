@@ -146,17 +146,25 @@ def test_apply_corrects_only_provisional_calls_and_is_idempotent(
     assert [p for p in postings(cli) if p["kind"] == "correction"] == corrections
     code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-12-03", "--to",
                        "2026-12-03", "--json")
-    prov = {c["call_id"]: c for c in json.loads(out)["calls"]}["prov"]
-    assert (prov["pbx_billsec"], prov["amount"], prov["settled_amount"],
-            prov["correction"]) == (58, "-0.1300", "-0.2600", "0.1300")
+    statement = json.loads(out)
+    prov = {c["call_id"]: c for c in statement["calls"]}["prov"]
+    # The call as settled, its PBX billsec, and the correction (by its effect on the balance)
+    assert (prov["pbx_billsec"], prov["amount"], prov["correction"], prov["final_amount"]) == (
+        58, "-0.2600", "0.1300", "-0.1300")
+    [line] = [p for p in statement["postings"] if p["kind"] == "correction"]
+    assert (line["ref"], line["amount"]) == ("prov", "0.1300")
+    assert statement["totals"]["correction"] == "0.1300"
     code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-12-03", "--to",
                        "2026-12-03")
     lines = out.splitlines()
     header = next(x for x in lines if x.startswith("ANSWERED"))
     assert header.split()[3:6] == ["BILLSEC", "PBX", "BILLSEC"]
     row = next(x for x in lines if " 120 " in x)  # the provisional billsec, then the PBX's
-    assert row.split()[4:8] == ["120", "58", "120", "-0.13"], row
-    assert row.endswith("ended_while_away,billsec_assumed_paid,corrected from -0.26")
+    assert row.split()[4:8] == ["120", "58", "120", "-0.26"], row
+    assert row.endswith("ended_while_away,billsec_assumed_paid,pbx_billsec=58,corrected +0.13")
+    assert any(x.split()[2:4] == ["correction", "0.13"] for x in lines), out
+    assert next(x for x in lines if x.startswith("corrections")).split() == [
+        "corrections", "0.13"]
 
 
 def test_a_day_that_agrees_exits_0(cli: Any, tmp_path: Path) -> None:
@@ -245,3 +253,18 @@ def test_apply_on_a_closed_account_says_why_and_stays_unexplained(
     assert code == 1
     assert "not applied to prov: account 'acme' is closed (refunded)" in out
     assert [p for p in postings(cli) if p["kind"] == "correction"] == []
+
+
+def test_the_month_end_report_and_flagged_list_show_the_correction(
+        cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, MIXED)
+    reconcile(cli, mixed_file(tmp_path), "--apply")
+    code, out, err = cli("ledger", "report", "--from", "2026-12-03", "--to", "2026-12-03",
+                         "--json")
+    assert (code, err) == (0, ""), err
+    report = json.loads(out)
+    [acme] = [a for a in report["accounts"] if a["account"] == "acme"]
+    assert D(acme["corrections"]) == D("0.13")
+    code, out, _ = cli("ledger", "flagged", "--from", "2026-12-03", "--to", "2026-12-03",
+                       "--json")
+    assert code == 0 and '"correction"' in out and '"prov"' in out

@@ -116,9 +116,10 @@ def test_sigkill_between_increments_caller_hangs_up_while_dead(t: CdrTier) -> No
     t.agent.start()  # settles it provisionally (what was paid), then the CDR corrects it
     line = corrected(t, "killed", call["call_id"])
     assert {"ended_while_away", "billsec_assumed_paid"} <= set(line["flags"]), line
-    assert -Decimal(line["settled_amount"]) == Decimal("0.26")  # 20 s paid
+    assert -Decimal(line["amount"]) == Decimal("0.26")  # settled at the 20 s paid
     assert line["pbx_billsec"] == row.billsec
-    assert -Decimal(line["amount"]) == tariff_charge(row.billsec, INCREMENT, RATE, INCREMENT)
+    assert -Decimal(line["final_amount"]) == tariff_charge(row.billsec, INCREMENT, RATE,
+                                                           INCREMENT)
     assert Decimal(line["correction"]) == Decimal("0.13")  # given back
 
 
@@ -136,7 +137,7 @@ def test_graceful_restart_mid_call(t: CdrTier) -> None:
     short_line = corrected(t, "spare", short_id)
     assert "ended_while_away" in short_line["flags"], short_line
     assert short_line["pbx_billsec"] == short_row.billsec
-    assert -Decimal(short_line["amount"]) == tariff_charge(short_row.billsec, INCREMENT, RATE,
+    assert -Decimal(short_line["final_amount"]) == tariff_charge(short_row.billsec, INCREMENT, RATE,
                                                           INCREMENT)
     assert long.wait().status == 200 and short.wait().status == 200
     long_row = t.pbx.wait_cdr(lambda r: r.call_id == long_id and r.end > 0)
@@ -144,7 +145,7 @@ def test_graceful_restart_mid_call(t: CdrTier) -> None:
     time.sleep(1.5)  # the CDR source's next polls: the adopted call needs no correction
     long_line = settled(t.agent, "spare2", long_id)
     assert "adopted" in long_line["flags"] and long_line["pbx_billsec"] is None, long_line
-    assert -Decimal(long_line["amount"]) == tariff_charge(long_row.billsec, INCREMENT, RATE,
+    assert -Decimal(long_line["final_amount"]) == tariff_charge(long_row.billsec, INCREMENT, RATE,
                                                          INCREMENT)
     # Finance's view of the same day: the PBX's CDR file and the ledger agree.
     day = datetime.now(UTC).date().isoformat()
