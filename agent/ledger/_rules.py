@@ -25,7 +25,7 @@ from agent.ledger.model import (
 )
 from agent.money import format_amount
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,
