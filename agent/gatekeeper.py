@@ -25,7 +25,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -42,6 +42,23 @@ log = structlog.get_logger("callgate.gate")
 CPS_WINDOW = timedelta(seconds=1)  # cps_limit counts allowed attempts in the last second
 
 OnDecision = Callable[[CallInfo, Decision, float], None]
+
+
+def state_request(account: AccountPolicy, call: CallInfo, now: datetime) -> dict[str, Any]:
+    """What :meth:`Ledger.account_state` must count for this account's rules and call."""
+    zone = account.hours.timezone
+    caller_cap = account.caller_id_cap
+    return {
+        "account_since": account.rate_cap.since(now, zone) if account.rate_cap else None,
+        "callee_since": account.callee_cap.since(now, zone) if account.callee_cap else None,
+        "destination": account.normalize(call.destination),
+        "cps_since": now - CPS_WINDOW if account.cps_limit is not None else None,
+        "caller": account.normalize(call.caller_id) if caller_cap is not None else None,
+        "caller_hour_since": caller_cap.hour_since(now)
+        if caller_cap is not None and caller_cap.per_hour is not None else None,
+        "caller_day_since": caller_cap.day_since(now, zone)
+        if caller_cap is not None and caller_cap.per_day is not None else None,
+    }
 
 
 class Gatekeeper:
@@ -108,20 +125,8 @@ class Gatekeeper:
 
     async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
         """One ledger read: balance, live calls and the attempts the caps count."""
-        zone = account.hours.timezone
-        caller_cap = account.caller_id_cap
-        snapshot = await self.ledger.account_state(
-            account.id,
-            account_since=account.rate_cap.since(now, zone) if account.rate_cap else None,
-            callee_since=account.callee_cap.since(now, zone) if account.callee_cap else None,
-            destination=account.normalize(call.destination),
-            cps_since=now - CPS_WINDOW if account.cps_limit is not None else None,
-            caller=account.normalize(call.caller_id) if caller_cap is not None else None,
-            caller_hour_since=caller_cap.hour_since(now)
-            if caller_cap is not None and caller_cap.per_hour is not None else None,
-            caller_day_since=caller_cap.day_since(now, zone)
-            if caller_cap is not None and caller_cap.per_day is not None else None,
-        )
+        snapshot = await self.ledger.account_state(account.id,
+                                                   **state_request(account, call, now))
         return AccountState(snapshot.available, snapshot.live_calls,
                             snapshot.callee_attempts, snapshot.account_attempts,
                             snapshot.closed, snapshot.suspended, snapshot.cps_attempts,

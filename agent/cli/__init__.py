@@ -28,17 +28,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="agent config (env CALLGATE_CONFIG)")
     parser.add_argument("--policy", help="policy YAML (env CALLGATE_POLICY)")
     parser.add_argument("--ledger", help="ledger URL (env CALLGATE_LEDGER)")
+    parser.add_argument("--operator", help="who is acting, recorded with complaints, DNC "
+                        "entries and suspensions (default: your login name)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import ledger, policy, runtime
+    from agent.cli import account, complaint, dnc, ledger, policy, runtime
 
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
+    complaint.register(sub)
+    dnc.register(sub)
+    account.register(sub)
     return parser
 
 

@@ -8,6 +8,7 @@ environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -88,6 +89,19 @@ def ledger_url(args: argparse.Namespace) -> str:
     if config is not None:
         return config.ledger
     return DEFAULT_LEDGER
+
+
+def operator(args: argparse.Namespace) -> str:
+    """Who is acting: ``--operator NAME``, else the invoking user's login name."""
+    named = getattr(args, "operator", None)
+    if named is not None:
+        if not named.strip():
+            raise UsageError("--operator must not be blank")
+        return str(named).strip()
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise UsageError("cannot tell who you are: give --operator NAME") from None
 
 
 def now() -> datetime:

@@ -139,6 +139,7 @@ class Policy:
     longest_cap_seconds: int  # how long the attempts log must be kept
     complaints: SuspendRule | None = None
     risk: RiskLimits | None = None
+    normalize: Normalizer | None = None  # the defaults' number rules (global DNC entries)
 
     def match_account(self, call: CallInfo) -> AccountPolicy | None:
         """Accountcode first, then the longest endpoint prefix, then caller-ID prefix."""
@@ -191,6 +192,12 @@ def _hours(rules: RulesSpec, timezone: ZoneInfo) -> CallingHours:
     ordered = tuple(tuple(sorted(set(day), key=lambda w: w.start)) for day in week)
     closed: frozenset[date] = frozenset(rules.closed_dates or [])
     return CallingHours(timezone, ordered, closed)
+
+
+def _defaults_normalizer(spec: PolicySpec) -> Normalizer:
+    numbers = spec.defaults.numbers
+    assert numbers is not None
+    return Normalizer.build(numbers.strip_prefixes, numbers.international_prefix)
 
 
 def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
@@ -328,6 +335,7 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         longest_cap_seconds=longest_cap,
         complaints=None if spec.complaints is None else SuspendRule(
             spec.complaints.suspend_after, timedelta(seconds=spec.complaints.period)),
+        normalize=_defaults_normalizer(spec),
         risk=None if spec.risk is None else RiskLimits(
             spec.risk.window, spec.risk.short_call_seconds, spec.risk.max_short_call_percent,
             spec.risk.min_answer_percent, spec.risk.min_calls),

@@ -286,6 +286,12 @@ class PgCompliance:
                 " ORDER BY account, number", account)
         return [_entry(r) for r in rows]
 
+    async def dnc_lookup(self, account: str, number: str) -> list[c.DncEntry]:
+        async with self._conn() as conn:
+            rows = await conn.fetch("SELECT * FROM dnc WHERE account IN ($1, '')"
+                                    " AND number = $2 ORDER BY account", account, number)
+        return [_entry(r) for r in rows]
+
     async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
         out: dict[str, array[int]] = {}
         # REPEATABLE READ: the entries and the change number come from one snapshot.

@@ -291,6 +291,14 @@ class SqliteCompliance:
 
         return await self._read(run)
 
+    async def dnc_lookup(self, account: str, number: str) -> list[c.DncEntry]:
+        def run(conn: sqlite3.Connection) -> list[c.DncEntry]:
+            rows = conn.execute("SELECT * FROM dnc WHERE account IN (?, '') AND number = ?"
+                                " ORDER BY account", (account, number)).fetchall()
+            return [_entry(r) for r in rows]
+
+        return await self._point_read(run)
+
     async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
         def run(conn: sqlite3.Connection) -> tuple[int, dict[str, array[int]]]:
             conn.execute("BEGIN")  # one read transaction: the entries and seq agree

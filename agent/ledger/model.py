@@ -258,6 +258,9 @@ class Ledger(Protocol):
         self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
     ) -> bool: ...
     async def dnc_list(self, account: str | None = None) -> list[DncEntry]: ...
+    async def dnc_lookup(self, account: str, number: str) -> list[DncEntry]:
+        """The entries naming this number for this account or for everyone."""
+        ...
     async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
         """The whole live list as sorted keys per account (see agent.gate.dnc) and the
         change number it is complete up to, read in one consistent snapshot."""
