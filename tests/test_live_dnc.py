@@ -24,7 +24,7 @@ numbers = st.text(alphabet="0123", min_size=1, max_size=4)
 
 
 @settings(max_examples=200)
-@given(base=st.lists(st.tuples(accounts, numbers), max_size=20),
+@given(base=st.lists(st.tuples(accounts, numbers), max_size=20, unique=True),
        ops=st.lists(st.tuples(accounts, numbers, st.booleans()), max_size=40),
        compact_after=st.integers(1, 10),
        probes=st.lists(st.tuples(st.sampled_from(["acme", "beta"]), numbers), max_size=20))

@@ -73,7 +73,8 @@ class LiveDnc:
         by_account: dict[str, _Entries] = {}
         size = 0
         for account, unsorted in keys.items():
-            ordered = array("Q", sorted(set(unsorted)))
+            # The ledger's primary key (account, number) makes the keys unique; no set.
+            ordered = array("Q", sorted(unsorted))
             by_account[account] = _Entries(DncSet(ordered))
             size += len(ordered)
         self._by_account, self._size, self.seq = by_account, size, seq

@@ -13,13 +13,12 @@ nothing that matters; the gate's path never takes it.
 from __future__ import annotations
 
 from array import array
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from agent.gate.dnc import number_key
 from agent.ledger import _rules as rules
 from agent.ledger import compliance as c
 from agent.ledger.model import PostingKind, RefusedOperation, UnknownAccount
@@ -294,17 +293,28 @@ class PgCompliance:
 
     async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
         out: dict[str, array[int]] = {}
+        tail = b""
+
+        # COPY streams the rows as text in large chunks: a million entries arrive in
+        # about a second, where a cursor of Records costs many times that.
+        async def sink(chunk: bytes) -> None:
+            nonlocal tail
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            for line in lines:
+                account, _, number = line.partition(b"\t")
+                name = account.decode()
+                keys = out.get(name)
+                if keys is None:
+                    keys = out[name] = array("Q")
+                keys.append(int(b"1" + number))
+
         # REPEATABLE READ: the entries and the change number come from one snapshot.
         async with self._tx(isolation="repeatable_read") as conn:
             seq = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM dnc_log")
-            cursor: AsyncIterator[Any] = conn.cursor(
-                "SELECT account, number FROM dnc", prefetch=20_000)
-            async for row in cursor:
-                account = row[0]
-                keys = out.get(account)
-                if keys is None:
-                    keys = out[account] = array("Q")
-                keys.append(number_key(row[1]))
+            await conn.copy_from_query("SELECT account, number FROM dnc", output=sink)
+        if tail:
+            await sink(b"\n")
         return int(seq), out
 
     async def dnc_changes(self, after: int, limit: int = 10_000) -> list[c.DncChange]:

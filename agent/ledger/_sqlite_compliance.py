@@ -17,7 +17,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TypeVar
 
-from agent.gate.dnc import number_key
 from agent.ledger import _rules as rules
 from agent.ledger import compliance as c
 from agent.ledger.model import PostingKind, RefusedOperation, UnknownAccount
@@ -305,13 +304,12 @@ class SqliteCompliance:
             try:
                 (seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM dnc_log").fetchone()
                 out: dict[str, array[int]] = {}
-                cursor = conn.execute("SELECT account, number FROM dnc ORDER BY account")
-                cursor.row_factory = None  # plain tuples: faster
-                for account, number in cursor:
-                    keys = out.get(account)
-                    if keys is None:
-                        keys = out[account] = array("Q")
-                    keys.append(number_key(number))
+                accounts = [r[0] for r in conn.execute("SELECT DISTINCT account FROM dnc")]
+                for account in accounts:
+                    cursor = conn.execute("SELECT '1' || number FROM dnc WHERE account = ?",
+                                          (account,))
+                    cursor.row_factory = None  # plain tuples: faster
+                    out[account] = array("Q", [int(row[0]) for row in cursor])
             finally:
                 conn.execute("COMMIT")
             return int(seq), out
