@@ -49,6 +49,7 @@ def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         out, err = capsys.readouterr()
         return code, out, err
 
+    assert run("ledger", "init")[0] == 0
     run.url = url  # type: ignore[attr-defined]
     return run
 
@@ -123,6 +124,10 @@ def test_withdraw_reverses_the_fine(cli: Any) -> None:
     ("account", "suspend", "acme", "--reason", ""),
     ("account", "suspend", "ghost", "--reason", "r"),
     ("--operator", " ", "account", "suspend", "acme", "--reason", "r"),
+    ("complaint", "add", "--account", "acme", "--callee", "138", "--ticket", "T" * 200),
+    ("complaint", "add", "--account", "acme", "--callee", "138", "--ticket", "T\x1b[2J"),
+    ("dnc", "add", "138", "--account", "acme", "--reason", "r" * 1001),
+    ("account", "suspend", "acme", "--reason", "r" * 1001),
 ])
 def test_refusals_are_one_line_exit_2_nothing_written(cli: Any, argv: tuple[str, ...]) -> None:
     code, out, err = cli(*argv)

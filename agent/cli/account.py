@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agent.cli.common import UsageError, now, operator, print_json
-from agent.cli.ledger import _Opened, _policy_account
+from agent.cli.common import OpenedLedger, UsageError, now, operator_name, print_json
+from agent.cli.complaint import policy_account
 from agent.cli.notify import publish_event
 
 
@@ -38,11 +38,11 @@ def register(sub: Any) -> None:
 
 
 async def _suspend(args: argparse.Namespace) -> int:
-    who = operator(args)
+    who = operator_name(args)
     if not args.reason.strip():
         raise UsageError("--reason must not be blank")
-    _policy_account(args, args.account)
-    async with _Opened(args) as ledger:
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
         suspension, changed = await ledger.suspend(args.account, reason=args.reason,
                                                    operator=who, at=now())
     if changed:
@@ -61,9 +61,9 @@ async def _suspend(args: argparse.Namespace) -> int:
 
 
 async def _resume(args: argparse.Namespace) -> int:
-    who = operator(args)
-    _policy_account(args, args.account)
-    async with _Opened(args) as ledger:
+    who = operator_name(args)
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
         changed = await ledger.resume(args.account, operator=who, at=now(), note=args.note)
     if changed:
         await publish_event(args, "account", {"action": "resume", "account": args.account,
@@ -78,8 +78,8 @@ async def _resume(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    _policy_account(args, args.account)
-    async with _Opened(args) as ledger:
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
         suspension = await ledger.suspension(args.account)
         events = await ledger.account_events(args.account)
     if args.json:

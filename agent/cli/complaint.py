@@ -17,12 +17,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.cli.common import UsageError, load_policy, now, operator, print_json
-from agent.cli.ledger import _day, _local, _Opened, _policy_account, _start_of, _table
+from agent.cli.common import (
+    OpenedLedger,
+    UsageError,
+    load_policy,
+    now,
+    operator_name,
+    print_json,
+)
+from agent.cli.ledger import _day, _local, _start_of, _table
 from agent.cli.notify import publish_event
 from agent.gate.dnc import MAX_DIGITS
+from agent.gate.policy import Policy
 from agent.ledger.compliance import Complaint
-from agent.money import CURRENCY, format_amount
+from agent.money import CURRENCY, clip, format_amount
 
 
 def register(sub: Any) -> None:
@@ -58,6 +66,17 @@ def register(sub: Any) -> None:
     withdraw.set_defaults(func=_withdraw)
 
 
+def policy_account(args: argparse.Namespace, account: str) -> tuple[Policy, ZoneInfo]:
+    """The loaded policy and the account's timezone; an account it lacks is refused
+    (compliance commands act on accounts the gate knows)."""
+    policy = load_policy(args)
+    entry = policy.accounts.get(account)
+    if entry is None:
+        known = ", ".join(sorted(policy.accounts)) or "none"
+        raise UsageError(f"unknown account {clip(account)!r} (the policy has: {clip(known)})")
+    return policy, entry.hours.timezone
+
+
 def complaint_json(c: Complaint) -> dict[str, Any]:
     return {"ticket": c.ticket, "account": c.account, "callee": c.callee, "at": c.at,
             "fine": c.fine, "operator": c.operator, "note": c.note,
@@ -82,16 +101,16 @@ def _at(text: str | None, zone: ZoneInfo) -> datetime:
 
 
 async def _add(args: argparse.Namespace) -> int:
-    who = operator(args)
+    who = operator_name(args)
     if not args.ticket.strip():
         raise UsageError("--ticket must not be blank")
-    policy, zone = _policy_account(args, args.account)
+    policy, zone = policy_account(args, args.account)
     callee = policy.accounts[args.account].normalize(args.callee)
     if not callee.isdigit() or len(callee) > MAX_DIGITS:
         raise UsageError(f"--callee {args.callee!r} is not a phone number")
     at = _at(args.at, zone)
     fine = policy.prepaid.complaint_penalty
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         outcome = await ledger.add_complaint(
             account=args.account, callee=callee, ticket=args.ticket.strip(), at=at, fine=fine,
             operator=who, note=args.note, recorded_at=now(), suspend=policy.complaints)
@@ -121,14 +140,14 @@ async def _add(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     zone: ZoneInfo | Any = UTC
     if args.account:
-        _, zone = _policy_account(args, args.account)
+        _, zone = policy_account(args, args.account)
     else:
         load_policy(args)  # the same checks as every command: a usable policy
     start = _start_of(_day(args.start, "--from"), zone) if args.start else None
     end = _start_of(_day(args.end, "--to") + timedelta(days=1), zone) if args.end else None
     if start and end and end <= start:
         raise UsageError("--to is before --from")
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         found = await ledger.complaints(args.account, start, end)
     if args.json:
         print_json({"complaints": [complaint_json(c) for c in found]})
@@ -144,7 +163,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace) -> int:
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         c = await ledger.complaint(args.ticket)
     if c is None:
         raise UsageError(f"no complaint with ticket {args.ticket!r}")
@@ -164,8 +183,8 @@ async def _show(args: argparse.Namespace) -> int:
 
 
 async def _withdraw(args: argparse.Namespace) -> int:
-    who = operator(args)
-    async with _Opened(args) as ledger:
+    who = operator_name(args)
+    async with OpenedLedger(args) as ledger:
         c, changed = await ledger.withdraw_complaint(args.ticket, operator=who, at=now(),
                                                      note=args.note)
     if changed:

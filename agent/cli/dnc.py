@@ -12,8 +12,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agent.cli.common import UsageError, load_policy, now, operator, print_json
-from agent.cli.ledger import _local, _Opened, _table
+from agent.cli.common import (
+    OpenedLedger,
+    UsageError,
+    load_policy,
+    now,
+    operator_name,
+    print_json,
+)
+from agent.cli.ledger import _local, _table
 from agent.gate.dnc import MAX_DIGITS
 from agent.ledger.compliance import GLOBAL, DncEntry
 
@@ -71,11 +78,11 @@ def entry_json(e: DncEntry) -> dict[str, Any]:
 
 
 async def _add(args: argparse.Namespace) -> int:
-    who = operator(args)
+    who = operator_name(args)
     if not args.reason.strip():
         raise UsageError("--reason must not be blank")
     account, number = _target(args)
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         entry, added = await ledger.dnc_add(account, number, reason=args.reason,
                                             operator=who, at=now())
     if args.json:
@@ -90,9 +97,9 @@ async def _add(args: argparse.Namespace) -> int:
 
 
 async def _remove(args: argparse.Namespace) -> int:
-    who = operator(args)
+    who = operator_name(args)
     account, number = _target(args)
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         removed = await ledger.dnc_remove(account, number, operator=who, at=now(),
                                           reason=args.reason)
     if args.json:
@@ -109,7 +116,7 @@ async def _list(args: argparse.Namespace) -> int:
     if args.account and args.account not in policy.accounts:
         raise UsageError(f"unknown account {args.account!r}")
     scope = GLOBAL if args.all else args.account
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         entries = await ledger.dnc_list(scope)
     if args.json:
         print_json({"entries": [entry_json(e) for e in entries]})

@@ -43,7 +43,16 @@ def register(sub: Any) -> None:
 async def _check(args: argparse.Namespace) -> int:
     from agent.gate.policy import load_policy as load
 
-    path = Path(args.path) if args.path else policy_path(args)
+    try:
+        path = Path(args.path) if args.path else policy_path(args)
+    except UsageError as exc:
+        # A bad agent.yaml is a failed check (exit 1), like a bad policy: ops run
+        # `policy check` to know whether what they ship will load.
+        if args.json:
+            print_json({"valid": False, "errors": [{"file": None, "line": None, "path": "",
+                                                    "message": str(exc)}]})
+            return 1
+        raise CheckFailed(f"callgate: {exc}") from None
     try:
         policy = load(path)
     except ConfigError as exc:
@@ -76,14 +85,14 @@ class _Listed:
 async def _ledger_state(args: argparse.Namespace, account: Any, request: CallInfo,
                         at: datetime) -> AccountState:
     """The account's state as the gate would read it (None balance: unreachable)."""
-    from agent.cli.common import ledger_url
+    from agent.cli.common import open_store
     from agent.gatekeeper import state_request
-    from agent.ledger import LedgerError, open_ledger
 
     try:
-        ledger = await open_ledger(ledger_url(args))
-    except LedgerError as exc:
-        raise UsageError(f"cannot open the ledger for --balance: {exc}") from None
+        ledger = await open_store(args)
+    except UsageError as exc:
+        raise UsageError(f"cannot read the balance from the ledger (or give --balance): {exc}"
+                         ) from None
     try:
         s = await ledger.account_state(account.id, **state_request(account, request, at))
         entries = await ledger.dnc_lookup(account.id, account.normalize(request.destination))

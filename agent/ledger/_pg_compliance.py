@@ -86,8 +86,9 @@ class PgCompliance:
         operator: str, note: str = "", recorded_at: datetime,
         suspend: c.SuspendRule | None = None,
     ) -> c.ComplaintOutcome:
-        c.check_text(ticket, "a ticket")
-        c.check_text(operator, "an operator")
+        c.check_ticket(ticket)
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         c.check_number(callee)
         when = rules.check_time(at)
         recorded = rules.check_time(recorded_at)
@@ -122,9 +123,9 @@ class PgCompliance:
                 await conn.execute("UPDATE accounts SET posted = posted - $1 WHERE id = $2",
                                    units, account)
                 await conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                    " VALUES ($1, 'penalty', $2, $3, $4, $5, $6)",
-                    account, units, when, ref, key, f"complaint {ticket} ({operator})")
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                    " VALUES ($1, 'penalty', $2, $3, $4, $5, $6, $7)",
+                    account, units, when, ref, key, f"complaint {ticket}", operator)
             await _dnc_add(conn, account, callee, f"complaint {ticket}", operator, when)
             count, suspended = 0, False
             if suspend is not None:
@@ -148,7 +149,8 @@ class PgCompliance:
     async def withdraw_complaint(
         self, ticket: str, *, operator: str, at: datetime, note: str = ""
     ) -> tuple[c.Complaint, bool]:
-        c.check_text(operator, "an operator")
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.check_time(at)
         unit = self.unit
         ref = c.reversal_ref(ticket)
@@ -168,10 +170,9 @@ class PgCompliance:
                 await conn.execute("UPDATE accounts SET posted = posted + $1 WHERE id = $2",
                                    units, account)
                 await conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                    " VALUES ($1, 'adjustment', $2, $3, $4, $5, $6)",
-                    account, units, when, ref, key,
-                    f"complaint {ticket} withdrawn ({operator})")
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                    " VALUES ($1, 'adjustment', $2, $3, $4, $5, $6, $7)",
+                    account, units, when, ref, key, f"complaint {ticket} withdrawn", operator)
             row = await conn.fetchrow(
                 "UPDATE complaints SET withdrawn_at = $1, withdrawn_by = $2,"
                 " withdraw_note = $3 WHERE ticket = $4 RETURNING *",
@@ -204,7 +205,7 @@ class PgCompliance:
         self, account: str, *, reason: str, operator: str, at: datetime
     ) -> tuple[c.Suspension, bool]:
         c.check_text(reason, "a reason")
-        c.check_text(operator, "an operator")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.check_time(at)
 
         async def run(conn: Any) -> tuple[c.Suspension, bool]:
@@ -224,7 +225,8 @@ class PgCompliance:
     async def resume(
         self, account: str, *, operator: str, at: datetime, note: str = ""
     ) -> bool:
-        c.check_text(operator, "an operator")
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.check_time(at)
 
         async def run(conn: Any) -> bool:
@@ -254,7 +256,7 @@ class PgCompliance:
     ) -> tuple[c.DncEntry, bool]:
         c.check_number(number)
         c.check_text(reason, "a reason")
-        c.check_text(operator, "an operator")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.check_time(at)
         return await self._run(
             lambda conn: _dnc_add(conn, account, number, reason, operator, when))
@@ -262,7 +264,8 @@ class PgCompliance:
     async def dnc_remove(
         self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
     ) -> bool:
-        c.check_text(operator, "an operator")
+        c.check_note(reason, "a reason")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.check_time(at)
 
         async def run(conn: Any) -> bool:

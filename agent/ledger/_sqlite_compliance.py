@@ -88,8 +88,9 @@ class SqliteCompliance:
         operator: str, note: str = "", recorded_at: datetime,
         suspend: c.SuspendRule | None = None,
     ) -> c.ComplaintOutcome:
-        c.check_text(ticket, "a ticket")
-        c.check_text(operator, "an operator")
+        c.check_ticket(ticket)
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         c.check_number(callee)
         when = rules.to_micros(at)
         at_utc = rules.check_time(at)
@@ -120,9 +121,9 @@ class SqliteCompliance:
                 conn.execute("UPDATE accounts SET posted = posted - ? WHERE id = ?",
                              (units, account))
                 conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                    " VALUES (?, 'penalty', ?, ?, ?, ?, ?)",
-                    (account, units, when, ref, key, f"complaint {ticket} ({operator})"))
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                    " VALUES (?, 'penalty', ?, ?, ?, ?, ?, ?)",
+                    (account, units, when, ref, key, f"complaint {ticket}", operator))
             dnc_add_job(conn, account, callee, f"complaint {ticket}", operator, when)
             count, suspended = 0, False
             if suspend is not None:
@@ -145,7 +146,8 @@ class SqliteCompliance:
     async def withdraw_complaint(
         self, ticket: str, *, operator: str, at: datetime, note: str = ""
     ) -> tuple[c.Complaint, bool]:
-        c.check_text(operator, "an operator")
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.to_micros(at)
         unit = self.unit
         ref = c.reversal_ref(ticket)
@@ -164,10 +166,9 @@ class SqliteCompliance:
                 conn.execute("UPDATE accounts SET posted = posted + ? WHERE id = ?",
                              (units, account))
                 conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                    " VALUES (?, 'adjustment', ?, ?, ?, ?, ?)",
-                    (account, units, when, ref, key,
-                     f"complaint {ticket} withdrawn ({operator})"))
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                    " VALUES (?, 'adjustment', ?, ?, ?, ?, ?, ?)",
+                    (account, units, when, ref, key, f"complaint {ticket} withdrawn", operator))
             row = conn.execute(
                 "UPDATE complaints SET withdrawn_at = ?, withdrawn_by = ?, withdraw_note = ?"
                 " WHERE ticket = ? RETURNING *", (when, operator, note, ticket)).fetchone()
@@ -207,7 +208,7 @@ class SqliteCompliance:
         self, account: str, *, reason: str, operator: str, at: datetime
     ) -> tuple[c.Suspension, bool]:
         c.check_text(reason, "a reason")
-        c.check_text(operator, "an operator")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> tuple[c.Suspension, bool]:
@@ -226,7 +227,8 @@ class SqliteCompliance:
     async def resume(
         self, account: str, *, operator: str, at: datetime, note: str = ""
     ) -> bool:
-        c.check_text(operator, "an operator")
+        c.check_note(note)
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> bool:
@@ -261,7 +263,7 @@ class SqliteCompliance:
     ) -> tuple[c.DncEntry, bool]:
         c.check_number(number)
         c.check_text(reason, "a reason")
-        c.check_text(operator, "an operator")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.to_micros(at)
         return await self._write(
             lambda conn: dnc_add_job(conn, account, number, reason, operator, when))
@@ -269,7 +271,8 @@ class SqliteCompliance:
     async def dnc_remove(
         self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
     ) -> bool:
-        c.check_text(operator, "an operator")
+        c.check_note(reason, "a reason")
+        rules.check_operator(c.check_text(operator, "an operator"))
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> bool:

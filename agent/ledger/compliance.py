@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from agent.gate.dnc import MAX_DIGITS
+from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
 from agent.ledger.model import IdempotencyConflict, RefusedOperation
 
 GLOBAL = ""  # the account of a do-not-call entry that applies to every account
@@ -131,7 +132,26 @@ def check_number(number: str) -> str:
 def check_text(value: str, what: str) -> str:
     if not value or not value.strip():
         raise RefusedOperation(f"{what} is required and must not be blank")
+    return check_note(value, what)
+
+
+def check_note(value: str, what: str = "a note") -> str:
+    if len(value) > NOTE_LIMIT:
+        raise RefusedOperation(f"{what} is {len(value)} characters; at most {NOTE_LIMIT}")
     return value
+
+
+# A ticket becomes a posting reference ("complaint-withdrawn:<ticket>"), so it must
+# fit a reference with that prefix.
+TICKET_LIMIT = REF_LIMIT - len("complaint-withdrawn:")
+
+
+def check_ticket(ticket: str) -> str:
+    check_text(ticket, "a ticket")
+    if len(ticket) > TICKET_LIMIT or not ticket.isprintable() or ticket != ticket.strip():
+        raise RefusedOperation(f"ticket {ticket[:TICKET_LIMIT]!r} must be printable, without "
+                               f"leading or trailing blanks, at most {TICKET_LIMIT} characters")
+    return ticket
 
 
 def complaint_replay(stored: Complaint, account: str, callee: str, at: datetime,
