@@ -81,7 +81,9 @@ def test_the_daemon_feeds_settled_calls_to_the_warning(tmp_path):
     from agent.metrics import Metrics
     from tests.gate_helpers import BASE, policy_from
 
-    daemon = Daemon(None, clock=SimClock(T0))  # type: ignore[arg-type]  # not started
+    from types import SimpleNamespace
+
+    daemon = Daemon(SimpleNamespace(node="t1"), clock=SimClock(T0))  # type: ignore[arg-type]
     daemon.policy = policy_from(tmp_path, BASE + "risk: {window: 10m, min_calls: 5, "
                                 "min_answer_percent: 50}\n")
     daemon.publisher = _Recorder()

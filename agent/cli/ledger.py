@@ -23,7 +23,7 @@ import csv
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
@@ -102,6 +102,10 @@ def register(sub: Any) -> None:
 
     balance = commands.add_parser("balance", help="balances: posted, held, available")
     balance.add_argument("account", nargs="?")
+    balance.add_argument("--at", help="as of a day's end (YYYY-MM-DD, the account's timezone) "
+                                      "or an ISO time")
+    balance.add_argument("--tz", help="with --at: read the day in this IANA zone "
+                                      "(default: the account's)")
     balance.add_argument("--json", action="store_true")
     balance.set_defaults(func=_balance)
 
@@ -125,6 +129,10 @@ def register(sub: Any) -> None:
     output.add_argument("--csv", action="store_true")
     output.add_argument("--json", action="store_true")
     statement.set_defaults(func=_statement)
+
+    from agent.cli import report  # month-end views over every account: their own module
+
+    report.register(commands)
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -299,23 +307,26 @@ async def _init(args: argparse.Namespace) -> int:
 
 # -- reading commands --------------------------------------------------------------------
 async def _balance(args: argparse.Namespace) -> int:
+    from agent.cli.report import account_names, balance_as_of
+
+    if args.at:
+        return await balance_as_of(args)
+    names = account_names(args)
     async with OpenedLedger(args) as ledger:
         if args.account:
             balances = [await ledger.balance(args.account)]
         else:
             balances = await ledger.balances()
     if args.json:
-        if args.account:
-            print_json(_balance_json(balances[0]))
-        else:
-            print_json({"accounts": [_balance_json(b) for b in balances]})
+        named = [{**_balance_json(b), "name": names.get(b.account)} for b in balances]
+        print_json(named[0] if args.account else {"accounts": named})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
         return 0
-    rows = [[b.account, _money(b.posted), _money(b.held), _money(b.available),
-             "closed" if b.closed else "open"] for b in balances]
-    print(_table(["ACCOUNT", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {1, 2, 3}))
+    rows = [[b.account, names.get(b.account, ""), _money(b.posted), _money(b.held),
+             _money(b.available), "closed" if b.closed else "open"] for b in balances]
+    print(_table(["ACCOUNT", "NAME", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {2, 3, 4}))
     return 0
 
 
@@ -378,6 +389,8 @@ class Statement:
     postings: list[Posting]  # finance postings of the period
     totals: dict[str, Decimal]
     closing: Decimal
+    running: dict[str, Decimal] = field(default_factory=dict)  # "call:ID"/"KIND:REF" -> after
+    name: str = ""  # the customer's name, from the policy
 
 
 def build_statement(
@@ -402,8 +415,16 @@ def build_statement(
             f"the statement does not add up ({_money(closing)} from the CDRs, "
             f"{_money(from_postings)} from the postings); run an audit of the ledger"
         )
+    from agent.ledger.report import ReportError, account_report
+
+    try:
+        lines = account_report(account, start, end, history, cdrs).lines
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    running = {(f"call:{x.reference}" if x.kind == "call" else f"{x.kind}:{x.reference}"):
+               x.balance for x in lines}
     return Statement(account, zone, first_day, last_day, opening, cdrs, finance, totals,
-                     closing)
+                     closing, running)
 
 
 async def _statement(args: argparse.Namespace) -> int:
@@ -420,6 +441,9 @@ async def _statement(args: argparse.Namespace) -> int:
         end = _start_of(last_day + timedelta(days=1), zone)
         cdrs = await ledger.cdrs(args.account, start, end)
     statement = build_statement(args.account, zone, first_day, last_day, history, cdrs)
+    from agent.cli.report import account_names
+
+    statement = replace(statement, name=account_names(args).get(args.account, ""))
     if args.json:
         print_json(_statement_json(statement))
     elif args.csv:
@@ -437,30 +461,36 @@ def _cdr_json(c: Cdr) -> dict[str, Any]:
 
 
 def _statement_json(s: Statement) -> dict[str, Any]:
-    return {"account": s.account, "timezone": str(s.zone), "from": s.first_day.isoformat(),
+    return {"account": s.account, "name": s.name or None, "timezone": str(s.zone),
+            "from": s.first_day.isoformat(),
             "to": s.last_day.isoformat(), "currency": CURRENCY, "opening": s.opening,
-            "calls": [_cdr_json(c) for c in s.calls],
-            "postings": [_posting_json(p) for p in s.postings],
+            "calls": [{**_cdr_json(c), "balance": s.running.get(f"call:{c.call_id}")}
+                      for c in s.calls],
+            "postings": [{**_posting_json(p), "balance": s.running.get(f"{p.kind.value}:{p.ref}")}
+                         for p in s.postings],
             "totals": s.totals, "closing": s.closing}
 
 
 def _statement_text(s: Statement) -> None:
-    print(f"Statement for {s.account}, {s.first_day} to {s.last_day} "
+    who = f"{s.account} ({s.name})" if s.name else s.account
+    print(f"Statement for {who}, {s.first_day} to {s.last_day} "
           f"(times in {s.zone}, amounts in {CURRENCY})")
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
         rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
                  str(c.billsec), str(c.billed_seconds), _money(-c.amount),
+                 _money(s.running[f"call:{c.call_id}"]),
                  "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
         print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
+                      "BALANCE", "CUT-OFF", "FLAGS"], rows, {3, 4, 5, 6}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[_local(p.at, s.zone), p.kind.value, _money(signed(p)), p.ref,
-                 p.operator or "-", p.note] for p in s.postings]
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
+        rows = [[_local(p.at, s.zone), p.kind.value, _money(signed(p)),
+                 _balance_after(s, p), p.ref, p.operator or "-", p.note] for p in s.postings]
+        print(_table(["TIME", "KIND", "AMOUNT", "BALANCE", "REF", "OPERATOR", "NOTE"], rows,
+                     {2, 3}))
     print()
     t = s.totals
     rows = [
@@ -475,20 +505,33 @@ def _statement_text(s: Statement) -> None:
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
 
 
+def _balance_after(s: Statement, p: Posting) -> str:
+    """The running balance after a posting; a reopen (zero, no money) shows none."""
+    after = s.running.get(f"{p.kind.value}:{p.ref}")
+    return "" if after is None else _money(after)
+
+
 def _statement_csv(s: Statement) -> None:
-    """One row per movement with its signed effect: opening + rows = closing."""
+    """One row per movement in time order (a call at its end) with its signed effect and the
+    balance after it: opening + rows = closing."""
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["type", "time", "caller", "callee", "billsec", "billed_seconds",
-                  "amount", "cut_off", "reference", "note", "operator"])
+                  "amount", "cut_off", "reference", "note", "operator", "balance"])
     out.writerow(["opening", _local(_start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-                  str(s.opening), "", "", "", ""])
+                  str(s.opening), "", "", "", "", str(s.opening)])
+    rows: list[tuple[datetime, int, list[Any]]] = []
     for c in s.calls:
-        out.writerow(["call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
-                      c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-                      c.call_id, ",".join(c.flags), ""])
+        rows.append((c.ended_at, 0, [
+            "call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
+            c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
+            ",".join(c.flags), "", str(s.running.get(f"call:{c.call_id}", ""))]))
     for p in s.postings:
-        out.writerow([p.kind.value, _local(p.at, s.zone), "", "", "", "",
-                      str(signed(p)), "", p.ref, p.note, p.operator])
+        after = s.running.get(f"{p.kind.value}:{p.ref}")
+        rows.append((p.at, p.id, [
+            p.kind.value, _local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
+            p.note, p.operator, "" if after is None else str(after)]))
+    for *_, row in sorted(rows, key=lambda r: (r[0], r[1])):
+        out.writerow(row)
     end = _start_of(s.last_day + timedelta(days=1), s.zone)
     out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", "",
-                  ""])
+                  "", str(s.closing)])
