@@ -76,12 +76,12 @@ class _Recorder:
 
 def test_the_daemon_feeds_settled_calls_to_the_warning(tmp_path):
     """call/end events reach the monitor; a crossing is one ``risk`` event and the metrics."""
+    from types import SimpleNamespace
+
     from agent.daemon import Daemon
     from agent.meter.clock import SimClock
     from agent.metrics import Metrics
     from tests.gate_helpers import BASE, policy_from
-
-    from types import SimpleNamespace
 
     daemon = Daemon(SimpleNamespace(node="t1"), clock=SimClock(T0))  # type: ignore[arg-type]
     daemon.policy = policy_from(tmp_path, BASE + "risk: {window: 10m, min_calls: 5, "
