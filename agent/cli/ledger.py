@@ -48,6 +48,9 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's acco
 MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
                PostingKind.ADJUSTMENT)
 FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
+# A statement also lists the corrections from the PBX's CDR (posted by the agent or by
+# `ledger reconcile --apply`), each with its own line and total.
+STATEMENT_KINDS = (*FINANCE_KINDS, PostingKind.CORRECTION)
 
 
 def register(sub: Any) -> None:
@@ -133,6 +136,10 @@ def register(sub: Any) -> None:
     from agent.cli import report  # month-end views over every account: their own module
 
     report.register(commands)
+
+    from agent.cli import reconcile  # its own module: the PBX's CDR against the ledger
+
+    reconcile.register(commands)
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -373,7 +380,8 @@ def balance_effect(p: Posting) -> Decimal:
     """How a posting moves the account's balance (holds and releases do not)."""
     if p.kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return p.amount
-    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
+    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE,
+                  PostingKind.CORRECTION):  # a correction is signed like a charge
         return -p.amount
     return Decimal(0)
 
@@ -401,10 +409,10 @@ def build_statement(
     start, end = _start_of(first_day, zone), _start_of(last_day + timedelta(days=1), zone)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     period = [p for p in history if start <= p.at < end]
-    finance = [p for p in period if p.kind in FINANCE_KINDS]
+    finance = [p for p in period if p.kind in STATEMENT_KINDS]
     # Every total is signed by its effect on the balance: closing = opening + their sum.
     totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
-                              Decimal(0)) for kind in MONEY_KINDS}
+                              Decimal(0)) for kind in (*MONEY_KINDS, PostingKind.CORRECTION)}
     totals["calls"] = -sum((c.amount for c in cdrs), Decimal(0))
     closing = opening + sum(totals.values(), Decimal(0))
     # Each call is charged in one posting dated its CDR's end, so the postings of the
@@ -457,7 +465,9 @@ def _cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
             "billed_seconds": c.billed_seconds, "amount": -c.amount, "cut_off": c.cut_off,
-            "cause": c.cause, "flags": list(c.flags)}
+            "cause": c.cause, "flags": list(c.flags), "pbx_billsec": c.pbx_billsec,
+            # its correction from the PBX's CDR (also a posting line), and the two together
+            "correction": -c.correction, "final_amount": -c.charged}
 
 
 def _statement_json(s: Statement) -> dict[str, Any]:
@@ -478,12 +488,17 @@ def _statement_text(s: Statement) -> None:
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
+        # The PBX's billsec is shown once a call of the period was settled from its CDR.
+        pbx = any(c.pbx_billsec is not None for c in s.calls)
         rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(-c.amount),
+                 str(c.billsec),
+                 *(["-" if c.pbx_billsec is None else str(c.pbx_billsec)] if pbx else []),
+                 str(c.billed_seconds), _money(-c.amount),
                  _money(s.running[f"call:{c.call_id}"]),
-                 "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
-        print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "BALANCE", "CUT-OFF", "FLAGS"], rows, {3, 4, 5, 6}))
+                 "cut off" if c.cut_off else "", _flags(c)] for c in s.calls]
+        headers = ["ANSWERED", "CALLER", "CALLEE", "BILLSEC", *(["PBX BILLSEC"] if pbx else []),
+                   "BILLED", "AMOUNT", "BALANCE", "CUT-OFF", "FLAGS"]
+        print(_table(headers, rows, {3, 4, 5, 6, 7} if pbx else {3, 4, 5, 6}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
@@ -500,9 +515,23 @@ def _statement_text(s: Statement) -> None:
         ["penalties", _money(t["penalty"])],
         ["refunds", _money(t["refund"])],
         ["adjustments", _money(t["adjustment"])],
+        *([["corrections", _money(t["correction"])]]
+          if any(p.kind is PostingKind.CORRECTION for p in s.postings) else []),
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
+
+
+def _flags(c: Cdr) -> str:
+    """The CDR's flags; a call settled from the PBX's CDR says so (its correction, if any,
+    is a posting line of its own)."""
+    flags = list(c.flags)
+    if c.pbx_billsec is not None:
+        effect = -c.correction
+        flags.append(f"pbx_billsec={c.pbx_billsec}")
+        flags.append(f"corrected {'+' if effect > 0 else ''}{_money(effect)}" if effect
+                     else "pbx_cdr_confirmed")
+    return ",".join(flags)
 
 
 def _balance_after(s: Statement, p: Posting) -> str:
@@ -524,7 +553,7 @@ def _statement_csv(s: Statement) -> None:
         rows.append((c.ended_at, 0, [
             "call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
             c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
-            ",".join(c.flags), "", str(s.running.get(f"call:{c.call_id}", ""))]))
+            _flags(c), "", str(s.running.get(f"call:{c.call_id}", ""))]))
     for p in s.postings:
         after = s.running.get(f"{p.kind.value}:{p.ref}")
         rows.append((p.at, p.id, [

@@ -12,7 +12,7 @@ ledger file that does not exist is never created by ``explain``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +27,6 @@ from agent.yamlfile import ConfigError
 
 if TYPE_CHECKING:
     from agent.gate.policy import AccountPolicy
-    from agent.ledger import AccountSnapshot
 
 
 def register(sub: Any) -> None:
@@ -82,36 +81,49 @@ async def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Listed:
+    """The live do-not-call entries that name the explained number (a DncView)."""
+
+    def __init__(self, accounts: set[str], total: int) -> None:
+        self.accounts, self.total = accounts, total
+
+    def listed(self, account: str, number: str) -> bool:
+        return account in self.accounts or "" in self.accounts
+
+    def __len__(self) -> int:
+        return self.total
+
+
 @dataclass(frozen=True)
 class _Read:
-    """What ``explain`` got from the ledger (``snapshot`` None: not read, ``why`` says)."""
+    """What ``explain`` got from the ledger (``state`` None: not read, ``why`` says)."""
 
-    snapshot: AccountSnapshot | None
+    state: AccountState | None
     why: str = ""
 
 
-async def _ledger_state(args: argparse.Namespace, account: AccountPolicy, destination: str,
+async def _ledger_state(args: argparse.Namespace, account: AccountPolicy, request: CallInfo,
                         at: datetime) -> _Read:
-    """The gate's one read: balance, live calls, closed flag and the caps' attempts."""
+    """The account's state as the gate would read it: one read, the same counts."""
     from agent.cli.common import open_store
+    from agent.gatekeeper import state_request
     from agent.ledger import LedgerError
 
     try:
         ledger = await open_store(args)  # an existing ledger only: never created here
     except UsageError as exc:
         return _Read(None, str(exc))
-    zone = account.hours.timezone
     try:
-        snapshot = await ledger.account_state(
-            account.id,
-            account_since=account.rate_cap.since(at, zone) if account.rate_cap else None,
-            callee_since=account.callee_cap.since(at, zone) if account.callee_cap else None,
-            destination=account.normalize(destination))
+        s = await ledger.account_state(account.id, **state_request(account, request, at))
+        entries = await ledger.dnc_lookup(account.id, account.normalize(request.destination))
     except LedgerError as exc:
         return _Read(None, f"cannot read the ledger: {exc}")
     finally:
         await ledger.close()
-    return _Read(snapshot)
+    live_dnc = _Listed({e.account for e in entries}, len(entries))
+    return _Read(AccountState(s.available, s.live_calls, s.callee_attempts, s.account_attempts,
+                              s.closed, s.suspended, s.cps_attempts, s.caller_hour_attempts,
+                              s.caller_day_attempts, live_dnc))
 
 
 async def _explain(args: argparse.Namespace) -> int:
@@ -132,33 +144,30 @@ async def _explain(args: argparse.Namespace) -> int:
         at = at.astimezone(UTC)
     else:
         at = now()
-    read = await _ledger_state(args, account, args.destination, at)
-    snapshot = read.snapshot
+    caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
+    request = CallInfo(
+        call_id="explain", direction=Direction(args.direction), caller_id=caller,
+        destination=args.destination, accountcode=args.account,
+    )
+    read = await _ledger_state(args, account, request, at)
     if args.balance is not None:
         try:
             balance: Decimal | None = parse_amount(args.balance, allow_zero=True,
                                                    allow_negative=True)
         except AmountError as exc:
             raise UsageError(f"--balance: {exc}") from None
-    elif snapshot is None:
+        state = AccountState(balance=balance) if read.state is None else \
+            replace(read.state, balance=balance)
+    elif read.state is None:
         raise UsageError(f"cannot read the balance from the ledger (or give --balance): "
                          f"{read.why}")
     else:
-        balance = snapshot.available
-    live = args.live_calls if args.live_calls is not None else (
-        snapshot.live_calls if snapshot is not None else 0)
-    caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
-    request = CallInfo(
-        call_id="explain", direction=Direction(args.direction), caller_id=caller,
-        destination=args.destination, accountcode=args.account,
-    )
-    state = AccountState(
-        balance=balance, live_calls=live,
-        callee_attempts=snapshot.callee_attempts if snapshot else 0,
-        account_attempts=snapshot.account_attempts if snapshot else 0,
-        closed=snapshot.closed if snapshot else False)
+        state = read.state
+        balance = state.balance
+    if args.live_calls is not None:
+        state = replace(state, live_calls=args.live_calls)
     decision = decide(policy, state, request, at, explain=True)
-    if snapshot is not None:
+    if read.state is not None:
         attempts_note = (f"attempts from the ledger: {state.account_attempts} by the account, "
                          f"{state.callee_attempts} to this number (in the caps' periods)")
     else:
@@ -173,7 +182,7 @@ async def _explain(args: argparse.Namespace) -> int:
             "max_seconds": decision.max_seconds,
             "paid_seconds": decision.paid_seconds,
             "until_close": decision.until_close,
-            "attempts": {"read": snapshot is not None, "account": state.account_attempts,
+            "attempts": {"read": read.state is not None, "account": state.account_attempts,
                          "callee": state.callee_attempts, "note": attempts_note},
             "tariff": None if tariff is None else {
                 "name": tariff.name, "rate": tariff.rate, "increment": tariff.increment,
