@@ -110,6 +110,20 @@ def test_gate_down_fails_closed_but_emergency_numbers_still_go_out(t: Tier) -> N
         t.agent.start()
 
 
+def test_emergency_call_with_the_agent_up_is_neither_cut_nor_charged(t: Tier) -> None:
+    """The meter sees the emergency call on AMI/ESL (it never asked the gate): it must
+    not take it for an unseen call to meter, cut at the first hold or charge."""
+    before = t.agent.balance("broke")
+    uas = t.pbx.trunk("answer", calls=1)
+    trace = t.pbx.call("120", account="broke", hold=INCREMENT + 1.5).wait()
+    assert trace.status == 200, trace
+    assert trace.bye_from_pbx is False, f"the emergency call was cut after {trace.talked} s"
+    assert uas.wait(30) == 0
+    time.sleep(1.0)  # anything the meter would do, it did at the hang-up
+    assert t.agent.charges("broke") == {}
+    assert t.agent.balance("broke") == before
+
+
 def test_agent_sigkilled_mid_call_pbx_ends_it_within_grace_restart_settles(t: Tier) -> None:
     uas = t.pbx.trunk("answer", calls=1)
     caller = t.pbx.call("13800138050", account="killed", hold=40)
