@@ -152,6 +152,20 @@ async def test_set_deadline_replaces_the_previous_one_without_a_gap() -> None:
         assert r.of(CallEnded, h.call_id)[0].cause == "ALLOTTED_TIMEOUT"
 
 
+async def test_the_last_deadline_task_is_deleted_when_the_call_ends() -> None:
+    """Left armed, it would fire later at a dead uuid (`-ERR No such channel!`);
+    the real FreeSWITCH 1.10.12 showed it in `show tasks` (tests/realpbx)."""
+    async with asyncio.timeout(10), rig() as r:
+        h = await r.sim.place_call(talk_seconds=1.0)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        await r.adapter.set_deadline(h.call_id, r.adapter.clock() + timedelta(seconds=30))
+        await h.ended()
+        await r.until(lambda: bool(r.of(CallEnded, h.call_id)))
+        await r.until(lambda: not [g for g, _, _ in r.sim._sched.values()
+                                   if h.call_id in g])
+        assert f"sched_del callgate_{h.call_id}_1" in r.sim.api_log
+
+
 async def test_an_earlier_deadline_also_replaces_and_a_near_one_kills_now() -> None:
     async with asyncio.timeout(15), rig() as r:
         h = await r.sim.place_call(talk_seconds=None)
