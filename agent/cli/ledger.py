@@ -1,18 +1,26 @@
 """``callgate ledger …``: finance staff's commands (top-up, fines, refunds, statements).
 
-Every refusal — an amount that is not a positive exact sum, an account the
-policy does not know, a reused reference, a first top-up below the policy's
-minimum, a refund while calls are in progress — is a :class:`UsageError`
-(exit 2, one line on stderr) raised before or instead of the ledger write, so
-nothing is written. Amounts are parsed by :func:`agent.money.parse_amount` and
-shown by :func:`agent.money.format_amount`; ``--json`` prints one object with
-amounts as strings. Dates are days in the account's timezone (the policy's).
+Every refusal — an amount that is not a plain exact sum, an account nobody
+knows, a reused reference, a first top-up below the policy's minimum, a refund
+while calls are in progress, a posting on a closed account — is a
+:class:`UsageError` (exit 2, one line on stderr) raised before or instead of
+the ledger write, so nothing is written. Only ``ledger init`` creates a ledger.
+
+The ledger's accounts are finance's, whatever the policy says today: every
+command but a new account's first top-up (which needs the policy's minimum)
+works from the ledger alone, for an account removed from the policy and with an
+invalid policy file. Each posting records its operator (``--operator``,
+default the invoking user). Amounts are parsed by
+:func:`agent.money.parse_amount`; every amount shown (text, JSON, CSV) is
+signed by its effect on the balance. Dates are days in the account's timezone
+(the policy's; ``--tz``; else UTC).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,26 +29,36 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.cli.common import UsageError, ledger_url, load_policy, now, print_json
-from agent.ledger import (
-    Balance,
-    Cdr,
-    Ledger,
-    LedgerError,
-    Posting,
-    PostingKind,
-    open_ledger,
+from agent.cli.common import (
+    OpenedLedger,
+    UsageError,
+    account_zone,
+    load_policy,
+    now,
+    operator_name,
+    print_json,
 )
-from agent.money import CURRENCY, AmountError, format_amount, parse_amount
+from agent.ledger import Balance, Cdr, Posting, PostingKind, UnknownAccount
+from agent.money import CURRENCY, AmountError, clip, format_amount, parse_amount
 
-FINANCE_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
-                 PostingKind.ADJUSTMENT)
+_Opened = OpenedLedger  # this module's earlier name for it
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's account ids
+
+# The kinds finance posts; MONEY_KINDS move the balance and have a statement total.
+MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
+               PostingKind.ADJUSTMENT)
+FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
 
 
 def register(sub: Any) -> None:
     ledger = sub.add_parser("ledger", help="top up, fine, refund; balances and statements")
     commands = ledger.add_subparsers(dest="ledger_command", required=True,
                                      parser_class=type(ledger))
+
+    init = commands.add_parser(
+        "init", help="create the ledger (the only command besides run that may)")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=_init)
 
     topup = commands.add_parser("topup", help="credit a prepaid top-up")
     topup.add_argument("account")
@@ -66,6 +84,14 @@ def register(sub: Any) -> None:
     refund.add_argument("--json", action="store_true")
     refund.set_defaults(func=_refund)
 
+    reopen = commands.add_parser(
+        "reopen", help="open a closed (refunded) account again, e.g. a returning customer")
+    reopen.add_argument("account")
+    reopen.add_argument("--ref", required=True, help="reference (idempotency key)")
+    reopen.add_argument("--note", default="", help="why (kept with the posting)")
+    reopen.add_argument("--json", action="store_true")
+    reopen.set_defaults(func=_reopen)
+
     adjust = commands.add_parser("adjust", help="correct a balance by a signed amount")
     adjust.add_argument("account")
     adjust.add_argument("amount", help="signed amount, e.g. -12.50 or 3")
@@ -82,15 +108,19 @@ def register(sub: Any) -> None:
     history = commands.add_parser("history", help="an account's postings")
     history.add_argument("account")
     history.add_argument("--since", help="DATE (YYYY-MM-DD, the account's timezone) or ISO time")
+    history.add_argument("--tz", help="show times in this IANA zone (default: the account's)")
     history.add_argument("--json", action="store_true")
     history.set_defaults(func=_history)
 
     statement = commands.add_parser(
         "statement", help="calls and postings of a period, with totals that add up")
     statement.add_argument("account")
-    statement.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
-    statement.add_argument("--to", dest="end", required=True,
-                           help="last day, YYYY-MM-DD (included)")
+    statement.add_argument("--from", dest="start",
+                           help="first day, YYYY-MM-DD (default: the account's first posting)")
+    statement.add_argument("--to", dest="end",
+                           help="last day, YYYY-MM-DD, included (default: today)")
+    statement.add_argument("--tz", help="days and times in this IANA zone "
+                                        "(default: the account's)")
     output = statement.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true")
     output.add_argument("--json", action="store_true")
@@ -105,40 +135,27 @@ def _amount(text: str, *, signed: bool = False) -> Decimal:
         raise UsageError(str(exc)) from None
 
 
-def _policy_account(args: argparse.Namespace, account: str) -> tuple[Any, ZoneInfo]:
-    """The loaded policy and the account's timezone; an account it lacks is refused."""
-    policy = load_policy(args)
-    entry = policy.accounts.get(account)
-    if entry is None:
-        known = ", ".join(sorted(policy.accounts)) or "none"
-        raise UsageError(f"unknown account {account!r} (the policy has: {known})")
-    return policy, entry.hours.timezone
+def _check_text(args: argparse.Namespace) -> None:
+    """Account, reference and note as finance typed them: sane before the ledger opens."""
+    from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
 
-
-class _Opened:
-    """``async with _Opened(args) as ledger``: ledger errors become one-line usage errors."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.url = ledger_url(args)
-        self.ledger: Ledger | None = None
-
-    async def __aenter__(self) -> Ledger:
-        try:
-            self.ledger = await open_ledger(self.url)
-        except LedgerError as exc:
-            raise UsageError(str(exc)) from None
-        return self.ledger
-
-    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if self.ledger is not None:
-            await self.ledger.close()
-        if isinstance(exc, LedgerError):
-            raise UsageError(str(exc)) from None
+    if not ACCOUNT_ID.fullmatch(args.account):
+        raise UsageError(f"{clip(args.account)!r} is not an account id (letters, digits, "
+                         "'_', '.', '-'; at most 64)")
+    if not args.ref.strip():
+        raise UsageError("--ref must not be blank")
+    if len(args.ref) > REF_LIMIT or not args.ref.isprintable():
+        raise UsageError(f"--ref {clip(args.ref)!r} must be printable and at most "
+                         f"{REF_LIMIT} characters")
+    note = getattr(args, "note", None) or getattr(args, "reason", None) or ""
+    if len(note) > NOTE_LIMIT:
+        raise UsageError(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
 
 
 def _posting_json(p: Posting) -> dict[str, Any]:
-    return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": p.amount,
-            "at": p.at, "ref": p.ref, "key": p.key, "call_id": p.call_id, "note": p.note}
+    return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": signed(p),
+            "at": p.at, "ref": p.ref, "key": p.key, "call_id": p.call_id, "note": p.note,
+            "operator": p.operator}
 
 
 def _balance_json(b: Balance) -> dict[str, Any]:
@@ -148,6 +165,16 @@ def _balance_json(b: Balance) -> dict[str, Any]:
 
 def _money(amount: Decimal) -> str:
     return format_amount(amount)
+
+
+def signed(p: Posting) -> Decimal:
+    """A posting's amount as every output shows it: signed by its effect on the balance.
+
+    Holds and releases do not move the balance; they are shown as they are (history).
+    """
+    if p.kind in (PostingKind.HOLD, PostingKind.RELEASE):
+        return p.amount
+    return balance_effect(p)
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int]) -> str:
@@ -172,29 +199,33 @@ def _local(at: datetime, zone: tzinfo) -> str:
 async def _finance(args: argparse.Namespace, kind: PostingKind) -> int:
     # Everything the user wrote is checked before the ledger is even opened.
     amount = None
-    if kind is not PostingKind.REFUND:
+    if kind in (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.ADJUSTMENT):
         amount = _amount(args.amount, signed=kind is PostingKind.ADJUSTMENT)
-    if not args.ref.strip():
-        raise UsageError("--ref must not be blank")
-    policy, _ = _policy_account(args, args.account)
+    _check_text(args)
+    operator = operator_name(args)
     at = now()
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         if kind is PostingKind.TOPUP:
             assert amount is not None
+            minimum = await _first_topup_minimum(args, ledger, args.account)
             posting = await ledger.topup(
                 args.account, amount, ref=args.ref, at=at, note=args.note,
-                first_minimum=policy.prepaid.first_topup_minimum,
+                first_minimum=minimum, operator=operator,
             )
         elif kind is PostingKind.PENALTY:
             assert amount is not None
             posting = await ledger.penalty(
-                args.account, amount, ref=args.ref, at=at, note=args.reason)
+                args.account, amount, ref=args.ref, at=at, note=args.reason, operator=operator)
         elif kind is PostingKind.ADJUSTMENT:
             assert amount is not None
             posting = await ledger.adjust(
-                args.account, amount, ref=args.ref, at=at, note=args.reason)
+                args.account, amount, ref=args.ref, at=at, note=args.reason, operator=operator)
+        elif kind is PostingKind.REOPEN:
+            posting = await ledger.reopen(
+                args.account, ref=args.ref, at=at, note=args.note, operator=operator)
         else:
-            posting = await ledger.refund(args.account, ref=args.ref, at=at, note=args.note)
+            posting = await ledger.refund(
+                args.account, ref=args.ref, at=at, note=args.note, operator=operator)
         balance = await ledger.balance(args.account)
     replayed = posting.at != at  # the same request was recorded before: nothing new written
     if args.json:
@@ -202,12 +233,34 @@ async def _finance(args: argparse.Namespace, kind: PostingKind) -> int:
                     "balance": _balance_json(balance)})
         return 0
     verb = {PostingKind.TOPUP: "topped up", PostingKind.PENALTY: "fined",
-            PostingKind.REFUND: "refunded", PostingKind.ADJUSTMENT: "adjusted"}[kind]
-    print(f"{args.account}: {verb} {_money(posting.amount)} {CURRENCY} (ref {posting.ref})"
+            PostingKind.REFUND: "refunded", PostingKind.ADJUSTMENT: "adjusted",
+            PostingKind.REOPEN: "reopened"}[kind]
+    shown = "" if kind is PostingKind.REOPEN else f" {_money(signed(posting))} {CURRENCY}"
+    print(f"{args.account}: {verb}{shown} (ref {posting.ref}, by {posting.operator or '-'})"
           + (" — already recorded, nothing new written" if replayed else ""))
     print(f"  balance {_money(balance.posted)}  held {_money(balance.held)}  "
           f"available {_money(balance.available)}" + ("  (closed)" if balance.closed else ""))
     return 0
+
+
+async def _first_topup_minimum(args: argparse.Namespace, ledger: Any, account: str) -> Decimal:
+    """The policy's first top-up minimum for an account the ledger does not have yet.
+
+    An account the ledger has needs no policy (it may have left it). A new one
+    must be in a valid policy: that is what catches a mistyped account name.
+    """
+    try:
+        await ledger.balance(account)
+    except UnknownAccount:
+        pass
+    else:
+        return Decimal(0)
+    policy = load_policy(args)
+    if account not in policy.accounts:
+        known = ", ".join(sorted(policy.accounts)) or "none"
+        raise UsageError(f"unknown account {clip(account)!r}: not in the ledger, and "
+                         f"the policy has: {clip(known, 200)}")
+    return policy.prepaid.first_topup_minimum
 
 
 async def _topup(args: argparse.Namespace) -> int:
@@ -226,9 +279,27 @@ async def _adjust(args: argparse.Namespace) -> int:
     return await _finance(args, PostingKind.ADJUSTMENT)
 
 
+async def _reopen(args: argparse.Namespace) -> int:
+    return await _finance(args, PostingKind.REOPEN)
+
+
+async def _init(args: argparse.Namespace) -> int:
+    async with OpenedLedger(args, create=True) as ledger:
+        created = bool(getattr(ledger, "created", False))
+        where = str(getattr(ledger, "path", "") or getattr(ledger, "where", ""))
+        unit = ledger.unit  # type: ignore[attr-defined]
+    if args.json:
+        print_json({"ledger": where, "created": created, "minor_unit": unit})
+    elif created:
+        print(f"created the ledger at {where} (minor unit {unit})")
+    else:
+        print(f"the ledger at {where} already exists (minor unit {unit}); nothing changed")
+    return 0
+
+
 # -- reading commands --------------------------------------------------------------------
 async def _balance(args: argparse.Namespace) -> int:
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         if args.account:
             balances = [await ledger.balance(args.account)]
         else:
@@ -270,19 +341,19 @@ def _since(text: str, zone: ZoneInfo) -> datetime:
 
 
 async def _history(args: argparse.Namespace) -> int:
-    _, zone = _policy_account(args, args.account)
+    zone = account_zone(args, args.account, args.tz)
     since = _since(args.since, zone) if args.since else None
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         postings = await ledger.history(args.account, since)
     if args.json:
         print_json({"account": args.account, "timezone": str(zone),
                     "postings": [_posting_json(p) for p in postings]})
         return 0
-    rows = [[_local(p.at, zone), p.kind.value, _money(p.amount), p.ref, p.note]
-            for p in postings]
+    rows = [[_local(p.at, zone), p.kind.value, _money(signed(p)), p.ref, p.operator or "-",
+             p.note] for p in postings]
     print(f"{args.account}: {len(postings)} posting(s), times in {zone}")
     if rows:
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "NOTE"], rows, {2}))
+        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
     return 0
 
 
@@ -318,11 +389,11 @@ def build_statement(
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     period = [p for p in history if start <= p.at < end]
     finance = [p for p in period if p.kind in FINANCE_KINDS]
-    totals = {kind.value: sum((p.amount for p in finance if p.kind is kind), Decimal(0))
-              for kind in FINANCE_KINDS}
-    totals["calls"] = sum((c.amount for c in cdrs), Decimal(0))
-    closing = (opening + totals["topup"] - totals["penalty"] - totals["refund"]
-               + totals["adjustment"] - totals["calls"])
+    # Every total is signed by its effect on the balance: closing = opening + their sum.
+    totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
+                              Decimal(0)) for kind in MONEY_KINDS}
+    totals["calls"] = -sum((c.amount for c in cdrs), Decimal(0))
+    closing = opening + sum(totals.values(), Decimal(0))
     # Each call is charged in one posting dated its CDR's end, so the postings of the
     # period must give the same closing balance; if not, the store needs an audit.
     from_postings = opening + sum((balance_effect(p) for p in period), Decimal(0))
@@ -336,13 +407,17 @@ def build_statement(
 
 
 async def _statement(args: argparse.Namespace) -> int:
-    _, zone = _policy_account(args, args.account)
-    first_day, last_day = _day(args.start, "--from"), _day(args.end, "--to")
-    if last_day < first_day:
-        raise UsageError(f"--to {last_day} is before --from {first_day}")
-    start, end = _start_of(first_day, zone), _start_of(last_day + timedelta(days=1), zone)
-    async with _Opened(args) as ledger:
+    zone = account_zone(args, args.account, args.tz)
+    async with OpenedLedger(args) as ledger:
         history = await ledger.history(args.account)
+        first_day = (_day(args.start, "--from") if args.start
+                     else (history[0].at.astimezone(zone).date() if history
+                           else now().astimezone(zone).date()))
+        last_day = _day(args.end, "--to") if args.end else now().astimezone(zone).date()
+        if last_day < first_day:
+            raise UsageError(f"--to {last_day} is before --from {first_day}")
+        start = _start_of(first_day, zone)
+        end = _start_of(last_day + timedelta(days=1), zone)
         cdrs = await ledger.cdrs(args.account, start, end)
     statement = build_statement(args.account, zone, first_day, last_day, history, cdrs)
     if args.json:
@@ -357,7 +432,7 @@ async def _statement(args: argparse.Namespace) -> int:
 def _cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
-            "billed_seconds": c.billed_seconds, "amount": c.amount, "cut_off": c.cut_off,
+            "billed_seconds": c.billed_seconds, "amount": -c.amount, "cut_off": c.cut_off,
             "cause": c.cause, "flags": list(c.flags)}
 
 
@@ -376,25 +451,25 @@ def _statement_text(s: Statement) -> None:
     print(f"Calls: {len(s.calls)}")
     if s.calls:
         rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(c.amount),
+                 str(c.billsec), str(c.billed_seconds), _money(-c.amount),
                  "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
         print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
                       "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[_local(p.at, s.zone), p.kind.value, _money(p.amount), p.ref, p.note]
-                for p in s.postings]
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "NOTE"], rows, {2}))
+        rows = [[_local(p.at, s.zone), p.kind.value, _money(signed(p)), p.ref,
+                 p.operator or "-", p.note] for p in s.postings]
+        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
     print()
     t = s.totals
     rows = [
         ["opening balance", _money(s.opening)],
-        ["+ top-ups", _money(t["topup"])],
-        ["- calls", _money(t["calls"])],
-        ["- penalties", _money(t["penalty"])],
-        ["- refunds", _money(t["refund"])],
-        ["± adjustments", _money(t["adjustment"])],
+        ["top-ups", _money(t["topup"])],
+        ["calls", _money(t["calls"])],
+        ["penalties", _money(t["penalty"])],
+        ["refunds", _money(t["refund"])],
+        ["adjustments", _money(t["adjustment"])],
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
@@ -404,15 +479,16 @@ def _statement_csv(s: Statement) -> None:
     """One row per movement with its signed effect: opening + rows = closing."""
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["type", "time", "caller", "callee", "billsec", "billed_seconds",
-                  "amount", "cut_off", "reference", "note"])
+                  "amount", "cut_off", "reference", "note", "operator"])
     out.writerow(["opening", _local(_start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-                  str(s.opening), "", "", ""])
+                  str(s.opening), "", "", "", ""])
     for c in s.calls:
         out.writerow(["call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
                       c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-                      c.call_id, ",".join(c.flags)])
+                      c.call_id, ",".join(c.flags), ""])
     for p in s.postings:
         out.writerow([p.kind.value, _local(p.at, s.zone), "", "", "", "",
-                      str(balance_effect(p)), "", p.ref, p.note])
+                      str(signed(p)), "", p.ref, p.note, p.operator])
     end = _start_of(s.last_day + timedelta(days=1), s.zone)
-    out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", ""])
+    out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", "",
+                  ""])

@@ -130,6 +130,7 @@ class Agent:
         self.log = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
+        self.cli("ledger", "init")  # only `run` and `ledger init` create a ledger
 
     def cli(self, *args: str, check: bool = True) -> str:
         res = subprocess.run([self.exe, "-c", str(self.config), *args], capture_output=True,
