@@ -38,6 +38,16 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 CORE_UUID = "13dc3736-70af-42d6-82c5-a46b3649c4d3"  # as in the traces
+
+
+def fs_billsec(answered_us: int, hangup_us: int) -> int:
+    """FreeSWITCH 1.10.12's ``billsec``: the hang-up's whole epoch second minus the
+    answer's (switch_channel.c), not the talk time floored or rounded: 1.32 s of
+    talk gave 2, 2.14 s gave 3, 2.54 s gave 3 (measured by the real-PBX tier).
+    Always floor(talk) or ceil(talk)."""
+    if not answered_us:
+        return 0
+    return hangup_us // 1_000_000 - answered_us // 1_000_000
 DISCONNECT_BODY = b"Disconnected, goodbye.\nSee you at ClueCon! http://www.cluecon.com/\n"
 Q850 = {"NORMAL_CLEARING": 16, "USER_BUSY": 17, "NO_ANSWER": 19, "CALL_REJECTED": 21,
         "OUTGOING_CALL_BARRED": 52, "NORMAL_TEMPORARY_FAILURE": 41, "ALLOTTED_TIMEOUT": 602,
@@ -132,7 +142,7 @@ class CallHandle:
             call_id=a.uuid,
             answered_at=datetime.fromtimestamp(answered / 1e6, UTC) if answered else None,
             ended_at=datetime.fromtimestamp(a.hangup_us / 1e6, UTC),
-            billsec=(a.hangup_us - answered) // 1_000_000 if answered else 0,
+            billsec=fs_billsec(answered, a.hangup_us),
             cause=a.cause,
             by_deadline=a.by_scheduler,
             gate_result=a.variables.get("callgate_result", ""),
@@ -657,7 +667,7 @@ class FreeswitchSimulator:
                   ("variable_hangup_cause_q850", str(Q850.get(c.cause, 16))),
                   ("variable_answer_epoch", str(c.answered_us // 1_000_000)),
                   ("variable_end_epoch", str(c.hangup_us // 1_000_000)),
-                  ("variable_billsec", str(billmsec // 1000)),
+                  ("variable_billsec", str(fs_billsec(c.answered_us, c.hangup_us))),
                   ("variable_billmsec", str(billmsec))]
         return h
 

@@ -357,6 +357,10 @@ class FreeSwitch(Pbx):
         context = ('<context name="default">\n' + self.first_extensions +
                    '      <X-PRE-PROCESS cmd="include" data="dialplan/default/*.xml"/>\n'
                    '    </context>' + self.extra_dialplan)
+        # the CDR template: the example's columns, then the exact times (µs) and billmsec
+        xml, n = re.subn(r'("\$\{last_app\}")</template>',
+                         r'\1,"${answer_uepoch}","${end_uepoch}","${billmsec}"</template>', xml)
+        assert n == 1, "the bundle's cdr_csv template has changed"
         xml, n = re.subn(r'(?s)<context name="default">.*?</context>', lambda _: context,
                          xml, count=1)
         assert n == 1
@@ -450,10 +454,13 @@ class FreeSwitch(Pbx):
         for r in csv.reader(text.splitlines()):
             if len(r) < 13:
                 continue
+            exact = len(r) >= 16 and r[13].isdigit() and r[14].isdigit()
             rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
-                               disposition=r[10], start=float(r[5] or 0), answer=_float(r[6]),
-                               end=float(r[7] or 0), duration=int(r[8] or 0),
-                               billsec=int(r[9] or 0), raw=r))
+                               disposition=r[10],
+                               start=float(r[5] or 0),
+                               answer=(int(r[13]) / 1e6 or None) if exact else _float(r[6]),
+                               end=int(r[14]) / 1e6 if exact else float(r[7] or 0),
+                               duration=int(r[8] or 0), billsec=int(r[9] or 0), raw=r))
         return rows
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -7,6 +7,7 @@ compressed (INCREMENT seconds per increment) so the whole tier takes minutes."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from decimal import Decimal
@@ -26,6 +27,16 @@ SCHEDULER_SLOP = 0.6
 def _cdr(t: Tier, number: str, caller: CallTrace | None = None) -> CdrRow:
     """The PBX's own CDR row of the (single) call to ``number``."""
     return t.pbx.wait_cdr(lambda r: r.dst == number)
+
+
+def _pbx_billsec(t: Tier, row: CdrRow) -> int:
+    """How each PBX turns its own answer and end times into billsec (READMEs):
+    Asterisk with cdr.conf ``initiatedseconds = yes`` rounds half up; FreeSWITCH
+    1.10.12 subtracts whole epoch seconds."""
+    assert row.answer is not None
+    if t.pbx.kind == "asterisk":
+        return math.floor(row.end - row.answer + 0.5)
+    return math.floor(row.end) - math.floor(row.answer)
 
 
 def _decisions(t: Tier, account: str) -> list[dict[str, object]]:
@@ -64,6 +75,8 @@ def test_metered_calls_are_charged_exactly_from_the_pbx_cdr(t: Tier) -> None:
         assert trace.bye_from_pbx is False, "the caller hung up, not the PBX"
         row = _cdr(t, number)
         assert row.billsec > 0 and row.answer is not None, row
+        assert row.dst == number  # FreeSWITCH: put back after the transfer to the check
+        assert row.billsec == _pbx_billsec(t, row), ("billsec is not what we documented", row)
         charge = t.agent.wait_settled("acme", row.call_id)
         assert charge == tariff_charge(row.billsec, INCREMENT, RATE), (number, row, charge)
         assert t.agent.charge_count("acme", row.call_id) == 1
