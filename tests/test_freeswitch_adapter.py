@@ -483,3 +483,16 @@ def test_billsec_is_the_difference_of_whole_epoch_seconds() -> None:
                                      (1_796_291_000_100_000, 1_796_291_002_640_000, 2),
                                      (0, 1_796_291_002_640_000, 0)):
         assert fs_billsec(answered, ended) == billsec
+
+
+async def test_emergency_numbers_bypass_the_gate_in_the_shipped_dialplan() -> None:
+    """The simulator reads the emergency extension of the shipped 00_callgate.xml."""
+    async def refuse(call: CallInfo) -> Decision:
+        return Decision(False, Reason.INSUFFICIENT_BALANCE, "no money")
+
+    async with asyncio.timeout(10), rig(refuse) as r:
+        emergency = await (await r.sim.place_call(destination="119", talk_seconds=0.3)).ended()
+        ordinary = await (await r.sim.place_call(destination="13800138000")).ended()
+    assert emergency.bridged and emergency.answered_at is not None
+    assert [c.destination for c in r.asked] == ["13800138000"], "119 asked the gate"
+    assert not ordinary.bridged
