@@ -23,7 +23,7 @@ import csv
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
@@ -48,6 +48,9 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's acco
 MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
                PostingKind.ADJUSTMENT)
 FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
+# A statement also lists the corrections from the PBX's CDR (posted by the agent or by
+# `ledger reconcile --apply`), each with its own line and total.
+STATEMENT_KINDS = (*FINANCE_KINDS, PostingKind.CORRECTION)
 
 
 def register(sub: Any) -> None:
@@ -102,6 +105,10 @@ def register(sub: Any) -> None:
 
     balance = commands.add_parser("balance", help="balances: posted, held, available")
     balance.add_argument("account", nargs="?")
+    balance.add_argument("--at", help="as of a day's end (YYYY-MM-DD, the account's timezone) "
+                                      "or an ISO time")
+    balance.add_argument("--tz", help="with --at: read the day in this IANA zone "
+                                      "(default: the account's)")
     balance.add_argument("--json", action="store_true")
     balance.set_defaults(func=_balance)
 
@@ -125,6 +132,14 @@ def register(sub: Any) -> None:
     output.add_argument("--csv", action="store_true")
     output.add_argument("--json", action="store_true")
     statement.set_defaults(func=_statement)
+
+    from agent.cli import report  # month-end views over every account: their own module
+
+    report.register(commands)
+
+    from agent.cli import reconcile  # its own module: the PBX's CDR against the ledger
+
+    reconcile.register(commands)
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -299,23 +314,26 @@ async def _init(args: argparse.Namespace) -> int:
 
 # -- reading commands --------------------------------------------------------------------
 async def _balance(args: argparse.Namespace) -> int:
+    from agent.cli.report import account_names, balance_as_of
+
+    if args.at:
+        return await balance_as_of(args)
+    names = account_names(args)
     async with OpenedLedger(args) as ledger:
         if args.account:
             balances = [await ledger.balance(args.account)]
         else:
             balances = await ledger.balances()
     if args.json:
-        if args.account:
-            print_json(_balance_json(balances[0]))
-        else:
-            print_json({"accounts": [_balance_json(b) for b in balances]})
+        named = [{**_balance_json(b), "name": names.get(b.account)} for b in balances]
+        print_json(named[0] if args.account else {"accounts": named})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
         return 0
-    rows = [[b.account, _money(b.posted), _money(b.held), _money(b.available),
-             "closed" if b.closed else "open"] for b in balances]
-    print(_table(["ACCOUNT", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {1, 2, 3}))
+    rows = [[b.account, names.get(b.account, ""), _money(b.posted), _money(b.held),
+             _money(b.available), "closed" if b.closed else "open"] for b in balances]
+    print(_table(["ACCOUNT", "NAME", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {2, 3, 4}))
     return 0
 
 
@@ -362,7 +380,8 @@ def balance_effect(p: Posting) -> Decimal:
     """How a posting moves the account's balance (holds and releases do not)."""
     if p.kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return p.amount
-    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
+    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE,
+                  PostingKind.CORRECTION):  # a correction is signed like a charge
         return -p.amount
     return Decimal(0)
 
@@ -378,6 +397,8 @@ class Statement:
     postings: list[Posting]  # finance postings of the period
     totals: dict[str, Decimal]
     closing: Decimal
+    running: dict[str, Decimal] = field(default_factory=dict)  # "call:ID"/"KIND:REF" -> after
+    name: str = ""  # the customer's name, from the policy
 
 
 def build_statement(
@@ -388,10 +409,10 @@ def build_statement(
     start, end = _start_of(first_day, zone), _start_of(last_day + timedelta(days=1), zone)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     period = [p for p in history if start <= p.at < end]
-    finance = [p for p in period if p.kind in FINANCE_KINDS]
+    finance = [p for p in period if p.kind in STATEMENT_KINDS]
     # Every total is signed by its effect on the balance: closing = opening + their sum.
     totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
-                              Decimal(0)) for kind in MONEY_KINDS}
+                              Decimal(0)) for kind in (*MONEY_KINDS, PostingKind.CORRECTION)}
     totals["calls"] = -sum((c.amount for c in cdrs), Decimal(0))
     closing = opening + sum(totals.values(), Decimal(0))
     # Each call is charged in one posting dated its CDR's end, so the postings of the
@@ -402,8 +423,16 @@ def build_statement(
             f"the statement does not add up ({_money(closing)} from the CDRs, "
             f"{_money(from_postings)} from the postings); run an audit of the ledger"
         )
+    from agent.ledger.report import ReportError, account_report
+
+    try:
+        lines = account_report(account, start, end, history, cdrs).lines
+    except ReportError as exc:
+        raise UsageError(str(exc)) from None
+    running = {(f"call:{x.reference}" if x.kind == "call" else f"{x.kind}:{x.reference}"):
+               x.balance for x in lines}
     return Statement(account, zone, first_day, last_day, opening, cdrs, finance, totals,
-                     closing)
+                     closing, running)
 
 
 async def _statement(args: argparse.Namespace) -> int:
@@ -420,6 +449,9 @@ async def _statement(args: argparse.Namespace) -> int:
         end = _start_of(last_day + timedelta(days=1), zone)
         cdrs = await ledger.cdrs(args.account, start, end)
     statement = build_statement(args.account, zone, first_day, last_day, history, cdrs)
+    from agent.cli.report import account_names
+
+    statement = replace(statement, name=account_names(args).get(args.account, ""))
     if args.json:
         print_json(_statement_json(statement))
     elif args.csv:
@@ -433,34 +465,47 @@ def _cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
             "billed_seconds": c.billed_seconds, "amount": -c.amount, "cut_off": c.cut_off,
-            "cause": c.cause, "flags": list(c.flags)}
+            "cause": c.cause, "flags": list(c.flags), "pbx_billsec": c.pbx_billsec,
+            # its correction from the PBX's CDR (also a posting line), and the two together
+            "correction": -c.correction, "final_amount": -c.charged}
 
 
 def _statement_json(s: Statement) -> dict[str, Any]:
-    return {"account": s.account, "timezone": str(s.zone), "from": s.first_day.isoformat(),
+    return {"account": s.account, "name": s.name or None, "timezone": str(s.zone),
+            "from": s.first_day.isoformat(),
             "to": s.last_day.isoformat(), "currency": CURRENCY, "opening": s.opening,
-            "calls": [_cdr_json(c) for c in s.calls],
-            "postings": [_posting_json(p) for p in s.postings],
+            "calls": [{**_cdr_json(c), "balance": s.running.get(f"call:{c.call_id}")}
+                      for c in s.calls],
+            "postings": [{**_posting_json(p), "balance": s.running.get(f"{p.kind.value}:{p.ref}")}
+                         for p in s.postings],
             "totals": s.totals, "closing": s.closing}
 
 
 def _statement_text(s: Statement) -> None:
-    print(f"Statement for {s.account}, {s.first_day} to {s.last_day} "
+    who = f"{s.account} ({s.name})" if s.name else s.account
+    print(f"Statement for {who}, {s.first_day} to {s.last_day} "
           f"(times in {s.zone}, amounts in {CURRENCY})")
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
+        # The PBX's billsec is shown once a call of the period was settled from its CDR.
+        pbx = any(c.pbx_billsec is not None for c in s.calls)
         rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(-c.amount),
-                 "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
-        print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
+                 str(c.billsec),
+                 *(["-" if c.pbx_billsec is None else str(c.pbx_billsec)] if pbx else []),
+                 str(c.billed_seconds), _money(-c.amount),
+                 _money(s.running[f"call:{c.call_id}"]),
+                 "cut off" if c.cut_off else "", _flags(c)] for c in s.calls]
+        headers = ["ANSWERED", "CALLER", "CALLEE", "BILLSEC", *(["PBX BILLSEC"] if pbx else []),
+                   "BILLED", "AMOUNT", "BALANCE", "CUT-OFF", "FLAGS"]
+        print(_table(headers, rows, {3, 4, 5, 6, 7} if pbx else {3, 4, 5, 6}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[_local(p.at, s.zone), p.kind.value, _money(signed(p)), p.ref,
-                 p.operator or "-", p.note] for p in s.postings]
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
+        rows = [[_local(p.at, s.zone), p.kind.value, _money(signed(p)),
+                 _balance_after(s, p), p.ref, p.operator or "-", p.note] for p in s.postings]
+        print(_table(["TIME", "KIND", "AMOUNT", "BALANCE", "REF", "OPERATOR", "NOTE"], rows,
+                     {2, 3}))
     print()
     t = s.totals
     rows = [
@@ -470,25 +515,52 @@ def _statement_text(s: Statement) -> None:
         ["penalties", _money(t["penalty"])],
         ["refunds", _money(t["refund"])],
         ["adjustments", _money(t["adjustment"])],
+        *([["corrections", _money(t["correction"])]]
+          if any(p.kind is PostingKind.CORRECTION for p in s.postings) else []),
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
 
 
+def _flags(c: Cdr) -> str:
+    """The CDR's flags; a call settled from the PBX's CDR says so (its correction, if any,
+    is a posting line of its own)."""
+    flags = list(c.flags)
+    if c.pbx_billsec is not None:
+        effect = -c.correction
+        flags.append(f"pbx_billsec={c.pbx_billsec}")
+        flags.append(f"corrected {'+' if effect > 0 else ''}{_money(effect)}" if effect
+                     else "pbx_cdr_confirmed")
+    return ",".join(flags)
+
+
+def _balance_after(s: Statement, p: Posting) -> str:
+    """The running balance after a posting; a reopen (zero, no money) shows none."""
+    after = s.running.get(f"{p.kind.value}:{p.ref}")
+    return "" if after is None else _money(after)
+
+
 def _statement_csv(s: Statement) -> None:
-    """One row per movement with its signed effect: opening + rows = closing."""
+    """One row per movement in time order (a call at its end) with its signed effect and the
+    balance after it: opening + rows = closing."""
     out = csv.writer(sys.stdout, lineterminator="\n")
     out.writerow(["type", "time", "caller", "callee", "billsec", "billed_seconds",
-                  "amount", "cut_off", "reference", "note", "operator"])
+                  "amount", "cut_off", "reference", "note", "operator", "balance"])
     out.writerow(["opening", _local(_start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-                  str(s.opening), "", "", "", ""])
+                  str(s.opening), "", "", "", "", str(s.opening)])
+    rows: list[tuple[datetime, int, list[Any]]] = []
     for c in s.calls:
-        out.writerow(["call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
-                      c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-                      c.call_id, ",".join(c.flags), ""])
+        rows.append((c.ended_at, 0, [
+            "call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
+            c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
+            _flags(c), "", str(s.running.get(f"call:{c.call_id}", ""))]))
     for p in s.postings:
-        out.writerow([p.kind.value, _local(p.at, s.zone), "", "", "", "",
-                      str(signed(p)), "", p.ref, p.note, p.operator])
+        after = s.running.get(f"{p.kind.value}:{p.ref}")
+        rows.append((p.at, p.id, [
+            p.kind.value, _local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
+            p.note, p.operator, "" if after is None else str(after)]))
+    for *_, row in sorted(rows, key=lambda r: (r[0], r[1])):
+        out.writerow(row)
     end = _start_of(s.last_day + timedelta(days=1), s.zone)
     out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", "",
-                  ""])
+                  "", str(s.closing)])

@@ -8,9 +8,11 @@ Five money invariants, checked by the contract tests and the meter's simulation:
    then extends the PBX deadline).
 3. No balance goes below zero through calls: a hold succeeds only if the
    available balance covers it, checked and written atomically. Only
-   penalties and negative adjustments may take a balance below zero.
+   penalties, negative adjustments and a CDR correction (talk the PBX says
+   happened while the agent could not meter it) may take a balance below zero.
 4. The postings sum to the balances: ``posted`` = top-ups − charges −
-   penalties − refunds ± adjustments; ``held`` = holds − charged − released.
+   penalties − refunds ± adjustments − corrections; ``held`` = holds −
+   charged − released.
 5. No hold stays open for a call that has ended: settling a call charges and
    releases all of its holds in one transaction.
 
@@ -72,6 +74,9 @@ class PostingKind(StrEnum):
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
     REOPEN = "reopen"  # amount 0: a closed (refunded) account opened again
+    # A call's charge brought to the PBX's own CDR after a provisional settlement.
+    # Signed like a charge: positive takes more from the balance, negative gives back.
+    CORRECTION = "correction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,15 @@ class Cdr:
     cut_off: bool = False
     flags: tuple[str, ...] = field(default_factory=tuple)
     node: str = ""
+    # From the PBX's own CDR, after a provisional settlement (see ``correct_call``):
+    # its billsec, and the signed correction that brought the charge to its rating.
+    pbx_billsec: int | None = None
+    correction: Decimal = Decimal(0)
+
+    @property
+    def charged(self) -> Decimal:
+        """What the call costs in the end: the settled charge plus its CDR correction."""
+        return self.amount + self.correction
 
 
 class Admission(StrEnum):
@@ -212,6 +226,23 @@ class Ledger(Protocol):
     async def get_call(self, call_id: str) -> CallRecord | None: ...
     async def live_calls(self, account: str | None = None) -> list[CallRecord]: ...
     async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]: ...
+
+    # -- corrections from the PBX's own CDR -------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        """The settled record of one call (with any correction), or None if not settled."""
+        ...
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        """Bring a settled call's charge to the rating of the PBX's ``pbx_billsec``.
+
+        The settlement stays as it was; one ``correction`` posting (dated the
+        call's end, so it falls in the call's statement period) carries the
+        difference, and the CDR records ``pbx_billsec``. Once per call: the same
+        billsec again is a replay (nothing new written), another one an
+        :class:`IdempotencyConflict`. A call not settled yet is refused.
+        ``operator``: who applied it (``reconcile --apply``); blank for the agent.
+        """
+        ...
 
     # -- attempts (frequency and rate caps) -----------------------------------
     async def record_attempt(

@@ -119,6 +119,10 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
+        "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
+        "ALTER TABLE cdrs ADD COLUMN correction BIGINT NOT NULL DEFAULT 0",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -197,6 +201,8 @@ def _cdr(row: asyncpg.Record, unit: Decimal) -> Cdr:
         cut_off=row["cut_off"],
         flags=tuple(json.loads(row["flags"])),
         node=row["node"],
+        pbx_billsec=row["pbx_billsec"],
+        correction=rules.from_units(row["correction"], unit),
     )
 
 
@@ -580,6 +586,54 @@ class PostgresLedger(rules.FinanceFront):
             )
         return [_cdr(r, self.unit) for r in rows]
 
+    # -- corrections from the PBX's own CDR ------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", call_id)
+        return None if row is None else _cdr(row, self.unit)
+
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        unit = self.unit
+
+        async def run(conn: Any) -> Cdr:
+            # Lock order call, then account (as every writer here).
+            call = await conn.fetchrow(
+                "SELECT account, rate, increment, minimum FROM calls WHERE call_id = $1"
+                " FOR UPDATE", call_id)
+            if call is None:
+                raise rules.unknown_call(call_id)
+            cdr = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", call_id)
+            if cdr is None:
+                raise rules.not_settled(call_id)
+            if cdr["pbx_billsec"] is not None:
+                if cdr["pbx_billsec"] == pbx_billsec:
+                    return _cdr(cdr, unit)
+                raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
+            delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
+                                           call["minimum"], pbx_billsec, unit)
+            if delta:
+                acc = await conn.fetchrow(
+                    "SELECT posted, closed FROM accounts WHERE id = $1 FOR UPDATE",
+                    call["account"])
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
+                await conn.execute(
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
+                    " operator) VALUES ($1, 'correction', $2, $3, $4, $5, $4, $6, $7)",
+                    call["account"], delta, cdr["ended_at"], call_id,
+                    rules.correction_key(call_id), note, operator,
+                )
+                await conn.execute("UPDATE accounts SET posted = posted - $1 WHERE id = $2",
+                                   delta, call["account"])
+            row = await conn.fetchrow(
+                "UPDATE cdrs SET pbx_billsec = $1, correction = $2 WHERE call_id = $3"
+                " RETURNING *", pbx_billsec, delta, call_id)
+            return _cdr(row, unit)
+
+        return await self._run(run)
+
     # -- attempts -------------------------------------------------------------
     async def record_attempt(
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str
@@ -728,9 +782,9 @@ class PostgresLedger(rules.FinanceFront):
                 )
             }
             calls = [
-                rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4], r[5] or 0)
                 for r in await conn.fetch(
-                    "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                    "SELECT c.call_id, c.account, c.status, c.held, d.amount, d.correction"
                     " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
                 )
             ]

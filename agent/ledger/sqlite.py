@@ -137,6 +137,10 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
+        "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
+        "ALTER TABLE cdrs ADD COLUMN correction INTEGER NOT NULL DEFAULT 0",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -425,6 +429,8 @@ def _cdr(row: sqlite3.Row, unit: Decimal) -> Cdr:
         cut_off=bool(row["cut_off"]),
         flags=tuple(json.loads(row["flags"])),
         node=row["node"],
+        pbx_billsec=row["pbx_billsec"],
+        correction=rules.from_units(row["correction"], unit),
     )
 
 
@@ -868,6 +874,56 @@ class SqliteLedger(rules.FinanceFront):
 
         return await self._read(run)
 
+    # -- corrections from the PBX's own CDR ------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Cdr | None:
+            row = conn.execute("SELECT * FROM cdrs WHERE call_id = ?", (call_id,)).fetchone()
+            return None if row is None else _cdr(row, unit)
+
+        return await self._point_read(run)
+
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Cdr:
+            call = conn.execute(
+                "SELECT account, rate, increment, minimum FROM calls WHERE call_id = ?",
+                (call_id,)).fetchone()
+            if call is None:
+                raise rules.unknown_call(call_id)
+            cdr = conn.execute("SELECT * FROM cdrs WHERE call_id = ?", (call_id,)).fetchone()
+            if cdr is None:
+                raise rules.not_settled(call_id)
+            if cdr["pbx_billsec"] is not None:
+                if cdr["pbx_billsec"] == pbx_billsec:
+                    return _cdr(cdr, unit)
+                raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
+            delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
+                                           call["minimum"], pbx_billsec, unit)
+            if delta:
+                acc = conn.execute("SELECT posted, closed FROM accounts WHERE id = ?",
+                                   (call["account"],)).fetchone()
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
+                conn.execute(
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
+                    " operator) VALUES (?, 'correction', ?, ?, ?, ?, ?, ?, ?)",
+                    (call["account"], delta, cdr["ended_at"], call_id,
+                     rules.correction_key(call_id), call_id, note, operator),
+                )
+                conn.execute("UPDATE accounts SET posted = posted - ? WHERE id = ?",
+                             (delta, call["account"]))
+            row = conn.execute(
+                "UPDATE cdrs SET pbx_billsec = ?, correction = ? WHERE call_id = ? RETURNING *",
+                (pbx_billsec, delta, call_id)).fetchone()
+            return _cdr(row, unit)
+
+        return await self._write(run)
+
     # -- attempts -------------------------------------------------------------
     async def record_attempt(
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str
@@ -1039,9 +1095,9 @@ class SqliteLedger(rules.FinanceFront):
                     )
                 }
                 calls = [
-                    rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                    rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4], r[5] or 0)
                     for r in conn.execute(
-                        "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                        "SELECT c.call_id, c.account, c.status, c.held, d.amount, d.correction"
                         " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
                     )
                 ]
