@@ -214,7 +214,9 @@ class Asterisk(Pbx):
             "asterisk.conf": (ex / "asterisk.conf").read_text(),
             "modules.conf": modules,
             "logger.conf": (ex / "logger.conf").read_text(),
-            "cdr_custom.conf": (ex / "cdr_custom.conf").read_text(),
+            "cdr_custom.conf": (_shipped("asterisk/cdr_custom.conf")
+                                if (SHIPPED / "asterisk/cdr_custom.conf").exists()
+                                else (ex / "cdr_custom.conf").read_text()),
             "rtp.conf": f"[general]\nrtpstart = {self.rtp}\nrtpend = {self.rtp + 99}\n",
             "pjsip.conf": pjsip,
             "manager.conf": mgr,
@@ -357,10 +359,15 @@ class FreeSwitch(Pbx):
         context = ('<context name="default">\n' + self.first_extensions +
                    '      <X-PRE-PROCESS cmd="include" data="dialplan/default/*.xml"/>\n'
                    '    </context>' + self.extra_dialplan)
-        # the CDR template: the example's columns, then the exact times (µs) and billmsec
-        xml, n = re.subn(r'("\$\{last_app\}")</template>',
-                         r'\1,"${answer_uepoch}","${end_uepoch}","${billmsec}"</template>', xml)
-        assert n == 1, "the bundle's cdr_csv template has changed"
+        # the shipped cdr_csv.conf.xml in place of the example's (same columns)
+        shipped_cdr = SHIPPED / "freeswitch/autoload_configs/cdr_csv.conf.xml"
+        if shipped_cdr.exists():
+            block = re.search(r'(?s)<configuration name="cdr_csv\.conf".*?</configuration>',
+                              shipped_cdr.read_text())
+            assert block, "shipped cdr_csv.conf.xml has no cdr_csv.conf configuration"
+            xml, n = re.subn(r'(?s)<configuration name="cdr_csv\.conf".*?</configuration>',
+                             lambda _: block.group(0), xml, count=1)
+            assert n == 1, "the bundle's freeswitch.xml has no cdr_csv.conf"
         xml, n = re.subn(r'(?s)<context name="default">.*?</context>', lambda _: context,
                          xml, count=1)
         assert n == 1
@@ -454,13 +461,10 @@ class FreeSwitch(Pbx):
         for r in csv.reader(text.splitlines()):
             if len(r) < 13:
                 continue
-            exact = len(r) >= 16 and r[13].isdigit() and r[14].isdigit()
             rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
-                               disposition=r[10],
-                               start=float(r[5] or 0),
-                               answer=(int(r[13]) / 1e6 or None) if exact else _float(r[6]),
-                               end=int(r[14]) / 1e6 if exact else float(r[7] or 0),
-                               duration=int(r[8] or 0), billsec=int(r[9] or 0), raw=r))
+                               disposition=r[10], start=float(r[5] or 0), answer=_float(r[6]),
+                               end=float(r[7] or 0), duration=int(r[8] or 0),
+                               billsec=int(r[9] or 0), raw=r))
         return rows
 
     def log_tail(self, chars: int = 4000) -> str:

@@ -31,8 +31,9 @@ def _cdr(t: Tier, number: str, caller: CallTrace | None = None) -> CdrRow:
 
 def _pbx_billsec(t: Tier, row: CdrRow) -> int:
     """How each PBX turns its own answer and end times into billsec (READMEs):
-    Asterisk with cdr.conf ``initiatedseconds = yes`` rounds half up; FreeSWITCH
-    1.10.12 subtracts whole epoch seconds."""
+    Asterisk with cdr.conf ``initiatedseconds = yes`` rounds half up (cdr_custom
+    has the exact times); FreeSWITCH 1.10.12 subtracts whole epoch seconds (its
+    CDR has exactly those: ``answer_epoch``, ``end_epoch``)."""
     assert row.answer is not None
     if t.pbx.kind == "asterisk":
         return math.floor(row.end - row.answer + 0.5)
