@@ -14,6 +14,11 @@ runs them under one task group until SIGTERM/SIGINT:
   flight for a bounded time, flushes the MQTT buffer with a bounded wait, closes
   the ledger and exits 0. Calls still up keep their PBX-side deadline and are
   adopted by the next start.
+- Compliance: the live do-not-call copy is loaded from the ledger before the
+  first call and kept fresh by a poll of its change log
+  (:mod:`agent.compliance.dnc_sync`); every settled call feeds the early
+  warning (:mod:`agent.compliance.risk`), which publishes ``risk`` when a share
+  crosses the policy's limit.
 - systemd: ``READY=1`` once the ledger is open and the PBX connected, watchdog
   pings from the event loop, ``RELOADING=1``/``STOPPING=1`` around reloads and
   shutdown.
@@ -36,11 +41,13 @@ import structlog
 
 from agent import __version__, eventloop
 from agent.calls import CallInfo, EventSink, PbxControl
+from agent.compliance.dnc_sync import DncSync
+from agent.compliance.risk import RiskMonitor
 from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
 from agent.gate.policy import Policy, load_policy
 from agent.gatekeeper import Gatekeeper
-from agent.ledger import Ledger, open_ledger
+from agent.ledger import Ledger, LedgerError, open_ledger
 from agent.meter.clock import Clock, WallClock
 from agent.meter.meter import Meter, MeterSettings
 from agent.status import StatusBoard, verdict
@@ -52,6 +59,7 @@ POLICY_POLL_SECONDS = 2.0
 BALANCES_EVERY_SECONDS = 15.0  # per-account balance gauges: one ledger read this often
 STATUS_PROBE_SECONDS = 2.0  # how long /status waits for the ledger to answer
 PRUNE_EVERY = timedelta(hours=1)
+DNC_LOAD_TIMEOUT = 30.0  # seconds; millions of entries load in a few
 
 
 class StartupError(Exception):
@@ -227,6 +235,8 @@ class Daemon:
         self._policy_stamp: tuple[tuple[str, int, int], ...] = ()
         self._policy_files: list[Path] = []  # the policy and its DNC files, per load
         self.board = StatusBoard(self.clock.now(), __version__, config.node)
+        self.dnc_sync: DncSync | None = None
+        self.risk = RiskMonitor()
 
     # -- public -------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -246,6 +256,8 @@ class Daemon:
             return False, "PBX not connected"
         if self._stop.is_set():
             return False, "stopping"
+        if self.dnc_sync is not None and not self.dnc_sync.loaded:
+            return False, "live do-not-call list not loaded from the ledger yet"
         return True, "ok"
 
     async def run(self) -> int:
@@ -273,6 +285,8 @@ class Daemon:
                 tasks.append(asyncio.create_task(self.cdr_source.run(), name="cdr"))
             if self.metrics_server is not None:
                 tasks.append(asyncio.create_task(self._refresh_balances(), name="balances"))
+            assert self.dnc_sync is not None
+            tasks.append(asyncio.create_task(self.dnc_sync.run(), name="dnc-sync"))
             tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
             tasks.append(asyncio.create_task(self._announce_ready(), name="ready"))
             stopper = asyncio.create_task(self._stop.wait(), name="stop")
@@ -333,10 +347,20 @@ class Daemon:
         except (ValueError, OSError) as exc:  # MqttSettingsError: a bad URL, a missing CA file
             raise StartupError(f"mqtt: {exc}") from None
         budget = spec.pbx.decision_budget_ms / 1000
+        # The live do-not-call copy: loaded before the first call is gated, so a
+        # number added a minute ago is refused from the first call; if the ledger
+        # cannot be read now the sync keeps trying (see agent.compliance.dnc_sync).
+        self.dnc_sync = DncSync(ledger)
+        try:
+            async with asyncio.timeout(DNC_LOAD_TIMEOUT):
+                await self.dnc_sync.load()
+        except (LedgerError, OSError, TimeoutError) as exc:
+            log.warning("dnc.load_failed", error=str(exc) or type(exc).__name__)
         self.gate = Gatekeeper(
             ledger=self.ledger, policy=self.current_policy, clock=self.clock,
             node=config.node, budget=budget * 0.8,
             ring_allowance=spec.pbx.ring_allowance_seconds, on_decision=self._on_decision,
+            live_dnc=self.dnc_sync.live,
         )
         settings = MeterSettings(grace_seconds=spec.meter.grace_seconds,
                                  lead_seconds=spec.meter.lead_seconds,
@@ -364,6 +388,9 @@ class Daemon:
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
             loop = asyncio.get_running_loop()
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
+            sync = self.dnc_sync
+            self.metrics.live_dnc_entries.set_function(lambda: len(sync.live))
+            self.metrics.live_dnc_age.set_function(sync.age)
             if self.publisher is not None:
                 self.metrics.watch_publisher(self.publisher)
             self.metrics.started.set(self.board.started_at.timestamp())
@@ -498,6 +525,27 @@ class Daemon:
             self._count_cutoff(payload)
         if self.publisher is not None:
             self.publisher.publish(topic, payload)
+        if topic == "call/end":
+            self._observe_risk(payload)
+
+    def _observe_risk(self, cdr: dict[str, Any]) -> None:
+        """The early warning: feed the settled call in; publish ``risk`` on a crossing."""
+        limits = self.policy.risk if self.policy is not None else None
+        if limits is None:
+            return
+        account = str(cdr.get("account") or "")
+        alerts = self.risk.observe(limits, account, self.clock.now(),
+                                   cdr.get("answered_at") is not None,
+                                   int(cdr.get("billsec") or 0))
+        if self.metrics is not None:
+            self.metrics.risk(self.risk.reading(account),
+                              self.risk.raised(account, "short_calls"),
+                              self.risk.raised(account, "answer_rate"))
+        for alert in alerts:
+            log.warning("risk." + alert.state, account=account, kind=alert.kind,
+                        percent=str(alert.value), limit=alert.limit)
+            if self.publisher is not None:
+                self.publisher.publish("risk", alert.payload(limits))
 
     async def _warn(self, call_id: str, seconds: int) -> None:
         """A cut-off is coming: tell subscribers (a tone player, the agent's screen)."""

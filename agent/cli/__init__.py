@@ -41,13 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import config, ledger, policy, runtime, status
+    from agent.cli import account, complaint, config, dnc, ledger, policy, runtime, status
 
     config.register(sub)
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
     status.register(sub)
+    complaint.register(sub)
+    dnc.register(sub)
+    account.register(sub)
     return parser
 
 

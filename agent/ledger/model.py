@@ -37,7 +37,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from array import array
+
+    from agent.ledger.compliance import (
+        AccountEvent,
+        Complaint,
+        ComplaintOutcome,
+        DncChange,
+        DncEntry,
+        SuspendRule,
+        Suspension,
+    )
 
 
 class LedgerError(Exception):
@@ -178,6 +191,10 @@ class AccountSnapshot:
     account_attempts: int = 0  # allowed attempts since account_since, to any number
     callee_attempts: int = 0  # allowed attempts since callee_since, to the destination
     known: bool = True  # False: no top-up yet (available 0)
+    cps_attempts: int = 0  # allowed attempts since cps_since, to any number
+    caller_hour_attempts: int = 0  # allowed attempts since caller_hour_since, from caller
+    caller_day_attempts: int = 0  # allowed attempts since caller_day_since, from caller
+    suspended: str | None = None  # why, while suspended in the ledger (complaints, ops)
 
 
 class Ledger(Protocol):
@@ -210,11 +227,16 @@ class Ledger(Protocol):
     async def account_state(
         self, account: str, *, account_since: datetime | None = None,
         callee_since: datetime | None = None, destination: str | None = None,
+        cps_since: datetime | None = None, caller: str | None = None,
+        caller_hour_since: datetime | None = None, caller_day_since: datetime | None = None,
     ) -> AccountSnapshot: ...
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
-        *, reason: str,
-    ) -> Admission: ...
+        *, reason: str, caller_key: str | None = None,
+    ) -> Admission:
+        """``caller_key``: the caller ID as the caller-ID cap counts it (normalised);
+        default ``call.caller``."""
+        ...
 
     # -- calls (the meter) ----------------------------------------------------
     async def admit_call(self, call: CallRecord, max_live: int | None) -> bool: ...
@@ -246,12 +268,51 @@ class Ledger(Protocol):
 
     # -- attempts (frequency and rate caps) -----------------------------------
     async def record_attempt(
-        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> None: ...
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None
     ) -> list[datetime]: ...
     async def prune_attempts(self, before: datetime) -> int: ...
+
+    # -- compliance (agent/ledger/compliance.py) --------------------------------
+    async def add_complaint(
+        self, *, account: str, callee: str, ticket: str, at: datetime, fine: Decimal,
+        operator: str, note: str = "", recorded_at: datetime,
+        suspend: SuspendRule | None = None,
+    ) -> ComplaintOutcome: ...
+    async def withdraw_complaint(
+        self, ticket: str, *, operator: str, at: datetime, note: str = ""
+    ) -> tuple[Complaint, bool]: ...
+    async def complaints(
+        self, account: str | None = None, start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[Complaint]: ...
+    async def complaint(self, ticket: str) -> Complaint | None: ...
+    async def suspend(
+        self, account: str, *, reason: str, operator: str, at: datetime
+    ) -> tuple[Suspension, bool]: ...
+    async def resume(
+        self, account: str, *, operator: str, at: datetime, note: str = ""
+    ) -> bool: ...
+    async def suspension(self, account: str) -> Suspension | None: ...
+    async def account_events(self, account: str) -> list[AccountEvent]: ...
+    async def dnc_add(
+        self, account: str, number: str, *, reason: str, operator: str, at: datetime
+    ) -> tuple[DncEntry, bool]: ...
+    async def dnc_remove(
+        self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
+    ) -> bool: ...
+    async def dnc_list(self, account: str | None = None) -> list[DncEntry]: ...
+    async def dnc_lookup(self, account: str, number: str) -> list[DncEntry]:
+        """The entries naming this number for this account or for everyone."""
+        ...
+    async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
+        """The whole live list as sorted keys per account (see agent.gate.dnc) and the
+        change number it is complete up to, read in one consistent snapshot."""
+        ...
+    async def dnc_changes(self, after: int, limit: int = 10_000) -> list[DncChange]: ...
 
     # -- consistency ----------------------------------------------------------
     async def audit(self) -> list[str]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.ledger import _rules as rules
+from agent.ledger._sqlite_compliance import SqliteCompliance
 from agent.ledger.model import (
     AccountSnapshot,
     Admission,
@@ -140,6 +141,52 @@ MIGRATIONS: list[list[str]] = [
     [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
         "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
         "ALTER TABLE cdrs ADD COLUMN correction INTEGER NOT NULL DEFAULT 0",
+    ],
+    [  # 7: compliance: live do-not-call entries and their ordered change log,
+       # complaints, suspensions; attempts remember the presented caller ID
+        """CREATE TABLE dnc (
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            added_at INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (account, number))""",
+        """CREATE TABLE dnc_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            added INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        """CREATE TABLE complaints (
+            ticket TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            fine INTEGER NOT NULL,
+            operator TEXT NOT NULL,
+            note TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            withdrawn_at INTEGER,
+            withdrawn_by TEXT,
+            withdraw_note TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX complaints_account_at ON complaints (account, at)",
+        """CREATE TABLE suspensions (
+            account TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        """CREATE TABLE account_log (
+            id INTEGER PRIMARY KEY,
+            account TEXT NOT NULL,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
     ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
@@ -475,7 +522,30 @@ def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal, create: 
     return Decimal(meta["minor_unit"]), created
 
 
-class SqliteLedger(rules.FinanceFront):
+def _compliance_counts(
+    conn: sqlite3.Connection, account: str, cps_since: int | None, caller: str | None,
+    hour_since: int | None, day_since: int | None,
+) -> tuple[int, int, int, str | None]:
+    """The counts the cps limit and the caller-ID cap need, and a ledger suspension."""
+    cps = hour = day = 0
+    if cps_since is not None:
+        (cps,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND at >= ? AND allowed",
+            (account, cps_since)).fetchone()
+    if caller is not None and hour_since is not None:
+        (hour,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND caller = ? AND at >= ?"
+            " AND allowed", (account, caller, hour_since)).fetchone()
+    if caller is not None and day_since is not None:
+        (day,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND caller = ? AND at >= ?"
+            " AND allowed", (account, caller, day_since)).fetchone()
+    row = conn.execute("SELECT reason FROM suspensions WHERE account = ?",
+                       (account,)).fetchone()
+    return cps, hour, day, None if row is None else row[0]
+
+
+class SqliteLedger(rules.FinanceFront, SqliteCompliance):
     """The ledger in one SQLite file. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, path: Path, unit: Decimal, worker: _Worker, *,
@@ -926,21 +996,23 @@ class SqliteLedger(rules.FinanceFront):
 
     # -- attempts -------------------------------------------------------------
     async def record_attempt(
-        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> None:
-        await self._write(self._attempt_job(account, destination, at, allowed, reason))
+        await self._write(self._attempt_job(account, destination, at, allowed, reason, caller))
 
     @staticmethod
     def _attempt_job(
-        account: str, destination: str, at: datetime, allowed: bool, reason: str
+        account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> Callable[[sqlite3.Connection], None]:
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO attempts (account, destination, at, allowed, reason)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (account, destination, when, allowed, reason),
+                "INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (account, destination, when, allowed, reason, caller),
             )
 
         return run
@@ -949,10 +1021,15 @@ class SqliteLedger(rules.FinanceFront):
     async def account_state(
         self, account: str, *, account_since: datetime | None = None,
         callee_since: datetime | None = None, destination: str | None = None,
+        cps_since: datetime | None = None, caller: str | None = None,
+        caller_hour_since: datetime | None = None, caller_day_since: datetime | None = None,
     ) -> AccountSnapshot:
         unit = self.unit
         a_since = rules.to_micros(account_since) if account_since else None
         c_since = rules.to_micros(callee_since) if callee_since else None
+        s_since = rules.to_micros(cps_since) if cps_since else None
+        h_since = rules.to_micros(caller_hour_since) if caller_hour_since else None
+        d_since = rules.to_micros(caller_day_since) if caller_day_since else None
 
         def run(conn: sqlite3.Connection) -> AccountSnapshot:
             acc = conn.execute(
@@ -970,21 +1047,23 @@ class SqliteLedger(rules.FinanceFront):
                 (callee_attempts,) = conn.execute(
                     "SELECT count(*) FROM attempts WHERE account = ? AND destination = ?"
                     " AND at >= ? AND allowed", (account, destination, c_since)).fetchone()
+            extra = _compliance_counts(conn, account, s_since, caller, h_since, d_since)
             if acc is None:
                 return AccountSnapshot(Decimal(0), False, live, account_attempts,
-                                       callee_attempts, known=False)
+                                       callee_attempts, False, *extra)
             available = rules.from_units(acc["posted"] - acc["held"], unit)
             return AccountSnapshot(available, bool(acc["closed"]), live, account_attempts,
-                                   callee_attempts)
+                                   callee_attempts, True, *extra)
 
         return await self._point_read(run)
 
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
-        *, reason: str,
+        *, reason: str, caller_key: str | None = None,
     ) -> Admission:
         admit = self._admit_job(call, max_live)
         hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
+        caller = call.caller if caller_key is None else caller_key
 
         units = rules.positive_units(amount, self.unit, what="hold")
         rate = rules.to_units(call.rate, self.unit, what="rate")
@@ -992,7 +1071,8 @@ class SqliteLedger(rules.FinanceFront):
         key = rules.hold_key(call.call_id, 1)
 
         def attempt(allowed: bool, why: str) -> Callable[[sqlite3.Connection], None]:
-            return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why)
+            return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why,
+                                     caller)
 
         def fresh(conn: sqlite3.Connection) -> Admission | None:
             """The usual case, a new call on an open account, in six statements.
