@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from agent import __version__, eventloop
 from agent.cli.common import CheckFailed, UsageError
+from agent.finance import Refused
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if asyncio.iscoroutine(result):
             result = eventloop.run(result)
         return int(result or 0)
-    except (UsageError, eventloop.LoopChoiceError) as exc:
+    except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
         print(f"callgate: error: {exc}", file=sys.stderr)
         return 2
     except CheckFailed as exc:

@@ -2,39 +2,30 @@
 
 Every refusal — an amount that is not a positive exact sum, an account the
 policy does not know, a reused reference, a first top-up below the policy's
-minimum, a refund while calls are in progress — is a :class:`UsageError`
-(exit 2, one line on stderr) raised before or instead of the ledger write, so
-nothing is written. Amounts are parsed by :func:`agent.money.parse_amount` and
-shown by :func:`agent.money.format_amount`; ``--json`` prints one object with
+minimum, a refund while calls are in progress — is exit 2 with one line on
+stderr, raised before or instead of the ledger write, so nothing is written.
+The rules themselves are :mod:`agent.finance`'s, shared with the web console;
+this module only parses arguments and prints. ``--json`` prints one object with
 amounts as strings. Dates are days in the account's timezone (the policy's).
+Each posting records the login name of whoever ran the command as its operator.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import getpass
+import os
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from agent import finance
 from agent.cli.common import UsageError, ledger_url, load_policy, now, print_json
-from agent.ledger import (
-    Balance,
-    Cdr,
-    Ledger,
-    LedgerError,
-    Posting,
-    PostingKind,
-    open_ledger,
-)
-from agent.money import CURRENCY, AmountError, format_amount, parse_amount
-
-FINANCE_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
-                 PostingKind.ADJUSTMENT)
+from agent.ledger import Ledger, LedgerError, PostingKind, open_ledger
+from agent.money import CURRENCY, format_amount
 
 
 def register(sub: Any) -> None:
@@ -98,21 +89,10 @@ def register(sub: Any) -> None:
 
 
 # -- shared helpers ------------------------------------------------------------------
-def _amount(text: str, *, signed: bool = False) -> Decimal:
-    try:
-        return parse_amount(text, allow_negative=signed)
-    except AmountError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _policy_account(args: argparse.Namespace, account: str) -> tuple[Any, ZoneInfo]:
     """The loaded policy and the account's timezone; an account it lacks is refused."""
     policy = load_policy(args)
-    entry = policy.accounts.get(account)
-    if entry is None:
-        known = ", ".join(sorted(policy.accounts)) or "none"
-        raise UsageError(f"unknown account {account!r} (the policy has: {known})")
-    return policy, entry.hours.timezone
+    return policy, finance.policy_zone(policy, account)
 
 
 class _Opened:
@@ -136,16 +116,6 @@ class _Opened:
             raise UsageError(str(exc)) from None
 
 
-def _posting_json(p: Posting) -> dict[str, Any]:
-    return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": p.amount,
-            "at": p.at, "ref": p.ref, "key": p.key, "call_id": p.call_id, "note": p.note}
-
-
-def _balance_json(b: Balance) -> dict[str, Any]:
-    return {"account": b.account, "posted": b.posted, "held": b.held,
-            "available": b.available, "closed": b.closed}
-
-
 def _money(amount: Decimal) -> str:
     return format_amount(amount)
 
@@ -164,50 +134,32 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int
     return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
-def _local(at: datetime, zone: tzinfo) -> str:
-    return at.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
-
-
 # -- finance commands ------------------------------------------------------------------
 async def _finance(args: argparse.Namespace, kind: PostingKind) -> int:
     # Everything the user wrote is checked before the ledger is even opened.
-    amount = None
-    if kind is not PostingKind.REFUND:
-        amount = _amount(args.amount, signed=kind is PostingKind.ADJUSTMENT)
-    if not args.ref.strip():
-        raise UsageError("--ref must not be blank")
+    note = args.reason if kind in (PostingKind.PENALTY, PostingKind.ADJUSTMENT) else args.note
+    req = finance.request(kind, args.account, getattr(args, "amount", None), args.ref, note)
     policy, _ = _policy_account(args, args.account)
-    at = now()
     async with _Opened(args) as ledger:
-        if kind is PostingKind.TOPUP:
-            assert amount is not None
-            posting = await ledger.topup(
-                args.account, amount, ref=args.ref, at=at, note=args.note,
-                first_minimum=policy.prepaid.first_topup_minimum,
-            )
-        elif kind is PostingKind.PENALTY:
-            assert amount is not None
-            posting = await ledger.penalty(
-                args.account, amount, ref=args.ref, at=at, note=args.reason)
-        elif kind is PostingKind.ADJUSTMENT:
-            assert amount is not None
-            posting = await ledger.adjust(
-                args.account, amount, ref=args.ref, at=at, note=args.reason)
-        else:
-            posting = await ledger.refund(args.account, ref=args.ref, at=at, note=args.note)
-        balance = await ledger.balance(args.account)
-    replayed = posting.at != at  # the same request was recorded before: nothing new written
+        result = await finance.post(ledger, policy, req, at=now(), operator=_login())
     if args.json:
-        print_json({**_posting_json(posting), "replayed": replayed,
-                    "balance": _balance_json(balance)})
+        print_json(finance.result_json(result))
         return 0
-    verb = {PostingKind.TOPUP: "topped up", PostingKind.PENALTY: "fined",
-            PostingKind.REFUND: "refunded", PostingKind.ADJUSTMENT: "adjusted"}[kind]
-    print(f"{args.account}: {verb} {_money(posting.amount)} {CURRENCY} (ref {posting.ref})"
-          + (" — already recorded, nothing new written" if replayed else ""))
+    posting, balance = result.posting, result.balance
+    print(f"{args.account}: {finance.VERBS[kind]} {_money(posting.amount)} {CURRENCY} "
+          f"(ref {posting.ref})"
+          + (" — already recorded, nothing new written" if result.replayed else ""))
     print(f"  balance {_money(balance.posted)}  held {_money(balance.held)}  "
           f"available {_money(balance.available)}" + ("  (closed)" if balance.closed else ""))
     return 0
+
+
+def _login() -> str:
+    """Who runs the command, recorded as the posting's operator."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+        return f"uid:{os.getuid()}"
 
 
 async def _topup(args: argparse.Namespace) -> int:
@@ -235,9 +187,9 @@ async def _balance(args: argparse.Namespace) -> int:
             balances = await ledger.balances()
     if args.json:
         if args.account:
-            print_json(_balance_json(balances[0]))
+            print_json(finance.balance_json(balances[0]))
         else:
-            print_json({"accounts": [_balance_json(b) for b in balances]})
+            print_json({"accounts": [finance.balance_json(b) for b in balances]})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
@@ -248,37 +200,16 @@ async def _balance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _day(text: str, what: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _start_of(day: date, zone: ZoneInfo) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def _since(text: str, zone: ZoneInfo) -> datetime:
-    if len(text) == 10:
-        return _start_of(_day(text, "--since"), zone)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--since {text!r} is neither a date nor an ISO time") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
-
-
 async def _history(args: argparse.Namespace) -> int:
     _, zone = _policy_account(args, args.account)
-    since = _since(args.since, zone) if args.since else None
+    since = finance.since(args.since, zone) if args.since else None
     async with _Opened(args) as ledger:
         postings = await ledger.history(args.account, since)
     if args.json:
         print_json({"account": args.account, "timezone": str(zone),
-                    "postings": [_posting_json(p) for p in postings]})
+                    "postings": [finance.posting_json(p) for p in postings]})
         return 0
-    rows = [[_local(p.at, zone), p.kind.value, _money(p.amount), p.ref, p.note]
+    rows = [[finance.local(p.at, zone), p.kind.value, _money(p.amount), p.ref, p.note]
             for p in postings]
     print(f"{args.account}: {len(postings)} posting(s), times in {zone}")
     if rows:
@@ -287,95 +218,29 @@ async def _history(args: argparse.Namespace) -> int:
 
 
 # -- statement ----------------------------------------------------------------------------
-def balance_effect(p: Posting) -> Decimal:
-    """How a posting moves the account's balance (holds and releases do not)."""
-    if p.kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
-        return p.amount
-    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
-        return -p.amount
-    return Decimal(0)
-
-
-@dataclass(frozen=True)
-class Statement:
-    account: str
-    zone: ZoneInfo
-    first_day: date
-    last_day: date
-    opening: Decimal
-    calls: list[Cdr]
-    postings: list[Posting]  # finance postings of the period
-    totals: dict[str, Decimal]
-    closing: Decimal
-
-
-def build_statement(
-    account: str, zone: ZoneInfo, first_day: date, last_day: date,
-    history: list[Posting], cdrs: list[Cdr],
-) -> Statement:
-    """The period's lines and totals; closing = opening + the period's movements, exactly."""
-    start, end = _start_of(first_day, zone), _start_of(last_day + timedelta(days=1), zone)
-    opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
-    period = [p for p in history if start <= p.at < end]
-    finance = [p for p in period if p.kind in FINANCE_KINDS]
-    totals = {kind.value: sum((p.amount for p in finance if p.kind is kind), Decimal(0))
-              for kind in FINANCE_KINDS}
-    totals["calls"] = sum((c.amount for c in cdrs), Decimal(0))
-    closing = (opening + totals["topup"] - totals["penalty"] - totals["refund"]
-               + totals["adjustment"] - totals["calls"])
-    # Each call is charged in one posting dated its CDR's end, so the postings of the
-    # period must give the same closing balance; if not, the store needs an audit.
-    from_postings = opening + sum((balance_effect(p) for p in period), Decimal(0))
-    if closing != from_postings:
-        raise UsageError(
-            f"the statement does not add up ({_money(closing)} from the CDRs, "
-            f"{_money(from_postings)} from the postings); run an audit of the ledger"
-        )
-    return Statement(account, zone, first_day, last_day, opening, cdrs, finance, totals,
-                     closing)
-
-
 async def _statement(args: argparse.Namespace) -> int:
-    _, zone = _policy_account(args, args.account)
-    first_day, last_day = _day(args.start, "--from"), _day(args.end, "--to")
-    if last_day < first_day:
-        raise UsageError(f"--to {last_day} is before --from {first_day}")
-    start, end = _start_of(first_day, zone), _start_of(last_day + timedelta(days=1), zone)
+    policy = load_policy(args)
+    finance.policy_zone(policy, args.account)
+    finance.period(args.start, args.end)
     async with _Opened(args) as ledger:
-        history = await ledger.history(args.account)
-        cdrs = await ledger.cdrs(args.account, start, end)
-    statement = build_statement(args.account, zone, first_day, last_day, history, cdrs)
+        statement = await finance.statement(ledger, policy, args.account, args.start, args.end)
     if args.json:
-        print_json(_statement_json(statement))
+        print_json(finance.statement_json(statement))
     elif args.csv:
-        _statement_csv(statement)
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerows(finance.csv_rows(statement))
     else:
         _statement_text(statement)
     return 0
 
 
-def _cdr_json(c: Cdr) -> dict[str, Any]:
-    return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
-            "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
-            "billed_seconds": c.billed_seconds, "amount": c.amount, "cut_off": c.cut_off,
-            "cause": c.cause, "flags": list(c.flags)}
-
-
-def _statement_json(s: Statement) -> dict[str, Any]:
-    return {"account": s.account, "timezone": str(s.zone), "from": s.first_day.isoformat(),
-            "to": s.last_day.isoformat(), "currency": CURRENCY, "opening": s.opening,
-            "calls": [_cdr_json(c) for c in s.calls],
-            "postings": [_posting_json(p) for p in s.postings],
-            "totals": s.totals, "closing": s.closing}
-
-
-def _statement_text(s: Statement) -> None:
+def _statement_text(s: finance.Statement) -> None:
     print(f"Statement for {s.account}, {s.first_day} to {s.last_day} "
           f"(times in {s.zone}, amounts in {CURRENCY})")
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
-        rows = [[_local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
+        rows = [[finance.local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
                  str(c.billsec), str(c.billed_seconds), _money(c.amount),
                  "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
         print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
@@ -383,7 +248,7 @@ def _statement_text(s: Statement) -> None:
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[_local(p.at, s.zone), p.kind.value, _money(p.amount), p.ref, p.note]
+        rows = [[finance.local(p.at, s.zone), p.kind.value, _money(p.amount), p.ref, p.note]
                 for p in s.postings]
         print(_table(["TIME", "KIND", "AMOUNT", "REF", "NOTE"], rows, {2}))
     print()
@@ -398,21 +263,3 @@ def _statement_text(s: Statement) -> None:
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
-
-
-def _statement_csv(s: Statement) -> None:
-    """One row per movement with its signed effect: opening + rows = closing."""
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(["type", "time", "caller", "callee", "billsec", "billed_seconds",
-                  "amount", "cut_off", "reference", "note"])
-    out.writerow(["opening", _local(_start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-                  str(s.opening), "", "", ""])
-    for c in s.calls:
-        out.writerow(["call", _local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
-                      c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-                      c.call_id, ",".join(c.flags)])
-    for p in s.postings:
-        out.writerow([p.kind.value, _local(p.at, s.zone), "", "", "", "",
-                      str(balance_effect(p)), "", p.ref, p.note])
-    end = _start_of(s.last_day + timedelta(days=1), s.zone)
-    out.writerow(["closing", _local(end, s.zone), "", "", "", "", str(s.closing), "", "", ""])

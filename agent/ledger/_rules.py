@@ -25,7 +25,7 @@ from agent.ledger.model import (
 )
 from agent.money import format_amount
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,
@@ -317,38 +317,48 @@ class FinanceFront:
     """The finance operations as both backends expose them: checked input, then ``_finance``.
 
     A backend provides ``unit`` (the minor unit) and ``_finance(kind, account,
-    units, ref, at, note, first_minimum=0)``, which does the storage work.
+    units, ref, at, note, first_minimum=0, operator="")``, which does the storage
+    work. ``operator`` names who asked (a login, an API token's name); it is
+    recorded with the posting and is not part of a replay's content.
     """
 
     unit: Decimal
 
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
-        note: str, first_minimum: int = 0,
+        note: str, first_minimum: int = 0, operator: str = "",
     ) -> Posting:
         raise NotImplementedError
 
     async def topup(
         self, account: str, amount: Decimal, *, ref: str, at: datetime,
-        first_minimum: Decimal = Decimal(0), note: str = "",
+        first_minimum: Decimal = Decimal(0), note: str = "", operator: str = "",
     ) -> Posting:
         units = positive_units(amount, self.unit)
         minimum = to_units(first_minimum, self.unit, what="first top-up minimum")
-        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum)
+        return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum,
+                                   operator)
 
     async def penalty(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting:
         units = positive_units(amount, self.unit)
-        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note)
+        return await self._finance(PostingKind.PENALTY, account, units, ref, at, note,
+                                   operator=operator)
 
-    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting:
-        return await self._finance(PostingKind.REFUND, account, None, ref, at, note)
+    async def refund(
+        self, account: str, *, ref: str, at: datetime, note: str = "", operator: str = ""
+    ) -> Posting:
+        return await self._finance(PostingKind.REFUND, account, None, ref, at, note,
+                                   operator=operator)
 
     async def adjust(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting:
         units = to_units(amount, self.unit)
         if units == 0:
             raise RefusedOperation("an adjustment must not be zero")
-        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note)
+        return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note,
+                                   operator=operator)

@@ -75,6 +75,7 @@ class Posting:
     key: str
     call_id: str | None = None
     note: str = ""
+    operator: str = ""  # who asked for a finance posting; "" for the meter's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,14 +164,18 @@ class Ledger(Protocol):
     # -- finance --------------------------------------------------------------
     async def topup(
         self, account: str, amount: Decimal, *, ref: str, at: datetime,
-        first_minimum: Decimal = Decimal(0), note: str = "",
+        first_minimum: Decimal = Decimal(0), note: str = "", operator: str = "",
     ) -> Posting: ...
     async def penalty(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting: ...
-    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "") -> Posting: ...
+    async def refund(
+        self, account: str, *, ref: str, at: datetime, note: str = "", operator: str = ""
+    ) -> Posting: ...
     async def adjust(
-        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = ""
+        self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
+        operator: str = "",
     ) -> Posting: ...
     async def balance(self, account: str) -> Balance: ...
     async def balances(self) -> list[Balance]: ...

@@ -116,6 +116,9 @@ MIGRATIONS: list[list[str]] = [
     [  # 4: calls_live serves every query of calls by account (see the SQLite ledger)
         "DROP INDEX calls_account_status",
     ],
+    [  # 5: who asked for each finance posting (a login, an API token's name)
+        "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -155,6 +158,7 @@ def _posting(row: asyncpg.Record, unit: Decimal) -> Posting:
         key=row["key"],
         call_id=row["call_id"],
         note=row["note"],
+        operator=row["operator"],
     )
 
 
@@ -292,7 +296,7 @@ class PostgresLedger(rules.FinanceFront):
     # -- finance --------------------------------------------------------------
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
-        note: str, first_minimum: int = 0,
+        note: str, first_minimum: int = 0, operator: str = "",
     ) -> Posting:
         rules.check_ref(ref)
         when = rules.check_time(at)
@@ -337,9 +341,9 @@ class PostgresLedger(rules.FinanceFront):
                 rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account,
             )
             inserted = await conn.fetchrow(
-                "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *",
-                account, kind.value, amount, when, ref, key, note,
+                "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+                account, kind.value, amount, when, ref, key, note, operator,
             )
             return _posting(inserted, unit)
 

@@ -134,6 +134,9 @@ MIGRATIONS: list[list[str]] = [
        # every query by account, so the index only cost writes and misled the planner
         "DROP INDEX calls_account_status",
     ],
+    [  # 5: who asked for each finance posting (a login, an API token's name)
+        "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -367,6 +370,7 @@ def _posting(row: sqlite3.Row, unit: Decimal) -> Posting:
         key=row["key"],
         call_id=row["call_id"],
         note=row["note"],
+        operator=row["operator"],
     )
 
 
@@ -528,7 +532,7 @@ class SqliteLedger(rules.FinanceFront):
     # -- finance --------------------------------------------------------------
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
-        note: str, first_minimum: int = 0,
+        note: str, first_minimum: int = 0, operator: str = "",
     ) -> Posting:
         rules.check_ref(ref)
         when = rules.to_micros(at)
@@ -569,9 +573,9 @@ class SqliteLedger(rules.FinanceFront):
                 (rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account),
             )
             cur = conn.execute(
-                "INSERT INTO postings (account, kind, amount, at, ref, key, note)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
-                (account, kind.value, amount, when, ref, key, note),
+                "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                (account, kind.value, amount, when, ref, key, note, operator),
             )
             return _posting(cur.fetchone(), unit)
 
