@@ -2,7 +2,9 @@
 
 ``Daemon(config).run()`` opens the ledger, loads the policy, builds the gate,
 the meter, the PBX adapter, the MQTT publisher and the metrics endpoint, and
-runs them under one task group until SIGTERM/SIGINT:
+runs them under one task group until SIGTERM/SIGINT. With a ``web:`` section it
+also serves the finance console (agent/web) on the same loop, over the same
+ledger and the live policy.
 
 - SIGHUP, or a change of the policy file (or of a do-not-call file it names),
   reloads the policy. The new one is validated first; a bad one is logged with
@@ -96,6 +98,7 @@ class Daemon:
         self.publisher: Any = None
         self.metrics: Any = None
         self.metrics_server: asyncio.Server | None = None
+        self.web: Any = None  # the finance console's runner, when web: is configured
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
@@ -226,9 +229,26 @@ class Daemon:
 
             host, port = config.listen(spec.metrics.listen)
             self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
+        if spec.web is not None:
+            await self._start_web()
         log.info("daemon.started", node=config.node, pbx=spec.pbx.kind,
                  policy=str(config.policy_path), ledger=_redact(config.ledger),
                  accounts=len(self.policy.accounts), loop=eventloop.running_loop_name())
+
+    async def _start_web(self) -> None:
+        """The finance console on this loop, over the daemon's own ledger and live policy."""
+        from agent.web.server import start_from_config
+
+        assert self.config.spec.web is not None
+        try:
+            self.web = await start_from_config(
+                self.config.spec.web, self.config.path.parent, self.ledger,
+                self.current_policy, node=self.config.node)
+        except ConfigError as exc:
+            raise StartupError(f"web: {exc}".replace("\n", "; ")) from None
+        except OSError as exc:
+            raise StartupError(f"web: cannot serve on {self.config.spec.web.listen}: "
+                               f"{exc.strerror or exc}") from None
 
     async def _announce_ready(self) -> None:
         from agent import systemd
@@ -260,6 +280,10 @@ class Daemon:
     async def _close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.web is not None:
+            with contextlib.suppress(Exception):
+                await self.web.cleanup()
+            self.web = None
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 await self.ledger.close()

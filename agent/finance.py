@@ -33,6 +33,10 @@ class Refused(Exception):
     """Input the rules refuse: one line for the user, nothing written."""
 
 
+class NotFound(Refused):
+    """A refusal naming something that does not exist (an account the policy lacks)."""
+
+
 # -- the checks ------------------------------------------------------------------------
 def amount(text: str, *, signed: bool = False) -> Decimal:
     """A positive exact amount (signed, non-zero, for an adjustment)."""
@@ -53,7 +57,7 @@ def policy_zone(policy: Any, account: str) -> ZoneInfo:
     entry = policy.accounts.get(account)
     if entry is None:
         known = ", ".join(sorted(policy.accounts)) or "none"
-        raise Refused(f"unknown account {account!r} (the policy has: {known})")
+        raise NotFound(f"unknown account {account!r} (the policy has: {known})")
     zone: ZoneInfo = entry.hours.timezone
     return zone
 

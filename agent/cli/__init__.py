@@ -35,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import ledger, policy, runtime
+    from agent.cli import ledger, policy, runtime, web
 
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
+    web.register(sub)
     return parser
 
 
