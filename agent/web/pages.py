@@ -14,6 +14,7 @@ cookie is ``HttpOnly; SameSite=Strict`` (``Secure`` behind HTTPS).
 
 from __future__ import annotations
 
+import math
 import secrets
 from datetime import timedelta
 from decimal import Decimal
@@ -29,6 +30,8 @@ from agent.money import CURRENCY, format_amount
 from agent.web import api
 from agent.web.auth import Principal, Role, same
 from agent.web.server import (
+    PRINCIPAL,
+    SESSION,
     SESSION_COOKIE,
     ApiError,
     client,
@@ -78,7 +81,7 @@ def money(amount: Decimal) -> str:
 
 
 def _session(request: web.Request) -> Any:
-    return request.get("session")
+    return request.get(SESSION)
 
 
 def csrf_field(request: web.Request) -> str:
@@ -88,7 +91,7 @@ def csrf_field(request: web.Request) -> str:
 
 def render(request: web.Request, title: str, body: str, status: int = 200,
            headers: dict[str, str] | None = None) -> web.Response:
-    who: Principal | None = request.get("principal")
+    who: Principal | None = request.get(PRINCIPAL)
     nav = ""
     if who is not None:
         nav = (f'<a href="/accounts">Balances</a><a href="/report">Month-end report</a>'
@@ -107,7 +110,7 @@ def render(request: web.Request, title: str, body: str, status: int = 200,
 def error_page(request: web.Request, status: int, message: str,
                headers: dict[str, str] | None = None) -> web.Response:
     back = '<p><a href="/accounts">Back to the balances</a></p>' if request.get(
-        "principal") else '<p><a href="/login">Sign in</a></p>'
+        PRINCIPAL) else '<p><a href="/login">Sign in</a></p>'
     return render(request, f"Error {status}", f'<p class="error" role="alert">{e(message)}</p>'
                   + back, status, headers)
 
@@ -171,7 +174,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     now = c.monotonic()
     wait = c.failures.blocked_for(client(request), now)
     if wait:
-        return _login_page(request, f"too many failed sign-ins; try again in {int(wait) + 1} s",
+        return _login_page(request, f"too many failed sign-ins; try again in {math.ceil(wait)} s",
                            429)
     credentials = c.credentials()
     token = form.get("token", "").strip()

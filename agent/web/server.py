@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -49,7 +50,15 @@ from agent.ledger import (
     RefusedOperation,
     UnknownAccount,
 )
-from agent.web.auth import Credentials, FailureLimit, Principal, Role, Sessions, load_credentials
+from agent.web.auth import (
+    Credentials,
+    FailureLimit,
+    Principal,
+    Role,
+    Session,
+    Sessions,
+    load_credentials,
+)
 from agent.yamlfile import ConfigError
 
 log = structlog.get_logger("callgate.web")
@@ -132,6 +141,8 @@ class Console:
 
 
 CONSOLE = web.AppKey("console", Console)
+PRINCIPAL = web.RequestKey("principal", Principal)
+SESSION = web.RequestKey("session", Session)
 
 
 def console(request: web.Request) -> Console:
@@ -139,8 +150,7 @@ def console(request: web.Request) -> Console:
 
 
 def principal(request: web.Request) -> Principal:
-    who: Principal = request["principal"]
-    return who
+    return request[PRINCIPAL]
 
 
 def client(request: web.Request) -> str:
@@ -258,8 +268,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         now = c.monotonic()
         wait = c.failures.blocked_for(client(request), now)
         if wait:
-            raise ApiError(429, f"too many failed authentications; retry in {int(wait) + 1} s",
-                           {"Retry-After": str(int(wait) + 1)})
+            seconds = str(math.ceil(wait))
+            raise ApiError(429, f"too many failed authentications; retry in {seconds} s",
+                           {"Retry-After": seconds})
         if scheme.lower() == "bearer" and token:
             who = c.credentials().by_token(token.strip())
         if who is None:
@@ -273,9 +284,9 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             if request.method == "GET":
                 raise web.HTTPSeeOther("/login")
             raise ApiError(401, "your session has ended; sign in again")
-        request["session"] = session
+        request[SESSION] = session
         who = session.principal
-    request["principal"] = who
+    request[PRINCIPAL] = who
     wanted: Role = getattr(route, "role", Role.READ)
     if who.role < wanted:
         raise ApiError(403, f"{who.kind} {who.name!r} has the role {who.role.label}; "
