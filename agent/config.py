@@ -141,6 +141,7 @@ class WebSpec(_Strict):
     tls_cert: StrictStr | None = None
     tls_key: StrictStr | None = None
     allow_plaintext_remote: bool = False
+    behind_proxy: bool = False
     max_body_bytes: int = Field(16_384, ge=1024, le=1_048_576)
     request_timeout_seconds: float = Field(15, ge=1, le=300)
     failed_logins: int = Field(10, ge=1, le=1000)

@@ -248,6 +248,23 @@ async def test_failed_authentications_are_limited_per_client(ledger_url: str,
             assert r.status == 200
 
 
+async def test_behind_a_proxy_the_forwarded_address_is_the_client(ledger_url: str,
+                                                                   tmp_path: Path) -> None:
+    settings = Settings(failed_logins=2, behind_proxy=True)
+    async with console_at(ledger_url, tmp_path, settings) as s, aiohttp.ClientSession() as http:
+        for _ in range(2):
+            async with http.get(s.base + "/api/v1/accounts", headers={
+                    "Authorization": "Bearer cg_guess",
+                    "X-Forwarded-For": "203.0.113.5, 198.51.100.7"}) as r:
+                assert r.status == 401
+        async with http.get(s.base + "/api/v1/accounts", headers={
+                **s.auth("read"), "X-Forwarded-For": "198.51.100.7"}) as r:
+            assert r.status == 429
+        async with http.get(s.base + "/api/v1/accounts", headers={
+                **s.auth("read"), "X-Forwarded-For": "198.51.100.8"}) as r:
+            assert r.status == 200
+
+
 async def test_a_token_file_edit_takes_effect_without_a_restart(served: Served) -> None:
     tokens = served.policy_path.parent / "tokens.txt"
     kept = [line for line in tokens.read_text().splitlines() if not line.startswith("auditor")]

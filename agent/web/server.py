@@ -90,6 +90,7 @@ class Settings:
     failed_logins: int = 10
     failed_logins_window: float = 300.0
     session_hours: float = 8.0
+    behind_proxy: bool = False  # a loopback peer's X-Forwarded-For names the client
 
 
 class CredentialFiles:
@@ -154,7 +155,20 @@ def principal(request: web.Request) -> Principal:
 
 
 def client(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The client's address, for the failed sign-in limit.
+
+    Behind a reverse proxy every request comes from the proxy: with
+    ``behind_proxy`` the last X-Forwarded-For entry (the address the proxy saw)
+    counts instead, but only on a request from loopback, where the proxy is.
+    """
+    from agent.web.listen import is_loopback
+
+    peer = request.remote or "unknown"
+    if console(request).settings.behind_proxy and is_loopback(peer):
+        forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
+        if forwarded:
+            return forwarded[:64]
+    return peer
 
 
 # -- JSON ---------------------------------------------------------------------------
@@ -372,7 +386,7 @@ async def start_from_config(spec: Any, base: Path, ledger: Ledger, policy: Calla
                         request_timeout=spec.request_timeout_seconds,
                         failed_logins=spec.failed_logins,
                         failed_logins_window=spec.failed_logins_window_seconds,
-                        session_hours=spec.session_hours)
+                        session_hours=spec.session_hours, behind_proxy=spec.behind_proxy)
     tls = None
     if spec.tls_cert is not None:
         tls = tls_context(base / spec.tls_cert, base / spec.tls_key)
