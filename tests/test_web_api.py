@@ -152,6 +152,11 @@ async def test_statement_periods_are_the_clis(served: Served, capsys: Any) -> No
                               "--to", end)
         assert (status, code) == (400, 2) and fragment in body["error"]
         assert err == f"callgate: error: {body['error']}"
+    status, body = await call(served, "GET", "/api/v1/accounts/acme/history?since=yesterday",
+                              "read")
+    code, err = await cli(served, capsys, "ledger", "history", "acme", "--since", "yesterday")
+    assert (status, code) == (400, 2) and "neither a date nor an ISO time" in body["error"]
+    assert err == f"callgate: error: {body['error']}"
 
 
 async def test_json_fields_that_are_not_the_clis(served: Served) -> None:

@@ -126,6 +126,36 @@ def test_sessions_expire() -> None:
     assert sessions.get("forged", 1) is None
 
 
+async def test_tokens_from_a_systemd_credential(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.config import WebSpec
+    from agent.gate.policy import load_policy
+    from agent.ledger import open_ledger
+    from agent.web.server import start_from_config
+
+    _, tokens, _, secrets = write_files(tmp_path)
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    tokens.rename(credentials / "web-tokens")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    spec = WebSpec(listen="127.0.0.1:0", tokens_credential="web-tokens")
+    ledger = await open_ledger(f"sqlite://{tmp_path}/ledger.db")
+    policy = load_policy(tmp_path / "policy.yaml")
+    runner = await start_from_config(spec, tmp_path, ledger, lambda: policy)
+    try:
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{port}/api/v1/whoami",
+                headers={"Authorization": f"Bearer {secrets['admin']}"}) as r:
+            assert (await r.json())["name"] == "boss"
+    finally:
+        await runner.cleanup()
+        await ledger.close()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        await start_from_config(spec, tmp_path, ledger, lambda: policy)
+
+
 # -- the commands ---------------------------------------------------------------------------------
 def test_web_token_and_user_make_lines_the_console_accepts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -66,7 +66,8 @@ label{display:block;margin:.6rem 0 .2rem}
 input,button{font-size:1rem;padding:.45rem;max-width:100%}
 input[type=text],input[type=password],input[type=date]{width:20rem}
 button{cursor:pointer}
-.actions a,.actions button{display:inline-block;margin:.2rem .4rem .2rem 0}
+.actions a,.actions button{display:inline-block;margin:.25rem .4rem .25rem 0}
+.actions a{padding:.45rem .7rem;border:1px solid #99b;border-radius:4px}
 .neg{color:#a00}
 """
 
