@@ -200,7 +200,7 @@ class AgentConfig:
         self.policy_path = (base / spec.policy).resolve()
         state = spec.state_directory or os.environ.get("STATE_DIRECTORY") or "/var/lib/callgate"
         self.state_directory = (base / state).resolve()
-        # sqlite:///var/lib/x.db names /var/lib/x.db (DESIGN); sqlite:ledger.db is
+        # sqlite:///var/lib/x.db names /var/lib/x.db (README); sqlite:ledger.db is
         # relative to this file.
         if spec.ledger and spec.ledger.startswith("sqlite:") and not spec.ledger.startswith(
                 "sqlite://"):

@@ -56,6 +56,117 @@ class StartupError(Exception):
     """The agent cannot start; the message says why (exit status 1)."""
 
 
+def preflight(config: AgentConfig, notes: list[str] | None = None) -> Policy:
+    """Everything ``run`` checks before it opens a socket or the ledger; the policy.
+
+    ``callgate config check`` runs exactly this (and then probes the ledger), so
+    a config it passes is not refused by ``run`` for a reason it could have seen.
+    Raises :class:`StartupError`, one line per problem. Given ``notes`` (a check
+    run outside the service), a secret that only systemd provides
+    (``LoadCredential=``, absent without ``$CREDENTIALS_DIRECTORY``) is noted
+    there instead of counted as a problem.
+    """
+    import os
+
+    outside = notes is not None and not os.environ.get("CREDENTIALS_DIRECTORY")
+
+    def credential_only(text: str) -> bool:
+        if outside and "CREDENTIALS_DIRECTORY" in text:
+            assert notes is not None
+            notes.append(f"{text.split(':')[0]}: a systemd credential, provided only "
+                         "inside the service (LoadCredential=); not checked here")
+            return True
+        return False
+
+    problems: list[str] = []
+    policy: Policy | None = None
+    try:
+        policy = load_policy(config.policy_path)
+    except ConfigError as exc:
+        problems.append(f"policy {config.policy_path} is invalid:")
+        problems.extend(_clip(str(e)) for e in exc.errors)
+    try:
+        _make_publisher(config)
+    except (ValueError, OSError) as exc:  # MqttSettingsError: a bad URL, a missing CA file
+        if not credential_only(f"mqtt: {exc}"):
+            problems.append(f"{config.path}: mqtt: {_clip(str(exc))}")
+    try:
+        resolve_secret(config)
+    except ConfigError as exc:
+        problems.extend(_clip(str(e)) for e in exc.errors
+                        if not credential_only(f"{e.message}"))
+    for what, value in _listens(config):
+        try:
+            config.listen(value)
+        except ValueError as exc:
+            problems.append(f"{config.path}: {what}: {exc}")
+    if config.spec.web is not None:
+        from agent.web.server import credential_files
+
+        try:
+            credential_files(config.spec.web, config.path.parent)
+        except ConfigError as exc:
+            problems.extend(f"web: {_clip(str(e))}" for e in exc.errors
+                            if not credential_only(f"web: {e}"))
+    if problems or policy is None:
+        raise StartupError("\n".join(problems))
+    return policy
+
+
+def _listens(config: AgentConfig) -> list[tuple[str, str]]:
+    """The addresses the agent listens on, by config key."""
+    pbx = config.spec.pbx
+    out = []
+    if pbx.kind == "asterisk":
+        out.append(("pbx.fastagi.listen", (pbx.fastagi.listen if pbx.fastagi
+                                           else "127.0.0.1:4573")))
+    else:
+        out.append(("pbx.outbound_socket.listen",
+                    pbx.outbound_socket.listen if pbx.outbound_socket else "127.0.0.1:8084"))
+    if config.spec.metrics is not None:
+        out.append(("metrics.listen", config.spec.metrics.listen))
+    if config.spec.web is not None:
+        out.append(("web.listen", config.spec.web.listen))
+    return out
+
+
+def _check_free(config: AgentConfig) -> None:
+    """A listen address already taken is one clear line before anything starts.
+
+    Binds and closes a socket the way asyncio's servers bind (SO_REUSEADDR), so
+    a port merely in TIME_WAIT is not reported; a racing process can still take
+    it afterwards, which the server's own bind then reports.
+    """
+    import socket
+
+    for what, value in _listens(config):
+        host, port = config.listen(value)
+        if port == 0:
+            continue
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise StartupError(f"{what} {value}: {exc.strerror or exc}") from None
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                probe.listen(1)
+            except OSError as exc:
+                raise StartupError(
+                    f"{what} {value}: {exc.strerror or exc} (is another callgate, or "
+                    "something else, listening there?)"
+                ) from None
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """A value from a file cut to a readable length for a log line, an event or an error."""
+    from agent.money import clip
+
+    return clip(text, limit)
+
+
 def _files_of(policy_path: Path) -> list[Path]:
     """The policy file and the do-not-call files it names (what a reload depends on)."""
     files = [policy_path]
@@ -129,10 +240,15 @@ class Daemon:
         """Run until asked to stop; 0 on a clean stop. :class:`StartupError` if it cannot start."""
         from agent import systemd
 
-        await self._start()
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()  # what was opened before the failure (ledger, metrics)
+            raise
         loop = asyncio.get_running_loop()
         installed = self._install_signals(loop)
         tasks: list[asyncio.Task[Any]] = []
+        stopper: asyncio.Task[Any] | None = None
         try:
             assert self.adapter is not None and self.meter is not None
             tasks.append(asyncio.create_task(self.adapter.run(), name="pbx"))
@@ -153,14 +269,17 @@ class Daemon:
                     if task is not stopper and not task.cancelled() and task.exception():
                         error = task.exception()
                         log.error("daemon.component_failed", component=task.get_name(),
-                                  error=str(error))
-                        raise StartupError(f"{task.get_name()}: {error}") from error
+                                  error=_clip(str(error)))
+                        raise StartupError(f"{task.get_name()}: {_clip(str(error))}") from None
             await self._shutdown()
             return 0
         finally:
-            for task in tasks:
+            # Every task this started ends here, the stopper too: a task left pending
+            # is "Task was destroyed but it is pending!" when the loop closes.
+            waited = [*tasks, *([stopper] if stopper is not None else [])]
+            for task in waited:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*waited, return_exceptions=True)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             await self._close()
@@ -170,11 +289,12 @@ class Daemon:
         config = self.config
         spec = config.spec
         try:
-            self.policy = load_policy(config.policy_path)
-        except ConfigError as exc:
-            for error in exc.errors:
-                log.error("policy.invalid", error=str(error))
-            raise StartupError(f"policy {config.policy_path} is invalid:\n{exc}") from None
+            self.policy = preflight(config)
+            _check_free(config)
+        except StartupError as exc:
+            for line in str(exc).splitlines():
+                log.error("daemon.cannot_start", error=line)
+            raise
         self._policy_files = _files_of(config.policy_path)
         self._policy_stamp = _stamp(self._policy_files)
         # asyncpg logs a traceback every second or two while PostgreSQL is away; the
@@ -187,7 +307,8 @@ class Daemon:
         try:
             ledger = await open_ledger(config.ledger)
         except Exception as exc:
-            raise StartupError(f"cannot open the ledger {_redact(config.ledger)}: {exc}") from None
+            raise StartupError(
+                f"cannot open the ledger {_redact(config.ledger)}: {_clip(str(exc))}") from None
         self.metrics = _make_metrics()
         self.ledger = _TimedLedger(ledger, self.metrics) if self.metrics else ledger
         try:
@@ -228,7 +349,11 @@ class Daemon:
             from agent.metrics import serve_metrics
 
             host, port = config.listen(spec.metrics.listen)
-            self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
+            try:
+                self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
+            except OSError as exc:
+                raise StartupError(
+                    f"metrics.listen {spec.metrics.listen}: {exc.strerror or exc}") from None
         if spec.web is not None:
             await self._start_web()
         log.info("daemon.started", node=config.node, pbx=spec.pbx.kind,
@@ -315,7 +440,7 @@ class Daemon:
             try:
                 policy = load_policy(path)
             except ConfigError as exc:
-                errors = [str(e) for e in exc.errors]
+                errors = [_clip(str(e)) for e in exc.errors]
                 for error in errors:
                     log.error("policy.reload_refused", error=error, why=why)
                 log.error("policy.kept_old", errors=len(errors))

@@ -94,6 +94,13 @@ def _say(text: str) -> None:
     print(f"\n\033[1m▶ {text}\033[0m" if sys.stdout.isatty() else f"\n>> {text}", flush=True)
 
 
+def _shown(base: list[str], *args: str) -> str:
+    """The command line an operator would type for ``_cli(*base, *args)``."""
+    import shlex
+
+    return shlex.join(["callgate", *base, *args])
+
+
 async def _cli(*args: str) -> str:
     """Run the real ``callgate`` CLI in a second process, as an operator would."""
     proc = await asyncio.create_subprocess_exec(
@@ -175,7 +182,7 @@ async def _scenario(kind: str, state: Path) -> int:
         metered = await place("02158880000", "acme", "13800138003", 12)
         cut = await place("02158881111", "tight", "13800138004", 30)
         await asyncio.sleep(3)
-        _say("While they talk, from a second shell: callgate calls")
+        _say(f"While they talk, from a second shell: {_shown(base, 'calls')}")
         print(await _cli(*base, "calls"), end="")
         metered_result = await metered.ended()
         cut_result = await cut.ended()
@@ -184,12 +191,11 @@ async def _scenario(kind: str, state: Path) -> int:
               "boundary (2 increments = 10 s)")
         await asyncio.sleep(1.0)  # let the meter settle both
 
-        today = datetime.now(SHANGHAI).date().isoformat()
         for account in ("acme", "tight"):
-            _say(f"callgate ledger statement {account}")
-            print(await _cli(*base, "ledger", "statement", account, "--from", today,
-                             "--to", today), end="")
-        _say("callgate ledger balance")
+            # Printed exactly as run: the command works as shown (with --keep, later too).
+            _say(_shown(base, "ledger", "statement", account))
+            print(await _cli(*base, "ledger", "statement", account), end="")
+        _say(_shown(base, "ledger", "balance"))
         print(await _cli(*base, "ledger", "balance"), end="")
         problems = await daemon.ledger.audit() if daemon.ledger is not None else ["no ledger"]
         balance = await daemon.ledger.balance("tight") if daemon.ledger else None

@@ -1,12 +1,19 @@
-"""Finance actions and statements, the one set of rules behind the CLI and the web console.
+"""Finance actions and statements: the one set of rules behind the CLI and the web console.
 
 ``callgate ledger …`` and the HTTP API / web pages both call these functions, so
 an amount, a reference, an account or a period is accepted or refused the same
 way, with the same one-line message, wherever it was typed. A refusal is
 :class:`Refused` (the CLI's exit status 2, an HTTP 4xx), raised before the
 ledger write, so nothing is written; what the ledger itself refuses (a reused
-reference, a first top-up below the minimum, a refund while calls are up) is a
-:class:`~agent.ledger.LedgerError` the caller maps the same way.
+reference, a first top-up below the minimum, a refund while calls are up, a
+posting on a closed account) is a :class:`~agent.ledger.LedgerError` the
+caller maps the same way.
+
+The ledger's accounts are finance's, whatever the policy says today: every
+action but a new account's first top-up (which needs the policy's minimum, and
+is what catches a mistyped account name) works from the ledger alone. The
+policy is therefore passed as a callable, asked only when needed. Every amount
+shown (JSON, CSV) is signed by its effect on the balance.
 
 A finance posting is idempotent by its reference: :func:`post` tells a replay
 (the same request again: the original posting comes back, nothing is written)
@@ -15,18 +22,21 @@ from a new posting by the time the ledger recorded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent.ledger import Balance, Cdr, Ledger, Posting, PostingKind
-from agent.money import CURRENCY, AmountError, format_amount, parse_amount
+from agent.ledger import Balance, Cdr, Ledger, Posting, PostingKind, UnknownAccount
+from agent.money import CURRENCY, AmountError, clip, format_amount, parse_amount
 
-FINANCE_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
-                 PostingKind.ADJUSTMENT)
+# The kinds finance posts; MONEY_KINDS move the balance and have a statement total.
+MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
+               PostingKind.ADJUSTMENT)
+FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
+PolicySource = Callable[[], Any]  # the policy, loaded (and checked) only when asked
 
 
 class Refused(Exception):
@@ -34,7 +44,7 @@ class Refused(Exception):
 
 
 class NotFound(Refused):
-    """A refusal naming something that does not exist (an account the policy lacks)."""
+    """A refusal naming something that does not exist (an account nobody knows)."""
 
 
 # -- the checks ------------------------------------------------------------------------
@@ -52,14 +62,22 @@ def reference(ref: str) -> str:
     return ref
 
 
-def policy_zone(policy: Any, account: str) -> ZoneInfo:
-    """The account's timezone from the policy; an account the policy lacks is refused."""
-    entry = policy.accounts.get(account)
-    if entry is None:
-        known = ", ".join(sorted(policy.accounts)) or "none"
-        raise NotFound(f"unknown account {account!r} (the policy has: {known})")
-    zone: ZoneInfo = entry.hours.timezone
-    return zone
+def zone(policy: Any | None, account: str, named: str | None = None) -> ZoneInfo:
+    """The timezone an account's days and times are shown in.
+
+    ``named`` (``--tz``) when given; else the account's zone in the policy; else
+    (an account no longer in the policy, or no valid policy) UTC, which the
+    output names.
+    """
+    if named:
+        try:
+            return ZoneInfo(named)
+        except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+            raise Refused(f"--tz {clip(named)!r} is not an IANA timezone "
+                          "(e.g. Asia/Shanghai)") from None
+    entry = policy.accounts.get(account) if policy is not None else None
+    found: ZoneInfo = entry.hours.timezone if entry is not None else ZoneInfo("UTC")
+    return found
 
 
 def day(text: str, what: str) -> date:
@@ -69,26 +87,18 @@ def day(text: str, what: str) -> date:
         raise Refused(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
 
 
-def period(start: str, end: str) -> tuple[date, date]:
-    """The first and last day (included) of a statement; ``--to`` before ``--from`` refused."""
-    first_day, last_day = day(start, "--from"), day(end, "--to")
-    if last_day < first_day:
-        raise Refused(f"--to {last_day} is before --from {first_day}")
-    return first_day, last_day
+def start_of(when: date, where: ZoneInfo) -> datetime:
+    return datetime.combine(when, time(0), tzinfo=where).astimezone(UTC)
 
 
-def start_of(when: date, zone: ZoneInfo) -> datetime:
-    return datetime.combine(when, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def since(text: str, zone: ZoneInfo) -> datetime:
+def since(text: str, where: ZoneInfo) -> datetime:
     if len(text) == 10:
-        return start_of(day(text, "--since"), zone)
+        return start_of(day(text, "--since"), where)
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise Refused(f"--since {text!r} is neither a date nor an ISO time") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=where)).astimezone(UTC)
 
 
 # -- finance postings ------------------------------------------------------------------
@@ -98,7 +108,7 @@ class Request:
 
     kind: PostingKind
     account: str
-    amount: Decimal | None  # None for a refund: the ledger pays out what is available
+    amount: Decimal | None  # None for a refund (the ledger pays out what is available), reopen
     ref: str
     note: str = ""
 
@@ -109,12 +119,31 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
     if kind not in FINANCE_KINDS:
         raise Refused(f"{kind.value} is not a finance action")
     value = None
-    if kind is not PostingKind.REFUND:
+    if kind in (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.ADJUSTMENT):
         value = amount(amount_text or "", signed=kind is PostingKind.ADJUSTMENT)
     reference(ref)
-    if kind is PostingKind.ADJUSTMENT and not note.strip():
-        raise Refused("an adjustment needs a reason (--reason)")
     return Request(kind, account, value, ref, note)
+
+
+async def first_topup_minimum(ledger: Ledger, account: str, policy: PolicySource) -> Decimal:
+    """The policy's first top-up minimum for an account the ledger does not have yet.
+
+    An account the ledger has needs no policy (it may have left it). A new one
+    must be in a valid policy: that is what catches a mistyped account name.
+    """
+    try:
+        await ledger.balance(account)
+    except UnknownAccount:
+        pass
+    else:
+        return Decimal(0)
+    loaded = policy()
+    if account not in loaded.accounts:
+        known = ", ".join(sorted(loaded.accounts)) or "none"
+        raise NotFound(f"unknown account {clip(account)!r}: not in the ledger, and "
+                       f"the policy has: {clip(known, 200)}")
+    minimum: Decimal = loaded.prepaid.first_topup_minimum
+    return minimum
 
 
 @dataclass(frozen=True)
@@ -124,32 +153,42 @@ class Result:
     replayed: bool  # the same request was recorded before: nothing new written
 
 
-async def post(ledger: Ledger, policy: Any, req: Request, *, at: datetime,
-               operator: str = "") -> Result:
-    """Write one checked request (the account must be the policy's) and read the balance."""
-    policy_zone(policy, req.account)
+async def post(ledger: Ledger, req: Request, *, at: datetime, operator: str,
+               policy: PolicySource) -> Result:
+    """Write one checked request and read the balance after it."""
+    a, ref, note = req.account, req.ref, req.note
     if req.kind is PostingKind.TOPUP:
         assert req.amount is not None
-        posting = await ledger.topup(
-            req.account, req.amount, ref=req.ref, at=at, note=req.note, operator=operator,
-            first_minimum=policy.prepaid.first_topup_minimum)
+        minimum = await first_topup_minimum(ledger, a, policy)
+        posting = await ledger.topup(a, req.amount, ref=ref, at=at, note=note,
+                                     first_minimum=minimum, operator=operator)
     elif req.kind is PostingKind.PENALTY:
         assert req.amount is not None
-        posting = await ledger.penalty(req.account, req.amount, ref=req.ref, at=at,
-                                       note=req.note, operator=operator)
+        posting = await ledger.penalty(a, req.amount, ref=ref, at=at, note=note,
+                                       operator=operator)
     elif req.kind is PostingKind.ADJUSTMENT:
         assert req.amount is not None
-        posting = await ledger.adjust(req.account, req.amount, ref=req.ref, at=at,
-                                      note=req.note, operator=operator)
-    else:
-        posting = await ledger.refund(req.account, ref=req.ref, at=at, note=req.note,
+        posting = await ledger.adjust(a, req.amount, ref=ref, at=at, note=note,
                                       operator=operator)
-    balance = await ledger.balance(req.account)
+    elif req.kind is PostingKind.REOPEN:
+        posting = await ledger.reopen(a, ref=ref, at=at, note=note, operator=operator)
+    else:
+        posting = await ledger.refund(a, ref=ref, at=at, note=note, operator=operator)
+    balance = await ledger.balance(a)
     return Result(posting, balance, replayed=posting.at != at)
 
 
 VERBS = {PostingKind.TOPUP: "topped up", PostingKind.PENALTY: "fined",
-         PostingKind.REFUND: "refunded", PostingKind.ADJUSTMENT: "adjusted"}
+         PostingKind.REFUND: "refunded", PostingKind.ADJUSTMENT: "adjusted",
+         PostingKind.REOPEN: "reopened"}
+
+
+def summary(r: Result) -> str:
+    """One line on what a posting did, e.g. ``topped up 100.00 CNY (ref B1, by anna)``."""
+    p = r.posting
+    shown = "" if p.kind is PostingKind.REOPEN else f" {format_amount(signed(p))} {CURRENCY}"
+    return (f"{VERBS[p.kind]}{shown} (ref {p.ref}, by {p.operator or '-'})"
+            + (" — already recorded, nothing new written" if r.replayed else ""))
 
 
 # -- statements --------------------------------------------------------------------------
@@ -160,6 +199,16 @@ def balance_effect(p: Posting) -> Decimal:
     if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
         return -p.amount
     return Decimal(0)
+
+
+def signed(p: Posting) -> Decimal:
+    """A posting's amount as every output shows it: signed by its effect on the balance.
+
+    Holds and releases do not move the balance; they are shown as they are (history).
+    """
+    if p.kind in (PostingKind.HOLD, PostingKind.RELEASE):
+        return p.amount
+    return balance_effect(p)
 
 
 @dataclass(frozen=True)
@@ -176,19 +225,19 @@ class Statement:
 
 
 def build_statement(
-    account: str, zone: ZoneInfo, first_day: date, last_day: date,
+    account: str, where: ZoneInfo, first_day: date, last_day: date,
     history: list[Posting], cdrs: list[Cdr],
 ) -> Statement:
     """The period's lines and totals; closing = opening + the period's movements, exactly."""
-    start, end = start_of(first_day, zone), start_of(last_day + timedelta(days=1), zone)
+    start, end = start_of(first_day, where), start_of(last_day + timedelta(days=1), where)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     in_period = [p for p in history if start <= p.at < end]
     finance = [p for p in in_period if p.kind in FINANCE_KINDS]
-    totals = {kind.value: sum((p.amount for p in finance if p.kind is kind), Decimal(0))
-              for kind in FINANCE_KINDS}
-    totals["calls"] = sum((c.amount for c in cdrs), Decimal(0))
-    closing = (opening + totals["topup"] - totals["penalty"] - totals["refund"]
-               + totals["adjustment"] - totals["calls"])
+    # Every total is signed by its effect on the balance: closing = opening + their sum.
+    totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
+                              Decimal(0)) for kind in MONEY_KINDS}
+    totals["calls"] = -sum((c.amount for c in cdrs), Decimal(0))
+    closing = opening + sum(totals.values(), Decimal(0))
     # Each call is charged in one posting dated its CDR's end, so the postings of the
     # period must give the same closing balance; if not, the store needs an audit.
     from_postings = opening + sum((balance_effect(p) for p in in_period), Decimal(0))
@@ -197,48 +246,52 @@ def build_statement(
             f"the statement does not add up ({format_amount(closing)} from the CDRs, "
             f"{format_amount(from_postings)} from the postings); run an audit of the ledger"
         )
-    return Statement(account, zone, first_day, last_day, opening, cdrs, finance, totals,
+    return Statement(account, where, first_day, last_day, opening, cdrs, finance, totals,
                      closing)
 
 
-async def statement(ledger: Ledger, policy: Any, account: str, start: str,
-                    end: str) -> Statement:
-    """Check the account and the period, read them and build the statement."""
-    zone = policy_zone(policy, account)
-    first_day, last_day = period(start, end)
+async def statement(ledger: Ledger, account: str, where: ZoneInfo, start: str | None,
+                    end: str | None, today: datetime) -> Statement:
+    """Read and build a statement; the period defaults to the first posting until today."""
     history = await ledger.history(account)
-    cdrs = await ledger.cdrs(account, start_of(first_day, zone),
-                             start_of(last_day + timedelta(days=1), zone))
-    return build_statement(account, zone, first_day, last_day, history, cdrs)
+    first_day = (day(start, "--from") if start
+                 else (history[0].at.astimezone(where).date() if history
+                       else today.astimezone(where).date()))
+    last_day = day(end, "--to") if end else today.astimezone(where).date()
+    if last_day < first_day:
+        raise Refused(f"--to {last_day} is before --from {first_day}")
+    cdrs = await ledger.cdrs(account, start_of(first_day, where),
+                             start_of(last_day + timedelta(days=1), where))
+    return build_statement(account, where, first_day, last_day, history, cdrs)
 
 
-def local(at: datetime, zone: ZoneInfo) -> str:
-    return at.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+def local(at: datetime, where: ZoneInfo) -> str:
+    return at.astimezone(where).strftime("%Y-%m-%d %H:%M:%S")
 
 
 CSV_HEADER = ("type", "time", "caller", "callee", "billsec", "billed_seconds", "amount",
-              "cut_off", "reference", "note")
+              "cut_off", "reference", "note", "operator")
 
 
 def csv_rows(s: Statement) -> Iterator[list[Any]]:
     """One row per movement with its signed effect: opening + rows = closing."""
     yield list(CSV_HEADER)
     yield ["opening", local(start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-           str(s.opening), "", "", ""]
+           str(s.opening), "", "", "", ""]
     for c in s.calls:
         yield ["call", local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
                c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-               c.call_id, ",".join(c.flags)]
+               c.call_id, ",".join(c.flags), ""]
     for p in s.postings:
-        yield [p.kind.value, local(p.at, s.zone), "", "", "", "", str(balance_effect(p)),
-               "", p.ref, p.note]
+        yield [p.kind.value, local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
+               p.note, p.operator]
     end = start_of(s.last_day + timedelta(days=1), s.zone)
-    yield ["closing", local(end, s.zone), "", "", "", "", str(s.closing), "", "", ""]
+    yield ["closing", local(end, s.zone), "", "", "", "", str(s.closing), "", "", "", ""]
 
 
 # -- one JSON shape for the CLI's --json and the API ---------------------------------------
 def posting_json(p: Posting) -> dict[str, Any]:
-    return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": p.amount,
+    return {"id": p.id, "account": p.account, "kind": p.kind.value, "amount": signed(p),
             "at": p.at, "ref": p.ref, "key": p.key, "call_id": p.call_id, "note": p.note,
             "operator": p.operator}
 
@@ -256,7 +309,7 @@ def result_json(r: Result) -> dict[str, Any]:
 def cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
-            "billed_seconds": c.billed_seconds, "amount": c.amount, "cut_off": c.cut_off,
+            "billed_seconds": c.billed_seconds, "amount": -c.amount, "cut_off": c.cut_off,
             "cause": c.cause, "flags": list(c.flags)}
 
 

@@ -8,7 +8,8 @@ unit is refused, never rounded: rounding money silently is how cents go missing.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 CURRENCY = "CNY"
 MINOR_UNIT = Decimal("0.0001")
@@ -19,38 +20,76 @@ class AmountError(ValueError):
     """An amount a user wrote that is not an acceptable sum of money."""
 
 
+# ASCII digits, at most one point with digits on both sides, an optional leading minus.
+# Nothing else: no exponent (1e3), no separators (1_000, 1,000), no sign "+", no
+# blanks, no full-width or Arabic-Indic digits (str.isdigit() and Decimal() take them).
+_AMOUNT = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?", re.ASCII)
+SHOWN = 40  # characters of a refused amount echoed back in an error
+
+
+def clip(text: str, limit: int = SHOWN) -> str:
+    """``text`` cut to a readable length for an error message or a log line."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _places(minor_unit: Decimal) -> int:
+    exponent = minor_unit.normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
 def parse_amount(
     text: str | int | Decimal,
     *,
     minor_unit: Decimal = MINOR_UNIT,
     allow_zero: bool = False,
     allow_negative: bool = False,
+    maximum: Decimal | None = None,
 ) -> Decimal:
     """Parse ``text`` as an exact amount; raise :class:`AmountError` with a clear message.
 
-    Floats are refused outright: a float cannot carry an exact decimal amount.
+    A string must be plain ASCII decimal: digits, at most one point followed by at
+    most the minor unit's places, and a leading ``-`` only where negative amounts
+    are allowed. Floats are refused outright: a float cannot carry an exact
+    decimal amount. ``maximum`` bounds the magnitude.
     """
     if isinstance(text, (float, bool)):
         raise AmountError(f"amount {text!r} must be written as a decimal string, not a float")
-    raw = str(text).strip()
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise AmountError(f"amount {raw!r} is not a number") from None
-    if not value.is_finite():
-        raise AmountError(f"amount {raw!r} is not a finite number")
-    try:
-        whole_units = value.quantize(minor_unit, rounding="ROUND_DOWN")
-    except InvalidOperation:  # more digits than the decimal context holds (28)
-        raise AmountError(f"amount {raw!r} is too large") from None
-    if value != whole_units:
-        raise AmountError(
-            f"amount {raw!r} has more decimal places than the minor unit {minor_unit}"
-        )
+    if isinstance(text, str):
+        shown = clip(text)
+        match = _AMOUNT.fullmatch(text)
+        if match is None:
+            raise AmountError(
+                f"amount {shown!r} is not a number in plain decimals "
+                "(ASCII digits, at most one point: e.g. 100 or 250.50)"
+            )
+        _sign, whole, fraction = match.groups()
+        if fraction is not None and len(fraction) > _places(minor_unit):
+            raise AmountError(
+                f"amount {shown!r} has more decimal places than the minor unit {minor_unit}"
+            )
+        if len(whole.lstrip("0")) > 18:
+            raise AmountError(f"amount {shown!r} is too large")
+        value = Decimal(text)
+    else:
+        shown = clip(str(text))
+        value = Decimal(text)
+        if not value.is_finite():
+            raise AmountError(f"amount {shown!r} is not a finite number")
+        if value.adjusted() > 17:
+            raise AmountError(f"amount {shown!r} is too large")
+        if value != value.quantize(minor_unit, rounding="ROUND_DOWN"):
+            raise AmountError(
+                f"amount {shown!r} has more decimal places than the minor unit {minor_unit}"
+            )
     if value < 0 and not allow_negative:
-        raise AmountError(f"amount {raw!r} must not be negative")
+        raise AmountError(f"amount {shown!r} must not be negative")
     if value == 0 and not allow_zero:
-        raise AmountError(f"amount {raw!r} must be greater than zero")
+        raise AmountError(
+            f"amount {shown!r} must not be zero" if allow_negative
+            else f"amount {shown!r} must be greater than zero"
+        )
+    if maximum is not None and abs(value) > maximum:
+        raise AmountError(f"amount {shown!r} is above the maximum of {format_amount(maximum)}")
     return value.quantize(minor_unit)
 
 

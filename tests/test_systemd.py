@@ -212,10 +212,13 @@ def test_unit_has_the_security_relevant_lines() -> None:
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("systemd-analyze is missing; CI must verify the unit (.ci/run "
+                        "installs systemd)", pytrace=False)
         pytest.skip("systemd-analyze is not installed on this machine")
     # verify checks that ExecStart's binary exists; point it at one that does.
     unit = tmp_path / "callgate.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/callgate", "/bin/true"))
+    unit.write_text(UNIT.read_text().replace("/opt/callgate/venv/bin/callgate", "/bin/true"))
     result = subprocess.run(
         [tool, "verify", "--man=no", str(unit)],
         capture_output=True, text=True, timeout=30, check=False,

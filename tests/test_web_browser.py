@@ -135,7 +135,7 @@ async def test_a_clerk_tops_up_and_reads_the_statement_in_a_browser(tmp_path: Pa
     assert "ACME Telemarketing" in seen["balances"] and "Beta Sales" in seen["balances"]
     assert seen["bad_amount"] == "amount '-5' must not be negative"
     assert seen["summary"] == "Top up 150.50 CNY: the balance goes from 0.00 to 150.50."
-    assert seen["flash"] == "topped up 150.50 CNY (ref BANK-7)"
+    assert seen["flash"] == "topped up 150.50 CNY (ref BANK-7, by payments)"
     assert seen["balance"] == "150.50"
     assert "BANK-7" in seen["statement"] and "wire 7" in seen["statement"]
     assert "payments" in seen["statement"]  # the operator: the token's name

@@ -62,6 +62,21 @@ def test_a_remote_listen_address_without_tls_is_a_located_config_error(tmp_path:
     assert load_agent_config(write_config(tmp_path, "asterisk", 5038, 4573, "s")).spec.web is None
 
 
+def test_config_check_reads_the_web_credentials(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    _, tokens, _, _ = write_files(tmp_path)
+    config = write_config(tmp_path, "asterisk", 5038, 4573, "s",
+                          policy=(tmp_path / "policy.yaml").read_text(),
+                          extra="web: {tokens_file: tokens.txt}\n")
+    assert main(["config", "check", str(config), "--json"]) == 0, capsys.readouterr()
+    capsys.readouterr()
+    tokens.write_text("clerk root sha256:00\n")
+    assert main(["config", "check", str(config), "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems == [f"web: {tokens}:1: clerk: role 'root' is not one of read, finance, "
+                        "admin"]
+
+
 # -- credential files ---------------------------------------------------------------------------
 def test_credential_files_report_every_bad_line(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens.txt"
@@ -196,11 +211,17 @@ def test_serve_refuses_what_it_must(tmp_path: Path) -> None:
     proc = _serve(tmp_path)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "nobody could sign in" in err, err
+    proc = _serve(tmp_path, "--tokens", str(tokens))  # like the CLI: never a new ledger
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "ledger init" in err, err
+    assert not (tmp_path / "ledger.db").exists()
 
 
 async def test_serve_answers_and_stops_on_sigterm(tmp_path: Path) -> None:
     _, tokens, _, secrets = write_files(tmp_path)
     port = free_port()
+    assert await asyncio.to_thread(
+        main, ["--ledger", f"sqlite://{tmp_path}/ledger.db", "ledger", "init"]) == 0
     proc = _serve(tmp_path, "--tokens", str(tokens), "--listen", f"127.0.0.1:{port}")
     try:
         headers = {"Authorization": f"Bearer {secrets['finance']}"}

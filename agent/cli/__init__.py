@@ -1,13 +1,16 @@
 """The ``callgate`` command: argument parsing and dispatch to the command groups.
 
 Exit status: 0 success, 1 a check failed (e.g. invalid policy), 2 bad usage or
-refused input (one line on stderr, nothing written).
+refused input (one line on stderr, nothing written). No traceback reaches a
+user: an output pipe closed early (``… | head``) ends the command quietly, and
+an unexpected error is one line (``CALLGATE_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -29,14 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config", help="agent config (env CALLGATE_CONFIG)")
     parser.add_argument("--policy", help="policy YAML (env CALLGATE_POLICY)")
     parser.add_argument("--ledger", help="ledger URL (env CALLGATE_LEDGER)")
+    parser.add_argument("--operator", metavar="NAME",
+                        help="who is doing this, recorded with every posting "
+                             "(default: your login name)")
+    parser.add_argument("--version", action="version", version=f"callgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     version = sub.add_parser("version", help="print the version")
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import ledger, policy, runtime, web
+    from agent.cli import config, ledger, policy, runtime, web
 
+    config.register(sub)
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
@@ -57,16 +65,48 @@ async def _version(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        result = args.func(args)
-        if asyncio.iscoroutine(result):
-            result = eventloop.run(result)
-        return int(result or 0)
-    except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
-        print(f"callgate: error: {exc}", file=sys.stderr)
-        return 2
-    except CheckFailed as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        try:
+            args = parser.parse_args(argv)
+            result = args.func(args)
+            if asyncio.iscoroutine(result):
+                result = eventloop.run(result)
+            code = int(result or 0)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            return _pipe_closed()
+        except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
+            print(f"callgate: error: {exc}", file=sys.stderr)
+            return 2
+        except CheckFailed as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:
+            if os.environ.get("CALLGATE_DEBUG"):
+                raise
+            from agent.money import clip
+
+            print(f"callgate: internal error: {type(exc).__name__}: "
+                  f"{clip(str(exc).replace(chr(10), '; '), 300)} "
+                  "(CALLGATE_DEBUG=1 shows the traceback)", file=sys.stderr)
+            return 1
+    except BrokenPipeError:  # the reader of stderr is gone too
+        return _pipe_closed()
+
+
+def _pipe_closed() -> int:
+    """The reader went away (``callgate … | head``): stop quietly, as ``cat`` would.
+
+    stdout is pointed at /dev/null so the interpreter's final flush cannot fail
+    again on the closed pipe.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
+    return 141  # 128 + SIGPIPE, what a shell reports for a command the pipe ended

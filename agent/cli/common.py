@@ -1,5 +1,10 @@
 """What every ``callgate`` command shares: locating config, policy and ledger, errors, output.
 
+Also the two rules every command that writes keeps: a ledger is opened with
+:func:`open_store` / :class:`OpenedLedger`, which never create one (only ``run``
+and ``ledger init`` do), and what it records names its author with
+:func:`operator_name` (``--operator``, else the invoking user's login name).
+
 Resolution order for each setting: the command-line option, then the
 environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 ``CALLGATE_LEDGER``), then the agent config file (``-c``; default
@@ -8,6 +13,7 @@ environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import sys
@@ -15,7 +21,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
 
+from agent.money import clip
 from agent.yamlfile import ConfigError
 
 if TYPE_CHECKING:
@@ -23,6 +31,7 @@ if TYPE_CHECKING:
 
     from agent.config import AgentConfig
     from agent.gate.policy import Policy
+    from agent.ledger import Ledger
 
 DEFAULT_CONFIG = Path("/etc/callgate/agent.yaml")
 DEFAULT_LEDGER = "sqlite:///var/lib/callgate/ledger.db"
@@ -77,7 +86,12 @@ def load_policy(args: argparse.Namespace) -> Policy:
     try:
         return load(path)
     except ConfigError as exc:
-        raise UsageError(f"policy {path} is invalid:\n{exc}") from None
+        first = clip(str(exc.errors[0]), 300) if exc.errors else "unreadable"
+        more = len(exc.errors) - 1
+        raise UsageError(
+            f"policy {path} is invalid: {first}"
+            + (f" (and {more} more; see callgate policy check)" if more > 0 else "")
+        ) from None
 
 
 def ledger_url(args: argparse.Namespace) -> str:
@@ -88,6 +102,86 @@ def ledger_url(args: argparse.Namespace) -> str:
     if config is not None:
         return config.ledger
     return DEFAULT_LEDGER
+
+
+def operator_name(args: argparse.Namespace) -> str:
+    """Who is running this command, recorded with what it writes (postings, complaints, …).
+
+    ``--operator NAME``; else the invoking user's login name: ``$SUDO_USER`` under
+    sudo (the person, not root), else the login name of the process's user.
+    """
+    from agent.ledger._rules import OPERATOR_LIMIT
+
+    name = getattr(args, "operator", None)
+    if name is None:
+        name = os.environ.get("SUDO_USER") or ""
+        if not name:
+            try:
+                name = getpass.getuser()
+            except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
+                name = f"uid {os.getuid()}"
+    if not name or name != name.strip() or not name.isprintable() or len(name) > OPERATOR_LIMIT:
+        raise UsageError(
+            f"--operator {clip(name)!r} must be a printable name without leading or trailing "
+            f"blanks, at most {OPERATOR_LIMIT} characters"
+        )
+    return name
+
+
+async def open_store(args: argparse.Namespace, *, create: bool = False) -> Ledger:
+    """Open the configured ledger; only ``create=True`` (``ledger init``) may make a new one.
+
+    Every CLI command opens its ledger here, so a mistyped path or database is
+    refused with the place it looked at (exit 2), never silently created.
+    """
+    from agent.ledger import LedgerError, open_ledger
+
+    url = ledger_url(args)
+    try:
+        return await open_ledger(url, create=create)
+    except LedgerError as exc:
+        raise UsageError(clip(str(exc), 400)) from None
+
+
+class OpenedLedger:
+    """``async with OpenedLedger(args) as ledger``: an existing ledger; its errors, one line."""
+
+    def __init__(self, args: argparse.Namespace, *, create: bool = False) -> None:
+        self.args = args
+        self.create = create
+        self.ledger: Ledger | None = None
+
+    async def __aenter__(self) -> Ledger:
+        self.ledger = await open_store(self.args, create=self.create)
+        return self.ledger
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        from agent.ledger import LedgerError
+
+        if self.ledger is not None:
+            await self.ledger.close()
+        if isinstance(exc, LedgerError):
+            raise UsageError(clip(str(exc), 400)) from None
+
+
+def try_policy(args: argparse.Namespace) -> Policy | None:
+    """The policy if one is configured and valid, else None (finance must not depend on it)."""
+    try:
+        return load_policy(args)
+    except UsageError:
+        return None
+
+
+def account_zone(args: argparse.Namespace, account: str, named: str | None = None
+                 ) -> ZoneInfo:
+    """The timezone an account's dates and times are shown in (:func:`agent.finance.zone`).
+
+    ``--tz`` when given; else the account's zone in the policy; else (an account
+    no longer in the policy, or no valid policy) UTC, which the output names.
+    """
+    from agent.finance import zone
+
+    return zone(None if named else try_policy(args), account, named)
 
 
 def now() -> datetime:

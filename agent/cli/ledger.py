@@ -1,37 +1,60 @@
 """``callgate ledger …``: finance staff's commands (top-up, fines, refunds, statements).
 
-Every refusal — an amount that is not a positive exact sum, an account the
-policy does not know, a reused reference, a first top-up below the policy's
-minimum, a refund while calls are in progress — is exit 2 with one line on
-stderr, raised before or instead of the ledger write, so nothing is written.
+Every refusal — an amount that is not a plain exact sum, an account nobody
+knows, a reused reference, a first top-up below the policy's minimum, a refund
+while calls are in progress, a posting on a closed account — is a
+:class:`UsageError` (exit 2, one line on stderr) raised before or instead of
+the ledger write, so nothing is written. Only ``ledger init`` creates a ledger.
+
+The ledger's accounts are finance's, whatever the policy says today: every
+command but a new account's first top-up (which needs the policy's minimum)
+works from the ledger alone, for an account removed from the policy and with an
+invalid policy file. Each posting records its operator (``--operator``,
+default the invoking user). Amounts are parsed by
+:func:`agent.money.parse_amount`; every amount shown (text, JSON, CSV) is
+signed by its effect on the balance. Dates are days in the account's timezone
+(the policy's; ``--tz``; else UTC).
+
 The rules themselves are :mod:`agent.finance`'s, shared with the web console;
-this module only parses arguments and prints. ``--json`` prints one object with
-amounts as strings. Dates are days in the account's timezone (the policy's).
-Each posting records the login name of whoever ran the command as its operator.
+this module parses arguments, opens the ledger and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import getpass
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo
 
 from agent import finance
-from agent.cli.common import UsageError, ledger_url, load_policy, now, print_json
-from agent.ledger import Ledger, LedgerError, PostingKind, open_ledger
+from agent.cli.common import (
+    OpenedLedger,
+    account_zone,
+    load_policy,
+    now,
+    operator_name,
+    print_json,
+)
+from agent.finance import FINANCE_KINDS, MONEY_KINDS, Statement, balance_effect, signed
+from agent.ledger import PostingKind
 from agent.money import CURRENCY, format_amount
+
+_Opened = OpenedLedger  # this module's earlier name for it
+__all__ = ["FINANCE_KINDS", "MONEY_KINDS", "Statement", "balance_effect", "register",
+           "signed"]
 
 
 def register(sub: Any) -> None:
     ledger = sub.add_parser("ledger", help="top up, fine, refund; balances and statements")
     commands = ledger.add_subparsers(dest="ledger_command", required=True,
                                      parser_class=type(ledger))
+
+    init = commands.add_parser(
+        "init", help="create the ledger (the only command besides run that may)")
+    init.add_argument("--json", action="store_true")
+    init.set_defaults(func=_init)
 
     topup = commands.add_parser("topup", help="credit a prepaid top-up")
     topup.add_argument("account")
@@ -57,6 +80,14 @@ def register(sub: Any) -> None:
     refund.add_argument("--json", action="store_true")
     refund.set_defaults(func=_refund)
 
+    reopen = commands.add_parser(
+        "reopen", help="open a closed (refunded) account again, e.g. a returning customer")
+    reopen.add_argument("account")
+    reopen.add_argument("--ref", required=True, help="reference (idempotency key)")
+    reopen.add_argument("--note", default="", help="why (kept with the posting)")
+    reopen.add_argument("--json", action="store_true")
+    reopen.set_defaults(func=_reopen)
+
     adjust = commands.add_parser("adjust", help="correct a balance by a signed amount")
     adjust.add_argument("account")
     adjust.add_argument("amount", help="signed amount, e.g. -12.50 or 3")
@@ -73,15 +104,19 @@ def register(sub: Any) -> None:
     history = commands.add_parser("history", help="an account's postings")
     history.add_argument("account")
     history.add_argument("--since", help="DATE (YYYY-MM-DD, the account's timezone) or ISO time")
+    history.add_argument("--tz", help="show times in this IANA zone (default: the account's)")
     history.add_argument("--json", action="store_true")
     history.set_defaults(func=_history)
 
     statement = commands.add_parser(
         "statement", help="calls and postings of a period, with totals that add up")
     statement.add_argument("account")
-    statement.add_argument("--from", dest="start", required=True, help="first day, YYYY-MM-DD")
-    statement.add_argument("--to", dest="end", required=True,
-                           help="last day, YYYY-MM-DD (included)")
+    statement.add_argument("--from", dest="start",
+                           help="first day, YYYY-MM-DD (default: the account's first posting)")
+    statement.add_argument("--to", dest="end",
+                           help="last day, YYYY-MM-DD, included (default: today)")
+    statement.add_argument("--tz", help="days and times in this IANA zone "
+                                        "(default: the account's)")
     output = statement.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true")
     output.add_argument("--json", action="store_true")
@@ -89,33 +124,6 @@ def register(sub: Any) -> None:
 
 
 # -- shared helpers ------------------------------------------------------------------
-def _policy_account(args: argparse.Namespace, account: str) -> tuple[Any, ZoneInfo]:
-    """The loaded policy and the account's timezone; an account it lacks is refused."""
-    policy = load_policy(args)
-    return policy, finance.policy_zone(policy, account)
-
-
-class _Opened:
-    """``async with _Opened(args) as ledger``: ledger errors become one-line usage errors."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.url = ledger_url(args)
-        self.ledger: Ledger | None = None
-
-    async def __aenter__(self) -> Ledger:
-        try:
-            self.ledger = await open_ledger(self.url)
-        except LedgerError as exc:
-            raise UsageError(str(exc)) from None
-        return self.ledger
-
-    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
-        if self.ledger is not None:
-            await self.ledger.close()
-        if isinstance(exc, LedgerError):
-            raise UsageError(str(exc)) from None
-
-
 def _money(amount: Decimal) -> str:
     return format_amount(amount)
 
@@ -139,27 +147,18 @@ async def _finance(args: argparse.Namespace, kind: PostingKind) -> int:
     # Everything the user wrote is checked before the ledger is even opened.
     note = args.reason if kind in (PostingKind.PENALTY, PostingKind.ADJUSTMENT) else args.note
     req = finance.request(kind, args.account, getattr(args, "amount", None), args.ref, note)
-    policy, _ = _policy_account(args, args.account)
-    async with _Opened(args) as ledger:
-        result = await finance.post(ledger, policy, req, at=now(), operator=_login())
+    operator = operator_name(args)
+    async with OpenedLedger(args) as ledger:
+        result = await finance.post(ledger, req, at=now(), operator=operator,
+                                    policy=lambda: load_policy(args))
     if args.json:
         print_json(finance.result_json(result))
         return 0
-    posting, balance = result.posting, result.balance
-    print(f"{args.account}: {finance.VERBS[kind]} {_money(posting.amount)} {CURRENCY} "
-          f"(ref {posting.ref})"
-          + (" — already recorded, nothing new written" if result.replayed else ""))
+    balance = result.balance
+    print(f"{args.account}: {finance.summary(result)}")
     print(f"  balance {_money(balance.posted)}  held {_money(balance.held)}  "
           f"available {_money(balance.available)}" + ("  (closed)" if balance.closed else ""))
     return 0
-
-
-def _login() -> str:
-    """Who runs the command, recorded as the posting's operator."""
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name and no passwd entry (a bare container)
-        return f"uid:{os.getuid()}"
 
 
 async def _topup(args: argparse.Namespace) -> int:
@@ -178,9 +177,27 @@ async def _adjust(args: argparse.Namespace) -> int:
     return await _finance(args, PostingKind.ADJUSTMENT)
 
 
+async def _reopen(args: argparse.Namespace) -> int:
+    return await _finance(args, PostingKind.REOPEN)
+
+
+async def _init(args: argparse.Namespace) -> int:
+    async with OpenedLedger(args, create=True) as ledger:
+        created = bool(getattr(ledger, "created", False))
+        where = str(getattr(ledger, "path", "") or getattr(ledger, "where", ""))
+        unit = ledger.unit  # type: ignore[attr-defined]
+    if args.json:
+        print_json({"ledger": where, "created": created, "minor_unit": unit})
+    elif created:
+        print(f"created the ledger at {where} (minor unit {unit})")
+    else:
+        print(f"the ledger at {where} already exists (minor unit {unit}); nothing changed")
+    return 0
+
+
 # -- reading commands --------------------------------------------------------------------
 async def _balance(args: argparse.Namespace) -> int:
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         if args.account:
             balances = [await ledger.balance(args.account)]
         else:
@@ -201,65 +218,63 @@ async def _balance(args: argparse.Namespace) -> int:
 
 
 async def _history(args: argparse.Namespace) -> int:
-    _, zone = _policy_account(args, args.account)
+    zone = account_zone(args, args.account, args.tz)
     since = finance.since(args.since, zone) if args.since else None
-    async with _Opened(args) as ledger:
+    async with OpenedLedger(args) as ledger:
         postings = await ledger.history(args.account, since)
     if args.json:
         print_json({"account": args.account, "timezone": str(zone),
                     "postings": [finance.posting_json(p) for p in postings]})
         return 0
-    rows = [[finance.local(p.at, zone), p.kind.value, _money(p.amount), p.ref, p.note]
-            for p in postings]
+    rows = [[finance.local(p.at, zone), p.kind.value, _money(signed(p)), p.ref, p.operator or "-",
+             p.note] for p in postings]
     print(f"{args.account}: {len(postings)} posting(s), times in {zone}")
     if rows:
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "NOTE"], rows, {2}))
+        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
     return 0
 
 
 # -- statement ----------------------------------------------------------------------------
 async def _statement(args: argparse.Namespace) -> int:
-    policy = load_policy(args)
-    finance.policy_zone(policy, args.account)
-    finance.period(args.start, args.end)
-    async with _Opened(args) as ledger:
-        statement = await finance.statement(ledger, policy, args.account, args.start, args.end)
+    zone = account_zone(args, args.account, args.tz)
+    async with OpenedLedger(args) as ledger:
+        statement = await finance.statement(ledger, args.account, zone, args.start, args.end,
+                                            now())
     if args.json:
         print_json(finance.statement_json(statement))
     elif args.csv:
-        out = csv.writer(sys.stdout, lineterminator="\n")
-        out.writerows(finance.csv_rows(statement))
+        csv.writer(sys.stdout, lineterminator="\n").writerows(finance.csv_rows(statement))
     else:
         _statement_text(statement)
     return 0
 
 
-def _statement_text(s: finance.Statement) -> None:
+def _statement_text(s: Statement) -> None:
     print(f"Statement for {s.account}, {s.first_day} to {s.last_day} "
           f"(times in {s.zone}, amounts in {CURRENCY})")
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
         rows = [[finance.local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(c.amount),
+                 str(c.billsec), str(c.billed_seconds), _money(-c.amount),
                  "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
         print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
                       "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[finance.local(p.at, s.zone), p.kind.value, _money(p.amount), p.ref, p.note]
-                for p in s.postings]
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "NOTE"], rows, {2}))
+        rows = [[finance.local(p.at, s.zone), p.kind.value, _money(signed(p)), p.ref,
+                 p.operator or "-", p.note] for p in s.postings]
+        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
     print()
     t = s.totals
     rows = [
         ["opening balance", _money(s.opening)],
-        ["+ top-ups", _money(t["topup"])],
-        ["- calls", _money(t["calls"])],
-        ["- penalties", _money(t["penalty"])],
-        ["- refunds", _money(t["refund"])],
-        ["± adjustments", _money(t["adjustment"])],
+        ["top-ups", _money(t["topup"])],
+        ["calls", _money(t["calls"])],
+        ["penalties", _money(t["penalty"])],
+        ["refunds", _money(t["refund"])],
+        ["adjustments", _money(t["adjustment"])],
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))

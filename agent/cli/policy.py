@@ -42,7 +42,16 @@ def register(sub: Any) -> None:
 async def _check(args: argparse.Namespace) -> int:
     from agent.gate.policy import load_policy as load
 
-    path = Path(args.path) if args.path else policy_path(args)
+    try:
+        path = Path(args.path) if args.path else policy_path(args)
+    except UsageError as exc:
+        # A bad agent.yaml is a failed check (exit 1), like a bad policy: ops run
+        # `policy check` to know whether what they ship will load.
+        if args.json:
+            print_json({"valid": False, "errors": [{"file": None, "line": None, "path": "",
+                                                    "message": str(exc)}]})
+            return 1
+        raise CheckFailed(f"callgate: {exc}") from None
     try:
         policy = load(path)
     except ConfigError as exc:
@@ -61,13 +70,14 @@ async def _check(args: argparse.Namespace) -> int:
 
 async def _ledger_state(args: argparse.Namespace, account: str) -> tuple[Decimal | None, int, bool]:
     """Balance, live calls and closed flag from the ledger (None balance: unreachable)."""
-    from agent.cli.common import ledger_url
-    from agent.ledger import LedgerError, UnknownAccount, open_ledger
+    from agent.cli.common import open_store
+    from agent.ledger import UnknownAccount
 
     try:
-        ledger = await open_ledger(ledger_url(args))
-    except LedgerError as exc:
-        raise UsageError(f"cannot open the ledger for --balance: {exc}") from None
+        ledger = await open_store(args)
+    except UsageError as exc:
+        raise UsageError(f"cannot read the balance from the ledger (or give --balance): {exc}"
+                         ) from None
     try:
         try:
             balance = await ledger.balance(account)

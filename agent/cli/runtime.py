@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from agent import eventloop
-from agent.cli.common import UsageError, agent_config, ledger_url, now, print_json
+from agent.cli.common import UsageError, agent_config, now, open_store, print_json, try_policy
 from agent.money import format_amount
 
 
@@ -50,12 +50,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 async def _calls(args: argparse.Namespace) -> int:
-    from agent.ledger import LedgerError, open_ledger
+    from zoneinfo import ZoneInfo
 
-    try:
-        ledger = await open_ledger(ledger_url(args))
-    except LedgerError as exc:
-        raise UsageError(str(exc)) from None
+    from agent.ledger import LedgerError
+
+    ledger = await open_store(args)
     try:
         records = await ledger.live_calls(args.account)
     except LedgerError as exc:
@@ -63,6 +62,15 @@ async def _calls(args: argparse.Namespace) -> int:
     finally:
         await ledger.close()
     current = now()
+    # Times in each account's zone, as in its statement (UTC for an account the
+    # policy no longer has); the zone is printed with every time.
+    policy = try_policy(args)
+    utc = ZoneInfo("UTC")
+
+    def zone_of(account: str) -> ZoneInfo:
+        entry = policy.accounts.get(account) if policy is not None else None
+        return entry.hours.timezone if entry is not None else utc
+
     rows: list[dict[str, Any]] = []
     for r in records:
         elapsed = int((current - r.answered_at).total_seconds()) if r.answered_at else None
@@ -83,14 +91,14 @@ async def _calls(args: argparse.Namespace) -> int:
     if not rows:
         print("no live calls")
         return 0
-    print(f"{'ACCOUNT':<10} {'CALLER':<13} {'CALLEE':<14} {'STATUS':<9} {'ANSWERED':<9} "
+    print(f"{'ACCOUNT':<10} {'CALLER':<13} {'CALLEE':<14} {'STATUS':<9} {'ANSWERED':<12} "
           f"{'ELAPSED':>7} {'PAID':>6} {'HELD':>8}  CALL")
     for row in rows:
-        answered = row["answered_at"].astimezone().strftime("%H:%M:%S") if row[
-            "answered_at"] else "-"
+        answered = row["answered_at"].astimezone(zone_of(row["account"])).strftime(
+            "%H:%M:%S %Z") if row["answered_at"] else "-"
         shown = f"{row['elapsed_seconds']}s" if row["elapsed_seconds"] is not None else "-"
         print(f"{row['account']:<10} {row['caller']:<13} {row['callee']:<14} "
-              f"{row['status']:<9} {answered:<9} {shown:>7} {row['paid_seconds']:>5}s "
+              f"{row['status']:<9} {answered:<12} {shown:>7} {row['paid_seconds']:>5}s "
               f"{format_amount(row['held']):>8}  {row['call_id']}")
     print(f"{len(rows)} live call(s)")
     return 0

@@ -1,7 +1,8 @@
 """``callgate serve`` and ``callgate web token|user``: the finance console without a PBX.
 
-``serve`` runs only the console (agent/web) against the ledger and policy of
-the config (or ``--ledger``/``--policy``): for a finance host with no PBX, or to
+``serve`` runs only the console (agent/web) against the existing ledger and
+the policy of the config (or ``--ledger``/``--policy``; like every command but
+``run`` and ``ledger init`` it never creates a ledger): for a finance host with no PBX, or to
 keep the console in its own process beside the daemon. The daemon serves the
 same console itself when its config has a ``web:`` section. ``serve`` re-reads
 the policy when the file changes (an invalid edit keeps the old one) and the
@@ -29,8 +30,8 @@ from agent.cli.common import (
     CheckFailed,
     UsageError,
     agent_config,
-    ledger_url,
     load_policy,
+    open_store,
     policy_path,
     print_json,
 )
@@ -159,20 +160,23 @@ def _serve(args: argparse.Namespace) -> int:
     log = config.spec.log if config is not None else None
     configure_logging(log.format if log else "auto", log.level if log else "info")
     policy = _PolicyFile(policy_path(args), load_policy(args))
-    url = ledger_url(args)
-    return eventloop.run(_run_console(spec, base, url, policy,
+    from agent.web.server import credential_files
+    from agent.yamlfile import ConfigError
+
+    try:  # checked before the ledger is opened: a console nobody can sign in to is useless
+        credential_files(spec, base)
+    except ConfigError as exc:
+        raise UsageError(str(exc).replace("\n", "; ")) from None
+    return eventloop.run(_run_console(args, spec, base, policy,
                                       config.node if config is not None else ""))
 
 
-async def _run_console(spec: Any, base: Path, url: str, policy: Any, node: str) -> int:
-    from agent.ledger import LedgerError, open_ledger
+async def _run_console(args: argparse.Namespace, spec: Any, base: Path, policy: Any,
+                       node: str) -> int:
     from agent.web.server import start_from_config
     from agent.yamlfile import ConfigError
 
-    try:
-        ledger = await open_ledger(url)
-    except LedgerError as exc:
-        raise UsageError(str(exc)) from None
+    ledger = await open_store(args)  # an existing ledger only: serve never creates one
     try:
         try:
             runner = await start_from_config(spec, base, ledger, policy, node=node)

@@ -93,7 +93,8 @@ def load_file(path: Path, normalize: Callable[[str], str]) -> DncSet:
             if not text.isdigit():
                 text = normalize(text)
             if not text.isdigit() or len(text) > MAX_DIGITS:
-                raise DncFileError(path, line_no, f"{text!r} is not a phone number")
+                shown = text if len(text) <= 40 else f"{text[:40]}… ({len(text)} characters)"
+                raise DncFileError(path, line_no, f"{shown!r} is not a phone number")
             append(int("1" + text))
     ordered = array("Q", sorted(set(keys)))
     result = DncSet(ordered)

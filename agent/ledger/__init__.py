@@ -27,7 +27,7 @@ from agent.ledger.model import (
     RefusedOperation,
     UnknownAccount,
 )
-from agent.money import MINOR_UNIT, AmountError, parse_amount
+from agent.money import MINOR_UNIT, AmountError, clip, parse_amount
 
 __all__ = [
     "AccountClosed",
@@ -64,14 +64,31 @@ def _minor_unit(options: dict[str, str], url: str) -> Decimal:
     return unit
 
 
-async def open_ledger(url: str) -> Ledger:
-    """Open the ledger a URL names, creating or migrating its schema.
+def _max_posting(options: dict[str, str], url: str) -> Decimal:
+    from agent.ledger._rules import DEFAULT_MAX_POSTING
+
+    text = options.get("max_posting")
+    if text is None:
+        return DEFAULT_MAX_POSTING
+    try:
+        return parse_amount(text, maximum=Decimal(10**14))
+    except AmountError as exc:
+        raise LedgerError(f"ledger URL {clip(url, 200)!r}: max_posting {exc}") from None
+
+
+async def open_ledger(url: str, *, create: bool = True) -> Ledger:
+    """Open the ledger a URL names, migrating its schema (creating it if ``create``).
+
+    With ``create=False`` (every CLI command but ``ledger init``) a store that
+    does not exist — no file, or a database without callgate's tables — is a
+    :class:`LedgerError` naming where it looked, and nothing is created.
 
     ``sqlite:///abs/path/ledger.db`` (an absolute path; ``sqlite:ledger.db``
     without slashes is relative to the working directory),
     ``postgresql://user@host:port/db`` or ``postgres://…``.
     ``?minor_unit=0.01`` sets the unit of a new store (default 0.0001);
-    other PostgreSQL query parameters are server settings, e.g.
+    ``?max_posting=1000000`` the largest single finance posting (default
+    10,000,000); other PostgreSQL query parameters are server settings, e.g.
     ``?search_path=tenant``.
     """
     parts = urlsplit(url)
@@ -83,16 +100,17 @@ async def open_ledger(url: str) -> Ledger:
             raise LedgerError(
                 f"ledger URL {url!r}: a SQLite URL has no host; write sqlite:///path/ledger.db"
             )
-        # sqlite:///var/lib/x.db is /var/lib/x.db (DESIGN's agent config);
+        # sqlite:///var/lib/x.db is /var/lib/x.db (the README's agent config);
         # sqlite:ledger.db is relative to the working directory.
         path = "/" + parts.path.lstrip("/") if parts.path.startswith("/") else parts.path
         if not parts.path.strip("/"):
             raise LedgerError(f"ledger URL {url!r} names no file")
         options = dict(parse_qsl(parts.query))
-        unknown = set(options) - {"minor_unit"}
+        unknown = set(options) - {"minor_unit", "max_posting"}
         if unknown:
             raise LedgerError(f"ledger URL {url!r}: unknown option(s) {', '.join(sorted(unknown))}")
-        return await SqliteLedger.open(path, minor_unit=_minor_unit(options, url))
+        return await SqliteLedger.open(path, minor_unit=_minor_unit(options, url), create=create,
+                                       max_posting=_max_posting(options, url))
     if scheme in ("postgresql", "postgres"):
         from agent.ledger.postgres import PostgresLedger, split_options
 
@@ -102,7 +120,8 @@ async def open_ledger(url: str) -> Ledger:
             raise LedgerError(f"ledger URL: pool_size must be a positive whole number (got {size})")
         pool_size = int(size)
         return await PostgresLedger.open(
-            dsn, minor_unit=_minor_unit(options, url), pool_size=pool_size
+            dsn, minor_unit=_minor_unit(options, url), pool_size=pool_size, create=create,
+            max_posting=_max_posting(options, url),
         )
     raise LedgerError(
         f"ledger URL {url!r}: unknown scheme {parts.scheme!r}; "

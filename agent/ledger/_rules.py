@@ -31,7 +31,19 @@ FINANCE_KINDS = (
     PostingKind.PENALTY,
     PostingKind.REFUND,
     PostingKind.ADJUSTMENT,
+    PostingKind.REOPEN,
 )
+# Every running total (an account's posted balance and its held amount) stays within
+# +-BALANCE_LIMIT minor units, checked before the write. With posted and held both in
+# range, every expression the stores evaluate on them (posted - held, posted + a
+# posting) fits a signed 64-bit integer: SQLite never turns one into a REAL, and
+# PostgreSQL's BIGINT never overflows. The balance is then always exactly the sum of
+# its postings. 10**18 units is 10**14 CNY at the default minor unit.
+BALANCE_LIMIT = 10**18
+# The default largest single posting (top-up, penalty, adjustment) in the currency;
+# ``?max_posting=`` in the ledger URL changes it.
+DEFAULT_MAX_POSTING = Decimal(10_000_000)
+OPERATOR_LIMIT = 64
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND = timedelta(microseconds=1)
 
@@ -78,6 +90,34 @@ def to_units(amount: Decimal, unit: Decimal, *, what: str = "amount") -> int:
     return int(units)
 
 
+def check_operator(operator: str) -> str:
+    """Who made a posting: a short printable name (blank for the agent's own postings)."""
+    if len(operator) > OPERATOR_LIMIT or not operator.isprintable() or operator != operator.strip():
+        raise RefusedOperation(
+            f"operator name {operator[:OPERATOR_LIMIT]!r} must be printable, without leading "
+            f"or trailing blanks, and at most {OPERATOR_LIMIT} characters"
+        )
+    return operator
+
+
+def check_posting_size(units: int, max_units: int, unit: Decimal, *, what: str = "amount"
+                       ) -> None:
+    if abs(units) > max_units:
+        raise RefusedOperation(
+            f"{what} {show(abs(units), unit)} is above the ledger's maximum posting of "
+            f"{show(max_units, unit)} (max_posting in the ledger URL)"
+        )
+
+
+def check_total(account: str, posted: int, unit: Decimal) -> None:
+    """Refuse a write that would take a running total beyond :data:`BALANCE_LIMIT`."""
+    if abs(posted) > BALANCE_LIMIT:
+        raise RefusedOperation(
+            f"this would take the balance of account {account!r} to {show(posted, unit)}, "
+            f"beyond the ledger's limit of {show(BALANCE_LIMIT, unit)}"
+        )
+
+
 def positive_units(amount: Decimal, unit: Decimal, *, what: str = "amount") -> int:
     units = to_units(amount, unit, what=what)
     if units <= 0:
@@ -111,7 +151,7 @@ def finance_replay_matches(
 
     A refund's amount is computed by the ledger, so its content is only its note.
     """
-    if kind is PostingKind.REFUND:
+    if kind in (PostingKind.REFUND, PostingKind.REOPEN):
         return stored_note == note
     return stored_amount == amount and stored_note == note
 
@@ -169,6 +209,29 @@ def first_topup_check(account: str, units: int, minimum: int, unit: Decimal) -> 
 
 def closed_error(account: str) -> AccountClosed:
     return AccountClosed(f"account {account!r} is closed (refunded); it takes no new business")
+
+
+def closed_finance_error(account: str, kind: PostingKind) -> AccountClosed:
+    return AccountClosed(
+        f"account {account!r} is closed (refunded); a {kind.value} needs it open again: "
+        "callgate ledger reopen"
+    )
+
+
+def lifecycle(account: str, kind: PostingKind, closed: bool) -> bool:
+    """The account lifecycle: is it closed after a finance posting of ``kind``?
+
+    open --refund--> closed --reopen--> open. A closed account takes no posting
+    but a reopen (a replay of an earlier request is answered before this check);
+    an open account has nothing to reopen.
+    """
+    if kind is PostingKind.REOPEN:
+        if not closed:
+            raise RefusedOperation(f"account {account!r} is open; there is nothing to reopen")
+        return False
+    if closed:
+        raise closed_finance_error(account, kind)
+    return kind is PostingKind.REFUND
 
 
 def unknown_call(call_id: str) -> RefusedOperation:
@@ -316,13 +379,15 @@ def audit(
 class FinanceFront:
     """The finance operations as both backends expose them: checked input, then ``_finance``.
 
-    A backend provides ``unit`` (the minor unit) and ``_finance(kind, account,
-    units, ref, at, note, first_minimum=0, operator="")``, which does the storage
-    work. ``operator`` names who asked (a login, an API token's name); it is
-    recorded with the posting and is not part of a replay's content.
+    A backend provides ``unit`` (the minor unit), ``max_posting`` (the largest
+    single posting, in the currency) and ``_finance(kind, account, units, ref,
+    at, note, first_minimum=0, operator="")``, which does the storage work.
+    ``operator`` names who made the posting (recorded with it; blank for the
+    agent's own postings).
     """
 
     unit: Decimal
+    max_posting: Decimal = DEFAULT_MAX_POSTING
 
     async def _finance(
         self, kind: PostingKind, account: str, units: int | None, ref: str, at: datetime,
@@ -330,35 +395,46 @@ class FinanceFront:
     ) -> Posting:
         raise NotImplementedError
 
+    def _sized(self, amount: Decimal, *, signed: bool = False) -> int:
+        units = to_units(amount, self.unit) if signed else positive_units(amount, self.unit)
+        if signed and units == 0:
+            raise RefusedOperation("an adjustment must not be zero (it is signed: -5 or 5)")
+        check_posting_size(units, to_units(self.max_posting, self.unit, what="max_posting"),
+                           self.unit)
+        return units
+
     async def topup(
         self, account: str, amount: Decimal, *, ref: str, at: datetime,
         first_minimum: Decimal = Decimal(0), note: str = "", operator: str = "",
     ) -> Posting:
-        units = positive_units(amount, self.unit)
+        units = self._sized(amount)
         minimum = to_units(first_minimum, self.unit, what="first top-up minimum")
         return await self._finance(PostingKind.TOPUP, account, units, ref, at, note, minimum,
-                                   operator)
+                                   check_operator(operator))
 
     async def penalty(
         self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
         operator: str = "",
     ) -> Posting:
-        units = positive_units(amount, self.unit)
+        units = self._sized(amount)
         return await self._finance(PostingKind.PENALTY, account, units, ref, at, note,
-                                   operator=operator)
+                                   operator=check_operator(operator))
 
-    async def refund(
-        self, account: str, *, ref: str, at: datetime, note: str = "", operator: str = ""
-    ) -> Posting:
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting:
         return await self._finance(PostingKind.REFUND, account, None, ref, at, note,
-                                   operator=operator)
+                                   operator=check_operator(operator))
+
+    async def reopen(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting:
+        """Open a closed (refunded) account again: a posting of zero that records who and why."""
+        return await self._finance(PostingKind.REOPEN, account, 0, ref, at, note,
+                                   operator=check_operator(operator))
 
     async def adjust(
         self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
         operator: str = "",
     ) -> Posting:
-        units = to_units(amount, self.unit)
-        if units == 0:
-            raise RefusedOperation("an adjustment must not be zero")
+        units = self._sized(amount, signed=True)
         return await self._finance(PostingKind.ADJUSTMENT, account, units, ref, at, note,
-                                   operator=operator)
+                                   operator=check_operator(operator))

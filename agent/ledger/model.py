@@ -14,6 +14,15 @@ Five money invariants, checked by the contract tests and the meter's simulation:
 5. No hold stays open for a call that has ended: settling a call charges and
    releases all of its holds in one transaction.
 
+Bounds: a finance posting is at most the store's ``max_posting``, and every
+running total stays within ``_rules.BALANCE_LIMIT`` minor units, so both stores
+compute in exact 64-bit integers and invariant 4 holds to the last unit.
+
+Account lifecycle: an account exists from its first top-up; a refund pays out
+its available balance and closes it; a closed account takes no call and no
+posting until a ``reopen`` (a posting of zero) opens it again. Every finance
+posting records its ``operator`` (blank for the agent's own postings).
+
 Amounts are :class:`~decimal.Decimal` in this API and integers of the minor
 unit in storage. Times are timezone-aware UTC datetimes passed in by the
 caller (the clock is injected; the ledger never reads the wall clock for
@@ -62,6 +71,7 @@ class PostingKind(StrEnum):
     PENALTY = "penalty"
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
+    REOPEN = "reopen"  # amount 0: a closed (refunded) account opened again
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +85,7 @@ class Posting:
     key: str
     call_id: str | None = None
     note: str = ""
-    operator: str = ""  # who asked for a finance posting; "" for the meter's own
+    operator: str = ""  # who made it (finance postings); blank for the agent's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,9 +180,10 @@ class Ledger(Protocol):
         self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
         operator: str = "",
     ) -> Posting: ...
-    async def refund(
-        self, account: str, *, ref: str, at: datetime, note: str = "", operator: str = ""
-    ) -> Posting: ...
+    async def refund(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting: ...
+    async def reopen(self, account: str, *, ref: str, at: datetime, note: str = "",
+                     operator: str = "") -> Posting: ...
     async def adjust(
         self, account: str, amount: Decimal, *, ref: str, at: datetime, note: str = "",
         operator: str = "",

@@ -116,7 +116,7 @@ MIGRATIONS: list[list[str]] = [
     [  # 4: calls_live serves every query of calls by account (see the SQLite ledger)
         "DROP INDEX calls_account_status",
     ],
-    [  # 5: who asked for each finance posting (a login, an API token's name)
+    [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
     ],
 ]
@@ -225,7 +225,7 @@ def split_options(url: str) -> tuple[str, dict[str, str]]:
     """
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
-    ours = {k: v for k, v in query if k in ("minor_unit", "pool_size")}
+    ours = {k: v for k, v in query if k in ("minor_unit", "pool_size", "max_posting")}
     rest = [(k, v) for k, v in query if k not in ours]
     scheme = "postgresql" if parts.scheme == "postgres" else parts.scheme
     return urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), "")), ours
@@ -234,10 +234,13 @@ def split_options(url: str) -> tuple[str, dict[str, str]]:
 class PostgresLedger(rules.FinanceFront):
     """The ledger in PostgreSQL. Open with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str, *,
+                 max_posting: Decimal = rules.DEFAULT_MAX_POSTING, created: bool = False) -> None:
         self._pool = pool
         self.unit = unit
         self.where = where
+        self.max_posting = max_posting
+        self.created = created  # this open made the store
 
     @classmethod
     async def open(
@@ -247,8 +250,15 @@ class PostgresLedger(rules.FinanceFront):
         minor_unit: Decimal = MINOR_UNIT,
         pool_size: int = 10,
         connect_timeout: float = 5.0,
+        create: bool = True,
+        max_posting: Decimal = rules.DEFAULT_MAX_POSTING,
     ) -> PostgresLedger:
-        """Connect, then create or migrate the schema (in the URL's search_path)."""
+        """Connect, then create or migrate the schema (in the URL's search_path).
+
+        With ``create=False`` a database without callgate's tables is a
+        :class:`LedgerError` and nothing is created in it. With ``create=True``
+        the first schema of a ``search_path`` that does not exist yet is created.
+        """
         where = _where(url)
         try:
             pool = await asyncpg.create_pool(
@@ -263,11 +273,16 @@ class PostgresLedger(rules.FinanceFront):
             raise LedgerUnavailable(f"the PostgreSQL ledger at {where} refused us: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
-                unit = await _migrate(conn, where, minor_unit)
+                unit, created = await _migrate(conn, where, minor_unit, create)
+        except asyncpg.PostgresError as exc:
+            await pool.close()
+            raise LedgerError(
+                f"the PostgreSQL ledger at {where} refused to set up its tables: {exc}"
+            ) from None
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, unit, where)
+        return cls(pool, unit, where, max_posting=max_posting, created=created)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -326,8 +341,7 @@ class PostgresLedger(rules.FinanceFront):
                 if rules.finance_replay_matches(kind, row["amount"], row["note"], units, note):
                     return _posting(row, unit)
                 raise rules.finance_conflict(kind, account, ref, row["amount"], unit)
-            if acc["closed"] and kind in (PostingKind.TOPUP, PostingKind.REFUND):
-                raise rules.closed_error(account)
+            closed_after = rules.lifecycle(account, kind, acc["closed"])
             amount = units
             if kind is PostingKind.REFUND:
                 live = await conn.fetchval(
@@ -336,9 +350,11 @@ class PostgresLedger(rules.FinanceFront):
                 )
                 amount = rules.refund_units(account, acc["posted"], acc["held"], live, unit)
             assert amount is not None
+            delta = rules.posted_delta(kind, amount)
+            rules.check_total(account, acc["posted"] + delta, unit)
             await conn.execute(
-                "UPDATE accounts SET posted = posted + $1, closed = closed OR $2 WHERE id = $3",
-                rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account,
+                "UPDATE accounts SET posted = posted + $1, closed = $2 WHERE id = $3",
+                delta, closed_after, account,
             )
             inserted = await conn.fetchrow(
                 "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
@@ -728,11 +744,30 @@ class PostgresLedger(rules.FinanceFront):
         return rules.audit(accounts, account_sums, calls, call_sums, self.unit)
 
 
-async def _migrate(conn: Any, where: str, minor_unit: Decimal) -> Decimal:
+async def _migrate(conn: Any, where: str, minor_unit: Decimal, create: bool = True
+                   ) -> tuple[Decimal, bool]:
+    """Bring the store to the current schema; return its minor unit and whether it was new."""
     await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-    if await conn.fetchval("SELECT to_regclass('meta')") is None:
+    created = await conn.fetchval("SELECT to_regclass('meta')") is None
+    if created:
+        schemas = await conn.fetchval("SELECT current_setting('search_path')")
+        if not create:
+            raise LedgerError(
+                f"no ledger at {where}: the database has no callgate tables in its search "
+                f"path ({schemas}); create them with `callgate ledger init`, or check "
+                "--ledger / CALLGATE_LEDGER / agent.yaml"
+            )
         if await conn.fetchval("SELECT to_regclass('accounts')") is not None:
             raise LedgerError(f"{where} has an accounts table but is not a callgate ledger")
+        if await conn.fetchval("SELECT current_schema()") is None:
+            # ?search_path=callgate on a database without that schema: make it.
+            first = _first_schema(schemas)
+            if first is None:
+                raise LedgerError(
+                    f"{where}: the search_path ({schemas}) names no schema to create the "
+                    "ledger in; add ?search_path=callgate to the URL"
+                )
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(first)}")
         await conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         await conn.executemany(
             "INSERT INTO meta (key, value) VALUES ($1, $2)",
@@ -752,7 +787,22 @@ async def _migrate(conn: Any, where: str, minor_unit: Decimal) -> Decimal:
         await conn.execute(
             "UPDATE meta SET value = $1 WHERE key = 'schema_version'", str(rules.SCHEMA_VERSION)
         )
-    return Decimal(meta["minor_unit"])
+    return Decimal(meta["minor_unit"]), created
+
+
+def _first_schema(search_path: str) -> str | None:
+    """The first schema a search_path names (not ``$user``), unquoted."""
+    for part in search_path.split(","):
+        name = part.strip()
+        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
+            name = name[1:-1].replace('""', '"')
+        if name and name != "$user":
+            return name
+    return None
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 async def _insert_attempt(conn: Any, account: str, destination: str, at: datetime,

@@ -134,7 +134,7 @@ MIGRATIONS: list[list[str]] = [
        # every query by account, so the index only cost writes and misled the planner
         "DROP INDEX calls_account_status",
     ],
-    [  # 5: who asked for each finance posting (a login, an API token's name)
+    [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
     ],
 ]
@@ -182,13 +182,18 @@ def _unavailable(path: Path, exc: sqlite3.Error) -> LedgerUnavailable:
     return LedgerUnavailable(f"ledger {path} cannot be used: {text}")
 
 
+class _NotALedger(LedgerError):
+    pass
+
+
 class _Worker(threading.Thread):
     """The one thread that owns the sqlite3 connection."""
 
-    def __init__(self, path: Path, busy_timeout: float) -> None:
+    def __init__(self, path: Path, busy_timeout: float, *, create: bool = True) -> None:
         super().__init__(name=f"ledger-sqlite:{path.name}", daemon=True)
         self.path = path
         self.busy_timeout = busy_timeout
+        self.create = create
         self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._replies: list[tuple[_Job, Any, BaseException | None]] = []
 
@@ -204,19 +209,30 @@ class _Worker(threading.Thread):
 
     def run(self) -> None:
         conn: sqlite3.Connection | None = None
-        error: LedgerUnavailable | None = None
+        error: LedgerError | None = None
         try:
+            # mode=rw never creates the file: only `ledger init` and `run` may.
+            target = self.path if self.create else f"{self.path.resolve().as_uri()}?mode=rw"
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None,
-                check_same_thread=True,
+                target, timeout=self.busy_timeout, isolation_level=None,
+                check_same_thread=True, uri=not self.create,
             )
             conn.row_factory = sqlite3.Row
+            if not self.create and conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone() is None:
+                # Not a ledger: say so before anything (even the WAL switch) writes to it.
+                conn.close()
+                conn = None
+                raise _NotALedger(f"{self.path} is not a callgate ledger (no callgate tables)")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as exc:
             error = _unavailable(self.path, exc)
             conn = None
+        except _NotALedger as exc:
+            error = exc
         while True:
             job = self.jobs.get()
             if job is None:
@@ -421,12 +437,16 @@ def _balance(row: sqlite3.Row, unit: Decimal) -> Balance:
     )
 
 
-def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal) -> Decimal:
-    """Bring the store to the current schema; return its minor unit."""
+def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal, create: bool = True
+             ) -> tuple[Decimal, bool]:
+    """Bring the store to the current schema; return its minor unit and whether it was new."""
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "meta" not in tables:
+    created = "meta" not in tables
+    if created:
         if tables - {"sqlite_sequence"}:
             raise LedgerError(f"{path} is an SQLite database but not a callgate ledger")
+        if not create:
+            raise LedgerError(f"{path} is not a callgate ledger (an empty file)")
         conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         conn.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)",
@@ -446,15 +466,18 @@ def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal) -> Decim
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(rules.SCHEMA_VERSION),)
         )
-    return Decimal(meta["minor_unit"])
+    return Decimal(meta["minor_unit"]), created
 
 
 class SqliteLedger(rules.FinanceFront):
     """The ledger in one SQLite file. Open with :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, path: Path, unit: Decimal, worker: _Worker) -> None:
+    def __init__(self, path: Path, unit: Decimal, worker: _Worker, *,
+                 max_posting: Decimal = rules.DEFAULT_MAX_POSTING, created: bool = False) -> None:
         self.path = path
         self.unit = unit
+        self.max_posting = max_posting
+        self.created = created  # this open made the store
         self._worker = worker
         self._reader: sqlite3.Connection | None = None
         self._reader_thread = threading.get_ident()
@@ -472,25 +495,34 @@ class SqliteLedger(rules.FinanceFront):
         *,
         minor_unit: Decimal = MINOR_UNIT,
         busy_timeout: float = 5.0,
+        create: bool = True,
+        max_posting: Decimal = rules.DEFAULT_MAX_POSTING,
     ) -> SqliteLedger:
         """Open (creating or migrating) the ledger at ``path``.
 
         ``minor_unit`` applies only when the file is created; an existing store
-        keeps the unit recorded in its meta table.
+        keeps the unit recorded in its meta table. With ``create=False`` a
+        missing file, or one without callgate's tables, is a :class:`LedgerError`
+        and nothing is written.
         """
         path = Path(path)
+        if not create and not path.exists():
+            raise LedgerError(
+                f"no ledger at {path}: the file does not exist (create one with "
+                "`callgate ledger init`, or check --ledger / CALLGATE_LEDGER / agent.yaml)"
+            )
         if not path.parent.is_dir():
             raise LedgerUnavailable(f"ledger directory {path.parent} does not exist")
-        worker = _Worker(path, busy_timeout)
+        worker = _Worker(path, busy_timeout, create=create)
         worker.start()
         try:
-            unit = await worker.submit(
-                lambda conn: _migrate(conn, path, minor_unit), write=True
+            unit, created = await worker.submit(
+                lambda conn: _migrate(conn, path, minor_unit, create), write=True
             )
         except BaseException:
             worker.jobs.put(None)
             raise
-        return cls(path, unit, worker)
+        return cls(path, unit, worker, max_posting=max_posting, created=created)
 
     async def close(self) -> None:
         reader, self._reader = self._reader, None
@@ -550,6 +582,8 @@ class SqliteLedger(rules.FinanceFront):
             acc = conn.execute(
                 "SELECT posted, held, closed FROM accounts WHERE id = ?", (account,)
             ).fetchone()
+            posted, held, closed = (0, 0, False) if acc is None else (
+                acc["posted"], acc["held"], bool(acc["closed"]))
             if acc is None:
                 if kind is not PostingKind.TOPUP:
                     raise UnknownAccount(f"the ledger has no account {account!r}")
@@ -558,19 +592,20 @@ class SqliteLedger(rules.FinanceFront):
                 conn.execute(
                     "INSERT INTO accounts (id, created_at) VALUES (?, ?)", (account, when)
                 )
-            elif acc["closed"] and kind in (PostingKind.TOPUP, PostingKind.REFUND):
-                raise rules.closed_error(account)
+            closed_after = rules.lifecycle(account, kind, closed)
             amount = units
             if kind is PostingKind.REFUND:
                 (live,) = conn.execute(
                     "SELECT count(*) FROM calls WHERE account = ? AND status != 'ended'",
                     (account,),
                 ).fetchone()
-                amount = rules.refund_units(account, acc["posted"], acc["held"], live, unit)
+                amount = rules.refund_units(account, posted, held, live, unit)
             assert amount is not None
+            delta = rules.posted_delta(kind, amount)
+            rules.check_total(account, posted + delta, unit)
             conn.execute(
-                "UPDATE accounts SET posted = posted + ?, closed = closed OR ? WHERE id = ?",
-                (rules.posted_delta(kind, amount), kind is PostingKind.REFUND, account),
+                "UPDATE accounts SET posted = posted + ?, closed = ? WHERE id = ?",
+                (delta, closed_after, account),
             )
             cur = conn.execute(
                 "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"

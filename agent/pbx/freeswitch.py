@@ -492,7 +492,12 @@ class FreeswitchAdapter:
             f"sched_api +{seconds} {group} uuid_kill {call_id} ALLOTTED_TIMEOUT")
         if not reply.text.startswith("+OK"):
             raise PbxError(f"sched_api for {call_id} refused: {reply.text.strip()}")
-        self._deadline_group[call_id] = group
+        if self._deadline_step.get(call_id) != step:
+            # The call ended while this task was being armed (its end popped the
+            # step): the task would fire at a channel that is gone. Delete it too.
+            await self._api(f"sched_del {group}")
+        else:
+            self._deadline_group[call_id] = group
         await self._api(f"sched_del {previous}")
 
     async def active_calls(self) -> list[ActiveCall]:
@@ -637,8 +642,12 @@ class FreeswitchAdapter:
     def _on_event(self, event: EslEvent) -> None:
         for call_event in self.tracker.feed(event):
             if isinstance(call_event, CallEnded):
-                self._deadline_group.pop(call_event.call_id, None)
                 self._deadline_step.pop(call_event.call_id, None)
+                group = self._deadline_group.pop(call_event.call_id, None)
+                if group is not None:
+                    # The last deadline outlives the channel; left armed, it fires
+                    # later as `-ERR No such channel!` (seen on 1.10.12).
+                    self._spawn(self._delete_deadline(call_event.call_id, group))
             if (isinstance(call_event, CallRequested)
                     and call_event.call.context in self.settings.watch_only_contexts):
                 self._spawn(self._watch_only(call_event.call))
@@ -667,6 +676,13 @@ class FreeswitchAdapter:
             log.warning("freeswitch.watch_only_kill_failed", call_id=call.call_id,
                         account=call.accountcode,
                         error=str(exc))
+
+    async def _delete_deadline(self, call_id: str, group: str) -> None:
+        try:
+            await self._api(f"sched_del {group}")
+        except PbxError as exc:  # the link is down: the task fires harmlessly later
+            log.info("freeswitch.deadline_not_deleted", call_id=call_id, group=group,
+                     error=str(exc))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

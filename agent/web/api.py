@@ -41,9 +41,11 @@ FIELDS = {
     PostingKind.PENALTY: ("amount", "ref", "reason"),
     PostingKind.REFUND: ("ref", "note"),
     PostingKind.ADJUSTMENT: ("amount", "ref", "reason"),
+    PostingKind.REOPEN: ("ref", "note"),
 }
 PATHS = {PostingKind.TOPUP: "topup", PostingKind.PENALTY: "penalty",
-         PostingKind.REFUND: "refund", PostingKind.ADJUSTMENT: "adjustment"}
+         PostingKind.REFUND: "refund", PostingKind.ADJUSTMENT: "adjustment",
+         PostingKind.REOPEN: "reopen"}
 
 
 # -- shared by the API and the pages -------------------------------------------------
@@ -65,14 +67,21 @@ async def overview(c: Any) -> list[dict[str, Any]]:
 
 
 async def account_balance(c: Any, account: str) -> tuple[Balance, bool]:
-    """The account's balance and whether the ledger has it (a policy account may not yet)."""
+    """The account's balance and whether the ledger has it (a policy account may not yet).
+
+    An account neither knows is the ledger's refusal (404), as ``ledger balance``.
+    """
     try:
         return await c.ledger.balance(account), True
     except UnknownAccount:
         if account in c.policy().accounts:
             return Balance(account, Decimal(0), Decimal(0)), False
-        finance.policy_zone(c.policy(), account)  # the CLI's "unknown account" refusal
         raise
+
+
+def zone_of(c: Any, account: str, named: str | None = None) -> Any:
+    """The account's timezone: ``tz`` (``--tz``), the policy's, else UTC (the CLI's rule)."""
+    return finance.zone(c.policy(), account, named or None)
 
 
 def call_json(r: CallRecord, now: datetime) -> dict[str, Any]:
@@ -106,23 +115,26 @@ REPORT_COLUMNS = ("opening", "topup", "calls", "penalty", "refund", "adjustment"
 
 
 async def report(c: Any, start: str, end: str) -> dict[str, Any]:
-    """Month-end: each policy account's statement totals for the period (its own timezone)."""
-    first_day, last_day = finance.period(start, end)
-    policy = c.policy()
-    known = {b.account for b in await c.ledger.balances()}
-    accounts, skipped = [], []
-    for account in sorted(known):
-        if account not in policy.accounts:
-            skipped.append({"account": account,
-                            "why": "not in the policy, so its timezone is unknown"})
-            continue
-        s = await finance.statement(c.ledger, policy, account, start, end)
-        accounts.append({"account": account, "name": customer_name(policy, account),
+    """Month-end: every ledger account's statement for the period, in its own timezone.
+
+    The totals are signed by their effect on the balance, as in a statement:
+    each account's closing = opening + top-ups + calls + penalties + refunds +
+    adjustments.
+    """
+    first_day, last_day = finance.day(start, "--from"), finance.day(end, "--to")
+    if last_day < first_day:
+        raise finance.Refused(f"--to {last_day} is before --from {first_day}")
+    policy, now = c.policy(), c.now()
+    accounts = []
+    for b in await c.ledger.balances():
+        where = zone_of(c, b.account)
+        s = await finance.statement(c.ledger, b.account, where, start, end, now)
+        accounts.append({"account": b.account, "name": customer_name(policy, b.account),
                          "timezone": str(s.zone), "opening": s.opening, **s.totals,
                          "closing": s.closing})
     totals = {k: sum((a[k] for a in accounts), Decimal(0)) for k in REPORT_COLUMNS}
     return {"from": first_day.isoformat(), "to": last_day.isoformat(), "currency": CURRENCY,
-            "accounts": accounts, "totals": totals, "skipped": skipped}
+            "accounts": accounts, "totals": totals}
 
 
 def report_rows(r: dict[str, Any]) -> list[list[Any]]:
@@ -170,7 +182,7 @@ async def account(request: web.Request) -> web.Response:
 
 async def history(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
-    zone = finance.policy_zone(c.policy(), name)
+    zone = zone_of(c, name, request.query.get("tz"))
     since_text = _query(request, "since", required=False)
     start = finance.since(since_text, zone) if since_text else None
     postings = await c.ledger.history(name, start)
@@ -181,12 +193,13 @@ async def history(request: web.Request) -> web.Response:
 async def statement(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
     fmt = _format(request)
-    start, end = _query(request, "from"), _query(request, "to")
-    finance.policy_zone(c.policy(), name)
-    finance.period(start, end)
-    s = await finance.statement(c.ledger, c.policy(), name, start, end)
+    where = zone_of(c, name, request.query.get("tz"))
+    start = _query(request, "from", required=False) or None
+    end = _query(request, "to", required=False) or None
+    s = await finance.statement(c.ledger, name, where, start, end, c.now())
     if fmt == "csv":
-        return csv_response(csv_text(finance.csv_rows(s)), f"{name}-{start}-{end}.csv")
+        return csv_response(csv_text(finance.csv_rows(s)),
+                            f"{name}-{s.first_day}-{s.last_day}.csv")
     return json_response(finance.statement_json(s))
 
 
@@ -279,7 +292,8 @@ def posting_route(kind: PostingKind) -> Any:
         c, name = console(request), request.match_info["account"]
         req = checked(kind, name, await body(request))
         who = principal(request)
-        result = await finance.post(c.ledger, c.policy(), req, at=c.now(), operator=who.name)
+        result = await finance.post(c.ledger, req, at=c.now(), operator=who.name,
+                                    policy=c.policy)
         log.info("web.posting", account=name, kind=kind.value, ref=req.ref,
                  amount=str(result.posting.amount), operator=who.name,
                  replayed=result.replayed)

@@ -11,7 +11,8 @@ from typing import Any
 from agent import __version__
 
 _MONEY = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
-          "description": "an exact decimal amount as a string (never a float)"}
+          "description": "an exact decimal amount as a string (never a float); amounts "
+                         "shown are signed by their effect on the balance"}
 _ERROR = {"description": "refused: one line saying why; nothing was written",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
@@ -43,6 +44,17 @@ _PERIOD = [
      "description": "last day (included), YYYY-MM-DD"},
     {"name": "format", "in": "query", "required": False,
      "schema": {"type": "string", "enum": ["json", "csv"], "default": "json"}},
+]
+
+
+_TZ = {"name": "tz", "in": "query", "required": False, "schema": {"type": "string"},
+       "description": "days and times in this IANA zone (default: the account's in the "
+                      "policy, else UTC)"}
+_STATEMENT_PERIOD = [
+    {**_PERIOD[0], "required": False,
+     "description": "first day, YYYY-MM-DD (default: the account's first posting)"},
+    {**_PERIOD[1], "required": False, "description": "last day, included (default: today)"},
+    _PERIOD[2], _TZ,
 ]
 
 
@@ -97,8 +109,8 @@ def document() -> dict[str, Any]:
                 "Posting": {"type": "object", "properties": {
                     "id": {"type": "integer"}, "account": {"type": "string"},
                     "kind": {"type": "string", "enum": ["topup", "penalty", "refund",
-                                                        "adjustment", "hold", "release",
-                                                        "charge"]},
+                                                        "adjustment", "reopen", "hold",
+                                                        "release", "charge"]},
                     "amount": _MONEY, "at": {"type": "string", "format": "date-time"},
                     "ref": {"type": "string"}, "key": {"type": "string"},
                     "call_id": {"type": ["string", "null"]}, "note": {"type": "string"},
@@ -142,8 +154,7 @@ def document() -> dict[str, Any]:
                     "from": {"type": "string"}, "to": {"type": "string"},
                     "currency": {"type": "string"},
                     "accounts": {"type": "array", "items": {"type": "object"}},
-                    "totals": {"type": "object", "additionalProperties": _MONEY},
-                    "skipped": {"type": "array", "items": {"type": "object"}}}},
+                    "totals": {"type": "object", "additionalProperties": _MONEY}}},
                 "Calls": {"type": "object", "properties": {
                     "calls": {"type": "array", "items": {"type": "object"}},
                     "count": {"type": "integer"}, "at": {"type": "string"}}},
@@ -173,11 +184,11 @@ def document() -> dict[str, Any]:
                 [_ACCOUNT, {"name": "since", "in": "query", "required": False,
                             "schema": {"type": "string"},
                             "description": "a day (YYYY-MM-DD, the account's timezone) "
-                                           "or an ISO time"}], (400, 401, 403, 404)),
+                                           "or an ISO time"}, _TZ], (400, 401, 403, 404)),
             "/api/v1/accounts/{account}/statement": _read(
                 "calls and postings of a period with totals that add up (JSON or CSV; "
                 "the CSV's amounts sum from opening to closing)", "Statement",
-                [_ACCOUNT, *_PERIOD], (400, 401, 403, 404), csv=True),
+                [_ACCOUNT, *_STATEMENT_PERIOD], (400, 401, 403, 404), csv=True),
             "/api/v1/report": _read(
                 "month-end: every account's statement totals for a period", "Report",
                 _PERIOD, (400, 401, 403), csv=True),
@@ -198,7 +209,10 @@ def document() -> dict[str, Any]:
                 {"ref": _REF, "note": {"type": "string"}}, ["ref"]),
             "/api/v1/accounts/{account}/adjustment": _posting(
                 "correct a balance by a signed, non-zero amount",
-                {"amount": _MONEY, "ref": _REF, "reason": {"type": "string", "minLength": 1}},
-                ["amount", "ref", "reason"]),
+                {"amount": _MONEY, "ref": _REF, "reason": {"type": "string"}},
+                ["amount", "ref"]),
+            "/api/v1/accounts/{account}/reopen": _posting(
+                "open a closed (refunded) account again (a posting of zero)",
+                {"ref": _REF, "note": {"type": "string"}}, ["ref"]),
         },
     }

@@ -45,9 +45,12 @@ from agent.web.server import (
 
 LOGIN_COOKIE = "callgate_login"
 KINDS = {"topup": PostingKind.TOPUP, "penalty": PostingKind.PENALTY,
-         "refund": PostingKind.REFUND, "adjustment": PostingKind.ADJUSTMENT}
+         "refund": PostingKind.REFUND, "adjustment": PostingKind.ADJUSTMENT,
+         "reopen": PostingKind.REOPEN}
 TITLES = {PostingKind.TOPUP: "Top up", PostingKind.PENALTY: "Fine",
-          PostingKind.REFUND: "Refund and close", PostingKind.ADJUSTMENT: "Adjust"}
+          PostingKind.REFUND: "Refund and close", PostingKind.ADJUSTMENT: "Adjust",
+          PostingKind.REOPEN: "Reopen"}
+NO_AMOUNT = (PostingKind.REFUND, PostingKind.REOPEN)
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:0 1rem 2rem;max-width:60rem;
@@ -231,12 +234,13 @@ def _statement_html(s: finance.Statement) -> str:
     call_rows = [[e(finance.local(c.answered_at or c.ended_at, s.zone)), e(c.callee),
                   str(c.billsec), money(-c.amount), "cut off" if c.cut_off else ""]
                  for c in s.calls]
-    post_rows = [[e(finance.local(p.at, s.zone)), e(p.kind.value), money(finance.balance_effect(p)),
+    post_rows = [[e(finance.local(p.at, s.zone)), e(p.kind.value), money(finance.signed(p)),
                   e(p.ref), e(p.note), e(p.operator)] for p in s.postings]
     t = s.totals
-    totals = [["Opening balance", money(s.opening)], ["+ top-ups", money(t["topup"])],
-              ["− calls", money(t["calls"])], ["− fines", money(t["penalty"])],
-              ["− refunds", money(t["refund"])], ["± adjustments", money(t["adjustment"])],
+    # Signed by their effect, as in the CLI's statement: closing = opening + the rest.
+    totals = [["Opening balance", money(s.opening)], ["Top-ups", money(t["topup"])],
+              ["Calls", money(t["calls"])], ["Fines", money(t["penalty"])],
+              ["Refunds", money(t["refund"])], ["Adjustments", money(t["adjustment"])],
               ["Closing balance", f'<strong id="closing">{money(s.closing)}</strong>']]
     return (f"<p>{e(s.first_day)} to {e(s.last_day)}, times in {e(s.zone)}</p>"
             f"<h3>Postings ({len(s.postings)})</h3>"
@@ -263,8 +267,10 @@ async def account_page(request: web.Request) -> web.Response:
         f'<span id="available">{money(balance.available)}</span>',
         "closed" if balance.closed else ("open" if in_ledger else "no top-up yet")]], {0, 1, 2})]
     if who.role >= Role.FINANCE:
+        # A closed account takes no posting until it is reopened (the ledger's rule).
         links = "".join(f'<a href="{e(_account_url(name))}/{k}">{e(TITLES[kind])}</a>'
-                        for k, kind in KINDS.items())
+                        for k, kind in KINDS.items()
+                        if (kind is PostingKind.REOPEN) == balance.closed)
         parts.append(f'<p class="actions">{links}</p>')
     live = await c.ledger.live_calls(name)
     now = c.now()
@@ -274,9 +280,9 @@ async def account_page(request: web.Request) -> web.Response:
                 for r in live]
         parts.append("<h2>Live calls</h2>" + _table(
             ["Callee", "Status", "Elapsed s", "Paid s", "Held"], rows, {2, 3, 4}))
-    if name in policy.accounts:
-        zone = finance.policy_zone(policy, name)
-        recent = await c.ledger.cdrs(name, now - timedelta(days=7), now) if in_ledger else []
+    if in_ledger:
+        zone = api.zone_of(c, name)
+        recent = await c.ledger.cdrs(name, now - timedelta(days=7), now)
         rows = [[e(finance.local(x.answered_at or x.ended_at, zone)), e(x.callee),
                  str(x.billsec), money(-x.amount)] for x in recent[-20:][::-1]]
         parts.append("<h2>Recent calls (7 days)</h2>" + (
@@ -294,9 +300,8 @@ async def account_page(request: web.Request) -> web.Response:
             f'<a id="csv" href="{e(_account_url(name))}/statement.csv?'
             f'{e(urlencode({"from": start, "to": end}))}">Download CSV</a></p></form>')
         try:
-            if in_ledger:
-                s = await finance.statement(c.ledger, policy, name, start, end)
-                parts.append(_statement_html(s))
+            s = await finance.statement(c.ledger, name, zone, start, end, now)
+            parts.append(_statement_html(s))
         except finance.Refused as exc:
             parts.append(f'<p class="error" role="alert">{e(exc)}</p>')
     title = f"{name} — {api.customer_name(policy, name)}".rstrip(" —")
@@ -305,11 +310,10 @@ async def account_page(request: web.Request) -> web.Response:
 
 async def statement_csv(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
-    start, end = request.query.get("from", ""), request.query.get("to", "")
-    finance.policy_zone(c.policy(), name)
-    finance.period(start, end)
-    s = await finance.statement(c.ledger, c.policy(), name, start, end)
-    return api.csv_response(api.csv_text(finance.csv_rows(s)), f"{name}-{start}-{end}.csv")
+    start, end = request.query.get("from") or None, request.query.get("to") or None
+    s = await finance.statement(c.ledger, name, api.zone_of(c, name), start, end, c.now())
+    return api.csv_response(api.csv_text(finance.csv_rows(s)),
+                            f"{name}-{s.first_day}-{s.last_day}.csv")
 
 
 # -- money forms ---------------------------------------------------------------------------------
@@ -322,7 +326,7 @@ def _kind(request: web.Request) -> PostingKind:
 
 def _fields(kind: PostingKind, values: dict[str, str]) -> str:
     html = ""
-    if kind is not PostingKind.REFUND:
+    if kind not in NO_AMOUNT:
         hint = " (signed: -12.50 takes money off)" if kind is PostingKind.ADJUSTMENT else ""
         html += (f'<label for="amount">Amount in {CURRENCY}{hint}</label>'
                  f'<input type="text" id="amount" name="amount" inputmode="decimal" required '
@@ -363,19 +367,15 @@ async def money_post(request: web.Request) -> web.StreamResponse:
     _check_csrf(request, form)
     values = {k: form.get(k, "") for k in ("amount", "ref", "note")}
     try:
-        req = finance.request(kind, name, values["amount"] if kind is not PostingKind.REFUND
-                              else None, values["ref"], values["note"])
-        finance.policy_zone(c.policy(), name)
+        req = finance.request(kind, name, None if kind in NO_AMOUNT else values["amount"],
+                              values["ref"], values["note"])
         if form.get("step") != "confirm":
             return await _confirm_page(request, kind, req, values)
-        result = await finance.post(c.ledger, c.policy(), req, at=c.now(),
-                                    operator=principal(request).name)
+        result = await finance.post(c.ledger, req, at=c.now(),
+                                    operator=principal(request).name, policy=c.policy)
     except (finance.Refused, LedgerError) as exc:
         return await _form_page(request, kind, values, one_line(str(exc)), status_of(exc))
-    p = result.posting
-    message = (f"{finance.VERBS[kind]} {format_amount(p.amount)} {CURRENCY} (ref {p.ref})"
-               + (" — already recorded, nothing new written" if result.replayed else ""))
-    _session(request).flash = message
+    _session(request).flash = finance.summary(result)
     raise web.HTTPSeeOther(_account_url(name))
 
 
@@ -383,7 +383,9 @@ async def _confirm_page(request: web.Request, kind: PostingKind, req: finance.Re
                         values: dict[str, str]) -> web.Response:
     c, name = console(request), req.account
     balance, _ = await api.account_balance(c, name)
-    if kind is PostingKind.REFUND:
+    if kind is PostingKind.REOPEN:
+        what = "Open the closed account again: it takes calls and postings from now on."
+    elif kind is PostingKind.REFUND:
         what = (f"Pay out the available balance ({money(balance.available)} {CURRENCY}) "
                 "and close the account. It will take no new calls or top-ups.")
     else:
@@ -424,11 +426,8 @@ async def report_page(request: web.Request) -> web.Response:
             for a in r["accounts"]]
     rows.append(["<strong>Total</strong>", "", *(money(r["totals"][k])
                                                  for k in api.REPORT_COLUMNS)])
-    skipped = "".join(f"<li>{e(s['account'])}: {e(s['why'])}</li>" for s in r["skipped"])
     body = form + _table(["Account", "Customer", "Opening", "Top-ups", "Calls", "Fines",
                           "Refunds", "Adjustments", "Closing"], rows, set(range(2, 9)))
-    if skipped:
-        body += f"<p>Not included:</p><ul>{skipped}</ul>"
     return render(request, "Month-end report", body)
 
 

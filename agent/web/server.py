@@ -365,6 +365,22 @@ def _credential_file(base: Path, file: str | None, credential: str | None) -> Pa
     return (base / file).resolve() if file is not None else None
 
 
+def credential_files(spec: Any, base: Path) -> CredentialFiles:
+    """The token and user files a ``web:`` section names, read and checked.
+
+    :class:`~agent.yamlfile.ConfigError` for an unreadable or bad file, and for a
+    console nobody could sign in to; ``callgate config check`` calls this too.
+    """
+    from agent.yamlfile import LocatedError
+
+    tokens = _credential_file(base, spec.tokens_file, spec.tokens_credential)
+    users = _credential_file(base, spec.users_file, spec.users_credential)
+    if tokens is None and users is None:
+        raise ConfigError([LocatedError("", None, "web", "no tokens_file and no users_file: "
+                                        "nobody could sign in")])
+    return CredentialFiles(tokens, users)
+
+
 async def start_from_config(spec: Any, base: Path, ledger: Ledger, policy: Callable[[], Any],
                             *, node: str = "") -> web.AppRunner:
     """Start the console a ``web:`` section describes (paths relative to ``base``).
@@ -374,14 +390,8 @@ async def start_from_config(spec: Any, base: Path, ledger: Ledger, policy: Calla
     address cannot be bound or the TLS files cannot be read.
     """
     from agent.config import _address
-    from agent.yamlfile import LocatedError
 
-    tokens = _credential_file(base, spec.tokens_file, spec.tokens_credential)
-    users = _credential_file(base, spec.users_file, spec.users_credential)
-    if tokens is None and users is None:
-        raise ConfigError([LocatedError("", None, "web", "no tokens_file and no users_file: "
-                                        "nobody could sign in")])
-    files = CredentialFiles(tokens, users)
+    files = credential_files(spec, base)
     settings = Settings(max_body_bytes=spec.max_body_bytes,
                         request_timeout=spec.request_timeout_seconds,
                         failed_logins=spec.failed_logins,

@@ -1,0 +1,447 @@
+"""The two PBXs of the real-PBX tier, started from the repository's SHIPPED config
+(config/asterisk, config/freeswitch) changed only in ports, trunk and secrets, and
+their own CDR files read back (:class:`CdrRow`)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import ClassVar
+
+from tests.realpbx.sip import SCENARIOS, Caller, Trunk, uac_scenario
+from tests.realpbx.tools import BOOT_TIMEOUT, REPO, Ports, Procs, Tools, wait_until
+
+SHIPPED = REPO / "config"
+
+
+# --------------------------------------------------------------------------- CDRs
+
+
+@dataclass
+class CdrRow:
+    """One row of the PBX's own CDR file (the columns both PBXs have)."""
+
+    call_id: str  # Asterisk uniqueid / FreeSWITCH uuid: the agent's call id
+    accountcode: str
+    src: str
+    dst: str
+    context: str
+    disposition: str  # Asterisk ANSWERED/BUSY/NO ANSWER/FAILED; FreeSWITCH hangup cause
+    start: float
+    answer: float | None
+    end: float
+    duration: int
+    billsec: int
+    raw: list[str]
+
+
+def tariff_charge(billsec: int, increment: int, rate: str, minimum: int = 0) -> Decimal:
+    """ceil(billsec / increment) x rate, the minimum applied to an answered call."""
+    if billsec <= 0:
+        return Decimal("0")
+    return Decimal(math.ceil(max(billsec, minimum) / increment)) * Decimal(rate)
+
+
+def _float(value: str) -> float | None:
+    try:
+        f = float(value)
+    except ValueError:
+        return None
+    return f if f > 0 else None
+
+
+# --------------------------------------------------------------------------- the PBXs
+
+
+class Pbx:
+    kind = ""
+    name = ""
+
+    def __init__(self, tools: Tools, workdir: Path, ports: Ports, procs: Procs, *,
+                 secret: str = "s3cret-for-tests") -> None:
+        self.tools = tools
+        self.workdir = workdir
+        self.ports = ports
+        self.procs = procs
+        self.secret = secret
+        self.sip_port = ports.one()
+        self.trunk_port = ports.one()
+        self.control_port = ports.one()  # AMI / ESL
+        self.gate_port = ports.one()  # FastAGI / outbound socket
+        self.confdir = workdir / "conf"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._calls = 0
+
+    # -- to be provided by each PBX
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def caller(self, account: str) -> str:
+        raise NotImplementedError
+
+    def cdr_rows(self) -> list[CdrRow]:
+        raise NotImplementedError
+
+    def agent_pbx_yaml(self) -> str:
+        raise NotImplementedError
+
+    def log_tail(self, chars: int = 4000) -> str:
+        raise NotImplementedError
+
+    # -- shared
+    def stop(self) -> None:
+        if self.proc is not None:
+            Procs.stop(self.proc, timeout=15)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def trunk(self, kind: str = "answer", calls: int = 1, timeout: float = 120) -> Trunk:
+        """A sipp UAS on the trunk's port: answer / busy / noanswer, ``calls`` calls."""
+        assert self.tools.sipp is not None
+        self._calls += 1
+        return Trunk(self.tools, self.procs, self.ports, self.workdir,
+                     f"trunk{self._calls}-{kind}", SCENARIOS / f"uas_{kind}.xml",
+                     ["-m", str(calls), "-timeout", f"{int(timeout)}s"],
+                     port=self.trunk_port)
+
+    def call(self, number: str, *, account: str = "acme", hold: float = 3.0,
+             timeout: float = 60) -> Caller:
+        """Place one call (returns at once; ``.wait()`` for the :class:`CallTrace`)."""
+        self._calls += 1
+        name = f"call{self._calls}-{number}"
+        return Caller(self.tools, self.procs, self.ports, self.workdir, name,
+                      uac_scenario(self.workdir, hold),
+                      [f"127.0.0.1:{self.sip_port}", "-s", number, "-key", "from_user",
+                       self.caller(account), "-m", "1", "-timeout", f"{int(timeout)}s",
+                       "-timeout_error"])
+
+    def cdr_for(self, call_id: str) -> CdrRow | None:
+        return next((r for r in self.cdr_rows() if r.call_id == call_id), None)
+
+    def wait_cdr(self, predicate, timeout: float = 15) -> CdrRow:  # type: ignore[no-untyped-def]
+        return wait_until("the PBX's CDR row",  # type: ignore[no-any-return]
+                          lambda: next((r for r in self.cdr_rows() if predicate(r)), None),
+                          timeout)
+
+
+def _shipped(path: str) -> str:
+    return (SHIPPED / path).read_text()
+
+
+def _replace_once(text: str, old: str, new: str, where: str) -> str:
+    """A documented variable in a shipped file; fail loudly when the file no longer has it."""
+    if text.count(old) != 1:
+        raise AssertionError(f"shipped {where}: expected exactly one {old!r} to set "
+                             f"for the test (found {text.count(old)})")
+    return text.replace(old, new)
+
+
+def _set_conf_value(text: str, key: str, value: str, where: str) -> str:
+    """``key = value`` in an Asterisk .conf file (first occurrence)."""
+    pattern = re.compile(rf"^({re.escape(key)}\s*=\s*)[^\n]*$", re.M)
+    if not pattern.search(text):
+        raise AssertionError(f"shipped {where}: no `{key} = ...` line to set for the test")
+    return pattern.sub(lambda m: m.group(1) + value, text, count=1)
+
+
+class Asterisk(Pbx):
+    """Asterisk (PJSIP) with config/asterisk's extensions.conf, manager.conf, cdr.conf
+    and cdr_manager.conf; the bundle's examples for the rest (logger, modules,
+    cdr_custom); a generated pjsip.conf (callers per account, the ``carrier`` trunk)."""
+
+    kind = "asterisk"
+    name = "Asterisk"
+    ACCOUNTS = ("acme", "night", "broke", "capped", "cut", "killed", "dropped", "spare",
+                "spare2", "spare3")
+
+    def __init__(self, *args, extra_dialplan: str = "", **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.rtp = self.ports.block(100)
+        self.extra_dialplan = extra_dialplan
+        self.rundir = self.workdir / "ast"
+
+    def caller(self, account: str) -> str:
+        return account  # the PJSIP endpoint name = the From user = accountcode
+
+    def config_files(self) -> dict[str, str]:
+        ex = self.tools.examples / "asterisk"  # type: ignore[operator]
+        ext = _shipped("asterisk/extensions.conf")
+        ext = _set_conf_value(ext, "CALLGATE_AGI",
+                              f"agi://127.0.0.1:{self.gate_port}/gate", "extensions.conf")
+        mgr = _shipped("asterisk/manager.conf")
+        mgr = _set_conf_value(mgr, "port", str(self.control_port), "manager.conf")
+        mgr = _set_conf_value(mgr, "secret", self.secret, "manager.conf")
+        endpoints = "".join(
+            f"\n[{acc}]\ntype = endpoint\ntransport = transport-udp\n"
+            f"context = callgate-outbound\ndisallow = all\nallow = ulaw,alaw\n"
+            f"direct_media = no\nrtp_symmetric = yes\naccountcode = {acc}\n"
+            f"callerid = \"{acc}\" <02158880000>\n" for acc in self.ACCOUNTS)
+        pjsip = (
+            "[global]\ntype = global\nendpoint_identifier_order = username,ip\n"
+            "user_agent = Asterisk-callgate-test\n\n"
+            f"[transport-udp]\ntype = transport\nprotocol = udp\n"
+            f"bind = 127.0.0.1:{self.sip_port}\n" + endpoints +
+            "\n[carrier]\ntype = endpoint\ntransport = transport-udp\ncontext = from-trunk\n"
+            "disallow = all\nallow = ulaw,alaw\ndirect_media = no\naors = carrier\n"
+            f"\n[carrier]\ntype = aor\ncontact = sip:127.0.0.1:{self.trunk_port}\n")
+        modules = "[modules]\nautoload = yes\nnoload = cdr_csv.so\n"
+        return {
+            "asterisk.conf": (ex / "asterisk.conf").read_text(),
+            "modules.conf": modules,
+            "logger.conf": (ex / "logger.conf").read_text(),
+            "cdr_custom.conf": (ex / "cdr_custom.conf").read_text(),
+            "rtp.conf": f"[general]\nrtpstart = {self.rtp}\nrtpend = {self.rtp + 99}\n",
+            "pjsip.conf": pjsip,
+            "manager.conf": mgr,
+            "cdr.conf": _shipped("asterisk/cdr.conf"),
+            "cdr_manager.conf": _shipped("asterisk/cdr_manager.conf"),
+            "extensions.conf": ("[general]\nstatic = yes\nwriteprotect = yes\n\n" + ext +
+                                "\n[from-trunk]\nexten => _X.,1,Hangup(21)\n" +
+                                self.extra_dialplan),
+        }
+
+    def _write(self) -> None:
+        assert self.tools.asterisk is not None
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        for name, text in self.config_files().items():
+            (self.confdir / name).write_text(text)
+        w = self.rundir
+        for d in ("run", "log/cdr-csv", "log/cdr-custom", "spool", "lib/keys", "lib/agi-bin",
+                  "cache", "tmp", "data/sounds", "data/moh", "data/keys"):
+            (w / d).mkdir(parents=True, exist_ok=True)
+        options = (self.confdir / "asterisk.conf").read_text()
+        options = re.sub(r"(?ms)^\[directories\].*?(?=^\[|\Z)", "", options)
+        (w / "asterisk.conf").write_text(
+            "[directories]\n"
+            f"astetcdir => {self.confdir}\nastmoddir => {self.tools.asterisk.modules}\n"
+            f"astvarlibdir => {w}/lib\nastdbdir => {w}/lib\nastkeydir => {w}/lib\n"
+            f"astagidir => {w}/lib/agi-bin\nastdatadir => {w}/data\n"
+            f"astspooldir => {w}/spool\nastrundir => {w}/run\nastlogdir => {w}/log\n"
+            f"astcachedir => {w}/cache\n\n" + options)
+
+    def start(self) -> None:
+        assert self.tools.asterisk is not None
+        if len(str(self.rundir / "run/asterisk.ctl")) > 100:
+            raise AssertionError(f"Asterisk work dir too long for its socket: {self.rundir}")
+        self._write()
+        self.proc = self.procs.start(
+            [str(self.tools.asterisk.path), "-C", str(self.rundir / "asterisk.conf"), "-f"],
+            env=self.tools.asterisk.env(), cwd=self.rundir, stdout=self.rundir / "console.log")
+        try:
+            wait_until("Asterisk to boot", self._booted, BOOT_TIMEOUT, every=0.3)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def _booted(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"Asterisk exited with {self.proc.returncode}")
+        out = self.cli("core waitfullybooted", timeout=10)
+        return "fully booted" in out.lower()
+
+    def cli(self, command: str, timeout: float = 15) -> str:
+        """``asterisk -rx`` on this instance."""
+        assert self.tools.asterisk is not None
+        res = subprocess.run(
+            [str(self.tools.asterisk.path), "-C", str(self.rundir / "asterisk.conf"),
+             "-rx", command], env=self.tools.asterisk.env(), capture_output=True,
+            timeout=timeout, check=False)
+        return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+
+    def agent_pbx_yaml(self) -> str:
+        return (f"  kind: asterisk\n  ami: {{host: 127.0.0.1, port: {self.control_port}, "
+                f"username: callgate, secret: {self.secret}}}\n"
+                f"  fastagi: {{listen: '127.0.0.1:{self.gate_port}'}}\n")
+
+    def cdr_rows(self) -> list[CdrRow]:
+        path = self.rundir / "log/cdr-custom/Master.csv"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return []
+        rows = []
+        for r in csv.reader(text.splitlines()):
+            if len(r) < 14:
+                continue
+            rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
+                               disposition=r[8], start=float(r[9] or 0), answer=_float(r[10]),
+                               end=float(r[11] or 0), duration=int(r[12] or 0),
+                               billsec=int(r[13] or 0), raw=r))
+        return rows
+
+    def ami_sessions(self) -> list[tuple[str, str]]:
+        """``manager show connected``: (username, fd) of each AMI session."""
+        out = self.cli("manager show connected")
+        sessions = []
+        for line in out.splitlines():
+            parts = line.split()
+            # "callgate 127.0.0.1 1733... 36 1 ..." (Username IP Start Elapsed FileDes ...)
+            if len(parts) >= 5 and parts[0] == "callgate":
+                sessions.append((parts[0], parts[4]))
+        return sessions
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return (self.rundir / "log/messages.log").read_text(errors="replace")[-chars:]
+        except FileNotFoundError:
+            return "(no messages.log)"
+
+    def messages(self) -> str:
+        try:
+            return (self.rundir / "log/messages.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class FreeSwitch(Pbx):
+    """FreeSWITCH with config/freeswitch's dialplan and event_socket.conf.xml merged
+    into the bundle's one-file example (its sofia profile, gateway renamed ``carrier``)."""
+
+    kind = "freeswitch"
+    name = "FreeSWITCH"
+    # callers are told apart by caller ID: the From user is the number the account owns
+    CALLERS: ClassVar[dict[str, str]] = {
+        "acme": "02158880000", "night": "02158880001", "broke": "02158880002",
+        "capped": "02158880003", "cut": "02158880004", "killed": "02158880005",
+        "dropped": "02158880006", "spare": "02158880007", "spare2": "02158880008",
+        "spare3": "02158880009"}
+
+    def __init__(self, *args, extra_dialplan: str = "", **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.rtp = self.ports.block(100)
+        self.extra_dialplan = extra_dialplan
+        self.rundir = self.workdir / "fs"
+
+    def caller(self, account: str) -> str:
+        return self.CALLERS[account]
+
+    def config_files(self) -> dict[str, str]:
+        xml = (self.tools.examples / "freeswitch/freeswitch.xml").read_text()  # type: ignore[operator]
+        for old, new in ((r"sip_port=\d+", f"sip_port={self.sip_port}"),
+                         (r"uas_port=\d+", f"uas_port={self.trunk_port}"),
+                         (r"esl_port=\d+", f"esl_port={self.control_port}"),
+                         (r'"rtp-start-port" value="\d+"', f'"rtp-start-port" value="{self.rtp}"'),
+                         (r'"rtp-end-port" value="\d+"',
+                          f'"rtp-end-port" value="{self.rtp + 99}"'),
+                         (r'<gateway name="uas">', '<gateway name="carrier">')):
+            xml, n = re.subn(old, new, xml, count=1)
+            assert n == 1, f"the bundle's freeswitch.xml has no {old!r}"
+        # the example's dialplan context -> the shipped dialplan files
+        xml, n = re.subn(r'(?s)<context name="default">.*?</context>',
+                         '<context name="default">\n'
+                         '      <X-PRE-PROCESS cmd="include" data="dialplan/default/*.xml"/>\n'
+                         '    </context>' + self.extra_dialplan, xml, count=1)
+        assert n == 1
+        esl = _shipped("freeswitch/autoload_configs/event_socket.conf.xml")
+        esl = re.sub(r'(name="listen-port" value=")\d+', rf"\g<1>{self.control_port}", esl)
+        esl = re.sub(r'(name="password" value=")[^"]*', rf"\g<1>{self.secret}", esl)
+        files = {"freeswitch.xml": xml, "autoload_configs/event_socket.conf.xml": esl}
+        for f in sorted((SHIPPED / "freeswitch/dialplan/default").glob("*.xml")):
+            text = f.read_text()
+            text = _replace_once(text, "127.0.0.1:8084 async full",
+                                 f"127.0.0.1:{self.gate_port} async full", f.name)
+            files[f"dialplan/default/{f.name}"] = text
+        return files
+
+    def start(self) -> None:
+        assert self.tools.freeswitch is not None
+        for name, text in self.config_files().items():
+            (self.confdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.confdir / name).write_text(text)
+        w = self.rundir
+        for d in ("log", "db", "run", "tmp", "storage", "cache", "recordings", "sounds",
+                  "grammar", "certs", "scripts", "htdocs"):
+            (w / d).mkdir(parents=True, exist_ok=True)
+        args = [str(self.tools.freeswitch.path), "-nf", "-nc", "-nonat", "-base", str(w),
+                "-conf", str(self.confdir), "-mod", str(self.tools.freeswitch.modules)]
+        for opt, d in (("-log", "log"), ("-db", "db"), ("-run", "run"), ("-temp", "tmp"),
+                       ("-storage", "storage"), ("-cache", "cache"),
+                       ("-recordings", "recordings"), ("-sounds", "sounds"),
+                       ("-grammar", "grammar"), ("-certs", "certs"), ("-scripts", "scripts"),
+                       ("-htdocs", "htdocs")):
+            args += [opt, str(w / d)]
+        self.proc = self.procs.start(args, env=self.tools.freeswitch.env(), cwd=w,
+                                     stdout=w / "console.log")
+        try:
+            wait_until("FreeSWITCH's sofia profile", self._running, BOOT_TIMEOUT, every=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def _running(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"FreeSWITCH exited with {self.proc.returncode}")
+        return "RUNNING" in self.api("sofia status")
+
+    def api(self, command: str, timeout: float = 10) -> str:
+        """One ``api`` command over a fresh ESL connection (its reply body)."""
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=timeout) as s:
+            f = s.makefile("rb")
+
+            def frame() -> tuple[dict[str, str], bytes]:
+                headers: dict[str, str] = {}
+                while True:
+                    line = f.readline()
+                    if not line:
+                        raise ConnectionError("ESL closed")
+                    line = line.rstrip(b"\n")
+                    if not line:
+                        if headers:
+                            break
+                        continue
+                    k, _, v = line.decode().partition(":")
+                    headers[k.strip()] = v.strip()
+                body = f.read(int(headers["Content-Length"])) if "Content-Length" in headers \
+                    else b""
+                return headers, body
+
+            frame()  # auth/request
+            s.sendall(f"auth {self.secret}\n\n".encode())
+            h, _ = frame()
+            if not h.get("Reply-Text", "").startswith("+OK"):
+                raise ConnectionError(f"ESL auth: {h}")
+            s.sendall(f"api {command}\n\n".encode())
+            while True:
+                h, body = frame()
+                if h.get("Content-Type") == "api/response":
+                    return body.decode(errors="replace")
+
+    def agent_pbx_yaml(self) -> str:
+        return (f"  kind: freeswitch\n  esl: {{host: 127.0.0.1, port: {self.control_port}, "
+                f"password: {self.secret}}}\n"
+                f"  outbound_socket: {{listen: '127.0.0.1:{self.gate_port}'}}\n"
+                "  outbound_contexts: [default]\n")
+
+    def cdr_rows(self) -> list[CdrRow]:
+        path = self.rundir / "log/cdr-csv/Master.csv"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return []
+        rows = []
+        for r in csv.reader(text.splitlines()):
+            if len(r) < 13:
+                continue
+            rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
+                               disposition=r[10], start=float(r[5] or 0), answer=_float(r[6]),
+                               end=float(r[7] or 0), duration=int(r[8] or 0),
+                               billsec=int(r[9] or 0), raw=r))
+        return rows
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.messages()[-chars:] or "(no freeswitch.log)"
+
+    def messages(self) -> str:
+        try:
+            return (self.rundir / "log/freeswitch.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
