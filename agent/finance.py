@@ -22,6 +22,7 @@ from a new posting by the time the ledger recorded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -37,6 +38,7 @@ MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
                PostingKind.ADJUSTMENT)
 FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
 PolicySource = Callable[[], Any]  # the policy, loaded (and checked) only when asked
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's account ids
 
 
 class Refused(Exception):
@@ -115,13 +117,27 @@ class Request:
 
 def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
             note: str = "") -> Request:
-    """Check a finance action as typed; :class:`Refused` names the first thing wrong."""
+    """Check a finance action as typed; :class:`Refused` names the first thing wrong.
+
+    The amount first, then the account id, the reference and the note: sane
+    before the ledger is opened.
+    """
+    from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
+
     if kind not in FINANCE_KINDS:
         raise Refused(f"{kind.value} is not a finance action")
     value = None
     if kind in (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.ADJUSTMENT):
         value = amount(amount_text or "", signed=kind is PostingKind.ADJUSTMENT)
+    if not ACCOUNT_ID.fullmatch(account):
+        raise Refused(f"{clip(account)!r} is not an account id (letters, digits, "
+                      "'_', '.', '-'; at most 64)")
     reference(ref)
+    if len(ref) > REF_LIMIT or not ref.isprintable():
+        raise Refused(f"--ref {clip(ref)!r} must be printable and at most "
+                      f"{REF_LIMIT} characters")
+    if len(note) > NOTE_LIMIT:
+        raise Refused(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
     return Request(kind, account, value, ref, note)
 
 

@@ -4,6 +4,9 @@ Money is never a float. The API speaks :class:`decimal.Decimal`; storage holds
 integers of a fixed minor unit (default 0.0001 CNY), so sums are exact and a
 statement adds up to the cent. An amount with more decimal places than the minor
 unit is refused, never rounded: rounding money silently is how cents go missing.
+What a person types is read only as plain ASCII decimal (``100``, ``250.50``):
+exponents, digit separators, a ``+``, blanks and non-ASCII digits are refused,
+never guessed at. :func:`clip` cuts a value echoed in a message to a readable length.
 """
 
 from __future__ import annotations

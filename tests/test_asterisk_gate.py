@@ -241,14 +241,14 @@ async def test_failing_gate_is_refused() -> None:
 
 async def test_simulated_dialplan_allow_dials_and_deny_rejects() -> None:
     decisions = {"13800138000": ALLOW,
-                 "110": Decision(False, Reason.DESTINATION_NOT_ALLOWED, "no")}  # fmt: skip
+                 "95555": Decision(False, Reason.DESTINATION_NOT_ALLOWED, "no")}  # fmt: skip
 
     async def by_destination(call: CallInfo) -> Decision:
         return decisions[call.destination]
 
     async with asyncio.timeout(10), adapter_with_sim(Gate(by_destination)) as (_, sim, _):
         allowed = await sim.place_call(destination="13800138000", talk_seconds=0.2)
-        denied = await sim.place_call(destination="110")
+        denied = await sim.place_call(destination="95555")
         a, d = await allowed.ended(), await denied.ended()
     assert a.answered_at is not None and a.variables["CALLGATE_RESULT"] == "ALLOW"
     assert a.agi_status == "SUCCESS"

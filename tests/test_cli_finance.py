@@ -242,3 +242,15 @@ def test_every_agent_config_key_is_documented() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = [key for key in AgentSpec.model_fields if f"`{key}" not in readme]
     assert missing == []
+
+
+def test_huge_or_strange_text_is_refused_short_and_writes_nothing(cli: Cli) -> None:
+    cli.ok("ledger", "topup", "acme", "100", "--ref", "B1")
+    before = cli.postings("acme")
+    for argv in (["topup", "acme", "1", "--ref", "R" * 10_000],
+                 ["topup", "acme", "1", "--ref", "tab\there"],
+                 ["topup", "a" * 10_000, "1", "--ref", "B2"],
+                 ["penalty", "acme", "1", "--ref", "P1", "--reason", "n" * 5000]):
+        err = cli.refused("", "ledger", *argv)
+        assert len(err) < 300, err
+    assert cli.postings("acme") == before

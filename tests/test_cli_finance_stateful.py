@@ -34,7 +34,7 @@ BAD = st.sampled_from([
 ])
 AMOUNTS = st.one_of(GOOD, BAD, GOOD.map(lambda a: "-" + a))
 ACCOUNTS = st.sampled_from(["acme", "beta", "ghost"])
-REFS = st.sampled_from(["R1", "R2", "R3", " ", "R-" + "9" * 40])
+REFS = st.sampled_from(["R1", "R2", "R3", " ", "R-" + "9" * 40, "R" * 300])
 OPERATORS = st.sampled_from(["clerk", "auditor", " bad", "x" * 70])
 
 

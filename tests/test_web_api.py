@@ -115,6 +115,10 @@ async def test_every_other_refusal_of_the_cli(served: Served, capsys: Any) -> No
     assert "no account 'beta'" in await same_refusal(s, capsys, 404, "penalty", "beta", "5", "P1")
     assert "--ref must not be blank" in await same_refusal(
         s, capsys, 400, "topup", "acme", "100", "  ")
+    assert "must be printable and at most 128" in await same_refusal(
+        s, capsys, 400, "topup", "acme", "100", "R" * 129)
+    assert "is not an account id" in await same_refusal(
+        s, capsys, 400, "penalty", "a b", "5", "P0")
     assert (await post(s, "acme", "topup", amount="100", ref="B1", note="n"))[0] == 201
     assert "'B1' was already used" in await same_refusal(
         s, capsys, 409, "topup", "acme", "200", "B1")

@@ -66,9 +66,18 @@ def release_key(call_id: str) -> str:
 
 
 # -- input checks -------------------------------------------------------------
+REF_LIMIT = 128
+NOTE_LIMIT = 1000
+
+
 def check_ref(ref: str) -> str:
     if not ref or not ref.strip():
         raise RefusedOperation("a reference (--ref) is required and must not be blank")
+    if len(ref) > REF_LIMIT or not ref.isprintable():
+        raise RefusedOperation(
+            f"a reference (--ref) must be printable and at most {REF_LIMIT} characters "
+            f"(got {len(ref)})"
+        )
     return ref
 
 

@@ -1,20 +1,26 @@
-"""A simulated Asterisk 20 on loopback: AMI server, FastAGI client, recorded traces.
+"""A simulated Asterisk on loopback: the calls, as the real PBX runs them.
 
-Built from the recordings in ``traces/asterisk`` (README there): the same
-banner, login replies (a wrong secret answers ``Authentication failed`` after a
-delay and closes, 07b), the same event names, fields and order for answered
-(01, 02), busy (03), no-answer (03b), ``Hangup`` action (04),
-``AbsoluteTimeout`` expiry (05: no event marks it, just ``SoftHangupRequest``
-and ``Hangup``), the FastAGI gate (06, 06b, 06d) and ``CoreShowChannels`` /
-``Getvar`` / ``Ping`` replies (07). ``Cdr`` ``BillableSeconds`` is truncated
-like Asterisk's ``cdr_object_get_billsec``.
+Built from the recordings in ``tests/fixtures/asterisk`` (Asterisk 20, chan_sip:
+the same event names, fields and order for answered (01, 02), busy (03),
+no-answer (03b), ``Hangup`` action (04), ``AbsoluteTimeout`` expiry (05: no event
+marks it, just ``SoftHangupRequest`` and ``Hangup``) and the FastAGI gate (06,
+06b, 06d)) and ``tests/fixtures/asterisk22`` (Asterisk 22.10.1, PJSIP, the
+shipped config). ``Cdr`` ``BillableSeconds`` is computed like Asterisk's
+``cdr_object_get_billsec``.
 
-With ``gate=True`` a call runs the shipped dialplan (config/asterisk/
-extensions.conf): FastAGI request to ``agi_address``; the call goes on only if
-``CALLGATE_RESULT`` is exactly ``ALLOW`` and ``CALLGATE_MAX_SECONDS`` is a
-positive number, else ``Hangup(21)``; nothing listening means
-``AGISTATUS=FAILURE`` and so a refusal. It then dials with ``L()`` = that many
-seconds of talk, in place from the moment the call is allowed.
+With ``gate=True`` a call runs the SHIPPED dialplan (config/asterisk/
+extensions.conf, read by agent/sim/asterisk_dialplan.py): emergency numbers go
+straight to the trunk; any other number asks the FastAGI gate at
+``agi_address`` and goes on only if ``CALLGATE_RESULT`` is exactly ``ALLOW`` and
+``CALLGATE_MAX_SECONDS`` a positive number, else ``Hangup(21)`` (nothing
+listening means ``AGISTATUS=FAILURE`` and so a refusal); then
+``TIMEOUT(absolute)`` and the file's own Dial line, which fails as Asterisk 22
+fails it when it is a form the PBX cannot dial (``SIP/…``: cause 66, 503;
+``PJSIP/endpoint/number``: cause 3, 404).
+
+The AMI server half (sessions, eventfilter, actions) is agent/sim/asterisk_ami.py;
+channels and call results are agent/sim/asterisk_channels.py; trace files are
+read by agent/sim/traces.py.
 
 Time is the event loop's real time. Used by the tests, ``make demo`` and the
 benchmarks; it holds thousands of concurrent calls (one task per call).
@@ -28,210 +34,29 @@ import re
 import shlex
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from agent.pbx import ami
-
-BANNER = b"Asterisk Call Manager/9.0.0\r\n"  # trace 01, first chunk
-AGI_VERSION = "20.20.1"
-CAUSE_TEXT = {
-    0: "Unknown",
-    16: "Normal Clearing",
-    17: "User busy",
-    19: "No user responding",
-    21: "Call Rejected",
-    29: "Facility rejected",
-    41: "Temporary failure",
-    52: "Outgoing call barred",
-}
-STATE_DESC = {0: "Down", 4: "Ring", 5: "Ringing", 6: "Up"}
-# Event class of each event the simulator writes (the Privilege header, traces).
-DIALPLAN_EVENTS = frozenset({"VarSet", "Newexten"})
-
-
-def _stamp(t: float) -> str:
-    """Cdr time format (trace 01: ``2026-11-24 21:55:11``); the sim's PBX clock is UTC."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def cdr_billsec(answered: float | None, end: float, initiatedseconds: bool = False) -> int:
-    """Asterisk's ``cdr_object_get_billsec`` (main/cdr.c): whole milliseconds of
-    talk, truncated to seconds; with ``initiatedseconds = yes`` a remainder of
-    500 ms or more counts one more second (half up, not a ceiling)."""
-    if answered is None:
-        return 0
-    ms = int((end - answered) * 1000)
-    if initiatedseconds and ms % 1000 >= 500:
-        return ms // 1000 + 1
-    return ms // 1000
-
-
-@dataclass
-class SimChannel:
-    name: str
-    uniqueid: str
-    linkedid: str
-    caller_num: str
-    caller_name: str
-    context: str
-    exten: str
-    accountcode: str = ""
-    connected_num: str = "<unknown>"
-    connected_name: str = "<unknown>"
-    state: int = 0
-    priority: int = 1
-    application: str = ""
-    appdata: str = ""
-    created: float = field(default_factory=time.time)
-    answered: float | None = None
-    bridge: str = ""
-    variables: dict[str, str] = field(default_factory=dict)
-
-    def fields(self) -> list[tuple[str, str]]:
-        """The channel snapshot block every channel event carries (trace 01)."""
-        return [
-            ("Channel", self.name),
-            ("ChannelState", str(self.state)),
-            ("ChannelStateDesc", STATE_DESC.get(self.state, "Unknown")),
-            ("CallerIDNum", self.caller_num),
-            ("CallerIDName", self.caller_name),
-            ("ConnectedLineNum", self.connected_num),
-            ("ConnectedLineName", self.connected_name),
-            ("Language", "en"),
-            ("AccountCode", self.accountcode),
-            ("Context", self.context),
-            ("Exten", self.exten),
-            ("Priority", str(self.priority)),
-            ("Uniqueid", self.uniqueid),
-            ("Linkedid", self.linkedid),
-        ]
-
-    def dest_fields(self) -> list[tuple[str, str]]:
-        return [("Dest" + k, v) for k, v in self.fields()]
-
-
-@dataclass(frozen=True)
-class CallResult:
-    """What the simulated PBX says about a finished call."""
-
-    call_id: str
-    answered_at: datetime | None
-    ended_at: datetime
-    billsec: int
-    cause: int
-    ended_by: str  # caller | callee | ami | deadline | limit | busy | noanswer | denied | restart
-    agi_status: str = ""  # SUCCESS | FAILURE | HANGUP | "" (no gate)
-    variables: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def by_deadline(self) -> bool:
-        """Ended by the PBX-side limit (TIMEOUT(absolute), extended by AbsoluteTimeout)."""
-        return self.ended_by in ("deadline", "limit")
-
-
-class SimCall:
-    """A call placed on the simulator; ``await call.ended()`` for its figures."""
-
-    def __init__(self, sim: AsteriskSimulator, caller: SimChannel) -> None:
-        self.sim = sim
-        self.caller = caller
-        self.callee: SimChannel | None = None
-        self.answered = asyncio.Event()
-        self._end: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        self._result: asyncio.Future[CallResult] = asyncio.get_running_loop().create_future()
-        self._timeout: asyncio.TimerHandle | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.destination = caller.exten
-
-    @property
-    def call_id(self) -> str:
-        return self.caller.uniqueid
-
-    @property
-    def channel(self) -> str:
-        return self.caller.name
-
-    def request_end(self, by: str, cause: int = 16) -> None:
-        if not self._end.done():
-            self._end.set_result((by, cause))
-
-    def hangup(self, by: str = "caller") -> None:
-        """The caller or the callee hangs up (a SIP BYE)."""
-        self.request_end(by)
-
-    def set_timeout(self, seconds: float) -> None:
-        """AbsoluteTimeout: a later one replaces the earlier (DESIGN.md facts).
-
-        Due by the wall clock the CDR is timed with: a loop timer may fire early
-        by up to its resolution (uvloop: 1 ms), which would end a 2 s limit at
-        billsec 1; Asterisk's scheduler does not.
-        """
-        if self._timeout is not None:
-            self._timeout.cancel()
-        loop = asyncio.get_running_loop()
-        due = time.time() + seconds
-
-        def expire() -> None:
-            left = due - time.time()
-            if left > 0:
-                self._timeout = loop.call_later(left, expire)
-            else:
-                self.request_end("deadline", 16)
-
-        self._timeout = loop.call_later(seconds, expire)
-
-    async def ended(self) -> CallResult:
-        return await asyncio.shield(self._result)
-
-    def result_nowait(self) -> CallResult | None:
-        return self._result.result() if self._result.done() else None
-
-
-class _AmiClientSession:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.logged_in = False
-        self.classes: frozenset[str] | None = frozenset()  # None = all; before login: none
-        self.stalled = False
-
-    def wants(self, privilege: str) -> bool:
-        if not self.logged_in or self.stalled:
-            return False
-        if self.classes is None:
-            return True
-        return any(c in self.classes for c in privilege.split(","))
-
-
-SHIPPED_EVENTFILTER = (
-    r"^Event: (Newchannel|NewAccountCode|DialBegin|DialEnd|BridgeEnter|Rename|Hangup"
-    r"|HangupRequest|Cdr|FullyBooted)[^A-Za-z]"
+from agent.sim.asterisk_ami import BANNER, SHIPPED_EVENTFILTER, AmiServer, EventFilter
+from agent.sim.asterisk_channels import (
+    CAUSE_TEXT,
+    CallResult,
+    SimCall,
+    SimChannel,
+    _stamp,
+    cdr_billsec,
 )
-"""The ``eventfilter`` of config/asterisk/manager.conf (a test keeps the two equal)."""
+from agent.sim.asterisk_dialplan import DialResult, ShippedDialplan
+from agent.sim.traces import TraceChunk, read_trace, received_stream
+
+__all__ = ["BANNER", "SHIPPED_EVENTFILTER", "AsteriskSimulator", "CallResult", "EventFilter",
+           "SimCall", "SimChannel", "TraceChunk", "cdr_billsec", "read_trace",
+           "received_stream"]
+
+AGI_VERSION = "20.20.1"
 
 
-class EventFilter:
-    """manager.conf ``eventfilter`` lines of one AMI user, as Asterisk applies them.
-
-    Each is a regex searched in the whole event text; one starting with ``!``
-    blocks what it matches. With any allowing filter an event must match one
-    of them, and then no blocking one. Only events go through it: the replies
-    to an action (CoreShowChannel items, FullyBooted at login) do not.
-    """
-
-    def __init__(self, lines: Iterable[str]) -> None:
-        lines = list(lines)
-        self.allow = [re.compile(line.encode()) for line in lines if not line.startswith("!")]
-        self.block = [re.compile(line[1:].encode()) for line in lines if line.startswith("!")]
-
-    def passes(self, event: bytes) -> bool:
-        if self.allow and not any(r.search(event) for r in self.allow):
-            return False
-        return not any(r.search(event) for r in self.block)
-
-
-class AsteriskSimulator:
+class AsteriskSimulator(AmiServer):
     """``async with AsteriskSimulator("callgate", "secret") as sim:`` then ``sim.ami_address``."""
 
     def __init__(
@@ -247,13 +72,17 @@ class AsteriskSimulator:
         agi_timeout: float = 10.0,
         initiatedseconds: bool = False,
         eventfilter: Iterable[str] = (),
+        dialplan: ShippedDialplan | None = None,
     ) -> None:
         """``cdr``: where the Cdr event goes relative to the caller's Hangup
         ("before", "after"; the traces show both), or None for no cdr_manager.
         ``initiatedseconds``: cdr.conf's option of that name (see :func:`cdr_billsec`).
         ``dialplan_events``: also write the VarSet/Newexten noise of the traces.
         ``eventfilter``: the AMI user's manager.conf ``eventfilter`` lines
-        (:data:`SHIPPED_EVENTFILTER` is the one callgate ships); none by default."""
+        (:data:`SHIPPED_EVENTFILTER` is the one callgate ships); none by default.
+        ``dialplan``: the gated calls' dialplan; by default the shipped
+        config/asterisk/extensions.conf, read now (its Dial line and emergency
+        numbers are run as Asterisk 22 runs them, agent/sim/asterisk_dialplan.py)."""
         self.username = username
         self.secret = secret
         self.agi_address = agi_address
@@ -264,14 +93,16 @@ class AsteriskSimulator:
         self.agi_timeout = agi_timeout
         self.initiatedseconds = initiatedseconds
         self.eventfilter = EventFilter(eventfilter)
+        self.dialplan = dialplan or ShippedDialplan.load()
         self._server: asyncio.Server | None = None
         self._port = 0
-        self._sessions: set[_AmiClientSession] = set()
+        self._sessions = set()
         self._calls: dict[str, SimCall] = {}
         self._channels: dict[str, SimChannel] = {}  # by name
         self._seq = itertools.count(0x26)
         self._epoch = int(time.time())
         self.actions: list[ami.Message] = []  # every action received, for tests
+        self.failed_dials: list[DialResult] = []  # Dial()s Asterisk could not start
         self.logins = 0
 
     # -- lifecycle ----------------------------------------------------------
@@ -351,18 +182,6 @@ class AsteriskSimulator:
         return self._calls[call_id]
 
     # -- events -------------------------------------------------------------
-    def emit(self, name: str, fields: list[tuple[str, str]], privilege: str = "call,all") -> None:
-        if not self._sessions:
-            return
-        head = [("Privilege", privilege)]
-        if self.timestampevents:
-            head.append(("Timestamp", f"{time.time():.6f}"))
-        data = ami.Message.build("Event", name, head + fields).to_bytes()
-        if not self.eventfilter.passes(data):
-            return
-        for session in self._sessions:
-            if session.wants(privilege):
-                session.writer.write(data)
 
     def _dialplan(self, name: str, ch: SimChannel, extra: list[tuple[str, str]]) -> None:
         if self.dialplan_events:
@@ -380,6 +199,7 @@ class AsteriskSimulator:
         prefix: str,
         linkedid: str | None,
         *,
+        tech: str = "SIP",
         caller_num: str,
         caller_name: str,
         context: str,
@@ -389,7 +209,7 @@ class AsteriskSimulator:
         seq = next(self._seq)
         uid = f"{self._epoch}.{seq}"
         ch = SimChannel(
-            name=f"SIP/{prefix}-{seq:08x}",
+            name=f"{tech}/{prefix}-{seq:08x}",
             uniqueid=uid,
             linkedid=linkedid or uid,
             caller_num=caller_num,
@@ -574,7 +394,11 @@ class AsteriskSimulator:
         self._newexten(ch, "NoOp", f"callgate outbound {ch.caller_num} -> {ch.exten}")
         agi_status = ""
         limit: int | None = None
-        if gate:
+        emergency = gate and ch.exten in self.dialplan.emergency
+        if emergency:
+            # exten => 112,1,Goto(callgate-emergency,...): no AGI, no limit.
+            self._newexten(ch, "Goto", f"callgate-emergency,{ch.exten},1")
+        elif gate:
             # Set(CALLGATE_RESULT=DENY), Set(CALLGATE_MAX_SECONDS=): fail closed.
             ch.variables.update(CALLGATE_RESULT="DENY", CALLGATE_MAX_SECONDS="")
             self._newexten(ch, "AGI", "agi://127.0.0.1:4573/gate")
@@ -606,17 +430,25 @@ class AsteriskSimulator:
         elif accountcode:
             ch.accountcode = accountcode
             self.emit("NewAccountCode", [*ch.fields(), ("OldAccountCode", "")])
-        # Set(TIMEOUT(absolute)=limit), then Dial(SIP/uas/${EXTEN},dial_timeout).
-        # The limit is the channel's absolute timeout, the one AMI AbsoluteTimeout
-        # replaces, so the meter can extend it; Dial's L() could not be extended.
+        # Set(TIMEOUT(absolute)=limit), then the shipped Dial line. The limit is
+        # the channel's absolute timeout, the one AMI AbsoluteTimeout replaces,
+        # so the meter can extend it; Dial's L() could not be extended.
         if limit:
             self._newexten(ch, "Set", f"TIMEOUT(absolute)={limit}")
             call.set_timeout(limit)
-        dial_data = f"SIP/uas/{ch.exten},{dial_timeout:g}"
+        if gate:
+            dial = self.dialplan.dial(ch.exten, ch.variables)
+        else:  # the no-AGI lab dialplan of the Asterisk 20 traces (01)
+            dial = DialResult(f"SIP/uas/{ch.exten},{dial_timeout:g}", True, "uas",
+                              f"uas/{ch.exten}", dial_timeout)
+        dial_data = dial.dial_data
         self._newexten(ch, "Dial", dial_data)
+        if not dial.ok:
+            return self._dial_failed(call, dial, agi_status)
         callee = self._new_channel(
-            "uas",
+            dial.endpoint,
             ch.uniqueid,
+            tech=dial_data.split("/", 1)[0],
             caller_num="<unknown>",
             caller_name="<unknown>",
             context="from-trunk",
@@ -633,8 +465,8 @@ class AsteriskSimulator:
         )
         self.emit("NewAccountCode", [*callee.fields(), ("OldAccountCode", "")])
         self.emit("NewConnectedLine", callee.fields())
-        dial = [("DialString", f"uas/{ch.exten}")]
-        self.emit("DialBegin", ch.fields() + callee.dest_fields() + dial)
+        self.emit("DialBegin", ch.fields() + callee.dest_fields()
+                  + [("DialString", dial.dial_string)])
         if outcome == "busy":
             self.emit("DialEnd", ch.fields() + callee.dest_fields() + [("DialStatus", "BUSY")])
             return self._failed(call, callee, 17, "BUSY", "busy", dial_data, cdr_mode, agi_status)
@@ -695,6 +527,19 @@ class AsteriskSimulator:
             agi_status,
             dict(ch.variables),
         )
+
+    def _dial_failed(self, call: SimCall, dial: DialResult, agi_status: str) -> CallResult:
+        """A Dial() Asterisk cannot even start (asterisk_dialplan.py): no callee
+        channel, no CDR row, the caller ends with the failure's cause at once
+        (tests/fixtures/asterisk22/26-*, 27-*)."""
+        ch = call.caller
+        self.failed_dials.append(dial)
+        self._newexten(ch, "Hangup", "")
+        self.emit("SoftHangupRequest", [*ch.fields(), ("Cause", str(dial.cause))])
+        end = time.time()
+        self._hangup_event(ch, dial.cause)
+        return CallResult(ch.uniqueid, None, datetime.fromtimestamp(end, UTC), 0, dial.cause,
+                          "dial_failed", agi_status, dict(ch.variables))
 
     def _failed(
         self,
@@ -822,231 +667,3 @@ class AsteriskSimulator:
         if upper[:1] == ["HANGUP"]:
             return b"200 result=1\n", True
         return b"510 Invalid or unknown command\n", False
-
-    # -- AMI server -------------------------------------------------------------
-    async def _serve_ami(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = _AmiClientSession(writer)
-        self._sessions.add(session)
-        parser = ami.AmiParser(expect_banner=False, kinds=("action",))
-        writer.write(BANNER)
-        try:
-            while data := await reader.read(65536):
-                if session.stalled:
-                    continue
-                parser.receive_data(data)
-                for msg in parser.events():
-                    if isinstance(msg, ami.Message) and not await self._action(session, msg):
-                        return
-        except (OSError, asyncio.CancelledError):
-            # A cancelled connection handler makes Python 3.11's streams
-            # callback log a bogus error; ending normally is what we want.
-            pass
-        finally:
-            self._sessions.discard(session)
-            writer.close()
-
-    def _reply(
-        self,
-        session: _AmiClientSession,
-        action_id: str,
-        response: str,
-        fields: Iterable[tuple[str, str]] = (),
-    ) -> None:
-        head = [("ActionID", action_id)] if action_id else []
-        session.writer.write(
-            ami.Message.build("Response", response, head + list(fields)).to_bytes()
-        )
-
-    def _event_to(
-        self, session: _AmiClientSession, name: str, fields: list[tuple[str, str]]
-    ) -> None:
-        session.writer.write(ami.Message.build("Event", name, fields).to_bytes())
-
-    async def _action(self, session: _AmiClientSession, msg: ami.Message) -> bool:
-        """Answer one action; False closes the connection."""
-        self.actions.append(msg)
-        name = msg.name.lower()
-        aid = msg.get("ActionID")
-        if name == "login":
-            if msg.get("Username") != self.username or msg.get("Secret") != self.secret:
-                await asyncio.sleep(self.auth_fail_delay)  # 07b: ~1 s, then close
-                self._reply(session, aid, "Error", [("Message", "Authentication failed")])
-                return False
-            session.logged_in = True
-            self.logins += 1
-            session.classes = _event_classes(msg.get("Events", "on"))
-            self._reply(session, aid, "Success", [("Message", "Authentication accepted")])
-            if session.wants("system,all"):
-                self._event_to(
-                    session,
-                    "FullyBooted",
-                    [
-                        ("Privilege", "system,all"),
-                        ("Uptime", "303"),
-                        ("LastReload", "303"),
-                        ("Status", "Fully Booted"),
-                    ],
-                )
-            return True
-        if not session.logged_in:
-            self._reply(session, aid, "Error", [("Message", "Permission denied")])
-            return True
-        if name == "ping":
-            self._reply(
-                session, aid, "Success", [("Ping", "Pong"), ("Timestamp", f"{time.time():.6f}")]
-            )
-        elif name == "logoff":
-            self._reply(session, aid, "Goodbye", [("Message", "Thanks for all the fish.")])
-            return False
-        elif name == "events":
-            mask = msg.get("EventMask", "on")
-            session.classes = _event_classes(mask)
-            self._reply(
-                session,
-                aid,
-                "Success",
-                [("Events", "Off" if session.classes == frozenset() else "On")],
-            )
-        elif name == "coreshowchannels":
-            self._core_show_channels(session, aid)
-        elif name == "getvar":
-            self._getvar(session, aid, msg.get("Channel"), msg.get("Variable"))
-        elif name == "hangup":
-            call = self._call_by_channel(msg.get("Channel"))
-            if call is None:
-                self._reply(session, aid, "Error", [("Message", "No such channel")])
-            else:
-                cause = msg.get("Cause") or "16"
-                call.request_end("ami", int(cause) if cause.isdigit() else 16)
-                self._reply(session, aid, "Success", [("Message", "Channel Hungup")])
-        elif name == "absolutetimeout":
-            call = self._call_by_channel(msg.get("Channel"))
-            timeout = msg.get("Timeout")
-            if call is None:
-                self._reply(session, aid, "Error", [("Message", "No such channel")])
-            elif not timeout.isdigit() or int(timeout) == 0:
-                self._reply(session, aid, "Error", [("Message", "No timeout specified")])
-            else:
-                call.set_timeout(int(timeout))
-                self._reply(session, aid, "Success", [("Message", "Timeout Set")])
-        else:
-            self._reply(
-                session,
-                aid,
-                "Error",
-                [
-                    (
-                        "Message",
-                        (
-                            f"Invalid/unknown command: {msg.name}. "
-                            "Use Action: ListCommands to show available commands."
-                        ),
-                    )
-                ],
-            )
-        return True
-
-    def _call_by_channel(self, name: str) -> SimCall | None:
-        ch = self._channels.get(name)
-        if ch is None:
-            return None
-        return self._calls.get(ch.linkedid)
-
-    def _core_show_channels(self, session: _AmiClientSession, aid: str) -> None:
-        self._reply(
-            session, aid, "Success", [("EventList", "start"), ("Message", "Channels will follow")]
-        )
-        now = time.time()
-        channels = list(self._channels.values())
-        for ch in channels:
-            seconds = int(now - ch.created)
-            duration = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-            self._event_to(
-                session,
-                "CoreShowChannel",
-                [
-                    ("ActionID", aid),
-                    *ch.fields(),
-                    ("Application", ch.application),
-                    ("ApplicationData", ch.appdata),
-                    ("Duration", duration),
-                    ("BridgeId", ch.bridge),
-                ],
-            )
-        self._event_to(
-            session,
-            "CoreShowChannelsComplete",
-            [("ActionID", aid), ("EventList", "Complete"), ("ListItems", str(len(channels)))],
-        )
-
-    def _getvar(self, session: _AmiClientSession, aid: str, channel: str, variable: str) -> None:
-        if not channel:
-            self._reply(session, aid, "Success", [("Variable", variable), ("Value", "")])
-            return
-        ch = self._channels.get(channel)
-        if ch is None:
-            self._reply(session, aid, "Error", [("Message", "No such channel")])
-            return
-        if variable in ("CDR(answer,u)", "CDR(answer)"):
-            caller = self._channels.get(ch.name)
-            answered = caller.answered if caller else None
-            if variable.endswith(",u)"):
-                value = f"{answered:.6f}" if answered else "0.000000"
-            else:
-                value = _stamp(answered) if answered else ""
-        elif variable == "CDR(billsec)":
-            value = str(int(time.time() - ch.answered)) if ch.answered else "0"
-        else:
-            value = ch.variables.get(variable, "")
-        self._reply(session, aid, "Success", [("Variable", variable), ("Value", value)])
-
-
-def _event_classes(mask: str) -> frozenset[str] | None:
-    """Login/Events ``Events:`` value: on (all), off (none) or a class list."""
-    mask = mask.strip().lower()
-    if mask in ("on", "yes", "true", ""):
-        return None
-    if mask in ("off", "no", "false"):
-        return frozenset()
-    return frozenset(part.strip() for part in mask.split(",") if part.strip())
-
-
-# ---------------------------------------------------------------------------
-# Recorded traces (traces/asterisk/README.md "File format")
-
-
-@dataclass(frozen=True, slots=True)
-class TraceChunk:
-    """One marker of a recorded trace: ``<<<`` received, ``>>>`` sent, ``---`` note."""
-
-    direction: str  # "<<<" | ">>>" | "---"
-    offset: float  # seconds since the recording started
-    payload: bytes  # byte-exact for <<< and >>>; the note's text for ---
-
-
-def read_trace(path: str | Path) -> list[TraceChunk]:
-    """Parse a recorded trace file by its byte counts (payloads hold CRLF and LF)."""
-    data = Path(path).read_bytes()
-    chunks: list[TraceChunk] = []
-    pos = 0
-    while pos < len(data):
-        eol = data.index(b"\n", pos)
-        line = data[pos:eol]
-        pos = eol + 1
-        marker = line[:4]
-        if marker not in (b"#<<<", b"#>>>", b"#---"):
-            continue  # a "# " header comment
-        parts = line.split(b" ", 3)
-        offset = float(parts[2].lstrip(b"+"))
-        if marker == b"#---":
-            chunks.append(TraceChunk("---", offset, parts[3] if len(parts) > 3 else b""))
-            continue
-        size = int(parts[3].split(b" ")[0])
-        chunks.append(TraceChunk(marker[1:].decode(), offset, data[pos : pos + size]))
-        pos += size
-    return chunks
-
-
-def received_stream(path: str | Path) -> bytes:
-    """The exact bytes Asterisk sent in a trace (all ``<<<`` payloads joined)."""
-    return b"".join(c.payload for c in read_trace(path) if c.direction == "<<<")

@@ -51,6 +51,7 @@ def tier(request: pytest.FixtureRequest) -> Iterator[Tier]:
                       policy=policy_yaml(increment=INCREMENT, rate=RATE,
                                          night_window=window_excluding_now(),
                                          max_concurrent=CAP))
+        agent.cli("ledger", "init")  # only `run` and `ledger init` create a ledger
         for account, amount in BALANCES.items():
             agent.topup(account, amount)
         agent.start()

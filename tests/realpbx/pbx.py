@@ -74,6 +74,10 @@ class Pbx:
         self.trunk_port = ports.one()
         self.control_port = ports.one()  # AMI / ESL
         self.gate_port = ports.one()  # FastAGI / outbound socket
+        # where the dialplan sends the gate request / where the agent finds AMI or
+        # ESL: the ports above, unless a recorder sits in between (record_traces.py)
+        self.dialplan_gate_port = self.gate_port
+        self.agent_control_port = self.control_port
         self.confdir = workdir / "conf"
         self.proc: subprocess.Popen[bytes] | None = None
         self._calls = 0
@@ -163,10 +167,12 @@ class Asterisk(Pbx):
     ACCOUNTS = ("acme", "night", "broke", "capped", "cut", "killed", "dropped", "spare",
                 "spare2", "spare3")
 
-    def __init__(self, *args, extra_dialplan: str = "", **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, extra_dialplan: str = "",  # type: ignore[no-untyped-def]
+                 dial_line: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rtp = self.ports.block(100)
         self.extra_dialplan = extra_dialplan
+        self.dial_line = dial_line  # replaces the shipped Dial(...) (to reproduce old ones)
         self.rundir = self.workdir / "ast"
 
     def caller(self, account: str) -> str:
@@ -175,8 +181,11 @@ class Asterisk(Pbx):
     def config_files(self) -> dict[str, str]:
         ex = self.tools.examples / "asterisk"  # type: ignore[operator]
         ext = _shipped("asterisk/extensions.conf")
+        if self.dial_line is not None:
+            ext = re.sub(r"(?m)^( same => n,)Dial\(PJSIP/\$\{EXTEN\}@[^\n]*$",
+                         lambda m: m.group(1) + self.dial_line, ext, count=1)  # type: ignore[operator]
         ext = _set_conf_value(ext, "CALLGATE_AGI",
-                              f"agi://127.0.0.1:{self.gate_port}/gate", "extensions.conf")
+                              f"agi://127.0.0.1:{self.dialplan_gate_port}/gate", "extensions.conf")
         mgr = _shipped("asterisk/manager.conf")
         mgr = _set_conf_value(mgr, "port", str(self.control_port), "manager.conf")
         mgr = _set_conf_value(mgr, "secret", self.secret, "manager.conf")
@@ -258,7 +267,7 @@ class Asterisk(Pbx):
         return res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
 
     def agent_pbx_yaml(self) -> str:
-        return (f"  kind: asterisk\n  ami: {{host: 127.0.0.1, port: {self.control_port}, "
+        return (f"  kind: asterisk\n  ami: {{host: 127.0.0.1, port: {self.agent_control_port}, "
                 f"username: callgate, secret: {self.secret}}}\n"
                 f"  fastagi: {{listen: '127.0.0.1:{self.gate_port}'}}\n")
 
@@ -348,7 +357,7 @@ class FreeSwitch(Pbx):
         for f in sorted((SHIPPED / "freeswitch/dialplan/default").glob("*.xml")):
             text = f.read_text()
             text = _replace_once(text, "127.0.0.1:8084 async full",
-                                 f"127.0.0.1:{self.gate_port} async full", f.name)
+                                 f"127.0.0.1:{self.dialplan_gate_port} async full", f.name)
             files[f"dialplan/default/{f.name}"] = text
         return files
 
@@ -416,7 +425,7 @@ class FreeSwitch(Pbx):
                     return body.decode(errors="replace")
 
     def agent_pbx_yaml(self) -> str:
-        return (f"  kind: freeswitch\n  esl: {{host: 127.0.0.1, port: {self.control_port}, "
+        return (f"  kind: freeswitch\n  esl: {{host: 127.0.0.1, port: {self.agent_control_port}, "
                 f"password: {self.secret}}}\n"
                 f"  outbound_socket: {{listen: '127.0.0.1:{self.gate_port}'}}\n"
                 "  outbound_contexts: [default]\n")
