@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -35,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from agent import eventloop
+from agent import __version__, eventloop
 from agent.calls import CallInfo, EventSink, PbxControl
 from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
@@ -44,11 +45,14 @@ from agent.gatekeeper import Gatekeeper
 from agent.ledger import Ledger, open_ledger
 from agent.meter.clock import Clock, WallClock
 from agent.meter.meter import Meter, MeterSettings
+from agent.status import StatusBoard, verdict
 from agent.yamlfile import ConfigError
 
 log = structlog.get_logger("callgate.daemon")
 
 POLICY_POLL_SECONDS = 2.0
+BALANCES_EVERY_SECONDS = 15.0  # per-account balance gauges: one ledger read this often
+STATUS_PROBE_SECONDS = 2.0  # how long /status waits for the ledger to answer
 PRUNE_EVERY = timedelta(hours=1)
 
 
@@ -215,6 +219,7 @@ class Daemon:
         self._reload = asyncio.Event()
         self._policy_stamp: tuple[tuple[str, int, int], ...] = ()
         self._policy_files: list[Path] = []  # the policy and its DNC files, per load
+        self.board = StatusBoard(self.clock.now(), __version__, config.node)
 
     # -- public -------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -257,6 +262,8 @@ class Daemon:
                 tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watch"))
             tasks.append(asyncio.create_task(self._prune_attempts(), name="prune"))
+            if self.metrics_server is not None:
+                tasks.append(asyncio.create_task(self._refresh_balances(), name="balances"))
             tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
             tasks.append(asyncio.create_task(self._announce_ready(), name="ready"))
             stopper = asyncio.create_task(self._stop.wait(), name="stop")
@@ -297,6 +304,7 @@ class Daemon:
             raise
         self._policy_files = _files_of(config.policy_path)
         self._policy_stamp = _stamp(self._policy_files)
+        self.board.policy_loaded(config.policy_path, self.clock.now(), len(self.policy.accounts))
         # asyncpg logs a traceback every second or two while PostgreSQL is away; the
         # ledger's own LedgerUnavailable lines already say so, once per operation.
         logging.getLogger("asyncpg").setLevel(logging.ERROR)
@@ -345,18 +353,22 @@ class Daemon:
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             if self.publisher is not None:
                 self.metrics.watch_publisher(self.publisher)
+            self.metrics.started.set(self.board.started_at.timestamp())
+            self.metrics.policy_loaded(True, self.clock.now().timestamp())
+            self._watch_accounts()
         if spec.metrics is not None and self.metrics is not None:
             from agent.metrics import serve_metrics
 
             host, port = config.listen(spec.metrics.listen)
             try:
-                self.metrics_server = await serve_metrics(self.metrics, host, port, self.health)
+                self.metrics_server = await serve_metrics(self.metrics, host, port, self.health,
+                                                          status=self.status_document)
             except OSError as exc:
                 raise StartupError(
                     f"metrics.listen {spec.metrics.listen}: {exc.strerror or exc}") from None
         if spec.web is not None:
             await self._start_web()
-        log.info("daemon.started", node=config.node, pbx=spec.pbx.kind,
+        log.info("daemon.started", version=__version__, node=config.node, pbx=spec.pbx.kind,
                  policy=str(config.policy_path), ledger=_redact(config.ledger),
                  accounts=len(self.policy.accounts), loop=eventloop.running_loop_name())
 
@@ -445,9 +457,12 @@ class Daemon:
                     log.error("policy.reload_refused", error=error, why=why)
                 log.error("policy.kept_old", errors=len(errors))
                 self._publish("policy/reload", {"ok": False, "why": why, "errors": errors})
+                self.board.reload_refused(path, self.clock.now(), why, errors)
                 self._count_reload(False)
                 return False
             self.policy = policy
+            self.board.policy_loaded(path, self.clock.now(), len(policy.accounts))
+            self._watch_accounts()
             log.info("policy.reloaded", why=why, accounts=len(policy.accounts))
             self._publish("policy/reload", {"ok": True, "why": why,
                                             "accounts": len(policy.accounts)})
@@ -487,8 +502,8 @@ class Daemon:
     # -- events and metrics -------------------------------------------------------
     def _publish(self, topic: str, payload: dict[str, Any]) -> None:
         # Count the cut-offs that happened, not the planned ones (a party may hang up first).
-        if topic == "cutoff" and payload.get("stage") == "executed" and self.metrics is not None:
-            self.metrics.cutoff()
+        if topic == "cutoff" and payload.get("stage") == "executed":
+            self._count_cutoff(payload)
         if self.publisher is not None:
             self.publisher.publish(topic, payload)
 
@@ -498,8 +513,10 @@ class Daemon:
         self._publish("cutoff", {"stage": "warning", "call_id": call_id, "seconds": seconds})
 
     def _on_decision(self, call: CallInfo, decision: Decision, elapsed: float) -> None:
+        self.board.decision(self.clock.now(), decision.result, decision.reason.value)
         if self.metrics is not None:
             self.metrics.decision(decision.result, decision.reason.value, elapsed)
+            self.metrics.account_refused(decision.account, decision.reason.value)
         self._publish("decision", {
             "call_id": call.call_id, "account": decision.account, "result": decision.result,
             "reason": decision.reason.value, "message": decision.message,
@@ -509,7 +526,76 @@ class Daemon:
 
     def _count_reload(self, ok: bool) -> None:
         if self.metrics is not None:
-            self.metrics.policy_reload(ok)
+            self.metrics.policy_reload(ok, self.clock.now().timestamp())
+
+    def _count_cutoff(self, payload: dict[str, Any]) -> None:
+        reason = str(payload.get("reason") or "unknown")
+        late_ms = payload.get("late_ms")
+        late = late_ms / 1000 if isinstance(late_ms, int | float) else None
+        grace = self.config.spec.meter.grace_seconds
+        self.board.cutoff(self.clock.now(), reason, late is not None and late > grace)
+        if self.metrics is not None:
+            self.metrics.cutoff(reason, late, grace)
+
+    def _watch_accounts(self) -> None:
+        """Per-account series for exactly the policy's accounts (bounded label values)."""
+        if self.metrics is None or self.policy is None or self.meter is None:
+            return
+        meter = self.meter
+
+        def live_by_account() -> dict[str, int]:
+            counts: dict[str, int] = {}
+            for call in list(meter.live.values()):
+                counts[call.account] = counts.get(call.account, 0) + 1
+            return counts
+
+        self.metrics.watch_accounts(
+            {a: p.low_balance_warning for a, p in self.policy.accounts.items()}, live_by_account)
+
+    async def _refresh_balances(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(BALANCES_EVERY_SECONDS):
+                    balances = await self.ledger.balances()
+                self.metrics.account_balances({b.account: b.available for b in balances},
+                                              self.clock.now().timestamp())
+            except Exception as exc:  # the gauges go stale; the refreshed timestamp says so
+                log.debug("metrics.balances_failed", error=str(exc))
+            await asyncio.sleep(BALANCES_EVERY_SECONDS)
+
+    async def status_document(self) -> dict[str, Any]:
+        """``GET /status``: the board's record plus live readings, and the verdict."""
+        now = self.clock.now()
+        doc = self.board.document(now)
+        ledger: dict[str, Any] = {"url": _redact(self.config.ledger), "reachable": False}
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(STATUS_PROBE_SECONDS):
+                await self.ledger.get_call("status-probe")
+            ledger["reachable"] = True
+            ledger["probe_ms"] = round((asyncio.get_running_loop().time() - started) * 1000, 1)
+        except TimeoutError:
+            ledger["error"] = f"no answer within {STATUS_PROBE_SECONDS:g} s"
+        except Exception as exc:
+            ledger["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        adapter, meter, publisher = self.adapter, self.meter, self.publisher
+        live: dict[str, int] = {}
+        for call in list(meter.live.values()) if meter is not None else []:
+            live[call.account] = live.get(call.account, 0) + 1
+        doc.update({
+            "pid": os.getpid(), "ready": self.ready.is_set(),
+            "accepting": bool(self.gate is not None and self.gate.accepting),
+            "pbx": {"kind": self.config.spec.pbx.kind,
+                    "connected": bool(adapter is not None and adapter.connected)},
+            "ledger": ledger,
+            "mqtt": None if publisher is None else {
+                "connected": bool(publisher.connected), "depth": publisher.depth,
+                "dropped": publisher.dropped, "published": publisher.published},
+            "live_calls": {"total": sum(live.values()), "by_account": dict(sorted(live.items()))},
+        })
+        state, problems = verdict(doc)
+        doc["state"], doc["problems"] = state, problems
+        return doc
 
 
 class _TimedLedger:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +71,12 @@ def demo_policy(now: datetime) -> str:
         """)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def demo_config(state: Path, kind: str, pbx_port: int) -> str:
     if kind == "asterisk":
         pbx = textwrap.dedent(f"""\
@@ -87,7 +94,8 @@ def demo_config(state: Path, kind: str, pbx_port: int) -> str:
               outbound_contexts: [default]
             """)
     return (f"node: demo\npolicy: policy.yaml\nledger: sqlite://{state / 'ledger.db'}\n"
-            f"state_directory: {state}\n{pbx}log: {{format: console, level: info}}\n")
+            f"state_directory: {state}\n{pbx}log: {{format: console, level: info}}\n"
+            f"metrics: {{listen: '127.0.0.1:{_free_port()}'}}\n")
 
 
 def _say(text: str) -> None:
@@ -197,6 +205,13 @@ async def _scenario(kind: str, state: Path) -> int:
             print(await _cli(*base, "ledger", "statement", account), end="")
         _say(_shown(base, "ledger", "balance"))
         print(await _cli(*base, "ledger", "balance"), end="")
+        today = datetime.now(SHANGHAI).date().isoformat()
+        report = ("ledger", "report", "--from", today, "--to", today)
+        _say(_shown(base, *report) + "   (finance: every account, totals that add up)")
+        print(await _cli(*base, *report), end="")
+        status = ("-c", str(state / "agent.yaml"), "status")
+        _say(f"callgate {' '.join(status)}   (ops: is the running agent healthy?)")
+        print(await _cli(*status), end="")
         problems = await daemon.ledger.audit() if daemon.ledger is not None else ["no ledger"]
         balance = await daemon.ledger.balance("tight") if daemon.ledger else None
         ok = (not problems and balance is not None and balance.available == Decimal(0)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -238,6 +238,8 @@ class Statement:
     postings: list[Posting]  # finance postings of the period
     totals: dict[str, Decimal]
     closing: Decimal
+    running: dict[str, Decimal] = field(default_factory=dict)  # "call:ID"/"KIND:REF" -> after
+    name: str = ""  # the customer's name, from the policy
 
 
 def build_statement(
@@ -262,12 +264,20 @@ def build_statement(
             f"the statement does not add up ({format_amount(closing)} from the CDRs, "
             f"{format_amount(from_postings)} from the postings); run an audit of the ledger"
         )
+    from agent.ledger.report import ReportError, account_report
+
+    try:
+        lines = account_report(account, start, end, history, cdrs).lines
+    except ReportError as exc:
+        raise Refused(str(exc)) from None
+    running = {(f"call:{x.reference}" if x.kind == "call" else f"{x.kind}:{x.reference}"):
+               x.balance for x in lines}
     return Statement(account, where, first_day, last_day, opening, cdrs, finance, totals,
-                     closing)
+                     closing, running)
 
 
 async def statement(ledger: Ledger, account: str, where: ZoneInfo, start: str | None,
-                    end: str | None, today: datetime) -> Statement:
+                    end: str | None, today: datetime, name: str = "") -> Statement:
     """Read and build a statement; the period defaults to the first posting until today."""
     history = await ledger.history(account)
     first_day = (day(start, "--from") if start
@@ -278,7 +288,8 @@ async def statement(ledger: Ledger, account: str, where: ZoneInfo, start: str | 
         raise Refused(f"--to {last_day} is before --from {first_day}")
     cdrs = await ledger.cdrs(account, start_of(first_day, where),
                              start_of(last_day + timedelta(days=1), where))
-    return build_statement(account, where, first_day, last_day, history, cdrs)
+    return replace(build_statement(account, where, first_day, last_day, history, cdrs),
+                   name=name)
 
 
 def local(at: datetime, where: ZoneInfo) -> str:
@@ -286,23 +297,36 @@ def local(at: datetime, where: ZoneInfo) -> str:
 
 
 CSV_HEADER = ("type", "time", "caller", "callee", "billsec", "billed_seconds", "amount",
-              "cut_off", "reference", "note", "operator")
+              "cut_off", "reference", "note", "operator", "balance")
+
+
+def balance_after(s: Statement, p: Posting) -> Decimal | None:
+    """The running balance after a posting; a reopen (zero, no money) has none."""
+    return s.running.get(f"{p.kind.value}:{p.ref}")
 
 
 def csv_rows(s: Statement) -> Iterator[list[Any]]:
-    """One row per movement with its signed effect: opening + rows = closing."""
+    """One row per movement in time order (a call at its end) with its signed effect and the
+    balance after it: opening + rows = closing."""
     yield list(CSV_HEADER)
     yield ["opening", local(start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-           str(s.opening), "", "", "", ""]
+           str(s.opening), "", "", "", "", str(s.opening)]
+    rows: list[tuple[datetime, int, list[Any]]] = []
     for c in s.calls:
-        yield ["call", local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee,
-               c.billsec, c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no",
-               c.call_id, ",".join(c.flags), ""]
+        rows.append((c.ended_at, 0, [
+            "call", local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
+            c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
+            ",".join(c.flags), "", str(s.running.get(f"call:{c.call_id}", ""))]))
     for p in s.postings:
-        yield [p.kind.value, local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
-               p.note, p.operator]
+        after = balance_after(s, p)
+        rows.append((p.at, p.id, [
+            p.kind.value, local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
+            p.note, p.operator, "" if after is None else str(after)]))
+    for *_, row in sorted(rows, key=lambda r: (r[0], r[1])):
+        yield row
     end = start_of(s.last_day + timedelta(days=1), s.zone)
-    yield ["closing", local(end, s.zone), "", "", "", "", str(s.closing), "", "", "", ""]
+    yield ["closing", local(end, s.zone), "", "", "", "", str(s.closing), "", "", "", "",
+           str(s.closing)]
 
 
 # -- one JSON shape for the CLI's --json and the API ---------------------------------------
@@ -330,8 +354,131 @@ def cdr_json(c: Cdr) -> dict[str, Any]:
 
 
 def statement_json(s: Statement) -> dict[str, Any]:
-    return {"account": s.account, "timezone": str(s.zone), "from": s.first_day.isoformat(),
+    return {"account": s.account, "name": s.name or None, "timezone": str(s.zone),
+            "from": s.first_day.isoformat(),
             "to": s.last_day.isoformat(), "currency": CURRENCY, "opening": s.opening,
-            "calls": [cdr_json(c) for c in s.calls],
-            "postings": [posting_json(p) for p in s.postings],
+            "calls": [{**cdr_json(c), "balance": s.running.get(f"call:{c.call_id}")}
+                      for c in s.calls],
+            "postings": [{**posting_json(p), "balance": balance_after(s, p)}
+                         for p in s.postings],
             "totals": s.totals, "closing": s.closing}
+
+
+# -- month-end: every account over a period (``callgate ledger report``) --------------------
+@dataclass(frozen=True)
+class Directory:
+    """Names and timezones of the policy's accounts ({} and UTC when there is no policy)."""
+
+    names: dict[str, str]
+    zones: dict[str, ZoneInfo]
+    fallback: ZoneInfo
+    override: bool = False
+
+    def name(self, account: str) -> str:
+        return self.names.get(account, "")
+
+    def zone(self, account: str) -> ZoneInfo:
+        return self.fallback if self.override else self.zones.get(account, self.fallback)
+
+    def label(self, account: str) -> str:
+        name = self.name(account)
+        return f"{account} ({name})" if name else account
+
+
+def directory_of(policy: Any | None, override: ZoneInfo | None = None) -> Directory:
+    if policy is None:
+        return Directory({}, {}, override or ZoneInfo("UTC"), override is not None)
+    names = {a: p.name for a, p in policy.accounts.items()}
+    zones = {a: p.hours.timezone for a, p in policy.accounts.items()}
+    return Directory(names, zones, override or ZoneInfo("UTC"), override is not None)
+
+
+def report_days(start: str, end: str) -> tuple[date, date]:
+    """A report's first and last day (both required, included)."""
+    def one(text: str, what: str) -> date:
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            raise Refused(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
+
+    first, last = one(start, "--from"), one(end, "--to")
+    if last < first:
+        raise Refused(f"--to {last} is before --from {first}")
+    return first, last
+
+
+async def gather(ledger: Ledger, d: Directory, first: date, last: date,
+                 only: str | None = None) -> list[tuple[Any, list[Any]]]:
+    """Each ledger account's report and flagged calls for the period, in its own zone."""
+    from agent.ledger.report import ReportError, account_report, flagged
+
+    out = []
+    for b in await ledger.balances():
+        if only is not None and b.account != only:
+            continue
+        where = d.zone(b.account)
+        start, end = start_of(first, where), start_of(last + timedelta(days=1), where)
+        history = await ledger.history(b.account)
+        if not history or min(p.at for p in history) >= end:
+            continue  # the account did not exist yet in this period
+        cdrs = await ledger.cdrs(b.account, start, end)
+        try:
+            report = account_report(b.account, start, end, history, cdrs)
+        except ReportError as exc:
+            raise Refused(str(exc)) from None
+        out.append((report, flagged(b.account, start, end, history, cdrs)))
+    return out
+
+
+REPORT_COLUMNS = [("opening", "OPENING"), ("topups", "TOP-UPS"), ("calls", "CALLS"),
+                  ("billed_seconds", "BILLED S"), ("calls_amount", "CALL AMOUNT"),
+                  ("penalties", "PENALTIES"), ("refunds", "REFUNDS"),
+                  ("adjustments", "ADJUSTMENTS"), ("corrections", "CORRECTIONS"),
+                  ("closing", "CLOSING")]
+
+
+def report_json(reports: list[Any], grand: dict[str, Decimal | int], d: Directory,
+                first: date, last: date) -> dict[str, Any]:
+    return {
+        "from": first.isoformat(), "to": last.isoformat(), "currency": CURRENCY,
+        "accounts": [{"account": r.account, "name": d.name(r.account) or None,
+                      "timezone": str(d.zone(r.account)), "start": r.start, "end": r.end,
+                      **{f: getattr(r, f) for f, _ in REPORT_COLUMNS}} for r in reports],
+        "totals": grand,
+    }
+
+
+def utc(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+REPORT_CSV_HEADER = ["time", "account", "name", "currency", "type", "amount", "balance",
+                     "reference", "caller", "callee", "billsec", "billed_seconds", "flags",
+                     "note"]
+
+
+def report_csv_rows(reports: list[Any], d: Directory) -> list[list[str]]:
+    """Per account an ``opening`` row, one row per movement, a ``closing`` row; time order.
+
+    ``amount`` is the signed effect on the balance, ``balance`` the account's
+    balance after the row, so per account: opening + amounts = closing.
+    """
+    money = format_amount
+    rows: list[tuple[datetime, int, str, list[str]]] = []
+    for r in reports:
+        name = d.name(r.account)
+        rows.append((r.start, 0, r.account, [utc(r.start), r.account, name, CURRENCY, "opening",
+                                             "", money(r.opening), "", "", "", "", "", "", ""]))
+        for i, line in enumerate(r.lines, start=1):
+            c = line.cdr
+            rows.append((line.at, i, r.account, [
+                utc(line.at), r.account, name, CURRENCY, line.kind, money(line.amount),
+                money(line.balance), line.reference, c.caller if c else "",
+                c.callee if c else "", str(c.billsec) if c else "",
+                str(c.billed_seconds) if c else "", ",".join(c.flags) if c else "",
+                "" if c else line.note]))
+        rows.append((r.end, len(r.lines) + 1, r.account, [
+            utc(r.end), r.account, name, CURRENCY, "closing", "", money(r.closing), "", "", "",
+            "", "", "", ""]))
+    rows.sort(key=lambda row: (row[0], row[2], row[1]))
+    return [REPORT_CSV_HEADER, *(cells for *_, cells in rows)]

@@ -11,8 +11,26 @@ share counters. What the daemon calls on :class:`Metrics`:
 - ``ledger_timer(op)``: a context manager timing one ledger operation (``op``
   e.g. ``reserve``, ``settle``, ``account_state``) ->
   ``callgate_ledger_operation_seconds{op}``.
-- ``cutoff()``: a call cut off at its paid boundary -> ``callgate_cutoffs_total``.
-- ``policy_reload(ok)``: -> ``callgate_policy_reloads_total{outcome="ok"|"error"}``.
+- ``cutoff(reason, late_seconds, grace_seconds)``: a call cut off (``reason`` e.g.
+  ``balance``, ``window_end``) and how late the hang-up went out after its
+  planned moment -> ``callgate_cutoffs_total{reason}``,
+  ``callgate_cutoff_lateness_seconds``, and ``callgate_late_cutoffs_total`` when
+  later than the grace (the PBX-side deadline then ended the call, or talk went
+  unbilled).
+- ``policy_reload(ok, at)``: -> ``callgate_policy_reloads_total{outcome="ok"|"error"}``,
+  ``callgate_policy_last_reload_ok`` (1/0) and
+  ``callgate_policy_last_reload_timestamp_seconds{outcome}``.
+- ``cdr_correction()`` and ``reconcile_mismatch(kind)``: the PBX CDR
+  reconciliation's ``callgate_cdr_corrections_total`` and
+  ``callgate_reconcile_mismatches_total{kind}``.
+- ``watch_accounts(accounts)``: per-account series, labelled only with account
+  ids the policy names (bounded): ``callgate_account_live_calls``,
+  ``callgate_account_available_balance``, ``callgate_account_low_balance_line``
+  and ``callgate_account_refusals_total{account,reason}`` (only
+  ``insufficient_balance`` and ``account_closed``: the refusals that mean "top
+  this account up").
+- ``build_info``: ``callgate_build_info{version}`` 1; ``started``:
+  ``callgate_start_time_seconds``.
 - ``live_calls``, ``open_holds``, ``open_holds_amount``, ``pbx_connected``,
   ``asyncio_tasks`` (tasks alive in the daemon's event loop: a leak shows as
   growth, bench/soak.py and tests/test_hostile.py watch it): gauges; set them
@@ -23,9 +41,11 @@ share counters. What the daemon calls on :class:`Metrics`:
   :class:`~agent.events.mqtt.EventPublisher`'s ``depth``, ``dropped``,
   ``published`` and ``connected``, read at scrape time.
 
-:func:`serve_metrics` serves ``GET /metrics`` (text exposition format) and
+:func:`serve_metrics` serves ``GET /metrics`` (text exposition format),
 ``GET /healthz`` (200 ``ok`` when the readiness callable says ready, else 503
-with its reason) on an asyncio server, no threads. Each request is bounded: at
+with its reason) and, when given a ``status`` coroutine, ``GET /status`` (the
+daemon's status document as JSON, see :mod:`agent.status`; what ``callgate
+status`` reads) on an asyncio server, no threads. Each request is bounded: at
 most :data:`MAX_REQUEST_BYTES` of request head, :data:`REQUEST_TIMEOUT` seconds
 for the whole exchange, :data:`MAX_CONNECTIONS` at once; one request per
 connection (``Connection: close``).
@@ -35,8 +55,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable
-from typing import Protocol
+import json
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import (
@@ -50,6 +74,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent import __version__
+
 log = structlog.get_logger("callgate.metrics")
 
 MAX_REQUEST_BYTES = 8192
@@ -58,6 +84,14 @@ MAX_CONNECTIONS = 32
 
 # Gate decisions answer a dialplan that is waiting: sub-millisecond to the budget (500 ms).
 _GATE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# Cut-offs are planned to the second; the grace is 0-30 s (meter.grace_seconds).
+_LATENESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0)
+#: cut-off reasons kept as label values (the meter's closed set); others count as "other".
+CUTOFF_REASONS = frozenset({
+    "balance", "first_hold_failed", "window_end", "account_removed", "account_suspended",
+    "unseen", "unknown"})
+#: refusals counted per account: the ones that mean "this account needs money".
+ACCOUNT_REFUSALS = ("insufficient_balance", "account_closed")
 _LEDGER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -94,6 +128,25 @@ class _PublisherCollector(Collector):
                                 "1 while connected to the MQTT broker", value=int(p.connected))
 
 
+class _AccountLiveCollector(Collector):
+    """Live calls per policy account, counted at scrape time (accounts with none show 0)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("callgate_account_live_calls",
+                                   "Answered calls being metered, per account", labels=["account"])
+        m = self._metrics
+        try:
+            live = m._live_by_account()
+        except Exception:  # a scrape never fails for a view that is not ready
+            live = {}
+        for account in sorted(m._accounts):
+            family.add_metric([account], live.get(account, 0))
+        yield family
+
+
 class Metrics:
     """The daemon's metrics on a private registry; see the module docstring for the calls."""
 
@@ -117,12 +170,58 @@ class Metrics:
                                    registry=r)
         self.asyncio_tasks = Gauge("callgate_asyncio_tasks",
                                    "asyncio tasks alive in the daemon's event loop", registry=r)
-        self.cutoffs = Counter("callgate_cutoffs", "Calls cut off at their paid boundary",
-                               registry=r)
+        self.cutoffs = Counter("callgate_cutoffs", "Calls cut off by the meter, by reason",
+                               ["reason"], registry=r)
+        for reason in sorted(CUTOFF_REASONS | {"other"}):
+            self.cutoffs.labels(reason)  # every reason's series exists from the start at 0
+        self.decisions.labels("DENY", "ledger_unavailable")  # alertable from 0
         self.policy_reloads = Counter("callgate_policy_reloads", "Policy reloads by outcome",
                                       ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.policy_reloads.labels(outcome)  # both series exist from the start at 0
+        self.policy_last_reload_ok = Gauge(
+            "callgate_policy_last_reload_ok",
+            "1 if the last policy load or reload was taken, 0 if it was refused", registry=r)
+        self.policy_last_reload_ok.set(1)
+        self.policy_last_reload_time = Gauge(
+            "callgate_policy_last_reload_timestamp_seconds",
+            "When the policy was last loaded (outcome ok) or a reload refused (error)",
+            ["outcome"], registry=r)
+        self.build_info = Gauge("callgate_build_info", "The running callgate's version (always 1)",
+                                ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.started = Gauge("callgate_start_time_seconds",
+                             "When the daemon started, seconds since the epoch", registry=r)
+        self.cutoff_lateness = Histogram(
+            "callgate_cutoff_lateness_seconds",
+            "How late a cut-off's hang-up went out after its planned moment",
+            buckets=_LATENESS_BUCKETS, registry=r)
+        self.late_cutoffs = Counter("callgate_late_cutoffs",
+                                    "Cut-offs later than the meter's grace", registry=r)
+        self.cdr_corrections = Counter(
+            "callgate_cdr_corrections", "Calls corrected in the ledger from the PBX's CDR",
+            registry=r)
+        self.reconcile_mismatches = Counter(
+            "callgate_reconcile_mismatches",
+            "Differences found between the PBX's CDRs and the ledger, by kind", ["kind"],
+            registry=r)
+        self.account_balance = Gauge(
+            "callgate_account_available_balance",
+            "Available balance per account (policy accounts), ledger currency, for dashboards",
+            ["account"], registry=r)
+        self.account_low_line = Gauge(
+            "callgate_account_low_balance_line",
+            "The policy's low_balance_warning per account (0: none)", ["account"], registry=r)
+        self.account_refusals = Counter(
+            "callgate_account_refusals",
+            "Calls refused for want of balance, per account (policy accounts)",
+            ["account", "reason"], registry=r)
+        self.balances_refreshed = Gauge(
+            "callgate_account_balances_refreshed_timestamp_seconds",
+            "When the per-account balances were last read from the ledger", registry=r)
+        self._accounts: frozenset[str] = frozenset()
+        self._live_by_account: Callable[[], Mapping[str, int]] = dict
+        r.register(_AccountLiveCollector(self))
         self._publisher: _PublisherCollector | None = None
 
     def decision(self, result: str, reason: str, seconds: float) -> None:
@@ -132,11 +231,60 @@ class Metrics:
     def ledger_timer(self, op: str) -> contextlib.AbstractContextManager[object]:
         return self.ledger_latency.labels(op).time()
 
-    def cutoff(self) -> None:
-        self.cutoffs.inc()
+    def cutoff(self, reason: str = "unknown", late_seconds: float | None = None,
+               grace_seconds: float | None = None) -> None:
+        self.cutoffs.labels(reason if reason in CUTOFF_REASONS else "other").inc()
+        if late_seconds is not None:
+            self.cutoff_lateness.observe(max(0.0, late_seconds))
+            if grace_seconds is not None and late_seconds > grace_seconds:
+                self.late_cutoffs.inc()
 
-    def policy_reload(self, ok: bool) -> None:
-        self.policy_reloads.labels("ok" if ok else "error").inc()
+    def policy_reload(self, ok: bool, at: float | None = None) -> None:
+        outcome = "ok" if ok else "error"
+        self.policy_reloads.labels(outcome).inc()
+        self.policy_loaded(ok, at)
+
+    def policy_loaded(self, ok: bool, at: float | None = None) -> None:
+        """The outcome of the last load (the first load counts, the reload counter does not)."""
+        self.policy_last_reload_ok.set(1 if ok else 0)
+        self.policy_last_reload_time.labels("ok" if ok else "error").set(
+            time.time() if at is None else at)
+
+    def cdr_correction(self) -> None:
+        self.cdr_corrections.inc()
+
+    def reconcile_mismatch(self, kind: str) -> None:
+        self.reconcile_mismatches.labels(kind).inc()
+
+    def watch_accounts(self, accounts: Mapping[str, Decimal],
+                       live_by_account: Callable[[], Mapping[str, int]] | None = None) -> None:
+        """The policy's accounts (id -> low-balance line); series of others are removed."""
+        old = self._accounts
+        self._accounts = frozenset(accounts)
+        for gone in old - self._accounts:
+            for gauge in (self.account_balance, self.account_low_line):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
+            for reason in ACCOUNT_REFUSALS:
+                with contextlib.suppress(KeyError):
+                    self.account_refusals.remove(gone, reason)
+        for account, line in accounts.items():
+            self.account_low_line.labels(account).set(float(line))
+            for reason in ACCOUNT_REFUSALS:
+                self.account_refusals.labels(account, reason)  # alertable from 0
+        if live_by_account is not None:
+            self._live_by_account = live_by_account
+
+    def account_refused(self, account: str | None, reason: str) -> None:
+        if account in self._accounts and reason in ACCOUNT_REFUSALS:
+            self.account_refusals.labels(account, reason).inc()
+
+    def account_balances(self, available: Mapping[str, Decimal], at: float | None = None) -> None:
+        """Set the balance gauges from one ledger read (accounts outside the policy ignored)."""
+        for account in self._accounts:
+            if account in available:
+                self.account_balance.labels(account).set(float(available[account]))
+        self.balances_refreshed.set(time.time() if at is None else at)
 
     def watch_publisher(self, publisher: PublisherStats) -> None:
         if self._publisher is not None:
@@ -189,7 +337,8 @@ def answer(metrics: Metrics, ready: Callable[[], tuple[bool, str]], request_head
         if is_ready:
             return _response(200, b"ok\n", head_only=head_only)
         return _response(503, f"not ready: {why}\n".encode(), head_only=head_only)
-    return _response(404, b"not found; try /metrics or /healthz\n", head_only=head_only)
+    return _response(404, b"not found; try /metrics, /healthz or /status\n",
+                     head_only=head_only)
 
 
 async def serve_metrics(
@@ -198,6 +347,7 @@ async def serve_metrics(
     port: int = 9108,
     ready: Callable[[], tuple[bool, str]] = _always_ready,
     *,
+    status: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     request_timeout: float = REQUEST_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
 ) -> asyncio.Server:
@@ -219,7 +369,8 @@ async def serve_metrics(
                 except asyncio.IncompleteReadError:
                     return  # the client went away mid-request
                 else:
-                    response = answer(metrics, ready, head)
+                    response = (await _status_response(status, head) if status is not None
+                                and _path_of(head) == "/status" else answer(metrics, ready, head))
                 writer.write(response)
                 await writer.drain()
         except TimeoutError:
@@ -238,6 +389,34 @@ async def serve_metrics(
     server = await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_BYTES)
     log.info("metrics.listening", address=_bound(server))
     return server
+
+
+def _path_of(head: bytes) -> str:
+    parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    return parts[1].split("?", 1)[0] if len(parts) == 3 else ""
+
+
+async def _status_response(status: Callable[[], Awaitable[dict[str, Any]]],
+                           head: bytes) -> bytes:
+    """``GET /status``: the daemon's status document as one JSON object."""
+    method = head.split(b" ", 1)[0]
+    if method not in (b"GET", b"HEAD"):
+        return _response(405, b"only GET\n")
+    try:
+        doc = await status()
+        body = json.dumps(doc, default=_json_default, ensure_ascii=False).encode() + b"\n"
+    except Exception as exc:  # the status page never takes the listener down
+        log.warning("metrics.status_failed", error=str(exc))
+        return _response(503, f"status failed: {exc}\n".encode())
+    return _response(200, body, "application/json", head_only=method == b"HEAD")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, Decimal):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
 def _bound(server: asyncio.Server) -> str:

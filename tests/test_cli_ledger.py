@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import textwrap
 from datetime import UTC, datetime
@@ -86,12 +87,12 @@ def test_topup_and_balance(cli: Any) -> None:
     assert (code, err) == (0, "")
     assert "acme: topped up 100.00 CNY (ref BANK-1, by clerk)" in out
     code, out, _ = cli("ledger", "balance", "acme", "--json")
-    assert json.loads(out) == {"account": "acme", "posted": "100.0000", "held": "0.0000",
-                               "available": "100.0000", "closed": False}
+    assert json.loads(out) == {"account": "acme", "name": "ACME", "posted": "100.0000",
+                               "held": "0.0000", "available": "100.0000", "closed": False}
     code, out, _ = cli("ledger", "balance")
     assert out.splitlines() == [
-        "ACCOUNT  BALANCE  HELD  AVAILABLE  STATUS",
-        "acme      100.00  0.00     100.00  open",
+        "ACCOUNT  NAME  BALANCE  HELD  AVAILABLE  STATUS",
+        "acme     ACME   100.00  0.00     100.00  open",
     ]
 
 
@@ -248,16 +249,23 @@ def test_statement_text_adds_up(cli: Any) -> None:
                          "--to", "2026-11-30")
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[0] == ("Statement for acme, 2026-11-01 to 2026-11-30 "
+    assert lines[0] == ("Statement for acme (ACME), 2026-11-01 to 2026-11-30 "
                         "(times in Asia/Shanghai, amounts in CNY)")
     assert "Calls: 3" in lines
     calls = lines[lines.index("Calls: 3") + 1:lines.index("Calls: 3") + 5]
+    # BALANCE: the balance after the line, in time order with the other postings (the
+    # top-up of 11-03 and the fine of 11-20 sit between these calls).
     assert calls == [
-        "ANSWERED             CALLER       CALLEE       BILLSEC  BILLED  AMOUNT  CUT-OFF  FLAGS",
-        "2026-11-01 00:00:10  02158880000  13800138000       60      60   -0.13",
-        "2026-11-15 10:00:00  02158880000  13800138000      121     180   -0.39",
-        "2026-11-30 23:58:00  02158880000  13800138000      119     120   -0.26  cut off",
+        "ANSWERED             CALLER       CALLEE       BILLSEC  BILLED  AMOUNT  BALANCE  CUT-OFF"
+        "  FLAGS",
+        "2026-11-01 00:00:10  02158880000  13800138000       60      60   -0.13    99.87",
+        "2026-11-15 10:00:00  02158880000  13800138000      121     180   -0.39   149.48",
+        "2026-11-30 23:58:00  02158880000  13800138000      119     120   -0.26  -850.78  cut off",
     ]
+    others = lines[lines.index("Other postings: 2") + 1:lines.index("Other postings: 2") + 4]
+    assert others[0].split()[1:5] == ["KIND", "AMOUNT", "BALANCE", "REF"]
+    assert [line.split()[2:6] for line in others[1:]] == [
+        ["topup", "50.00", "149.87", "B1"], ["penalty", "-1000.00", "-850.52", "12321-9"]]
     totals = lines[lines.index("TOTALS             AMOUNT"):]
     assert totals == [
         "TOTALS             AMOUNT",
@@ -277,11 +285,16 @@ def test_statement_csv_rows_sum_to_the_closing_balance(cli: Any) -> None:
                        "--to", "2026-11-30", "--csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert [r["type"] for r in rows] == ["opening", "call", "call", "call", "topup", "penalty",
-                                         "closing"]
+    assert [r["type"] for r in rows] == ["opening", "call", "topup", "call", "penalty", "call",
+                                         "closing"]  # time order
     movements = sum(D(r["amount"]) for r in rows[:-1])
     assert movements == D(rows[-1]["amount"]) == D("-850.78")
-    assert rows[3]["cut_off"] == "yes" and rows[1]["reference"] == "c1"
+    assert rows[5]["cut_off"] == "yes" and rows[1]["reference"] == "c1"
+    # The running balance: each row's balance is the previous one plus its amount.
+    for before, row in itertools.pairwise(rows[:-1]):
+        assert D(row["balance"]) == D(before["balance"]) + D(row["amount"])
+    assert [D(r["balance"]) for r in rows] == [D("100"), D("99.87"), D("149.87"), D("149.48"),
+                                               D("-850.52"), D("-850.78"), D("-850.78")]
 
 
 def test_statement_json_and_the_inclusive_last_day(cli: Any) -> None:

@@ -124,6 +124,7 @@ async def test_demo_runs_and_passes(kind, capsys):
     out = capsys.readouterr().out
     for needle in ("outside_hours", "insufficient_balance", "cut off", "closing balance"):
         assert needle in out, needle
+    assert "\nTOTAL " in out and "\nhealthy: callgate " in out  # the report and status
 
 
 

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from decimal import Decimal as D
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import __version__
 from agent.gate.decision import Reason
 from agent.metrics import MAX_REQUEST_BYTES, Metrics, bound_port, serve_metrics
 
@@ -76,7 +78,9 @@ async def test_metrics_exposition_carries_what_the_daemon_recorded(
     metrics.open_holds.set(2)
     metrics.open_holds_amount.set(0.26)
     metrics.pbx_connected.set(1)
-    metrics.cutoff()
+    metrics.cutoff("balance", 0.4, 2)
+    metrics.cutoff("window_end", 2.5, 2)
+    metrics.cutoff("no-such-reason")
     metrics.policy_reload(ok=True)
     metrics.policy_reload(ok=False)
     metrics.policy_reload(ok=False)
@@ -97,9 +101,19 @@ async def test_metrics_exposition_carries_what_the_daemon_recorded(
     assert s[("callgate_open_holds", ())] == 2
     assert s[("callgate_open_holds_amount", ())] == 0.26
     assert s[("callgate_pbx_connected", ())] == 1
-    assert s[("callgate_cutoffs_total", ())] == 1
+    assert s[("callgate_cutoffs_total", (("reason", "balance"),))] == 1
+    assert s[("callgate_cutoffs_total", (("reason", "window_end"),))] == 1
+    assert s[("callgate_cutoffs_total", (("reason", "other"),))] == 1  # bounded label values
+    assert s[("callgate_cutoffs_total", (("reason", "unseen"),))] == 0
+    assert s[("callgate_cutoff_lateness_seconds_count", ())] == 2
+    assert s[("callgate_cutoff_lateness_seconds_bucket", (("le", "0.5"),))] == 1
+    assert s[("callgate_late_cutoffs_total", ())] == 1  # 2.5 s late, grace 2 s
     assert s[("callgate_policy_reloads_total", (("outcome", "ok"),))] == 1
     assert s[("callgate_policy_reloads_total", (("outcome", "error"),))] == 2
+    assert s[("callgate_policy_last_reload_ok", ())] == 0  # the last one was refused
+    assert s[("callgate_build_info", (("version", __version__),))] == 1
+    deny_ledger = (("reason", "ledger_unavailable"), ("result", "DENY"))
+    assert s[("callgate_decisions_total", deny_ledger)] == 0  # exists before the first one
 
 
 async def test_gauges_read_a_callable_at_scrape_time(
@@ -141,9 +155,84 @@ async def test_mqtt_publisher_counters_are_exported(
 
 async def test_registries_are_private() -> None:
     a, b = Metrics(), Metrics()
-    a.cutoff()
-    assert _samples(a.exposition())[("callgate_cutoffs_total", ())] == 1
-    assert _samples(b.exposition())[("callgate_cutoffs_total", ())] == 0
+    a.cutoff("balance")
+    balance = ("callgate_cutoffs_total", (("reason", "balance"),))
+    assert _samples(a.exposition())[balance] == 1
+    assert _samples(b.exposition())[balance] == 0
+
+
+def test_per_account_series_carry_only_the_policys_accounts() -> None:
+    m = Metrics()
+    live = {"acme": 2, "stranger": 5}
+    m.watch_accounts({"acme": D("50"), "beta": D("0")}, lambda: live)
+    m.account_balances({"acme": D("12.3400"), "beta": D("-1"), "stranger": D("99")}, at=100)
+    m.account_refused("acme", "insufficient_balance")
+    m.account_refused("stranger", "insufficient_balance")  # not in the policy: not a label
+    m.account_refused("acme", "do_not_call")  # not a balance refusal: decisions_total has it
+    m.account_refused(None, "insufficient_balance")
+    s = _samples(m.exposition())
+    accounts = {labels for (name, labels) in s if name.startswith("callgate_account_")}
+    assert accounts == {(), (("account", "acme"),), (("account", "beta"),),
+                        (("account", "acme"), ("reason", "insufficient_balance")),
+                        (("account", "acme"), ("reason", "account_closed")),
+                        (("account", "beta"), ("reason", "insufficient_balance")),
+                        (("account", "beta"), ("reason", "account_closed"))}
+    assert s[("callgate_account_live_calls", (("account", "acme"),))] == 2
+    assert s[("callgate_account_live_calls", (("account", "beta"),))] == 0
+    assert s[("callgate_account_available_balance", (("account", "acme"),))] == 12.34
+    assert s[("callgate_account_available_balance", (("account", "beta"),))] == -1
+    assert s[("callgate_account_low_balance_line", (("account", "acme"),))] == 50
+    refusals = ("callgate_account_refusals_total",
+                (("account", "acme"), ("reason", "insufficient_balance")))
+    assert s[refusals] == 1
+    assert s[("callgate_account_balances_refreshed_timestamp_seconds", ())] == 100
+    # A reload that drops an account drops its series (no stale label values).
+    m.watch_accounts({"acme": D("50")})
+    s = _samples(m.exposition())
+    assert not [k for k in s if ("account", "beta") in k[1]]
+
+
+def test_reconciliation_counters_have_the_agreed_names() -> None:
+    m = Metrics()
+    m.cdr_correction()
+    m.reconcile_mismatch("billsec")
+    m.reconcile_mismatch("billsec")
+    s = _samples(m.exposition())
+    assert s[("callgate_cdr_corrections_total", ())] == 1
+    assert s[("callgate_reconcile_mismatches_total", (("kind", "billsec"),))] == 2
+
+
+async def test_status_is_served_as_json_when_the_daemon_gives_it() -> None:
+    import json
+    from datetime import UTC, datetime
+
+    calls = 0
+
+    async def status() -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("the board broke")
+        return {"state": "healthy", "at": datetime(2026, 11, 1, tzinfo=UTC), "amount": D("1.5")}
+
+    server = await serve_metrics(Metrics(), "127.0.0.1", 0, status=status)
+    try:
+        port = bound_port(server)
+        code, headers, body = await _get(port, "/status")
+        assert code == 200 and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"state": "healthy", "at": "2026-11-01T00:00:00+00:00",
+                                    "amount": "1.5"}
+        assert (await _get(port, "/status"))[0] == 503  # a failing status never kills it
+        assert (await _get(port, "/metrics"))[0] == 200
+    finally:
+        server.close()
+        await server.wait_closed()
+    plain = await serve_metrics(Metrics(), "127.0.0.1", 0)  # no status given: 404
+    try:
+        assert (await _get(bound_port(plain), "/status"))[0] == 404
+    finally:
+        plain.close()
+        await plain.wait_closed()
 
 
 async def test_healthz_follows_the_readiness_callable(

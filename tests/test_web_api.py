@@ -357,10 +357,18 @@ async def test_statement_and_report_are_the_clis_and_add_up(served: Served, caps
     assert sum(D(r["amount"]) for r in rows[:-1]) == D(rows[-1]["amount"]) == D("89.74")
     status, report = await call(served, "GET", f"/api/v1/report?{query}", "read")
     assert status == 200
-    assert [(a["account"], a["name"], a["closing"], a["calls"]) for a in report["accounts"]] == [
-        ("acme", "ACME Telemarketing", "89.7400", "-0.2600")]
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["--policy", str(served.policy_path), "--ledger",
+                                          served.ledger_url, "ledger", "report", "--from",
+                                          "2026-11-01", "--to", "2026-11-30", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out) == report
+    assert [(a["account"], a["name"], a["closing"]) for a in report["accounts"]] == [
+        ("acme", "ACME Telemarketing", "89.7400")]
     status, text = await call(served, "GET", f"/api/v1/report?{query}&format=csv", "read")
-    assert text.splitlines()[-1] == "total,,,0,100.0000,-0.2600,-10.0000,0,0,89.7400"
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[0]["type"] == "opening" and rows[-1]["type"] == "closing"
+    moved = sum(D(r["amount"]) for r in rows if r["type"] not in ("opening", "closing"))
+    assert D(rows[0]["balance"]) + moved == D(rows[-1]["balance"]) == D("89.74")
 
 
 async def test_accounts_list_has_customer_names_and_policy_accounts(served: Served) -> None:

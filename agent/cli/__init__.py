@@ -42,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import config, ledger, policy, runtime, web
+    from agent.cli import config, ledger, policy, runtime, status, web
 
     config.register(sub)
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
+    status.register(sub)
     web.register(sub)
     return parser
 

@@ -37,13 +37,20 @@ from agent.cli.common import (
     operator_name,
     print_json,
 )
-from agent.finance import FINANCE_KINDS, MONEY_KINDS, Statement, balance_effect, signed
+from agent.finance import (
+    FINANCE_KINDS,
+    MONEY_KINDS,
+    Statement,
+    balance_effect,
+    build_statement,
+    signed,
+)
 from agent.ledger import PostingKind
 from agent.money import CURRENCY, format_amount
 
 _Opened = OpenedLedger  # this module's earlier name for it
-__all__ = ["FINANCE_KINDS", "MONEY_KINDS", "Statement", "balance_effect", "register",
-           "signed"]
+__all__ = ["FINANCE_KINDS", "MONEY_KINDS", "Statement", "balance_effect", "build_statement",
+           "register", "signed"]
 
 
 def register(sub: Any) -> None:
@@ -98,6 +105,10 @@ def register(sub: Any) -> None:
 
     balance = commands.add_parser("balance", help="balances: posted, held, available")
     balance.add_argument("account", nargs="?")
+    balance.add_argument("--at", help="as of a day's end (YYYY-MM-DD, the account's timezone) "
+                                      "or an ISO time")
+    balance.add_argument("--tz", help="with --at: read the day in this IANA zone "
+                                      "(default: the account's)")
     balance.add_argument("--json", action="store_true")
     balance.set_defaults(func=_balance)
 
@@ -121,6 +132,10 @@ def register(sub: Any) -> None:
     output.add_argument("--csv", action="store_true")
     output.add_argument("--json", action="store_true")
     statement.set_defaults(func=_statement)
+
+    from agent.cli import report  # month-end views over every account: their own module
+
+    report.register(commands)
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -197,23 +212,26 @@ async def _init(args: argparse.Namespace) -> int:
 
 # -- reading commands --------------------------------------------------------------------
 async def _balance(args: argparse.Namespace) -> int:
+    from agent.cli.report import account_names, balance_as_of
+
+    if args.at:
+        return await balance_as_of(args)
+    names = account_names(args)
     async with OpenedLedger(args) as ledger:
         if args.account:
             balances = [await ledger.balance(args.account)]
         else:
             balances = await ledger.balances()
     if args.json:
-        if args.account:
-            print_json(finance.balance_json(balances[0]))
-        else:
-            print_json({"accounts": [finance.balance_json(b) for b in balances]})
+        named = [{**finance.balance_json(b), "name": names.get(b.account)} for b in balances]
+        print_json(named[0] if args.account else {"accounts": named})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
         return 0
-    rows = [[b.account, _money(b.posted), _money(b.held), _money(b.available),
-             "closed" if b.closed else "open"] for b in balances]
-    print(_table(["ACCOUNT", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {1, 2, 3}))
+    rows = [[b.account, names.get(b.account, ""), _money(b.posted), _money(b.held),
+             _money(b.available), "closed" if b.closed else "open"] for b in balances]
+    print(_table(["ACCOUNT", "NAME", "BALANCE", "HELD", "AVAILABLE", "STATUS"], rows, {2, 3, 4}))
     return 0
 
 
@@ -236,10 +254,13 @@ async def _history(args: argparse.Namespace) -> int:
 
 # -- statement ----------------------------------------------------------------------------
 async def _statement(args: argparse.Namespace) -> int:
+    from agent.cli.report import account_names
+
     zone = account_zone(args, args.account, args.tz)
+    name = account_names(args).get(args.account, "")
     async with OpenedLedger(args) as ledger:
         statement = await finance.statement(ledger, args.account, zone, args.start, args.end,
-                                            now())
+                                            now(), name)
     if args.json:
         print_json(finance.statement_json(statement))
     elif args.csv:
@@ -250,22 +271,25 @@ async def _statement(args: argparse.Namespace) -> int:
 
 
 def _statement_text(s: Statement) -> None:
-    print(f"Statement for {s.account}, {s.first_day} to {s.last_day} "
+    who = f"{s.account} ({s.name})" if s.name else s.account
+    print(f"Statement for {who}, {s.first_day} to {s.last_day} "
           f"(times in {s.zone}, amounts in {CURRENCY})")
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
         rows = [[finance.local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
                  str(c.billsec), str(c.billed_seconds), _money(-c.amount),
+                 _money(s.running[f"call:{c.call_id}"]),
                  "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
         print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "CUT-OFF", "FLAGS"], rows, {3, 4, 5}))
+                      "BALANCE", "CUT-OFF", "FLAGS"], rows, {3, 4, 5, 6}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
-        rows = [[finance.local(p.at, s.zone), p.kind.value, _money(signed(p)), p.ref,
-                 p.operator or "-", p.note] for p in s.postings]
-        print(_table(["TIME", "KIND", "AMOUNT", "REF", "OPERATOR", "NOTE"], rows, {2}))
+        rows = [[finance.local(p.at, s.zone), p.kind.value, _money(signed(p)),
+                 _after(s, p), p.ref, p.operator or "-", p.note] for p in s.postings]
+        print(_table(["TIME", "KIND", "AMOUNT", "BALANCE", "REF", "OPERATOR", "NOTE"], rows,
+                     {2, 3}))
     print()
     t = s.totals
     rows = [
@@ -278,3 +302,8 @@ def _statement_text(s: Statement) -> None:
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))
+
+
+def _after(s: Statement, p: Any) -> str:
+    after = finance.balance_after(s, p)
+    return "" if after is None else _money(after)

@@ -111,38 +111,17 @@ def csv_response(text: str, filename: str) -> web.Response:
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
-REPORT_COLUMNS = ("opening", "topup", "calls", "penalty", "refund", "adjustment", "closing")
-
-
 async def report(c: Any, start: str, end: str) -> dict[str, Any]:
-    """Month-end: every ledger account's statement for the period, in its own timezone.
+    """Month-end: ``callgate ledger report --json`` over every ledger account, each in its
+    own timezone (the policy's, else UTC)."""
+    from agent.ledger.report import totals
 
-    The totals are signed by their effect on the balance, as in a statement:
-    each account's closing = opening + top-ups + calls + penalties + refunds +
-    adjustments.
-    """
-    first_day, last_day = finance.day(start, "--from"), finance.day(end, "--to")
-    if last_day < first_day:
-        raise finance.Refused(f"--to {last_day} is before --from {first_day}")
-    policy, now = c.policy(), c.now()
-    accounts = []
-    for b in await c.ledger.balances():
-        where = zone_of(c, b.account)
-        s = await finance.statement(c.ledger, b.account, where, start, end, now)
-        accounts.append({"account": b.account, "name": customer_name(policy, b.account),
-                         "timezone": str(s.zone), "opening": s.opening, **s.totals,
-                         "closing": s.closing})
-    totals = {k: sum((a[k] for a in accounts), Decimal(0)) for k in REPORT_COLUMNS}
-    return {"from": first_day.isoformat(), "to": last_day.isoformat(), "currency": CURRENCY,
-            "accounts": accounts, "totals": totals}
-
-
-def report_rows(r: dict[str, Any]) -> list[list[Any]]:
-    rows: list[list[Any]] = [["account", "name", "timezone", *REPORT_COLUMNS]]
-    for a in r["accounts"]:
-        rows.append([a["account"], a["name"], a["timezone"], *(str(a[k]) for k in REPORT_COLUMNS)])
-    rows.append(["total", "", "", *(str(r["totals"][k]) for k in REPORT_COLUMNS)])
-    return rows
+    first, last = finance.report_days(start, end)
+    d = finance.directory_of(c.policy())
+    reports = [r for r, _ in await finance.gather(c.ledger, d, first, last)]
+    out = finance.report_json(reports, totals(reports), d, first, last)
+    out["_csv"] = finance.report_csv_rows(reports, d)  # taken out before it is sent
+    return out
 
 
 def _query(request: web.Request, name: str, *, required: bool = True) -> str:
@@ -196,7 +175,8 @@ async def statement(request: web.Request) -> web.Response:
     where = zone_of(c, name, request.query.get("tz"))
     start = _query(request, "from", required=False) or None
     end = _query(request, "to", required=False) or None
-    s = await finance.statement(c.ledger, name, where, start, end, c.now())
+    s = await finance.statement(c.ledger, name, where, start, end, c.now(),
+                                customer_name(c.policy(), name))
     if fmt == "csv":
         return csv_response(csv_text(finance.csv_rows(s)),
                             f"{name}-{s.first_day}-{s.last_day}.csv")
@@ -207,8 +187,9 @@ async def report_route(request: web.Request) -> web.Response:
     fmt = _format(request)
     start, end = _query(request, "from"), _query(request, "to")
     r = await report(console(request), start, end)
+    rows = r.pop("_csv")
     if fmt == "csv":
-        return csv_response(csv_text(report_rows(r)), f"report-{start}-{end}.csv")
+        return csv_response(csv_text(rows), f"report-{start}-{end}.csv")
     return json_response(r)
 
 

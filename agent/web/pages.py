@@ -311,7 +311,8 @@ async def account_page(request: web.Request) -> web.Response:
 async def statement_csv(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
     start, end = request.query.get("from") or None, request.query.get("to") or None
-    s = await finance.statement(c.ledger, name, api.zone_of(c, name), start, end, c.now())
+    s = await finance.statement(c.ledger, name, api.zone_of(c, name), start, end, c.now(),
+                                api.customer_name(c.policy(), name))
     return api.csv_response(api.csv_text(finance.csv_rows(s)),
                             f"{name}-{s.first_day}-{s.last_day}.csv")
 
@@ -422,19 +423,24 @@ async def report_page(request: web.Request) -> web.Response:
         r = await api.report(c, start, end)
     except finance.Refused as exc:
         return render(request, "Month-end report", form + f'<p class="error">{e(exc)}</p>', 400)
-    rows = [[e(a["account"]), e(a["name"]), *(money(a[k]) for k in api.REPORT_COLUMNS)]
+    columns = [f for f, _ in finance.REPORT_COLUMNS]
+
+    def cell(value: Any) -> str:
+        return money(value) if isinstance(value, Decimal) else e(value)
+
+    rows = [[e(a["account"]), e(a["name"] or ""), *(cell(a[k]) for k in columns)]
             for a in r["accounts"]]
-    rows.append(["<strong>Total</strong>", "", *(money(r["totals"][k])
-                                                 for k in api.REPORT_COLUMNS)])
-    body = form + _table(["Account", "Customer", "Opening", "Top-ups", "Calls", "Fines",
-                          "Refunds", "Adjustments", "Closing"], rows, set(range(2, 9)))
+    rows.append(["<strong>Total</strong>", "", *(cell(r["totals"][k]) for k in columns)])
+    body = form + _table(["Account", "Customer", *(h.capitalize() for _, h in
+                                                   finance.REPORT_COLUMNS)],
+                         rows, set(range(2, 2 + len(columns))))
     return render(request, "Month-end report", body)
 
 
 async def report_csv(request: web.Request) -> web.Response:
     start, end = request.query.get("from", ""), request.query.get("to", "")
     r = await api.report(console(request), start, end)
-    return api.csv_response(api.csv_text(api.report_rows(r)), f"report-{start}-{end}.csv")
+    return api.csv_response(api.csv_text(r["_csv"]), f"report-{start}-{end}.csv")
 
 
 def add_routes(app: web.Application) -> None:
