@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictStr, model_validator
 
@@ -176,6 +176,25 @@ class MeterSpec(_Strict):
     warning_seconds: int = Field(0, ge=0, le=300)
 
 
+class CdrSpec(_Strict):
+    """The PBX's own CDR file, followed to settle calls from it (README: CDR source)."""
+
+    file: StrictStr
+    format: Literal["asterisk-custom", "asterisk-csv", "freeswitch-csv",
+                    "freeswitch-example"] | None = None  # default: by pbx.kind
+    columns: list[StrictStr] | None = None  # replaces the format's columns
+    timezone: StrictStr = "UTC"  # of CDR times written without a zone
+    poll_seconds: float = Field(1.0, gt=0, le=60)
+    state_file: StrictStr | None = None  # default: <state_directory>/cdr-position.json
+    pending_max_age_seconds: float = Field(3600.0, gt=0)
+
+    def layout(self, kind: str) -> Any:
+        from agent.cdr.formats import preset
+
+        name = self.format or ("asterisk-custom" if kind == "asterisk" else "freeswitch-csv")
+        return preset(name, timezone=self.timezone, columns=self.columns)
+
+
 class AgentSpec(_Strict):
     node: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     policy: StrictStr = "policy.yaml"
@@ -187,6 +206,18 @@ class AgentSpec(_Strict):
     web: WebSpec | None = None
     log: LogSpec = Field(default_factory=LogSpec)
     meter: MeterSpec = Field(default_factory=MeterSpec)
+    cdr: CdrSpec | None = None
+
+    @model_validator(mode="after")
+    def _cdr_layout(self) -> Self:
+        if self.cdr is not None:
+            from agent.cdr.formats import CdrFormatError
+
+            try:
+                self.cdr.layout(self.pbx.kind)
+            except CdrFormatError as exc:
+                raise ValueError(f"cdr: {exc}") from None
+        return self
 
 
 class AgentConfig:
@@ -209,6 +240,10 @@ class AgentConfig:
             self.ledger = spec.ledger
         else:
             self.ledger = "sqlite://" + str(self.state_directory / "ledger.db")
+        self.cdr_file = (base / spec.cdr.file).resolve() if spec.cdr else None
+        self.cdr_state_file = (
+            (base / spec.cdr.state_file).resolve() if spec.cdr and spec.cdr.state_file
+            else self.state_directory / "cdr-position.json")
 
     def __repr__(self) -> str:
         return f"AgentConfig(node={self.node!r}, path={str(self.path)!r})"

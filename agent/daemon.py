@@ -16,6 +16,11 @@ ledger and the live policy.
   flight for a bounded time, flushes the MQTT buffer with a bounded wait, closes
   the ledger and exits 0. Calls still up keep their PBX-side deadline and are
   adopted by the next start.
+- Compliance: the live do-not-call copy is loaded from the ledger before the
+  first call and kept fresh by a poll of its change log
+  (:mod:`agent.compliance.dnc_sync`); every settled call feeds the early
+  warning (:mod:`agent.compliance.risk`), which publishes ``risk`` when a share
+  crosses the policy's limit.
 - systemd: ``READY=1`` once the ledger is open and the PBX connected, watchdog
   pings from the event loop, ``RELOADING=1``/``STOPPING=1`` around reloads and
   shutdown.
@@ -38,11 +43,13 @@ import structlog
 
 from agent import __version__, eventloop
 from agent.calls import CallInfo, EventSink, PbxControl
+from agent.compliance.dnc_sync import DncSync
+from agent.compliance.risk import RiskMonitor
 from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
 from agent.gate.policy import Policy, load_policy
 from agent.gatekeeper import Gatekeeper
-from agent.ledger import Ledger, open_ledger
+from agent.ledger import Ledger, LedgerError, open_ledger
 from agent.meter.clock import Clock, WallClock
 from agent.meter.meter import Meter, MeterSettings
 from agent.status import StatusBoard, verdict
@@ -54,6 +61,7 @@ POLICY_POLL_SECONDS = 2.0
 BALANCES_EVERY_SECONDS = 15.0  # per-account balance gauges: one ledger read this often
 STATUS_PROBE_SECONDS = 2.0  # how long /status waits for the ledger to answer
 PRUNE_EVERY = timedelta(hours=1)
+DNC_LOAD_TIMEOUT = 30.0  # seconds; millions of entries load in a few
 
 
 class StartupError(Exception):
@@ -112,9 +120,28 @@ def preflight(config: AgentConfig, notes: list[str] | None = None) -> Policy:
         except ConfigError as exc:
             problems.extend(f"web: {_clip(str(e))}" for e in exc.errors
                             if not credential_only(f"web: {e}"))
+    if notes is not None:
+        notes.extend(cdr_notes(config))
     if problems or policy is None:
         raise StartupError("\n".join(problems))
     return policy
+
+
+def cdr_notes(config: AgentConfig) -> list[str]:
+    """What keeps the CDR source (``cdr:``) from reading yet: notes, not refusals (the
+    agent gates and meters without it; the source waits for its file)."""
+    import os
+
+    if config.cdr_file is None:
+        return []
+    path = config.cdr_file
+    if path.exists():
+        if not os.access(path, os.R_OK):
+            return [f"cdr.file: {path} is not readable by this user (the PBX's group?)"]
+        return []
+    if not path.parent.is_dir():
+        return [f"cdr.file: no directory {path.parent}; is the PBX's CDR backend enabled?"]
+    return [f"cdr.file: {path} does not exist yet; the PBX creates it with its first CDR"]
 
 
 def _listens(config: AgentConfig) -> list[tuple[str, str]]:
@@ -214,12 +241,15 @@ class Daemon:
         self.metrics: Any = None
         self.metrics_server: asyncio.Server | None = None
         self.web: Any = None  # the finance console's runner, when web: is configured
+        self.cdr_source: Any = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self._policy_stamp: tuple[tuple[str, int, int], ...] = ()
         self._policy_files: list[Path] = []  # the policy and its DNC files, per load
         self.board = StatusBoard(self.clock.now(), __version__, config.node)
+        self.dnc_sync: DncSync | None = None
+        self.risk = RiskMonitor()
 
     # -- public -------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -239,6 +269,8 @@ class Daemon:
             return False, "PBX not connected"
         if self._stop.is_set():
             return False, "stopping"
+        if self.dnc_sync is not None and not self.dnc_sync.loaded:
+            return False, "live do-not-call list not loaded from the ledger yet"
         return True, "ok"
 
     async def run(self) -> int:
@@ -262,8 +294,12 @@ class Daemon:
                 tasks.append(asyncio.create_task(self.publisher.run(), name="mqtt"))
             tasks.append(asyncio.create_task(self._watch_policy(), name="policy-watch"))
             tasks.append(asyncio.create_task(self._prune_attempts(), name="prune"))
+            if self.cdr_source is not None:
+                tasks.append(asyncio.create_task(self.cdr_source.run(), name="cdr"))
             if self.metrics_server is not None:
                 tasks.append(asyncio.create_task(self._refresh_balances(), name="balances"))
+            assert self.dnc_sync is not None
+            tasks.append(asyncio.create_task(self.dnc_sync.run(), name="dnc-sync"))
             tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
             tasks.append(asyncio.create_task(self._announce_ready(), name="ready"))
             stopper = asyncio.create_task(self._stop.wait(), name="stop")
@@ -324,10 +360,20 @@ class Daemon:
         except (ValueError, OSError) as exc:  # MqttSettingsError: a bad URL, a missing CA file
             raise StartupError(f"mqtt: {exc}") from None
         budget = spec.pbx.decision_budget_ms / 1000
+        # The live do-not-call copy: loaded before the first call is gated, so a
+        # number added a minute ago is refused from the first call; if the ledger
+        # cannot be read now the sync keeps trying (see agent.compliance.dnc_sync).
+        self.dnc_sync = DncSync(ledger)
+        try:
+            async with asyncio.timeout(DNC_LOAD_TIMEOUT):
+                await self.dnc_sync.load()
+        except (LedgerError, OSError, TimeoutError) as exc:
+            log.warning("dnc.load_failed", error=str(exc) or type(exc).__name__)
         self.gate = Gatekeeper(
             ledger=self.ledger, policy=self.current_policy, clock=self.clock,
             node=config.node, budget=budget * 0.8,
             ring_allowance=spec.pbx.ring_allowance_seconds, on_decision=self._on_decision,
+            live_dnc=self.dnc_sync.live,
         )
         settings = MeterSettings(grace_seconds=spec.meter.grace_seconds,
                                  lead_seconds=spec.meter.lead_seconds,
@@ -342,6 +388,10 @@ class Daemon:
         except ConfigError as exc:
             raise StartupError(str(exc)) from None
         pbx_proxy.target = self.adapter
+        if spec.cdr is not None:
+            self.cdr_source = _make_cdr_source(config, self.ledger, self.clock, self.metrics)
+            for note in cdr_notes(config):
+                log.warning("cdr.not_readable_yet", note=note)
         if self.metrics is not None:
             meter, adapter = self.meter, self.adapter
             self.metrics.live_calls.set_function(lambda: len(meter.live))
@@ -351,6 +401,9 @@ class Daemon:
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
             loop = asyncio.get_running_loop()
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
+            sync = self.dnc_sync
+            self.metrics.live_dnc_entries.set_function(lambda: len(sync.live))
+            self.metrics.live_dnc_age.set_function(sync.age)
             if self.publisher is not None:
                 self.metrics.watch_publisher(self.publisher)
             self.metrics.started.set(self.board.started_at.timestamp())
@@ -506,6 +559,27 @@ class Daemon:
             self._count_cutoff(payload)
         if self.publisher is not None:
             self.publisher.publish(topic, payload)
+        if topic == "call/end":
+            self._observe_risk(payload)
+
+    def _observe_risk(self, cdr: dict[str, Any]) -> None:
+        """The early warning: feed the settled call in; publish ``risk`` on a crossing."""
+        limits = self.policy.risk if self.policy is not None else None
+        if limits is None:
+            return
+        account = str(cdr.get("account") or "")
+        alerts = self.risk.observe(limits, account, self.clock.now(),
+                                   cdr.get("answered_at") is not None,
+                                   int(cdr.get("billsec") or 0))
+        if self.metrics is not None:
+            self.metrics.risk(self.risk.reading(account),
+                              self.risk.raised(account, "short_calls"),
+                              self.risk.raised(account, "answer_rate"))
+        for alert in alerts:
+            log.warning("risk." + alert.state, account=account, kind=alert.kind,
+                        percent=str(alert.value), limit=alert.limit)
+            if self.publisher is not None:
+                self.publisher.publish("risk", alert.payload(limits))
 
     async def _warn(self, call_id: str, seconds: int) -> None:
         """A cut-off is coming: tell subscribers (a tone player, the agent's screen)."""
@@ -664,6 +738,28 @@ def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
         outbound_contexts=frozenset(spec.outbound_contexts),
     )
     return FreeswitchAdapter(fs_settings, gate, sink, clock=clock.now)
+
+
+def _make_cdr_source(config: AgentConfig, ledger: Ledger, clock: Clock, metrics: Any) -> Any:
+    """The follower of the PBX's CDR file that settles calls from it (``cdr:`` in agent.yaml)."""
+    from agent.cdr.formats import CdrRow
+    from agent.cdr.source import CdrSource
+
+    spec = config.spec.cdr
+    assert spec is not None and config.cdr_file is not None
+    contexts = frozenset(config.spec.pbx.outbound_contexts)
+
+    def outbound(row: CdrRow) -> bool:
+        return row.context in contexts if contexts else bool(row.accountcode)
+
+    with contextlib.suppress(OSError):  # the source logs what is wrong when it saves
+        config.cdr_state_file.parent.mkdir(parents=True, exist_ok=True)
+    return CdrSource(ledger=ledger, path=config.cdr_file,
+                     layout=spec.layout(config.spec.pbx.kind),
+                     state_path=config.cdr_state_file, clock=clock,
+                     poll_seconds=spec.poll_seconds,
+                     pending_max_age=spec.pending_max_age_seconds, outbound=outbound,
+                     metrics=metrics)
 
 
 def _make_metrics() -> Any:

@@ -37,6 +37,9 @@ from agent.money import CURRENCY, AmountError, clip, format_amount, parse_amount
 MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
                PostingKind.ADJUSTMENT)
 FINANCE_KINDS = (*MONEY_KINDS, PostingKind.REOPEN)
+# A statement also lists the corrections from the PBX's CDR (posted by the agent or by
+# `ledger reconcile --apply`), each with its own line and total.
+STATEMENT_KINDS = (*FINANCE_KINDS, PostingKind.CORRECTION)
 PolicySource = Callable[[], Any]  # the policy, loaded (and checked) only when asked
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # the policy's account ids
 
@@ -212,7 +215,8 @@ def balance_effect(p: Posting) -> Decimal:
     """How a posting moves the account's balance (holds and releases do not)."""
     if p.kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return p.amount
-    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
+    if p.kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE,
+                  PostingKind.CORRECTION):  # a correction is signed like a charge
         return -p.amount
     return Decimal(0)
 
@@ -250,10 +254,10 @@ def build_statement(
     start, end = start_of(first_day, where), start_of(last_day + timedelta(days=1), where)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     in_period = [p for p in history if start <= p.at < end]
-    finance = [p for p in in_period if p.kind in FINANCE_KINDS]
+    finance = [p for p in in_period if p.kind in STATEMENT_KINDS]
     # Every total is signed by its effect on the balance: closing = opening + their sum.
     totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
-                              Decimal(0)) for kind in MONEY_KINDS}
+                              Decimal(0)) for kind in (*MONEY_KINDS, PostingKind.CORRECTION)}
     totals["calls"] = -sum((c.amount for c in cdrs), Decimal(0))
     closing = opening + sum(totals.values(), Decimal(0))
     # Each call is charged in one posting dated its CDR's end, so the postings of the
@@ -316,7 +320,7 @@ def csv_rows(s: Statement) -> Iterator[list[Any]]:
         rows.append((c.ended_at, 0, [
             "call", local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
             c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
-            ",".join(c.flags), "", str(s.running.get(f"call:{c.call_id}", ""))]))
+            call_flags(c), "", str(s.running.get(f"call:{c.call_id}", ""))]))
     for p in s.postings:
         after = balance_after(s, p)
         rows.append((p.at, p.id, [
@@ -350,7 +354,21 @@ def cdr_json(c: Cdr) -> dict[str, Any]:
     return {"call_id": c.call_id, "caller": c.caller, "callee": c.callee,
             "answered_at": c.answered_at, "ended_at": c.ended_at, "billsec": c.billsec,
             "billed_seconds": c.billed_seconds, "amount": -c.amount, "cut_off": c.cut_off,
-            "cause": c.cause, "flags": list(c.flags)}
+            "cause": c.cause, "flags": list(c.flags), "pbx_billsec": c.pbx_billsec,
+            # its correction from the PBX's CDR (also a posting line), and the two together
+            "correction": -c.correction, "final_amount": -c.charged}
+
+
+def call_flags(c: Cdr) -> str:
+    """The CDR's flags; a call settled from the PBX's CDR says so (its correction, if any,
+    is a posting line of its own)."""
+    flags = list(c.flags)
+    if c.pbx_billsec is not None:
+        effect = -c.correction
+        flags.append(f"pbx_billsec={c.pbx_billsec}")
+        flags.append(f"corrected {'+' if effect > 0 else ''}{format_amount(effect)}" if effect
+                     else "pbx_cdr_confirmed")
+    return ",".join(flags)
 
 
 def statement_json(s: Statement) -> dict[str, Any]:

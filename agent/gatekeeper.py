@@ -10,6 +10,13 @@ decides. The first billing unit is held at admission, and ``max_seconds`` of
 an allowed call becomes the talk time already paid: that is the limit the
 dialplan arms, and the meter extends it as the call pays on. A stopping agent
 refuses new calls (``shutting_down``).
+
+The compliance rules ride on the same single read: the ledger's suspension,
+attempts in the last second (``cps_limit``) and from this caller ID in the last
+hour and since local midnight (``caller_id_cap``; the caller ID is counted as
+the account normalises it). Live do-not-call entries are looked up in memory
+(``live_dnc``, kept fresh by :class:`~agent.compliance.dnc_sync.DncSync`): no
+extra round trip, and they still refuse while the ledger is unreachable.
 """
 
 from __future__ import annotations
@@ -18,20 +25,40 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 
 from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
-from agent.gate.decision import AccountState, Decision, Reason
+from agent.gate.decision import AccountState, Decision, DncView, Reason
 from agent.gate.policy import AccountPolicy, Policy
 from agent.ledger import Admission, CallRecord, Ledger, LedgerError
 from agent.meter.clock import Clock
 
 log = structlog.get_logger("callgate.gate")
 
+CPS_WINDOW = timedelta(seconds=1)  # cps_limit counts allowed attempts in the last second
+
 OnDecision = Callable[[CallInfo, Decision, float], None]
+
+
+def state_request(account: AccountPolicy, call: CallInfo, now: datetime) -> dict[str, Any]:
+    """What :meth:`Ledger.account_state` must count for this account's rules and call."""
+    zone = account.hours.timezone
+    caller_cap = account.caller_id_cap
+    return {
+        "account_since": account.rate_cap.since(now, zone) if account.rate_cap else None,
+        "callee_since": account.callee_cap.since(now, zone) if account.callee_cap else None,
+        "destination": account.normalize(call.destination),
+        "cps_since": now - CPS_WINDOW if account.cps_limit is not None else None,
+        "caller": account.normalize(call.caller_id) if caller_cap is not None else None,
+        "caller_hour_since": caller_cap.hour_since(now)
+        if caller_cap is not None and caller_cap.per_hour is not None else None,
+        "caller_day_since": caller_cap.day_since(now, zone)
+        if caller_cap is not None and caller_cap.per_day is not None else None,
+    }
 
 
 class Gatekeeper:
@@ -45,7 +72,9 @@ class Gatekeeper:
         budget: float = 0.45,
         ring_allowance: int = 0,
         on_decision: OnDecision | None = None,
+        live_dnc: DncView | None = None,
     ) -> None:
+        self.live_dnc = live_dnc
         self.ledger = ledger
         self.policy = policy
         self.clock = clock
@@ -86,26 +115,23 @@ class Gatekeeper:
         except (TimeoutError, LedgerError) as exc:
             log.warning("gate.ledger_unavailable", call_id=call.call_id, error=str(exc)
                         or type(exc).__name__)
-            state = AccountState(balance=None)
+            state = AccountState(balance=None, live_dnc=self.live_dnc)
         decision = decide(policy, state, call, now)
         if decision.allow and decision.tariff is not None and state.balance is not None:
             return await self._admit(account, call, decision, now, deadline)
         if state.balance is not None:  # the ledger answers: log the refusal for the caps
-            await self._log_attempt(account, decision, now)
+            await self._log_attempt(account, call, decision, now)
         return decision
 
     async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
         """One ledger read: balance, live calls and the attempts the caps count."""
-        zone = account.hours.timezone
-        snapshot = await self.ledger.account_state(
-            account.id,
-            account_since=account.rate_cap.since(now, zone) if account.rate_cap else None,
-            callee_since=account.callee_cap.since(now, zone) if account.callee_cap else None,
-            destination=account.normalize(call.destination),
-        )
+        snapshot = await self.ledger.account_state(account.id,
+                                                   **state_request(account, call, now))
         return AccountState(snapshot.available, snapshot.live_calls,
                             snapshot.callee_attempts, snapshot.account_attempts,
-                            snapshot.closed)
+                            snapshot.closed, snapshot.suspended, snapshot.cps_attempts,
+                            snapshot.caller_hour_attempts, snapshot.caller_day_attempts,
+                            self.live_dnc)
 
     async def _admit(self, account: AccountPolicy, call: CallInfo, decision: Decision,
                      now: Any, deadline: float) -> Decision:
@@ -126,7 +152,8 @@ class Gatekeeper:
             async with asyncio.timeout_at(deadline):
                 outcome = await self.ledger.admit_and_hold(
                     record, account.max_concurrent_calls, tariff.first_unit_cost,
-                    tariff.first_unit_seconds, reason=decision.reason.value)
+                    tariff.first_unit_seconds, reason=decision.reason.value,
+                    caller_key=account.normalize(call.caller_id))
         except (TimeoutError, LedgerError) as exc:
             # A timed-out write may still commit: the meter's reconciliation closes an
             # admitted call the PBX never shows (its hold is released, nothing charged).
@@ -150,11 +177,13 @@ class Gatekeeper:
             limit = min(limit, decision.max_seconds)
         return replace(decision, max_seconds=limit + self.ring_allowance)
 
-    async def _log_attempt(self, account: AccountPolicy, decision: Decision, now: Any) -> None:
+    async def _log_attempt(self, account: AccountPolicy, call: CallInfo, decision: Decision,
+                           now: Any) -> None:
         if not decision.destination:
             return
         try:
             await self.ledger.record_attempt(account.id, decision.destination, now,
-                                             decision.allow, decision.reason.value)
+                                             decision.allow, decision.reason.value,
+                                             account.normalize(call.caller_id))
         except LedgerError as exc:  # caps degrade, calls do not
             log.warning("gate.attempt_not_logged", account=account.id, error=str(exc))

@@ -22,7 +22,9 @@ share counters. What the daemon calls on :class:`Metrics`:
   ``callgate_policy_last_reload_timestamp_seconds{outcome}``.
 - ``cdr_correction()`` and ``reconcile_mismatch(kind)``: the PBX CDR
   reconciliation's ``callgate_cdr_corrections_total`` and
-  ``callgate_reconcile_mismatches_total{kind}``.
+  ``callgate_reconcile_mismatches_total{kind}`` (``kind``: ``missing_in_ledger``,
+  ``charged_differently``, ``conflict``, ``refused``, ``not_settled``,
+  ``unreadable``; see agent/cdr/source.py).
 - ``watch_accounts(accounts)``: per-account series, labelled only with account
   ids the policy names (bounded): ``callgate_account_live_calls``,
   ``callgate_account_available_balance``, ``callgate_account_low_balance_line``
@@ -37,6 +39,14 @@ share counters. What the daemon calls on :class:`Metrics`:
   (``.set(n)``) or hand them a callable read at scrape time
   (``.set_function(lambda: len(meter.calls))``). The holds amount is in the
   ledger currency as a float: for dashboards, never for accounting.
+- ``live_dnc_entries``, ``live_dnc_age_seconds`` (seconds since the in-memory
+  copy of the ledger's do-not-call entries was last known complete; it grows
+  while the ledger is unreachable): gauges read at scrape time.
+- ``risk(reading, short_alert, answer_alert)``: one account's early-warning
+  shares over its window -> ``callgate_risk_calls{account}``,
+  ``callgate_risk_short_call_percent{account}``,
+  ``callgate_risk_answer_percent{account}``, ``callgate_risk_alert{account,kind}``
+  (1 while raised).
 - ``watch_publisher(publisher)``: export an
   :class:`~agent.events.mqtt.EventPublisher`'s ``depth``, ``dropped``,
   ``published`` and ``connected``, read at scrape time.
@@ -106,6 +116,19 @@ class PublisherStats(Protocol):
     def published(self) -> int: ...
     @property
     def connected(self) -> bool: ...
+
+
+class RiskReadingLike(Protocol):
+    """What :meth:`Metrics.risk` reads (agent.compliance.risk.RiskReading)."""
+
+    @property
+    def account(self) -> str: ...
+    @property
+    def calls(self) -> int: ...
+    @property
+    def short_percent(self) -> Decimal | None: ...
+    @property
+    def answer_percent(self) -> Decimal | None: ...
 
 
 class _PublisherCollector(Collector):
@@ -179,6 +202,22 @@ class Metrics:
                                       ["outcome"], registry=r)
         for outcome in ("ok", "error"):
             self.policy_reloads.labels(outcome)  # both series exist from the start at 0
+        self.live_dnc_entries = Gauge("callgate_live_dnc_entries",
+                                      "Live do-not-call entries in the gate's in-memory copy",
+                                      registry=r)
+        self.live_dnc_age = Gauge("callgate_live_dnc_age_seconds",
+                                  "Seconds since the live do-not-call copy was last synced",
+                                  registry=r)
+        self.risk_calls = Gauge("callgate_risk_calls", "Calls ended in the risk window",
+                                ["account"], registry=r)
+        self.risk_short = Gauge("callgate_risk_short_call_percent",
+                                "Answered calls shorter than the policy's threshold, percent",
+                                ["account"], registry=r)
+        self.risk_answer = Gauge("callgate_risk_answer_percent",
+                                 "Answered of all calls ended in the risk window, percent",
+                                 ["account"], registry=r)
+        self.risk_alert = Gauge("callgate_risk_alert", "1 while a risk alert is raised",
+                                ["account", "kind"], registry=r)
         self.policy_last_reload_ok = Gauge(
             "callgate_policy_last_reload_ok",
             "1 if the last policy load or reload was taken, 0 if it was refused", registry=r)
@@ -230,6 +269,16 @@ class Metrics:
 
     def ledger_timer(self, op: str) -> contextlib.AbstractContextManager[object]:
         return self.ledger_latency.labels(op).time()
+
+    def risk(self, reading: RiskReadingLike, short_alert: bool, answer_alert: bool) -> None:
+        account = reading.account
+        self.risk_calls.labels(account).set(reading.calls)
+        if reading.short_percent is not None:
+            self.risk_short.labels(account).set(float(reading.short_percent))
+        if reading.answer_percent is not None:
+            self.risk_answer.labels(account).set(float(reading.answer_percent))
+        self.risk_alert.labels(account, "short_calls").set(int(short_alert))
+        self.risk_alert.labels(account, "answer_rate").set(int(answer_alert))
 
     def cutoff(self, reason: str = "unknown", late_seconds: float | None = None,
                grace_seconds: float | None = None) -> None:

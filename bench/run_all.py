@@ -27,7 +27,8 @@ HERE = Path(__file__).resolve().parent
 QUICK_ARGS = {"meter": ["--calls", "1000", "--ramp", "3"], "gate": ["--dnc", "100000"],
               "soak": ["--minutes", "1"],
               "mqtt_publish": ["--publish-events", "10000", "--drain-events", "1000"],
-              "report": ["--accounts", "5", "--calls", "200"]}
+              "report": ["--accounts", "5", "--calls", "200"],
+              "reconcile_cdr": ["--calls", "1000"]}
 # The report's soak is bounded and runs at the CPU target's load (100 CPS, about 2,000
 # live calls, the contract tariff); the hour-long one at 50 CPS runs on demand:
 # bench/soak.py --minutes 60

@@ -289,6 +289,7 @@ accounts:""")
         ("account", True, "matched 'acme'"),
         ("status", True, "active"),
         ("ledger_account", True, "open"),
+        ("suspension", True, "not suspended"),
         ("caller_id", True, "'02158880000' is one of the account's numbers"),
         ("number", True, "'13800138000' normalised to '13800138000'"),
         ("scope", True, "longest prefix '13' is allowed"),

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import config, ledger, policy, runtime, status, web
+    from agent.cli import account, complaint, config, dnc, ledger, policy, runtime, status, web
 
     config.register(sub)
     policy.register(sub)
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.register(sub)
     status.register(sub)
     web.register(sub)
+    complaint.register(sub)
+    dnc.register(sub)
+    account.register(sub)
     return parser
 
 

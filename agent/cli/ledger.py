@@ -40,6 +40,7 @@ from agent.cli.common import (
 from agent.finance import (
     FINANCE_KINDS,
     MONEY_KINDS,
+    STATEMENT_KINDS,
     Statement,
     balance_effect,
     build_statement,
@@ -49,8 +50,12 @@ from agent.ledger import PostingKind
 from agent.money import CURRENCY, format_amount
 
 _Opened = OpenedLedger  # this module's earlier name for it
-__all__ = ["FINANCE_KINDS", "MONEY_KINDS", "Statement", "balance_effect", "build_statement",
-           "register", "signed"]
+# Helpers other command modules (complaint, dnc) import from here; the rules are finance's.
+_day = finance.day
+_local = finance.local
+_start_of = finance.start_of
+__all__ = ["FINANCE_KINDS", "MONEY_KINDS", "STATEMENT_KINDS", "Statement", "balance_effect",
+           "build_statement", "register", "signed"]
 
 
 def register(sub: Any) -> None:
@@ -136,6 +141,10 @@ def register(sub: Any) -> None:
     from agent.cli import report  # month-end views over every account: their own module
 
     report.register(commands)
+
+    from agent.cli import reconcile  # its own module: the PBX's CDR against the ledger
+
+    reconcile.register(commands)
 
 
 # -- shared helpers ------------------------------------------------------------------
@@ -277,12 +286,17 @@ def _statement_text(s: Statement) -> None:
     print()
     print(f"Calls: {len(s.calls)}")
     if s.calls:
+        # The PBX's billsec is shown once a call of the period was settled from its CDR.
+        pbx = any(c.pbx_billsec is not None for c in s.calls)
         rows = [[finance.local(c.answered_at, s.zone) if c.answered_at else "-", c.caller, c.callee,
-                 str(c.billsec), str(c.billed_seconds), _money(-c.amount),
+                 str(c.billsec),
+                 *(["-" if c.pbx_billsec is None else str(c.pbx_billsec)] if pbx else []),
+                 str(c.billed_seconds), _money(-c.amount),
                  _money(s.running[f"call:{c.call_id}"]),
-                 "cut off" if c.cut_off else "", ",".join(c.flags)] for c in s.calls]
-        print(_table(["ANSWERED", "CALLER", "CALLEE", "BILLSEC", "BILLED", "AMOUNT",
-                      "BALANCE", "CUT-OFF", "FLAGS"], rows, {3, 4, 5, 6}))
+                 "cut off" if c.cut_off else "", finance.call_flags(c)] for c in s.calls]
+        headers = ["ANSWERED", "CALLER", "CALLEE", "BILLSEC", *(["PBX BILLSEC"] if pbx else []),
+                   "BILLED", "AMOUNT", "BALANCE", "CUT-OFF", "FLAGS"]
+        print(_table(headers, rows, {3, 4, 5, 6, 7} if pbx else {3, 4, 5, 6}))
     print()
     print(f"Other postings: {len(s.postings)}")
     if s.postings:
@@ -299,6 +313,8 @@ def _statement_text(s: Statement) -> None:
         ["penalties", _money(t["penalty"])],
         ["refunds", _money(t["refund"])],
         ["adjustments", _money(t["adjustment"])],
+        *([["corrections", _money(t["correction"])]]
+          if any(p.kind is PostingKind.CORRECTION for p in s.postings) else []),
         ["closing balance", _money(s.closing)],
     ]
     print(_table(["TOTALS", "AMOUNT"], rows, {1}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -68,10 +69,24 @@ async def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ledger_state(args: argparse.Namespace, account: str) -> tuple[Decimal | None, int, bool]:
-    """Balance, live calls and closed flag from the ledger (None balance: unreachable)."""
+class _Listed:
+    """The live do-not-call entries that name the explained number (a DncView)."""
+
+    def __init__(self, accounts: set[str], total: int) -> None:
+        self.accounts, self.total = accounts, total
+
+    def listed(self, account: str, number: str) -> bool:
+        return account in self.accounts or "" in self.accounts
+
+    def __len__(self) -> int:
+        return self.total
+
+
+async def _ledger_state(args: argparse.Namespace, account: Any, request: CallInfo,
+                        at: datetime) -> AccountState:
+    """The account's state as the gate would read it (None balance: unreachable)."""
     from agent.cli.common import open_store
-    from agent.ledger import UnknownAccount
+    from agent.gatekeeper import state_request
 
     try:
         ledger = await open_store(args)
@@ -79,14 +94,14 @@ async def _ledger_state(args: argparse.Namespace, account: str) -> tuple[Decimal
         raise UsageError(f"cannot read the balance from the ledger (or give --balance): {exc}"
                          ) from None
     try:
-        try:
-            balance = await ledger.balance(account)
-        except UnknownAccount:
-            return Decimal(0), 0, False
-        live = len(await ledger.live_calls(account))
-        return balance.available, live, balance.closed
+        s = await ledger.account_state(account.id, **state_request(account, request, at))
+        entries = await ledger.dnc_lookup(account.id, account.normalize(request.destination))
     finally:
         await ledger.close()
+    live_dnc = _Listed({e.account for e in entries}, len(entries))
+    return AccountState(s.available, s.live_calls, s.callee_attempts, s.account_attempts,
+                        s.closed, s.suspended, s.cps_attempts, s.caller_hour_attempts,
+                        s.caller_day_attempts, live_dnc)
 
 
 async def _explain(args: argparse.Namespace) -> int:
@@ -107,24 +122,23 @@ async def _explain(args: argparse.Namespace) -> int:
         at = at.astimezone(UTC)
     else:
         at = now()
-    closed = False
+    caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
+    request = CallInfo(
+        call_id="explain", direction=Direction(args.direction), caller_id=caller,
+        destination=args.destination, accountcode=args.account,
+    )
     if args.balance is not None:
         try:
             balance: Decimal | None = parse_amount(args.balance, allow_zero=True,
                                                    allow_negative=True)
         except AmountError as exc:
             raise UsageError(f"--balance: {exc}") from None
-        live = args.live_calls or 0
+        state = AccountState(balance=balance, live_calls=args.live_calls or 0)
     else:
-        balance, live, closed = await _ledger_state(args, account.id)
+        state = await _ledger_state(args, account, request, at)
+        balance = state.balance
         if args.live_calls is not None:
-            live = args.live_calls
-    caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
-    request = CallInfo(
-        call_id="explain", direction=Direction(args.direction), caller_id=caller,
-        destination=args.destination, accountcode=args.account,
-    )
-    state = AccountState(balance=balance, live_calls=live, closed=closed)
+            state = replace(state, live_calls=args.live_calls)
     decision = decide(policy, state, request, at, explain=True)
     if args.json:
         tariff = decision.tariff

@@ -5,9 +5,10 @@ and ``callgate policy explain``. Rules are checked in a fixed order and the
 first that fails gives the reason; with ``explain=True`` every rule looked at
 is recorded in ``Decision.checks``. Inbound calls are never gated.
 
-Order: account match → status → caller-ID ownership → number → scope →
-do-not-call → closed date → calling hours → concurrency → rate cap →
-frequency cap → ledger reachable → balance. Cheap, static rules come first;
+Order: account match → status → ledger suspension → caller-ID ownership →
+number → scope → do-not-call (policy files) → live do-not-call (ledger) →
+closed date → calling hours → concurrency → rate cap → frequency cap →
+calls per second → caller-ID cap → ledger reachable → balance. Cheap, static rules come first;
 rules that depend on the ledger come last, so a ledger outage still refuses
 out-of-hours calls with the precise reason.
 """
@@ -70,6 +71,11 @@ def decide(
                  "closed by refund" if state.closed else "open"):
         return deny(Reason.ACCOUNT_CLOSED, f"account {account.id} was refunded and closed",
                     account)
+    suspended = state.suspended
+    if not check("suspension", suspended is None,
+                 lambda: "not suspended" if suspended is None else f"suspended: {suspended}"):
+        return deny(Reason.SUSPENDED, f"account {account.id} is suspended ({suspended})",
+                    account)
 
     owned = account.owns_caller_id(request.caller_id)
     if not check("caller_id", owned, lambda: f"{request.caller_id!r} "
@@ -102,6 +108,14 @@ def decide(
                  f"list ({len(account.dnc)} numbers)"):
         return deny(Reason.DO_NOT_CALL, f"{destination} is on a do-not-call list", account,
                     destination)
+    live_dnc = state.live_dnc
+    if live_dnc is not None:
+        live = live_dnc.listed(account.id, destination)
+        if not check("live_do_not_call", not live,
+                     lambda: f"{destination} {'is' if live else 'is not'} on the ledger's "
+                     f"live do-not-call list ({len(live_dnc)} entries)"):
+            return deny(Reason.DO_NOT_CALL,
+                        f"{destination} is on the live do-not-call list", account, destination)
 
     hours = account.hours
     closed = hours.is_closed_date(now)
@@ -139,6 +153,27 @@ def decide(
             return deny(Reason.FREQUENCY_CAP,
                         f"{destination} was tried {used} times "
                         f"({account.callee_cap.describe()})", account, destination)
+
+    cps = account.cps_limit
+    if cps is not None:
+        burst = state.cps_attempts
+        if not check("cps_limit", burst < cps,
+                     lambda: f"{burst} attempts in the last second, at most {cps}"):
+            return deny(Reason.CPS_LIMIT,
+                        f"{account.id} placed {burst} calls in the last second "
+                        f"(at most {cps} per second)", account, destination)
+    caller_cap = account.caller_id_cap
+    if caller_cap is not None:
+        hour, day = state.caller_hour_attempts, state.caller_day_attempts
+        over_hour = caller_cap.per_hour is not None and hour >= caller_cap.per_hour
+        over_day = caller_cap.per_day is not None and day >= caller_cap.per_day
+        if not check("caller_id_cap", not (over_hour or over_day),
+                     lambda: f"{request.caller_id}: {hour} attempts in the last hour, {day} "
+                     f"today; {caller_cap.describe()}"):
+            span = f"{hour} attempts in the last hour" if over_hour else f"{day} attempts today"
+            return deny(Reason.CALLER_ID_CAP,
+                        f"caller ID {request.caller_id} made {span} "
+                        f"({caller_cap.describe()})", account, destination)
 
     tariff = account.tariff.for_destination(destination)
     window_left = hours.seconds_to_close(now) if account.at_window_end == "cut" else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
+from typing import Protocol
 
 from agent.calls import HangupCause
 from agent.rating import Tariff
@@ -32,6 +33,9 @@ class Reason(StrEnum):
     DO_NOT_CALL = "do_not_call"
     FREQUENCY_CAP = "frequency_cap"
     RATE_CAP = "rate_cap"
+    SUSPENDED = "suspended"
+    CPS_LIMIT = "cps_limit"
+    CALLER_ID_CAP = "caller_id_cap"
     CALLER_ID_NOT_OWNED = "caller_id_not_owned"
     CONCURRENCY_LIMIT = "concurrency_limit"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
@@ -52,6 +56,9 @@ REASON_HELP: dict[Reason, str] = {
     Reason.DO_NOT_CALL: "the destination is on a do-not-call list",
     Reason.FREQUENCY_CAP: "too many attempts to this number in the cap period",
     Reason.RATE_CAP: "too many attempts by this account in the rate period",
+    Reason.SUSPENDED: "the account is suspended in the ledger (complaints, or by ops)",
+    Reason.CPS_LIMIT: "the account placed its calls-per-second limit in the last second",
+    Reason.CALLER_ID_CAP: "this caller ID placed its attempts for the hour or the day",
     Reason.CALLER_ID_NOT_OWNED: "the caller ID is not one of the account's own numbers",
     Reason.CONCURRENCY_LIMIT: "all the account's rented lines are busy",
     Reason.LEDGER_UNAVAILABLE: "the ledger could not be read in time (fail closed)",
@@ -64,10 +71,22 @@ _DENY_CAUSE: dict[Reason, HangupCause] = {
     Reason.DESTINATION_NOT_ALLOWED: HangupCause.OUTGOING_CALL_BARRED,
     Reason.DO_NOT_CALL: HangupCause.OUTGOING_CALL_BARRED,
     Reason.CALLER_ID_NOT_OWNED: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.SUSPENDED: HangupCause.OUTGOING_CALL_BARRED,
+    Reason.CPS_LIMIT: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.CONCURRENCY_LIMIT: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.LEDGER_UNAVAILABLE: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.SHUTTING_DOWN: HangupCause.NORMAL_TEMPORARY_FAILURE,
 }
+
+
+class DncView(Protocol):
+    """The live do-not-call entries (kept in memory by agent.compliance.live_dnc)."""
+
+    def listed(self, account: str, number: str) -> bool:
+        """On the account's own list, or on the list for everyone."""
+        ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +100,12 @@ class AccountState:
     ``account_attempts`` to any number within the rate cap's period (see
     :meth:`~agent.gate.policy.Cap.since`; the gatekeeper asks the ledger for
     exactly those counts).
+
+    The compliance rules read: ``suspended`` (why the ledger has the account
+    suspended, or None), ``cps_attempts`` (allowed attempts in the last second),
+    ``caller_hour_attempts`` / ``caller_day_attempts`` (allowed attempts from this
+    caller ID in the last hour / since local midnight) and ``live_dnc`` (the
+    in-memory copy of the ledger's do-not-call entries; None: none kept).
     """
 
     balance: Decimal | None
@@ -88,6 +113,11 @@ class AccountState:
     callee_attempts: int = 0
     account_attempts: int = 0
     closed: bool = False
+    suspended: str | None = None
+    cps_attempts: int = 0
+    caller_hour_attempts: int = 0
+    caller_day_attempts: int = 0
+    live_dnc: DncView | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,15 @@ def _key(number: str) -> int:
     return int("1" + number)
 
 
+def number_key(number: str) -> int:
+    """The integer a number is kept as (digits only, at most MAX_DIGITS)."""
+    return int("1" + number)
+
+
+def key_number(key: int) -> str:
+    return str(key)[1:]
+
+
 class DncSet:
     __slots__ = ("_keys",)
 
@@ -55,6 +64,15 @@ class DncSet:
         keys = self._keys
         index = bisect_left(keys, key)
         return index < len(keys) and keys[index] == key
+
+    def has_key(self, key: int) -> bool:
+        """Membership of a key made by :func:`number_key` (no re-parsing)."""
+        keys = self._keys
+        index = bisect_left(keys, key)
+        return index < len(keys) and keys[index] == key
+
+    def keys(self) -> array[int]:
+        return self._keys
 
     @property
     def nbytes(self) -> int:

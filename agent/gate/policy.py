@@ -22,6 +22,7 @@ from agent.gate.dnc import EMPTY, DncFileError, DncSet, load_file
 from agent.gate.hours import WEEKDAYS, CallingHours, Window, parse_time_of_day
 from agent.gate.numbers import Normalizer, PrefixTable
 from agent.gate.schema import AccountSpec, PolicySpec, RulesSpec
+from agent.ledger.compliance import SuspendRule
 from agent.rating import Tariff
 from agent.yamlfile import ConfigError, LocatedError, YamlDocument, read_yaml, validate
 
@@ -56,6 +57,39 @@ class Cap:
 
 
 @dataclass(frozen=True, slots=True)
+class CallerIdCap:
+    """Allowed attempts per presented caller ID: in the last hour, in the calendar day."""
+
+    per_hour: int | None
+    per_day: int | None
+
+    def hour_since(self, now: datetime) -> datetime:
+        return now - timedelta(hours=1)
+
+    def day_since(self, now: datetime, timezone: ZoneInfo) -> datetime:
+        return Cap(1, "day").since(now, timezone)
+
+    def describe(self) -> str:
+        parts = []
+        if self.per_hour is not None:
+            parts.append(f"{self.per_hour} per rolling hour")
+        if self.per_day is not None:
+            parts.append(f"{self.per_day} per calendar day")
+        return "at most " + " and ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class RiskLimits:
+    """``risk:`` of the policy: when the early warning fires."""
+
+    window: int  # seconds
+    short_call_seconds: int
+    max_short_call_percent: int | None
+    min_answer_percent: int | None
+    min_calls: int
+
+
+@dataclass(frozen=True, slots=True)
 class Prepaid:
     first_topup_minimum: Decimal
     complaint_penalty: Decimal
@@ -83,6 +117,8 @@ class AccountPolicy:
     low_balance_warning: Decimal
     caller_ids: frozenset[str]
     caller_id_prefixes: PrefixTable[bool]
+    caller_id_cap: CallerIdCap | None = None
+    cps_limit: int | None = None
 
     def owns_caller_id(self, caller_id: str) -> bool:
         number = self.normalize(caller_id)
@@ -101,6 +137,9 @@ class Policy:
     by_endpoint: PrefixTable[str]
     by_caller_prefix: PrefixTable[str]
     longest_cap_seconds: int  # how long the attempts log must be kept
+    complaints: SuspendRule | None = None
+    risk: RiskLimits | None = None
+    normalize: Normalizer | None = None  # the defaults' number rules (global DNC entries)
 
     def match_account(self, call: CallInfo) -> AccountPolicy | None:
         """Accountcode first, then the longest endpoint prefix, then caller-ID prefix."""
@@ -153,6 +192,12 @@ def _hours(rules: RulesSpec, timezone: ZoneInfo) -> CallingHours:
     ordered = tuple(tuple(sorted(set(day), key=lambda w: w.start)) for day in week)
     closed: frozenset[date] = frozenset(rules.closed_dates or [])
     return CallingHours(timezone, ordered, closed)
+
+
+def _defaults_normalizer(spec: PolicySpec) -> Normalizer:
+    numbers = spec.defaults.numbers
+    assert numbers is not None
+    return Normalizer.build(numbers.strip_prefixes, numbers.international_prefix)
 
 
 def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
@@ -253,6 +298,9 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
             low_balance_warning=rules.low_balance_warning or Decimal(0),
             caller_ids=frozenset(normalize(n) for n in account.caller_ids),
             caller_id_prefixes=PrefixTable({p: True for p in account.caller_id_prefixes}),
+            caller_id_cap=None if rules.caller_id_cap is None else CallerIdCap(
+                rules.caller_id_cap.per_hour, rules.caller_id_cap.per_day),
+            cps_limit=rules.cps_limit,
         )
         codes = account.match.accountcodes
         if codes is None:
@@ -285,4 +333,10 @@ def compile_policy(spec: PolicySpec, doc: YamlDocument, path: Path) -> Policy:
         by_endpoint=PrefixTable(endpoints),
         by_caller_prefix=PrefixTable(caller_prefixes),
         longest_cap_seconds=longest_cap,
+        complaints=None if spec.complaints is None else SuspendRule(
+            spec.complaints.suspend_after, timedelta(seconds=spec.complaints.period)),
+        normalize=_defaults_normalizer(spec),
+        risk=None if spec.risk is None else RiskLimits(
+            spec.risk.window, spec.risk.short_call_seconds, spec.risk.max_short_call_percent,
+            spec.risk.min_answer_percent, spec.risk.min_calls),
     )

@@ -180,6 +180,50 @@ class CapSpec(Strict):
     period: Period
 
 
+class CallerIdCapSpec(Strict):
+    """Allowed attempts from one presented caller ID (carriers flag a number that
+    places more than roughly 75-100 calls a day, or bursts)."""
+
+    per_hour: int | None = Field(None, gt=0, description="in any rolling hour")
+    per_day: int | None = Field(None, gt=0, description="in a calendar day (account timezone)")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.per_hour is None and self.per_day is None:
+            raise ValueError("give per_hour, per_day or both")
+        if self.per_hour is not None and self.per_day is not None \
+                and self.per_hour > self.per_day:
+            raise ValueError(f"per_hour {self.per_hour} is more than per_day {self.per_day}")
+        return self
+
+
+def _duration(value: Any) -> int:
+    period = _period(value)
+    if period == "day":
+        raise ValueError("give a duration like '30d' or '12h', not 'day'")
+    return int(period)
+
+
+Duration = Annotated[int, BeforeValidator(_duration)]
+
+
+class ComplaintsSpec(Strict):
+    """Suspend an account automatically after ``suspend_after`` complaints in ``period``."""
+
+    suspend_after: int = Field(gt=0)
+    period: Duration
+
+
+class RiskSpec(Strict):
+    """Early warning over each account's calls ended in the last ``window`` (per node)."""
+
+    window: Duration = 3600
+    short_call_seconds: int = Field(6, gt=0, le=600)
+    max_short_call_percent: int | None = Field(None, ge=0, le=100)
+    min_answer_percent: int | None = Field(None, ge=0, le=100)
+    min_calls: int = Field(20, gt=0)
+
+
 class MatchSpec(Strict):
     accountcodes: list[StrictStr] | None = None
     caller_id_prefixes: list[DialPrefix] = Field(default_factory=list)
@@ -199,6 +243,8 @@ class RulesSpec(Strict):
     do_not_call: DoNotCallSpec | None = None
     callee_cap: CapSpec | None = None
     rate_cap: CapSpec | None = None
+    caller_id_cap: CallerIdCapSpec | None = None
+    cps_limit: int | None = Field(None, gt=0, le=1000)
     max_concurrent_calls: int | None = Field(None, gt=0)
     low_balance_warning: Money | None = None
 
@@ -265,3 +311,5 @@ class PolicySpec(Strict):
     )
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
     accounts: dict[Identifier, AccountSpec] = Field(default_factory=dict)
+    complaints: ComplaintsSpec | None = None
+    risk: RiskSpec | None = None

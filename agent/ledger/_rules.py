@@ -24,8 +24,9 @@ from agent.ledger.model import (
     RefusedOperation,
 )
 from agent.money import format_amount
+from agent.rating import Tariff, rate
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 7
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,
@@ -63,6 +64,10 @@ def charge_key(call_id: str) -> str:
 
 def release_key(call_id: str) -> str:
     return f"release:{call_id}"
+
+
+def correction_key(call_id: str) -> str:
+    return f"correction:{call_id}"
 
 
 # -- input checks -------------------------------------------------------------
@@ -179,8 +184,9 @@ def posted_delta(kind: PostingKind, units: int) -> int:
     """How a posting of ``units`` moves the account's posted balance."""
     if kind in (PostingKind.TOPUP, PostingKind.ADJUSTMENT):
         return units
-    if kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE):
-        return -units
+    if kind in (PostingKind.PENALTY, PostingKind.REFUND, PostingKind.CHARGE,
+                PostingKind.CORRECTION):
+        return -units  # a correction is signed like a charge
     return 0  # holds and releases move only the held amount
 
 
@@ -306,6 +312,40 @@ def settle_conflict(call_id: str) -> IdempotencyConflict:
     )
 
 
+# -- corrections from the PBX's own CDR ----------------------------------------
+def rated_units(rate_units: int, increment: int, minimum: int, billsec: int,
+                unit: Decimal) -> int:
+    """What ``billsec`` of talk costs under a call's stored tariff, in minor units."""
+    tariff = Tariff("stored", from_units(rate_units, unit), increment, minimum)
+    return to_units(rate(tariff, billsec), unit, what="rated amount")
+
+
+def correction_units(settled: int, rate_units: int, increment: int, minimum: int,
+                     pbx_billsec: int, unit: Decimal) -> int:
+    """The signed correction that brings a settled charge to the PBX billsec's rating."""
+    if pbx_billsec < 0:
+        raise RefusedOperation("a PBX billsec must not be negative")
+    return rated_units(rate_units, increment, minimum, pbx_billsec, unit) - settled
+
+
+def correction_conflict(call_id: str, recorded: int, billsec: int) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"call {call_id!r} was already corrected from a PBX CDR with billsec {recorded}, "
+        f"not {billsec}"
+    )
+
+
+def closed_correction_error(account: str, call_id: str) -> AccountClosed:
+    return AccountClosed(
+        f"account {account!r} is closed (refunded); the correction of call {call_id!r} "
+        "needs it open again: callgate ledger reopen, then ledger reconcile --apply"
+    )
+
+
+def not_settled(call_id: str) -> RefusedOperation:
+    return RefusedOperation(f"call {call_id!r} is not settled yet; correct it after it ends")
+
+
 # -- audit --------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class StoredAccount:
@@ -322,6 +362,7 @@ class StoredCall:
     ended: bool
     held: int
     cdr_amount: int | None  # None until settled
+    cdr_correction: int = 0  # the CDR's correction (signed), 0 if none
 
 
 def audit(
@@ -381,6 +422,12 @@ def audit(
             problems.append(
                 f"call {call.call_id!r}: CDR amount {show(call.cdr_amount, unit)} "
                 f"but charged {show(charged, unit)}"
+            )
+        corrected = call_sums.get((call.call_id, PostingKind.CORRECTION.value), 0)
+        if corrected != call.cdr_correction:
+            problems.append(
+                f"call {call.call_id!r}: CDR correction {show(call.cdr_correction, unit)} "
+                f"but its correction postings sum to {show(corrected, unit)}"
             )
     return problems
 

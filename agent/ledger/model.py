@@ -8,9 +8,11 @@ Five money invariants, checked by the contract tests and the meter's simulation:
    then extends the PBX deadline).
 3. No balance goes below zero through calls: a hold succeeds only if the
    available balance covers it, checked and written atomically. Only
-   penalties and negative adjustments may take a balance below zero.
+   penalties, negative adjustments and a CDR correction (talk the PBX says
+   happened while the agent could not meter it) may take a balance below zero.
 4. The postings sum to the balances: ``posted`` = top-ups − charges −
-   penalties − refunds ± adjustments; ``held`` = holds − charged − released.
+   penalties − refunds ± adjustments − corrections; ``held`` = holds −
+   charged − released.
 5. No hold stays open for a call that has ended: settling a call charges and
    releases all of its holds in one transaction.
 
@@ -35,7 +37,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from array import array
+
+    from agent.ledger.compliance import (
+        AccountEvent,
+        Complaint,
+        ComplaintOutcome,
+        DncChange,
+        DncEntry,
+        SuspendRule,
+        Suspension,
+    )
 
 
 class LedgerError(Exception):
@@ -72,6 +87,9 @@ class PostingKind(StrEnum):
     REFUND = "refund"
     ADJUSTMENT = "adjustment"
     REOPEN = "reopen"  # amount 0: a closed (refunded) account opened again
+    # A call's charge brought to the PBX's own CDR after a provisional settlement.
+    # Signed like a charge: positive takes more from the balance, negative gives back.
+    CORRECTION = "correction"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +162,15 @@ class Cdr:
     cut_off: bool = False
     flags: tuple[str, ...] = field(default_factory=tuple)
     node: str = ""
+    # From the PBX's own CDR, after a provisional settlement (see ``correct_call``):
+    # its billsec, and the signed correction that brought the charge to its rating.
+    pbx_billsec: int | None = None
+    correction: Decimal = Decimal(0)
+
+    @property
+    def charged(self) -> Decimal:
+        """What the call costs in the end: the settled charge plus its CDR correction."""
+        return self.amount + self.correction
 
 
 class Admission(StrEnum):
@@ -164,6 +191,10 @@ class AccountSnapshot:
     account_attempts: int = 0  # allowed attempts since account_since, to any number
     callee_attempts: int = 0  # allowed attempts since callee_since, to the destination
     known: bool = True  # False: no top-up yet (available 0)
+    cps_attempts: int = 0  # allowed attempts since cps_since, to any number
+    caller_hour_attempts: int = 0  # allowed attempts since caller_hour_since, from caller
+    caller_day_attempts: int = 0  # allowed attempts since caller_day_since, from caller
+    suspended: str | None = None  # why, while suspended in the ledger (complaints, ops)
 
 
 class Ledger(Protocol):
@@ -196,11 +227,16 @@ class Ledger(Protocol):
     async def account_state(
         self, account: str, *, account_since: datetime | None = None,
         callee_since: datetime | None = None, destination: str | None = None,
+        cps_since: datetime | None = None, caller: str | None = None,
+        caller_hour_since: datetime | None = None, caller_day_since: datetime | None = None,
     ) -> AccountSnapshot: ...
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
-        *, reason: str,
-    ) -> Admission: ...
+        *, reason: str, caller_key: str | None = None,
+    ) -> Admission:
+        """``caller_key``: the caller ID as the caller-ID cap counts it (normalised);
+        default ``call.caller``."""
+        ...
 
     # -- calls (the meter) ----------------------------------------------------
     async def admit_call(self, call: CallRecord, max_live: int | None) -> bool: ...
@@ -213,14 +249,70 @@ class Ledger(Protocol):
     async def live_calls(self, account: str | None = None) -> list[CallRecord]: ...
     async def cdrs(self, account: str, start: datetime, end: datetime) -> list[Cdr]: ...
 
+    # -- corrections from the PBX's own CDR -------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        """The settled record of one call (with any correction), or None if not settled."""
+        ...
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        """Bring a settled call's charge to the rating of the PBX's ``pbx_billsec``.
+
+        The settlement stays as it was; one ``correction`` posting (dated the
+        call's end, so it falls in the call's statement period) carries the
+        difference, and the CDR records ``pbx_billsec``. Once per call: the same
+        billsec again is a replay (nothing new written), another one an
+        :class:`IdempotencyConflict`. A call not settled yet is refused.
+        ``operator``: who applied it (``reconcile --apply``); blank for the agent.
+        """
+        ...
+
     # -- attempts (frequency and rate caps) -----------------------------------
     async def record_attempt(
-        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> None: ...
     async def attempts(
         self, account: str, since: datetime, destination: str | None = None
     ) -> list[datetime]: ...
     async def prune_attempts(self, before: datetime) -> int: ...
+
+    # -- compliance (agent/ledger/compliance.py) --------------------------------
+    async def add_complaint(
+        self, *, account: str, callee: str, ticket: str, at: datetime, fine: Decimal,
+        operator: str, note: str = "", recorded_at: datetime,
+        suspend: SuspendRule | None = None,
+    ) -> ComplaintOutcome: ...
+    async def withdraw_complaint(
+        self, ticket: str, *, operator: str, at: datetime, note: str = ""
+    ) -> tuple[Complaint, bool]: ...
+    async def complaints(
+        self, account: str | None = None, start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> list[Complaint]: ...
+    async def complaint(self, ticket: str) -> Complaint | None: ...
+    async def suspend(
+        self, account: str, *, reason: str, operator: str, at: datetime
+    ) -> tuple[Suspension, bool]: ...
+    async def resume(
+        self, account: str, *, operator: str, at: datetime, note: str = ""
+    ) -> bool: ...
+    async def suspension(self, account: str) -> Suspension | None: ...
+    async def account_events(self, account: str) -> list[AccountEvent]: ...
+    async def dnc_add(
+        self, account: str, number: str, *, reason: str, operator: str, at: datetime
+    ) -> tuple[DncEntry, bool]: ...
+    async def dnc_remove(
+        self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
+    ) -> bool: ...
+    async def dnc_list(self, account: str | None = None) -> list[DncEntry]: ...
+    async def dnc_lookup(self, account: str, number: str) -> list[DncEntry]:
+        """The entries naming this number for this account or for everyone."""
+        ...
+    async def dnc_snapshot(self) -> tuple[int, dict[str, array[int]]]:
+        """The whole live list as sorted keys per account (see agent.gate.dnc) and the
+        change number it is complete up to, read in one consistent snapshot."""
+        ...
+    async def dnc_changes(self, after: int, limit: int = 10_000) -> list[DncChange]: ...
 
     # -- consistency ----------------------------------------------------------
     async def audit(self) -> list[str]:

@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from agent.ledger import _rules as rules
+from agent.ledger._pg_compliance import PgCompliance
 from agent.ledger.model import (
     AccountSnapshot,
     Admission,
@@ -119,6 +120,55 @@ MIGRATIONS: list[list[str]] = [
     [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
     ],
+    [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
+        "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
+        "ALTER TABLE cdrs ADD COLUMN correction BIGINT NOT NULL DEFAULT 0",
+    ],
+    [  # 7: compliance (see the SQLite ledger)
+        """CREATE TABLE dnc (
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            added_at TIMESTAMPTZ NOT NULL,
+            seq BIGINT NOT NULL,
+            PRIMARY KEY (account, number))""",
+        """CREATE TABLE dnc_log (
+            seq BIGSERIAL PRIMARY KEY,
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            added BOOLEAN NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL)""",
+        """CREATE TABLE complaints (
+            ticket TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL,
+            fine BIGINT NOT NULL,
+            operator TEXT NOT NULL,
+            note TEXT NOT NULL,
+            recorded_at TIMESTAMPTZ NOT NULL,
+            withdrawn_at TIMESTAMPTZ,
+            withdrawn_by TEXT,
+            withdraw_note TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX complaints_account_at ON complaints (account, at)",
+        """CREATE TABLE suspensions (
+            account TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL)""",
+        """CREATE TABLE account_log (
+            id BIGSERIAL PRIMARY KEY,
+            account TEXT NOT NULL,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at TIMESTAMPTZ NOT NULL)""",
+        "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -197,6 +247,8 @@ def _cdr(row: asyncpg.Record, unit: Decimal) -> Cdr:
         cut_off=row["cut_off"],
         flags=tuple(json.loads(row["flags"])),
         node=row["node"],
+        pbx_billsec=row["pbx_billsec"],
+        correction=rules.from_units(row["correction"], unit),
     )
 
 
@@ -231,7 +283,7 @@ def split_options(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((scheme, parts.netloc, parts.path, urlencode(rest), "")), ours
 
 
-class PostgresLedger(rules.FinanceFront):
+class PostgresLedger(rules.FinanceFront, PgCompliance):
     """The ledger in PostgreSQL. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str, *,
@@ -580,20 +632,74 @@ class PostgresLedger(rules.FinanceFront):
             )
         return [_cdr(r, self.unit) for r in rows]
 
+    # -- corrections from the PBX's own CDR ------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", call_id)
+        return None if row is None else _cdr(row, self.unit)
+
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        unit = self.unit
+
+        async def run(conn: Any) -> Cdr:
+            # Lock order call, then account (as every writer here).
+            call = await conn.fetchrow(
+                "SELECT account, rate, increment, minimum FROM calls WHERE call_id = $1"
+                " FOR UPDATE", call_id)
+            if call is None:
+                raise rules.unknown_call(call_id)
+            cdr = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", call_id)
+            if cdr is None:
+                raise rules.not_settled(call_id)
+            if cdr["pbx_billsec"] is not None:
+                if cdr["pbx_billsec"] == pbx_billsec:
+                    return _cdr(cdr, unit)
+                raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
+            delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
+                                           call["minimum"], pbx_billsec, unit)
+            if delta:
+                acc = await conn.fetchrow(
+                    "SELECT posted, closed FROM accounts WHERE id = $1 FOR UPDATE",
+                    call["account"])
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
+                await conn.execute(
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
+                    " operator) VALUES ($1, 'correction', $2, $3, $4, $5, $4, $6, $7)",
+                    call["account"], delta, cdr["ended_at"], call_id,
+                    rules.correction_key(call_id), note, operator,
+                )
+                await conn.execute("UPDATE accounts SET posted = posted - $1 WHERE id = $2",
+                                   delta, call["account"])
+            row = await conn.fetchrow(
+                "UPDATE cdrs SET pbx_billsec = $1, correction = $2 WHERE call_id = $3"
+                " RETURNING *", pbx_billsec, delta, call_id)
+            return _cdr(row, unit)
+
+        return await self._run(run)
+
     # -- attempts -------------------------------------------------------------
     async def record_attempt(
-        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> None:
         async with self._tx() as conn:
-            await _insert_attempt(conn, account, destination, at, allowed, reason)
+            await _insert_attempt(conn, account, destination, at, allowed, reason, caller)
 
     # -- the gate: one read and one write per decision -------------------------
     async def account_state(
         self, account: str, *, account_since: datetime | None = None,
         callee_since: datetime | None = None, destination: str | None = None,
+        cps_since: datetime | None = None, caller: str | None = None,
+        caller_hour_since: datetime | None = None, caller_day_since: datetime | None = None,
     ) -> AccountSnapshot:
         a_since = rules.check_time(account_since) if account_since else None
         c_since = rules.check_time(callee_since) if callee_since else None
+        s_since = rules.check_time(cps_since) if cps_since else None
+        h_since = rules.check_time(caller_hour_since) if caller_hour_since else None
+        d_since = rules.check_time(caller_day_since) if caller_day_since else None
         # One round trip: the row, the live count and both attempt counts together.
         async with self._conn() as conn:
             row = await conn.fetchrow(
@@ -604,25 +710,34 @@ class PostgresLedger(rules.FinanceFront):
                 "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_n,"
                 " (SELECT count(*) FROM attempts t WHERE t.account = $1"
                 "   AND t.allowed AND $3::timestamptz IS NOT NULL AND t.destination = $4"
-                "   AND t.at >= $3) AS callee_n"
+                "   AND t.at >= $3) AS callee_n,"
+                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
+                "   AND t.allowed AND $5::timestamptz IS NOT NULL AND t.at >= $5) AS cps_n,"
+                " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
+                "   AND t.allowed AND $7::timestamptz IS NOT NULL AND t.at >= $7) AS hour_n,"
+                " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
+                "   AND t.allowed AND $8::timestamptz IS NOT NULL AND t.at >= $8) AS day_n,"
+                " (SELECT s.reason FROM suspensions s WHERE s.account = $1) AS suspended"
                 " FROM (SELECT $1::text AS id) k LEFT JOIN accounts a ON a.id = k.id",
-                account, a_since, c_since, destination,
+                account, a_since, c_since, destination, s_since, caller, h_since, d_since,
             )
         live = int(row["live"])
         account_attempts = int(row["acc_n"])
         callee_attempts = int(row["callee_n"])
+        extra = (int(row["cps_n"]), int(row["hour_n"]), int(row["day_n"]), row["suspended"])
         if row["posted"] is None:
             return AccountSnapshot(Decimal(0), False, live, account_attempts, callee_attempts,
-                                   known=False)
+                                   False, *extra)
         available = rules.from_units(row["posted"] - row["held"], self.unit)
         return AccountSnapshot(available, bool(row["closed"]), live, account_attempts,
-                               callee_attempts)
+                               callee_attempts, True, *extra)
 
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
-        *, reason: str,
+        *, reason: str, caller_key: str | None = None,
     ) -> Admission:
         admit = self._admit_job(call, max_live)
+        caller = call.caller if caller_key is None else caller_key
         hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
         units = rules.positive_units(amount, self.unit, what="hold")
         rate = rules.to_units(call.rate, self.unit, what="rate")
@@ -648,7 +763,7 @@ class PostgresLedger(rules.FinanceFront):
                 return None  # a replay: the careful path answers it
             if max_live is not None and row["live"] >= max_live:
                 await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                      "concurrency_limit")
+                                      "concurrency_limit", caller)
                 return Admission.LINES_BUSY
             # The conditional UPDATE is the balance check; the inserts happen only if
             # it matched, all in one statement.
@@ -661,17 +776,17 @@ class PostgresLedger(rules.FinanceFront):
                 "   FROM acc RETURNING call_id),"
                 " p AS (INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
                 "   SELECT id, 'hold', $1, $11, $3, $13, $3 FROM acc RETURNING 1),"
-                " t AS (INSERT INTO attempts (account, destination, at, allowed, reason)"
-                "   SELECT id, $6, $11, true, $14 FROM acc RETURNING 1)"
+                " t AS (INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
+                "   SELECT id, $6, $11, true, $14, $15 FROM acc RETURNING 1)"
                 " SELECT count(*) FROM acc",
                 units, call.account, call.call_id, call.node, call.caller, call.callee,
                 call.tariff_name, rate, call.increment, call.minimum, admitted, paid_seconds,
-                key, reason,
+                key, reason, caller,
             )
             if held:
                 return Admission.ADMITTED
             await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                  "insufficient_balance")
+                                  "insufficient_balance", caller)
             return Admission.NO_FUNDS
 
         async def run(conn: Any) -> Admission:
@@ -680,17 +795,17 @@ class PostgresLedger(rules.FinanceFront):
                 return quick
             if not await admit(conn):
                 await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
-                                      False, "concurrency_limit")
+                                      False, "concurrency_limit", caller)
                 return Admission.LINES_BUSY
             if not await hold(conn):
                 await conn.execute(
                     "DELETE FROM calls WHERE call_id = $1 AND held = 0 AND steps = 0",
                     call.call_id)
                 await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
-                                      False, "insufficient_balance")
+                                      False, "insufficient_balance", caller)
                 return Admission.NO_FUNDS
             await _insert_attempt(conn, call.account, call.callee, call.admitted_at, True,
-                                  reason)
+                                  reason, caller)
             return Admission.ADMITTED
 
         return await self._run(run)
@@ -728,9 +843,9 @@ class PostgresLedger(rules.FinanceFront):
                 )
             }
             calls = [
-                rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4], r[5] or 0)
                 for r in await conn.fetch(
-                    "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                    "SELECT c.call_id, c.account, c.status, c.held, d.amount, d.correction"
                     " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
                 )
             ]
@@ -806,9 +921,9 @@ def _quote_ident(name: str) -> str:
 
 
 async def _insert_attempt(conn: Any, account: str, destination: str, at: datetime,
-                          allowed: bool, reason: str) -> None:
+                          allowed: bool, reason: str, caller: str = "") -> None:
     await conn.execute(
-        "INSERT INTO attempts (account, destination, at, allowed, reason)"
-        " VALUES ($1, $2, $3, $4, $5)",
-        account, destination, rules.check_time(at), allowed, reason,
+        "INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        account, destination, rules.check_time(at), allowed, reason, caller,
     )

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.ledger import _rules as rules
+from agent.ledger._sqlite_compliance import SqliteCompliance
 from agent.ledger.model import (
     AccountSnapshot,
     Admission,
@@ -136,6 +137,56 @@ MIGRATIONS: list[list[str]] = [
     ],
     [  # 5: who made each finance posting (blank for the agent's own holds and charges)
         "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
+    ],
+    [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
+        "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
+        "ALTER TABLE cdrs ADD COLUMN correction INTEGER NOT NULL DEFAULT 0",
+    ],
+    [  # 7: compliance: live do-not-call entries and their ordered change log,
+       # complaints, suspensions; attempts remember the presented caller ID
+        """CREATE TABLE dnc (
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            added_at INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            PRIMARY KEY (account, number))""",
+        """CREATE TABLE dnc_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            account TEXT NOT NULL,
+            number TEXT NOT NULL,
+            added INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        """CREATE TABLE complaints (
+            ticket TEXT PRIMARY KEY,
+            account TEXT NOT NULL,
+            callee TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            fine INTEGER NOT NULL,
+            operator TEXT NOT NULL,
+            note TEXT NOT NULL,
+            recorded_at INTEGER NOT NULL,
+            withdrawn_at INTEGER,
+            withdrawn_by TEXT,
+            withdraw_note TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX complaints_account_at ON complaints (account, at)",
+        """CREATE TABLE suspensions (
+            account TEXT PRIMARY KEY,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        """CREATE TABLE account_log (
+            id INTEGER PRIMARY KEY,
+            account TEXT NOT NULL,
+            action TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            operator TEXT NOT NULL,
+            at INTEGER NOT NULL)""",
+        "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
     ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
@@ -425,6 +476,8 @@ def _cdr(row: sqlite3.Row, unit: Decimal) -> Cdr:
         cut_off=bool(row["cut_off"]),
         flags=tuple(json.loads(row["flags"])),
         node=row["node"],
+        pbx_billsec=row["pbx_billsec"],
+        correction=rules.from_units(row["correction"], unit),
     )
 
 
@@ -469,7 +522,30 @@ def _migrate(conn: sqlite3.Connection, path: Path, minor_unit: Decimal, create: 
     return Decimal(meta["minor_unit"]), created
 
 
-class SqliteLedger(rules.FinanceFront):
+def _compliance_counts(
+    conn: sqlite3.Connection, account: str, cps_since: int | None, caller: str | None,
+    hour_since: int | None, day_since: int | None,
+) -> tuple[int, int, int, str | None]:
+    """The counts the cps limit and the caller-ID cap need, and a ledger suspension."""
+    cps = hour = day = 0
+    if cps_since is not None:
+        (cps,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND at >= ? AND allowed",
+            (account, cps_since)).fetchone()
+    if caller is not None and hour_since is not None:
+        (hour,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND caller = ? AND at >= ?"
+            " AND allowed", (account, caller, hour_since)).fetchone()
+    if caller is not None and day_since is not None:
+        (day,) = conn.execute(
+            "SELECT count(*) FROM attempts WHERE account = ? AND caller = ? AND at >= ?"
+            " AND allowed", (account, caller, day_since)).fetchone()
+    row = conn.execute("SELECT reason FROM suspensions WHERE account = ?",
+                       (account,)).fetchone()
+    return cps, hour, day, None if row is None else row[0]
+
+
+class SqliteLedger(rules.FinanceFront, SqliteCompliance):
     """The ledger in one SQLite file. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, path: Path, unit: Decimal, worker: _Worker, *,
@@ -868,23 +944,75 @@ class SqliteLedger(rules.FinanceFront):
 
         return await self._read(run)
 
+    # -- corrections from the PBX's own CDR ------------------------------------
+    async def call_cdr(self, call_id: str) -> Cdr | None:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Cdr | None:
+            row = conn.execute("SELECT * FROM cdrs WHERE call_id = ?", (call_id,)).fetchone()
+            return None if row is None else _cdr(row, unit)
+
+        return await self._point_read(run)
+
+    async def correct_call(self, call_id: str, pbx_billsec: int, *, note: str = "",
+                           operator: str = "") -> Cdr:
+        unit = self.unit
+
+        def run(conn: sqlite3.Connection) -> Cdr:
+            call = conn.execute(
+                "SELECT account, rate, increment, minimum FROM calls WHERE call_id = ?",
+                (call_id,)).fetchone()
+            if call is None:
+                raise rules.unknown_call(call_id)
+            cdr = conn.execute("SELECT * FROM cdrs WHERE call_id = ?", (call_id,)).fetchone()
+            if cdr is None:
+                raise rules.not_settled(call_id)
+            if cdr["pbx_billsec"] is not None:
+                if cdr["pbx_billsec"] == pbx_billsec:
+                    return _cdr(cdr, unit)
+                raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
+            delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
+                                           call["minimum"], pbx_billsec, unit)
+            if delta:
+                acc = conn.execute("SELECT posted, closed FROM accounts WHERE id = ?",
+                                   (call["account"],)).fetchone()
+                if acc["closed"]:
+                    raise rules.closed_correction_error(call["account"], call_id)
+                rules.check_total(call["account"], acc["posted"] - delta, unit)
+                conn.execute(
+                    "INSERT INTO postings (account, kind, amount, at, ref, key, call_id, note,"
+                    " operator) VALUES (?, 'correction', ?, ?, ?, ?, ?, ?, ?)",
+                    (call["account"], delta, cdr["ended_at"], call_id,
+                     rules.correction_key(call_id), call_id, note, operator),
+                )
+                conn.execute("UPDATE accounts SET posted = posted - ? WHERE id = ?",
+                             (delta, call["account"]))
+            row = conn.execute(
+                "UPDATE cdrs SET pbx_billsec = ?, correction = ? WHERE call_id = ? RETURNING *",
+                (pbx_billsec, delta, call_id)).fetchone()
+            return _cdr(row, unit)
+
+        return await self._write(run)
+
     # -- attempts -------------------------------------------------------------
     async def record_attempt(
-        self, account: str, destination: str, at: datetime, allowed: bool, reason: str
+        self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> None:
-        await self._write(self._attempt_job(account, destination, at, allowed, reason))
+        await self._write(self._attempt_job(account, destination, at, allowed, reason, caller))
 
     @staticmethod
     def _attempt_job(
-        account: str, destination: str, at: datetime, allowed: bool, reason: str
+        account: str, destination: str, at: datetime, allowed: bool, reason: str,
+        caller: str = "",
     ) -> Callable[[sqlite3.Connection], None]:
         when = rules.to_micros(at)
 
         def run(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO attempts (account, destination, at, allowed, reason)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (account, destination, when, allowed, reason),
+                "INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (account, destination, when, allowed, reason, caller),
             )
 
         return run
@@ -893,10 +1021,15 @@ class SqliteLedger(rules.FinanceFront):
     async def account_state(
         self, account: str, *, account_since: datetime | None = None,
         callee_since: datetime | None = None, destination: str | None = None,
+        cps_since: datetime | None = None, caller: str | None = None,
+        caller_hour_since: datetime | None = None, caller_day_since: datetime | None = None,
     ) -> AccountSnapshot:
         unit = self.unit
         a_since = rules.to_micros(account_since) if account_since else None
         c_since = rules.to_micros(callee_since) if callee_since else None
+        s_since = rules.to_micros(cps_since) if cps_since else None
+        h_since = rules.to_micros(caller_hour_since) if caller_hour_since else None
+        d_since = rules.to_micros(caller_day_since) if caller_day_since else None
 
         def run(conn: sqlite3.Connection) -> AccountSnapshot:
             acc = conn.execute(
@@ -914,21 +1047,23 @@ class SqliteLedger(rules.FinanceFront):
                 (callee_attempts,) = conn.execute(
                     "SELECT count(*) FROM attempts WHERE account = ? AND destination = ?"
                     " AND at >= ? AND allowed", (account, destination, c_since)).fetchone()
+            extra = _compliance_counts(conn, account, s_since, caller, h_since, d_since)
             if acc is None:
                 return AccountSnapshot(Decimal(0), False, live, account_attempts,
-                                       callee_attempts, known=False)
+                                       callee_attempts, False, *extra)
             available = rules.from_units(acc["posted"] - acc["held"], unit)
             return AccountSnapshot(available, bool(acc["closed"]), live, account_attempts,
-                                   callee_attempts)
+                                   callee_attempts, True, *extra)
 
         return await self._point_read(run)
 
     async def admit_and_hold(
         self, call: CallRecord, max_live: int | None, amount: Decimal, paid_seconds: int,
-        *, reason: str,
+        *, reason: str, caller_key: str | None = None,
     ) -> Admission:
         admit = self._admit_job(call, max_live)
         hold = self._hold_job(call.call_id, 1, amount, paid_seconds, call.admitted_at)
+        caller = call.caller if caller_key is None else caller_key
 
         units = rules.positive_units(amount, self.unit, what="hold")
         rate = rules.to_units(call.rate, self.unit, what="rate")
@@ -936,7 +1071,8 @@ class SqliteLedger(rules.FinanceFront):
         key = rules.hold_key(call.call_id, 1)
 
         def attempt(allowed: bool, why: str) -> Callable[[sqlite3.Connection], None]:
-            return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why)
+            return self._attempt_job(call.account, call.callee, call.admitted_at, allowed, why,
+                                     caller)
 
         def fresh(conn: sqlite3.Connection) -> Admission | None:
             """The usual case, a new call on an open account, in six statements.
@@ -1039,9 +1175,9 @@ class SqliteLedger(rules.FinanceFront):
                     )
                 }
                 calls = [
-                    rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4])
+                    rules.StoredCall(r[0], r[1], r[2] == "ended", r[3], r[4], r[5] or 0)
                     for r in conn.execute(
-                        "SELECT c.call_id, c.account, c.status, c.held, d.amount"
+                        "SELECT c.call_id, c.account, c.status, c.held, d.amount, d.correction"
                         " FROM calls c LEFT JOIN cdrs d ON d.call_id = c.call_id"
                     )
                 ]

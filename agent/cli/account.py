@@ -1,0 +1,95 @@
+"""``callgate account …``: suspend and resume an account in the ledger, with the operator.
+
+A suspension in the ledger refuses the account's calls on every agent
+(reason ``suspended``) until someone resumes it; the policy's
+``status: suspended`` is separate (reason ``account_suspended``). Suspensions
+come from here or from the policy's ``complaints: {suspend_after, period}``.
+Every suspend and resume is kept with who did it, when and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from agent.cli.common import OpenedLedger, UsageError, now, operator_name, print_json
+from agent.cli.complaint import policy_account
+from agent.cli.notify import publish_event
+
+
+def register(sub: Any) -> None:
+    group = sub.add_parser("account", help="suspend or resume an account; its status")
+    commands = group.add_subparsers(dest="account_command", required=True,
+                                    parser_class=type(group))
+    suspend = commands.add_parser("suspend", help="refuse the account's calls on every agent")
+    suspend.add_argument("account")
+    suspend.add_argument("--reason", required=True)
+    suspend.add_argument("--json", action="store_true")
+    suspend.set_defaults(func=_suspend)
+    resume = commands.add_parser("resume", help="lift a suspension")
+    resume.add_argument("account")
+    resume.add_argument("--note", default="")
+    resume.add_argument("--json", action="store_true")
+    resume.set_defaults(func=_resume)
+    status = commands.add_parser("status", help="suspended or not, and the history")
+    status.add_argument("account")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_status)
+
+
+async def _suspend(args: argparse.Namespace) -> int:
+    who = operator_name(args)
+    if not args.reason.strip():
+        raise UsageError("--reason must not be blank")
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
+        suspension, changed = await ledger.suspend(args.account, reason=args.reason,
+                                                   operator=who, at=now())
+    if changed:
+        await publish_event(args, "account", {"action": "suspend", "account": args.account,
+                                              "reason": args.reason, "operator": who})
+    if args.json:
+        print_json({"account": args.account, "suspended": True, "changed": changed,
+                    "reason": suspension.reason, "operator": suspension.operator,
+                    "at": suspension.at})
+    elif changed:
+        print(f"{args.account} suspended: its calls are refused on every agent")
+    else:
+        print(f"{args.account} was already suspended (since {suspension.at.isoformat()}, "
+              f"{suspension.operator}: {suspension.reason})")
+    return 0
+
+
+async def _resume(args: argparse.Namespace) -> int:
+    who = operator_name(args)
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
+        changed = await ledger.resume(args.account, operator=who, at=now(), note=args.note)
+    if changed:
+        await publish_event(args, "account", {"action": "resume", "account": args.account,
+                                              "note": args.note, "operator": who})
+    if args.json:
+        print_json({"account": args.account, "suspended": False, "changed": changed})
+    elif changed:
+        print(f"{args.account} resumed")
+    else:
+        print(f"{args.account} was not suspended; nothing changed")
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    policy_account(args, args.account)
+    async with OpenedLedger(args) as ledger:
+        suspension = await ledger.suspension(args.account)
+        events = await ledger.account_events(args.account)
+    if args.json:
+        print_json({"account": args.account, "suspended": suspension is not None,
+                    "reason": suspension.reason if suspension else None,
+                    "history": [{"action": e.action, "reason": e.reason,
+                                 "operator": e.operator, "at": e.at} for e in events]})
+        return 0
+    state = "active" if suspension is None else f"suspended: {suspension.reason}"
+    print(f"{args.account}: {state}")
+    for e in events:
+        print(f"  {e.at.isoformat()}  {e.action:<8} {e.operator}  {e.reason}")
+    return 0

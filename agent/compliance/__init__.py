@@ -1,0 +1,1 @@
+"""Telemarketing compliance beside the gate: the live do-not-call copy, its sync, risk."""
