@@ -34,6 +34,14 @@ COMMANDS = [
     ["ledger", "statement", "acme"],
     ["calls"],
     ["policy", "explain", "--account", "acme", "--to", "13800138000"],
+    # the commands other work added on the same helper
+    ["ledger", "balance", "acme", "--at", "2026-11-01"],
+    ["ledger", "report", "--from", "2026-11-01", "--to", "2026-11-30"],
+    ["ledger", "flagged", "--from", "2026-11-01", "--to", "2026-11-30"],
+    ["complaint", "list"],
+    ["dnc", "list"],
+    ["account", "status", "acme"],
+    ["account", "suspend", "acme", "--reason", "x"],
 ]
 
 
@@ -53,7 +61,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:3]))
 def test_a_mistyped_sqlite_path_is_refused_and_not_created(
         command: list[str], policy: Path, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -113,7 +121,7 @@ async def _drop(base: str, schema: str) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:3]))
 def test_a_postgres_database_without_our_tables_is_missing_not_populated(
         command: list[str], policy: Path, pg_url: str,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,8 +24,8 @@ RATE = "0.13"
 GRACE = 2  # meter.grace_seconds
 CAP = 2  # account "capped": lines rented
 
-# Opening balances (CNY). "cut" pays exactly two increments; "broke" and "night" none/plenty.
-BALANCES = {"acme": "5.00", "night": "5.00", "capped": "5.00", "cut": "0.26",
+# Opening balances (CNY). "cut" pays exactly two increments; "broke" cannot pay one.
+BALANCES = {"acme": "5.00", "broke": "0.01", "night": "5.00", "capped": "5.00", "cut": "0.26",
             "killed": "5.00", "dropped": "5.00", "spare": "5.00", "spare2": "5.00",
             "spare3": "5.00"}
 
@@ -51,7 +51,6 @@ def tier(request: pytest.FixtureRequest) -> Iterator[Tier]:
                       policy=policy_yaml(increment=INCREMENT, rate=RATE,
                                          night_window=window_excluding_now(),
                                          max_concurrent=CAP))
-        agent.cli("ledger", "init")  # only `run` and `ledger init` create a ledger
         for account, amount in BALANCES.items():
             agent.topup(account, amount)
         agent.start()

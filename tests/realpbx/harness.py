@@ -23,27 +23,40 @@ fails it (:func:`require`).
 The API, top to bottom (every process is started in its own process group and
 stopped by :meth:`Procs.stop_all`, which the fixtures call even when a test fails):
 
-* ``ports = Ports()`` hands out free loopback ports (TCP and UDP both free).
-* ``pbx = Asterisk(tools, workdir, ports, procs)`` / ``FreeSwitch(...)``:
-  ``pbx.start()`` builds the config dir from the repository's SHIPPED files
-  (``config/asterisk``, ``config/freeswitch``), changed only in ports, trunk and
-  secrets, and waits until the PBX takes calls. ``pbx.cdr_rows()`` reads the
-  PBX's own CDR file (Asterisk ``cdr_custom`` / FreeSWITCH ``mod_cdr_csv``);
-  ``pbx.wait_cdr(call)`` waits for one call's row. ``pbx.caller(account)`` is
-  the SIP From user that the PBX maps to that account.
-* ``agent = Agent(workdir, pbx, procs, policy=...)``: ``agent.topup(account,
-  "1.00")``, ``agent.start()`` (waits for ``daemon.ready``), ``agent.kill()``
-  (SIGKILL), ``agent.stop()`` (SIGTERM), ``agent.restart()``,
-  ``agent.wait_log(text)``, ``agent.charges(account)`` (call id -> amount from
-  the ledger, through the ``callgate`` CLI), ``agent.balance(account)``.
-* ``uas = pbx.trunk(procs, "answer"|"busy"|"noanswer", calls=N)``: a sipp UAS
-  as the carrier; ``uas.invites()`` counts the INVITEs it got.
-* ``call = pbx.call(procs, number, account=..., hold=seconds)``: a sipp UAC that
-  calls ``number`` and hangs up ``hold`` s after the answer unless the PBX hangs
-  up first; ``call.wait()`` returns a :class:`CallTrace` (final status, answer
-  and BYE times from sipp's own message trace, who sent the BYE, the SIP
-  Call-ID).
+* ``with running_pbx("asterisk"|"freeswitch", **options) as (pbx, procs, ports,
+  workdir):`` boots one PBX in a short fresh dir under /tmp and stops every
+  process the block started when it ends. The module fixture ``tier`` in
+  conftest.py uses it once per PBX kind and starts the agent beside it.
+* ``pbx`` (:class:`Asterisk` / :class:`FreeSwitch`) was built from the
+  repository's SHIPPED files (``config/asterisk``, ``config/freeswitch``),
+  changed only in ports, trunk and secrets. ``pbx.cdr_rows()`` reads the PBX's
+  own CDR file (Asterisk ``cdr_custom`` / FreeSWITCH ``mod_cdr_csv``, with exact
+  answer/end times); ``pbx.wait_cdr(predicate)`` waits for a row;
+  ``pbx.caller(account)`` is the SIP From user the PBX maps to that account;
+  ``pbx.stop()`` / ``pbx.start()`` restart the PBX; Asterisk ``pbx.cli(cmd)``,
+  FreeSWITCH ``pbx.api(cmd)``. Options: Asterisk ``dial_line`` (replace the
+  shipped Dial line), ``extra_dialplan``, ``extra_endpoints``; FreeSWITCH
+  ``first_extensions`` (before the shipped ones), ``extra_dialplan``.
+* ``agent = Agent(workdir, pbx, procs, policy=policy_yaml(...))`` (the ledger is
+  created at once): ``agent.topup(account, "1.00")``, ``agent.start()`` (waits
+  for ``daemon.ready``), ``agent.kill()`` (SIGKILL), ``agent.stop()`` (SIGTERM,
+  returns the exit status), ``agent.restart()``, ``agent.lines()`` /
+  ``agent.wait_log(event, **fields)`` (its JSON log), ``agent.charges(account)``
+  (call id -> amount charged, from the ledger through the ``callgate`` CLI),
+  ``agent.charge_count(account, call_id)``, ``agent.balance(account)``,
+  ``agent.wait_settled(account, call_id)``.
+* ``uas = pbx.trunk("answer"|"busy"|"noanswer", calls=N)``: a sipp UAS as the
+  carrier (the answering one never hangs up itself); ``uas.invites()`` counts
+  the INVITEs it got.
+* ``caller = pbx.call(number, account=..., hold=seconds)``: a sipp UAC that calls
+  ``number`` and hangs up ``hold`` s after the answer unless the PBX hangs up
+  first; ``caller.answered()`` polls for the answer; ``caller.wait()`` returns a
+  :class:`CallTrace` (final status, INVITE, answer and BYE times from sipp's own
+  message trace, who sent the BYE, the SIP Call-ID).
 * ``tariff_charge(billsec, increment, rate)`` is the expected charge.
+
+The call id of the agent and the ledger is the PBX's own: Asterisk's uniqueid,
+FreeSWITCH's uuid, the first column of both CDR files.
 """
 
 from __future__ import annotations
@@ -130,6 +143,7 @@ class Agent:
         self.log = self.dir / "agent.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
+        self.cli("ledger", "init")  # only `run` and `ledger init` create a ledger
 
     def cli(self, *args: str, check: bool = True) -> str:
         res = subprocess.run([self.exe, "-c", str(self.config), *args], capture_output=True,

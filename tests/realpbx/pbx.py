@@ -168,15 +168,18 @@ class Asterisk(Pbx):
                 "spare2", "spare3")
 
     def __init__(self, *args, extra_dialplan: str = "",  # type: ignore[no-untyped-def]
-                 dial_line: str | None = None, **kwargs) -> None:
+                 dial_line: str | None = None, extra_endpoints: dict[str, str] | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rtp = self.ports.block(100)
         self.extra_dialplan = extra_dialplan
         self.dial_line = dial_line  # replaces the shipped Dial(...) (to reproduce old ones)
+        # more callers: endpoint name -> its context (e.g. one that skips the gate)
+        self.extra_endpoints = extra_endpoints or {}
         self.rundir = self.workdir / "ast"
 
     def caller(self, account: str) -> str:
-        return account  # the PJSIP endpoint name = the From user = accountcode
+        return account  # the PJSIP endpoint name = the From user = accountcode (or extra)
 
     def config_files(self) -> dict[str, str]:
         ex = self.tools.examples / "asterisk"  # type: ignore[operator]
@@ -194,6 +197,10 @@ class Asterisk(Pbx):
             f"context = callgate-outbound\ndisallow = all\nallow = ulaw,alaw\n"
             f"direct_media = no\nrtp_symmetric = yes\naccountcode = {acc}\n"
             f"callerid = \"{acc}\" <02158880000>\n" for acc in self.ACCOUNTS)
+        endpoints += "".join(
+            f"\n[{name}]\ntype = endpoint\ntransport = transport-udp\ncontext = {context}\n"
+            "disallow = all\nallow = ulaw,alaw\ndirect_media = no\nrtp_symmetric = yes\n"
+            for name, context in self.extra_endpoints.items())
         pjsip = (
             "[global]\ntype = global\nendpoint_identifier_order = username,ip\n"
             "user_agent = Asterisk-callgate-test\n\n"
@@ -207,7 +214,9 @@ class Asterisk(Pbx):
             "asterisk.conf": (ex / "asterisk.conf").read_text(),
             "modules.conf": modules,
             "logger.conf": (ex / "logger.conf").read_text(),
-            "cdr_custom.conf": (ex / "cdr_custom.conf").read_text(),
+            "cdr_custom.conf": (_shipped("asterisk/cdr_custom.conf")
+                                if (SHIPPED / "asterisk/cdr_custom.conf").exists()
+                                else (ex / "cdr_custom.conf").read_text()),
             "rtp.conf": f"[general]\nrtpstart = {self.rtp}\nrtpend = {self.rtp + 99}\n",
             "pjsip.conf": pjsip,
             "manager.conf": mgr,
@@ -324,10 +333,12 @@ class FreeSwitch(Pbx):
         "dropped": "02158880006", "spare": "02158880007", "spare2": "02158880008",
         "spare3": "02158880009"}
 
-    def __init__(self, *args, extra_dialplan: str = "", **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args, extra_dialplan: str = "",  # type: ignore[no-untyped-def]
+                 first_extensions: str = "", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.rtp = self.ports.block(100)
         self.extra_dialplan = extra_dialplan
+        self.first_extensions = first_extensions  # context default, before the shipped files
         self.rundir = self.workdir / "fs"
 
     def caller(self, account: str) -> str:
@@ -345,10 +356,20 @@ class FreeSwitch(Pbx):
             xml, n = re.subn(old, new, xml, count=1)
             assert n == 1, f"the bundle's freeswitch.xml has no {old!r}"
         # the example's dialplan context -> the shipped dialplan files
-        xml, n = re.subn(r'(?s)<context name="default">.*?</context>',
-                         '<context name="default">\n'
-                         '      <X-PRE-PROCESS cmd="include" data="dialplan/default/*.xml"/>\n'
-                         '    </context>' + self.extra_dialplan, xml, count=1)
+        context = ('<context name="default">\n' + self.first_extensions +
+                   '      <X-PRE-PROCESS cmd="include" data="dialplan/default/*.xml"/>\n'
+                   '    </context>' + self.extra_dialplan)
+        # the shipped cdr_csv.conf.xml in place of the example's (same columns)
+        shipped_cdr = SHIPPED / "freeswitch/autoload_configs/cdr_csv.conf.xml"
+        if shipped_cdr.exists():
+            block = re.search(r'(?s)<configuration name="cdr_csv\.conf".*?</configuration>',
+                              shipped_cdr.read_text())
+            assert block, "shipped cdr_csv.conf.xml has no cdr_csv.conf configuration"
+            xml, n = re.subn(r'(?s)<configuration name="cdr_csv\.conf".*?</configuration>',
+                             lambda _: block.group(0), xml, count=1)
+            assert n == 1, "the bundle's freeswitch.xml has no cdr_csv.conf"
+        xml, n = re.subn(r'(?s)<context name="default">.*?</context>', lambda _: context,
+                         xml, count=1)
         assert n == 1
         esl = _shipped("freeswitch/autoload_configs/event_socket.conf.xml")
         esl = re.sub(r'(name="listen-port" value=")\d+', rf"\g<1>{self.control_port}", esl)

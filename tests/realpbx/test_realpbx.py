@@ -7,6 +7,7 @@ compressed (INCREMENT seconds per increment) so the whole tier takes minutes."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from decimal import Decimal
@@ -26,6 +27,17 @@ SCHEDULER_SLOP = 0.6
 def _cdr(t: Tier, number: str, caller: CallTrace | None = None) -> CdrRow:
     """The PBX's own CDR row of the (single) call to ``number``."""
     return t.pbx.wait_cdr(lambda r: r.dst == number)
+
+
+def _pbx_billsec(t: Tier, row: CdrRow) -> int:
+    """How each PBX turns its own answer and end times into billsec (READMEs):
+    Asterisk with cdr.conf ``initiatedseconds = yes`` rounds half up (cdr_custom
+    has the exact times); FreeSWITCH 1.10.12 subtracts whole epoch seconds (its
+    CDR has exactly those: ``answer_epoch``, ``end_epoch``)."""
+    assert row.answer is not None
+    if t.pbx.kind == "asterisk":
+        return math.floor(row.end - row.answer + 0.5)
+    return math.floor(row.end) - math.floor(row.answer)
 
 
 def _decisions(t: Tier, account: str) -> list[dict[str, object]]:
@@ -64,6 +76,8 @@ def test_metered_calls_are_charged_exactly_from_the_pbx_cdr(t: Tier) -> None:
         assert trace.bye_from_pbx is False, "the caller hung up, not the PBX"
         row = _cdr(t, number)
         assert row.billsec > 0 and row.answer is not None, row
+        assert row.dst == number  # FreeSWITCH: put back after the transfer to the check
+        assert row.billsec == _pbx_billsec(t, row), ("billsec is not what we documented", row)
         charge = t.agent.wait_settled("acme", row.call_id)
         assert charge == tariff_charge(row.billsec, INCREMENT, RATE), (number, row, charge)
         assert t.agent.charge_count("acme", row.call_id) == 1
@@ -108,6 +122,20 @@ def test_gate_down_fails_closed_but_emergency_numbers_still_go_out(t: Tier) -> N
         assert uas.wait(30) == 0
     finally:
         t.agent.start()
+
+
+def test_emergency_call_with_the_agent_up_is_neither_cut_nor_charged(t: Tier) -> None:
+    """The meter sees the emergency call on AMI/ESL (it never asked the gate): it must
+    not take it for an unseen call to meter, cut at the first hold or charge."""
+    before = t.agent.balance("broke")
+    uas = t.pbx.trunk("answer", calls=1)
+    trace = t.pbx.call("120", account="broke", hold=INCREMENT + 1.5).wait()
+    assert trace.status == 200, trace
+    assert trace.bye_from_pbx is False, f"the emergency call was cut after {trace.talked} s"
+    assert uas.wait(30) == 0
+    time.sleep(1.0)  # anything the meter would do, it did at the hang-up
+    assert t.agent.charges("broke") == {}
+    assert t.agent.balance("broke") == before
 
 
 def test_agent_sigkilled_mid_call_pbx_ends_it_within_grace_restart_settles(t: Tier) -> None:

@@ -5,6 +5,7 @@ free loopback ports, and polling with a deadline."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -101,6 +102,16 @@ def require(kind: str) -> Tools:
 # --------------------------------------------------------------------------- processes
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (even by SIGKILL), so a
+    killed pytest cannot leave a PBX running; the fixtures stop them normally."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
 class Procs:
     """Every process the tier started; :meth:`stop_all` ends them (process groups)."""
 
@@ -113,7 +124,7 @@ class Procs:
         try:
             proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             if stdout:
                 out.close()  # type: ignore[union-attr]
