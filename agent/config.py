@@ -1,4 +1,4 @@
-"""The agent config (``agent.yaml``): node, policy path, ledger URL, PBX, MQTT, metrics, logs.
+"""The agent config (``agent.yaml``): node, policy path, ledger URL, PBX, MQTT, metrics, web, logs.
 
 Validated like the policy (file, line, field on every error; unknown keys are
 errors). Paths are relative to the config file. Secrets (AMI secret, ESL
@@ -130,6 +130,41 @@ class MetricsSpec(_Strict):
     listen: Listen = "127.0.0.1:9108"
 
 
+class WebSpec(_Strict):
+    """The finance console (agent/web): off unless the section is present."""
+
+    listen: Listen = "127.0.0.1:8090"
+    tokens_file: StrictStr | None = None
+    tokens_credential: StrictStr | None = None
+    users_file: StrictStr | None = None
+    users_credential: StrictStr | None = None
+    tls_cert: StrictStr | None = None
+    tls_key: StrictStr | None = None
+    allow_plaintext_remote: bool = False
+    behind_proxy: bool = False
+    max_body_bytes: int = Field(16_384, ge=1024, le=1_048_576)
+    request_timeout_seconds: float = Field(15, ge=1, le=300)
+    failed_logins: int = Field(10, ge=1, le=1000)
+    failed_logins_window_seconds: float = Field(300, ge=1, le=86_400)
+    session_hours: float = Field(8, gt=0, le=168)
+
+    @model_validator(mode="after")
+    def _safe(self) -> Self:
+        from agent.web.listen import plaintext_remote
+
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.tokens_file and self.tokens_credential:
+            raise ValueError("give tokens_file or tokens_credential, not both")
+        if self.users_file and self.users_credential:
+            raise ValueError("give users_file or users_credential, not both")
+        problem = plaintext_remote(_address(self.listen)[0], self.tls_cert is not None,
+                                   self.allow_plaintext_remote)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
 class LogSpec(_Strict):
     format: Literal["json", "console", "auto"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -168,6 +203,7 @@ class AgentSpec(_Strict):
     pbx: PbxSpec
     mqtt: MqttSpec | None = None
     metrics: MetricsSpec | None = None
+    web: WebSpec | None = None
     log: LogSpec = Field(default_factory=LogSpec)
     meter: MeterSpec = Field(default_factory=MeterSpec)
     cdr: CdrSpec | None = None

@@ -2,7 +2,9 @@
 
 ``Daemon(config).run()`` opens the ledger, loads the policy, builds the gate,
 the meter, the PBX adapter, the MQTT publisher and the metrics endpoint, and
-runs them under one task group until SIGTERM/SIGINT:
+runs them under one task group until SIGTERM/SIGINT. With a ``web:`` section it
+also serves the finance console (agent/web) on the same loop, over the same
+ledger and the live policy.
 
 - SIGHUP, or a change of the policy file (or of a do-not-call file it names),
   reloads the policy. The new one is validated first; a bad one is logged with
@@ -109,6 +111,14 @@ def preflight(config: AgentConfig, notes: list[str] | None = None) -> Policy:
             config.listen(value)
         except ValueError as exc:
             problems.append(f"{config.path}: {what}: {exc}")
+    if config.spec.web is not None:
+        from agent.web.server import credential_files
+
+        try:
+            credential_files(config.spec.web, config.path.parent)
+        except ConfigError as exc:
+            problems.extend(f"web: {_clip(str(e))}" for e in exc.errors
+                            if not credential_only(f"web: {e}"))
     if notes is not None:
         notes.extend(cdr_notes(config))
     if problems or policy is None:
@@ -145,6 +155,8 @@ def _listens(config: AgentConfig) -> list[tuple[str, str]]:
                     pbx.outbound_socket.listen if pbx.outbound_socket else "127.0.0.1:8084"))
     if config.spec.metrics is not None:
         out.append(("metrics.listen", config.spec.metrics.listen))
+    if config.spec.web is not None:
+        out.append(("web.listen", config.spec.web.listen))
     return out
 
 
@@ -253,6 +265,7 @@ class Daemon:
         self.publisher: Any = None
         self.metrics: Any = None
         self.metrics_server: asyncio.Server | None = None
+        self.web: Any = None  # the finance console's runner, when web: is configured
         self.cdr_source: Any = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -437,9 +450,26 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(
                     f"metrics.listen {spec.metrics.listen}: {exc.strerror or exc}") from None
+        if spec.web is not None:
+            await self._start_web()
         log.info("daemon.started", version=__version__, node=config.node, pbx=spec.pbx.kind,
                  policy=str(config.policy_path), ledger=_redact(config.ledger),
                  accounts=len(self.policy.accounts), loop=eventloop.running_loop_name())
+
+    async def _start_web(self) -> None:
+        """The finance console on this loop, over the daemon's own ledger and live policy."""
+        from agent.web.server import start_from_config
+
+        assert self.config.spec.web is not None
+        try:
+            self.web = await start_from_config(
+                self.config.spec.web, self.config.path.parent, self.ledger,
+                self.current_policy, node=self.config.node)
+        except ConfigError as exc:
+            raise StartupError(f"web: {exc}".replace("\n", "; ")) from None
+        except OSError as exc:
+            raise StartupError(f"web: cannot serve on {self.config.spec.web.listen}: "
+                               f"{exc.strerror or exc}") from None
 
     async def _announce_ready(self) -> None:
         from agent import systemd
@@ -471,6 +501,10 @@ class Daemon:
     async def _close(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.close()
+        if self.web is not None:
+            with contextlib.suppress(Exception):
+                await self.web.cleanup()
+            self.web = None
         if self.ledger is not None:
             with contextlib.suppress(Exception):
                 await self.ledger.close()

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from agent import __version__, eventloop
 from agent.cli.common import CheckFailed, UsageError
+from agent.finance import Refused
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,13 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=_version)
 
-    from agent.cli import account, complaint, config, dnc, ledger, policy, runtime, status
+    from agent.cli import account, complaint, config, dnc, ledger, policy, runtime, status, web
 
     config.register(sub)
     policy.register(sub)
     ledger.register(sub)
     runtime.register(sub)
     status.register(sub)
+    web.register(sub)
     complaint.register(sub)
     dnc.register(sub)
     account.register(sub)
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         except BrokenPipeError:
             return _pipe_closed()
-        except (UsageError, eventloop.LoopChoiceError) as exc:
+        except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
             print(f"callgate: error: {exc}", file=sys.stderr)
             return 2
         except CheckFailed as exc:

@@ -174,20 +174,14 @@ def try_policy(args: argparse.Namespace) -> Policy | None:
 
 def account_zone(args: argparse.Namespace, account: str, named: str | None = None
                  ) -> ZoneInfo:
-    """The timezone an account's dates and times are shown in.
+    """The timezone an account's dates and times are shown in (:func:`agent.finance.zone`).
 
     ``--tz`` when given; else the account's zone in the policy; else (an account
     no longer in the policy, or no valid policy) UTC, which the output names.
     """
-    if named:
-        try:
-            return ZoneInfo(named)
-        except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
-            raise UsageError(f"--tz {clip(named)!r} is not an IANA timezone "
-                             "(e.g. Asia/Shanghai)") from None
-    policy = try_policy(args)
-    entry = policy.accounts.get(account) if policy is not None else None
-    return entry.hours.timezone if entry is not None else ZoneInfo("UTC")
+    from agent.finance import zone
+
+    return zone(None if named else try_policy(args), account, named)
 
 
 def now() -> datetime:

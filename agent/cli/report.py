@@ -12,21 +12,27 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.cli.common import OpenedLedger, UsageError, load_policy, print_json
+from agent.finance import (
+    REPORT_COLUMNS,
+    Directory,
+    directory_of,
+    gather,
+    report_csv_rows,
+    report_days,
+    report_json,
+)
+from agent.finance import utc as _utc
 from agent.ledger.report import (
     REVIEW_FLAGS,
     AccountReport,
     Flagged,
-    ReportError,
-    account_report,
     balance_at,
-    flagged,
     totals,
 )
 from agent.money import CURRENCY, clip, format_amount
@@ -60,26 +66,6 @@ def _period_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # -- the policy, when there is one ---------------------------------------------------------
-@dataclass(frozen=True)
-class Directory:
-    """Names and timezones of the policy's accounts ({} and UTC when there is no policy)."""
-
-    names: dict[str, str]
-    zones: dict[str, ZoneInfo]
-    fallback: ZoneInfo
-    override: bool = False
-
-    def name(self, account: str) -> str:
-        return self.names.get(account, "")
-
-    def zone(self, account: str) -> ZoneInfo:
-        return self.fallback if self.override else self.zones.get(account, self.fallback)
-
-    def label(self, account: str) -> str:
-        name = self.name(account)
-        return f"{account} ({name})" if name else account
-
-
 def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
     """The policy's names and zones; a policy that cannot be loaded is a note, not an error."""
     tz = getattr(args, "tz", None)
@@ -98,9 +84,7 @@ def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
             print(f"note: no customer names or account timezones ({first}); days are read in "
                   f"{override or 'UTC'}", file=sys.stderr)
         return Directory({}, {}, override or ZoneInfo("UTC"), override is not None)
-    names = {a: p.name for a, p in policy.accounts.items()}
-    zones = {a: p.hours.timezone for a, p in policy.accounts.items()}
-    return Directory(names, zones, override or ZoneInfo("UTC"), override is not None)
+    return directory_of(policy, override)
 
 
 def account_names(args: argparse.Namespace) -> dict[str, str]:
@@ -117,10 +101,7 @@ def _day(text: str, what: str) -> date:
 
 
 def _days(args: argparse.Namespace) -> tuple[date, date]:
-    first, last = _day(args.start, "--from"), _day(args.end, "--to")
-    if last < first:
-        raise UsageError(f"--to {last} is before --from {first}")
-    return first, last
+    return report_days(args.start, args.end)
 
 
 def _instant(day: date, zone: tzinfo) -> datetime:
@@ -135,10 +116,6 @@ def _money(amount: Decimal) -> str:
     return format_amount(amount)
 
 
-def _utc(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
@@ -151,31 +128,11 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
 
 async def _gather(args: argparse.Namespace, d: Directory, first: date, last: date,
                   only: str | None = None) -> list[tuple[AccountReport, list[Flagged]]]:
-    out = []
     async with OpenedLedger(args) as ledger:
-        for balance in await ledger.balances():
-            if only is not None and balance.account != only:
-                continue
-            start, end = _period(first, last, d.zone(balance.account))
-            history = await ledger.history(balance.account)
-            if not history or min(p.at for p in history) >= end:
-                continue  # the account did not exist yet in this period
-            cdrs = await ledger.cdrs(balance.account, start, end)
-            try:
-                report = account_report(balance.account, start, end, history, cdrs)
-            except ReportError as exc:
-                raise UsageError(str(exc)) from None
-            out.append((report, flagged(balance.account, start, end, history, cdrs)))
-    return out
+        return await gather(ledger, d, first, last, only)
 
 
 # -- ledger report -------------------------------------------------------------------------
-_COLUMNS = [("opening", "OPENING"), ("topups", "TOP-UPS"), ("calls", "CALLS"),
-            ("billed_seconds", "BILLED S"), ("calls_amount", "CALL AMOUNT"),
-            ("penalties", "PENALTIES"), ("refunds", "REFUNDS"), ("adjustments", "ADJUSTMENTS"),
-            ("corrections", "CORRECTIONS"), ("closing", "CLOSING")]
-
-
 def _cell(value: Decimal | int) -> str:
     return _money(value) if isinstance(value, Decimal) else str(value)
 
@@ -186,23 +143,12 @@ async def _report(args: argparse.Namespace) -> int:
     reports = [r for r, _ in await _gather(args, d, first, last)]
     grand = totals(reports)
     if args.json:
-        print_json(_report_json(reports, grand, d, first, last))
+        print_json(report_json(reports, grand, d, first, last))
     elif args.csv:
         _report_csv(reports, d)
     else:
         _report_text(reports, grand, d, first, last)
     return 0
-
-
-def _report_json(reports: list[AccountReport], grand: dict[str, Decimal | int], d: Directory,
-                 first: date, last: date) -> dict[str, Any]:
-    return {
-        "from": first.isoformat(), "to": last.isoformat(), "currency": CURRENCY,
-        "accounts": [{"account": r.account, "name": d.name(r.account) or None,
-                      "timezone": str(d.zone(r.account)), "start": r.start, "end": r.end,
-                      **{f: getattr(r, f) for f, _ in _COLUMNS}} for r in reports],
-        "totals": grand,
-    }
 
 
 def _report_text(reports: list[AccountReport], grand: dict[str, Decimal | int], d: Directory,
@@ -213,11 +159,11 @@ def _report_text(reports: list[AccountReport], grand: dict[str, Decimal | int], 
     if not reports:
         print("no accounts in the ledger for this period")
         return
-    rows = [[r.account, d.name(r.account), *(_cell(getattr(r, f)) for f, _ in _COLUMNS)]
+    rows = [[r.account, d.name(r.account), *(_cell(getattr(r, f)) for f, _ in REPORT_COLUMNS)]
             for r in reports]
-    rows.append(["TOTAL", "", *(_cell(grand[f]) for f, _ in _COLUMNS)])
-    print(_table(["ACCOUNT", "NAME", *(h for _, h in _COLUMNS)], rows,
-                 set(range(2, 2 + len(_COLUMNS)))))
+    rows.append(["TOTAL", "", *(_cell(grand[f]) for f, _ in REPORT_COLUMNS)])
+    print(_table(["ACCOUNT", "NAME", *(h for _, h in REPORT_COLUMNS)], rows,
+                 set(range(2, 2 + len(REPORT_COLUMNS)))))
     print()
     parts = " + ".join(f"{label} {_money(Decimal(grand[f]))}" for f, label in (
         ("topups", "top-ups"), ("calls_amount", "calls"), ("penalties", "penalties"),
@@ -226,37 +172,8 @@ def _report_text(reports: list[AccountReport], grand: dict[str, Decimal | int], 
           f"{_money(Decimal(grand['closing']))}")
 
 
-CSV_HEADER = ["time", "account", "name", "currency", "type", "amount", "balance", "reference",
-              "caller", "callee", "billsec", "billed_seconds", "flags", "note"]
-
-
 def _report_csv(reports: list[AccountReport], d: Directory) -> None:
-    """Per account an ``opening`` row, one row per movement, a ``closing`` row; time order.
-
-    ``amount`` is the signed effect on the balance, ``balance`` the account's
-    balance after the row, so per account: opening + amounts = closing.
-    """
-    rows: list[tuple[datetime, int, str, list[str]]] = []
-    for r in reports:
-        name = d.name(r.account)
-        rows.append((r.start, 0, r.account, [_utc(r.start), r.account, name, CURRENCY, "opening",
-                                             "", _money(r.opening), "", "", "", "", "", "", ""]))
-        for i, line in enumerate(r.lines, start=1):
-            c = line.cdr
-            rows.append((line.at, i, r.account, [
-                _utc(line.at), r.account, name, CURRENCY, line.kind, _money(line.amount),
-                _money(line.balance), line.reference, c.caller if c else "",
-                c.callee if c else "", str(c.billsec) if c else "",
-                str(c.billed_seconds) if c else "", ",".join(c.flags) if c else "",
-                "" if c else line.note]))
-        rows.append((r.end, len(r.lines) + 1, r.account, [
-            _utc(r.end), r.account, name, CURRENCY, "closing", "", _money(r.closing), "", "", "",
-            "", "", "", ""]))
-    rows.sort(key=lambda row: (row[0], row[2], row[1]))
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(CSV_HEADER)
-    for *_, cells in rows:
-        out.writerow(cells)
+    csv.writer(sys.stdout, lineterminator="\n").writerows(report_csv_rows(reports, d))
 
 
 # -- ledger flagged ------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+"""``callgate serve`` and ``callgate web token|user``: the finance console without a PBX.
+
+``serve`` runs only the console (agent/web) against the existing ledger and
+the policy of the config (or ``--ledger``/``--policy``; like every command but
+``run`` and ``ledger init`` it never creates a ledger): for a finance host with no PBX, or to
+keep the console in its own process beside the daemon. The daemon serves the
+same console itself when its config has a ``web:`` section. ``serve`` re-reads
+the policy when the file changes (an invalid edit keeps the old one) and the
+token and user files likewise.
+
+``web token NAME --role R`` makes a token: the token is printed once, and the
+line for the tokens file holds only its hash. ``web user NAME --role R`` reads a
+password (twice from a terminal, else one line of standard input) and prints the
+users file line with its argon2 hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import eventloop
+from agent.cli.common import (
+    CheckFailed,
+    UsageError,
+    agent_config,
+    load_policy,
+    open_store,
+    policy_path,
+    print_json,
+)
+
+
+def register(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run only the finance console (HTTP API and pages)")
+    serve.add_argument("--listen", help="HOST:PORT (default: web.listen, else 127.0.0.1:8090)")
+    serve.add_argument("--tokens", help="tokens file (default: web.tokens_file)")
+    serve.add_argument("--users", help="users file (default: web.users_file)")
+    serve.add_argument("--allow-plaintext-remote", action="store_true",
+                       help="serve a non-loopback address without TLS (behind a TLS proxy)")
+    serve.set_defaults(func=_serve)
+
+    group = sub.add_parser("web", help="make API tokens and console users")
+    commands = group.add_subparsers(dest="web_command", required=True, parser_class=type(group))
+    token = commands.add_parser("token", help="make an API token and its tokens-file line")
+    token.add_argument("name")
+    token.add_argument("--role", choices=["read", "finance", "admin"], required=True)
+    token.add_argument("--json", action="store_true")
+    token.set_defaults(func=_token)
+    user = commands.add_parser("user", help="hash a password into a users-file line")
+    user.add_argument("name")
+    user.add_argument("--role", choices=["read", "finance", "admin"], required=True)
+    user.set_defaults(func=_user)
+
+
+def _name(name: str) -> str:
+    from agent.web.auth import _check_name
+
+    problem = _check_name(name)
+    if problem:
+        raise UsageError(problem)
+    return name
+
+
+def _token(args: argparse.Namespace) -> int:
+    from agent.web.auth import new_token, token_hash
+
+    token = new_token()
+    line = f"{_name(args.name)} {args.role} {token_hash(token)}"
+    if args.json:
+        print_json({"name": args.name, "role": args.role, "token": token, "line": line})
+    else:
+        print(f"token (shown once; give it to the client): {token}")
+        print(f"line for the tokens file: {line}")
+    return 0
+
+
+def _user(args: argparse.Namespace) -> int:
+    from agent.web.auth import password_hash
+
+    name = _name(args.name)
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 12:
+        raise UsageError("a password must be at least 12 characters")
+    print(f"{name} {args.role} {password_hash(password)}")
+    return 0
+
+
+class _PolicyFile:
+    """The policy, loaded again when its file changes; a bad edit keeps the old one."""
+
+    def __init__(self, path: Path, policy: Any) -> None:
+        self.path, self.policy = path, policy
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[int, int]:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return (0, 0)
+        return (st.st_mtime_ns, st.st_size)
+
+    def __call__(self) -> Any:
+        stamp = self._read_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            from agent.gate.policy import load_policy as load
+            from agent.yamlfile import ConfigError
+
+            with contextlib.suppress(ConfigError, OSError):
+                self.policy = load(self.path)
+        return self.policy
+
+
+def _spec(args: argparse.Namespace) -> tuple[Any, Path]:
+    """The ``web:`` section with the command line's overrides, and the base for its paths."""
+    from pydantic import ValidationError
+
+    from agent.config import WebSpec
+
+    config = agent_config(args)
+    base = config.path.parent if config is not None else Path.cwd()
+    spec = (config.spec.web if config is not None and config.spec.web is not None
+            else WebSpec())
+    values = spec.model_dump()
+    if args.listen:
+        values["listen"] = args.listen
+    if args.tokens:
+        values["tokens_file"] = str(Path(args.tokens).resolve())
+        values["tokens_credential"] = None
+    if args.users:
+        values["users_file"] = str(Path(args.users).resolve())
+        values["users_credential"] = None
+    if args.allow_plaintext_remote:
+        values["allow_plaintext_remote"] = True
+    try:
+        return WebSpec(**values), base
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"web{'.' + where if where else ''}: {first['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from agent.logs import configure_logging
+
+    spec, base = _spec(args)
+    config = agent_config(args)
+    log = config.spec.log if config is not None else None
+    configure_logging(log.format if log else "auto", log.level if log else "info")
+    policy = _PolicyFile(policy_path(args), load_policy(args))
+    from agent.web.server import credential_files
+    from agent.yamlfile import ConfigError
+
+    try:  # checked before the ledger is opened: a console nobody can sign in to is useless
+        credential_files(spec, base)
+    except ConfigError as exc:
+        raise UsageError(str(exc).replace("\n", "; ")) from None
+    return eventloop.run(_run_console(args, spec, base, policy,
+                                      config.node if config is not None else ""))
+
+
+async def _run_console(args: argparse.Namespace, spec: Any, base: Path, policy: Any,
+                       node: str) -> int:
+    from agent.web.server import start_from_config
+    from agent.yamlfile import ConfigError
+
+    ledger = await open_store(args)  # an existing ledger only: serve never creates one
+    try:
+        try:
+            runner = await start_from_config(spec, base, ledger, policy, node=node)
+        except ConfigError as exc:
+            raise UsageError(str(exc).replace("\n", "; ")) from None
+        except OSError as exc:
+            raise CheckFailed(f"callgate: cannot serve on {spec.listen}: "
+                              f"{exc.strerror or exc}") from None
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        await ledger.close()
+    return 0

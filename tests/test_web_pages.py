@@ -1,0 +1,161 @@
+"""The clerk's pages over real HTTP without a browser: sign-in, CSRF, roles, two-step forms."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.web_harness import PASSWORD, Served, console_at
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> Any:
+    async with console_at(f"sqlite://{tmp_path}/ledger.db", tmp_path) as s:
+        yield s
+
+
+def browser() -> aiohttp.ClientSession:
+    # unsafe=True: keep cookies for an IP address host (127.0.0.1), as a browser does.
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+
+def hidden(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match, html[-800:]
+    return match.group(1)
+
+
+async def sign_in(http: aiohttp.ClientSession, s: Served, **form: str) -> tuple[int, str]:
+    async with http.get(s.base + "/login") as r:
+        nonce = hidden(await r.text(), "nonce")
+    async with http.post(s.base + "/login", data={"nonce": nonce, **form}) as r:
+        return r.status, await r.text()
+
+
+async def test_sign_in_with_a_user_and_password(served: Served) -> None:
+    async with browser() as http:
+        async with http.get(served.base + "/accounts", allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"] == "/login"
+        status, _ = await sign_in(http, served, user="clerk", password="wrong password")
+        assert status == 401
+        status, html = await sign_in(http, served, user="clerk", password=PASSWORD)
+        assert status == 200 and "ACME Telemarketing" in html and "clerk (finance)" in html
+        cookie = next(c for c in http.cookie_jar if c.key == "callgate_session")
+        assert cookie["httponly"] and cookie["samesite"] == "Strict"
+
+
+async def test_failed_sign_ins_are_limited(served: Served) -> None:
+    async with browser() as http:
+        for _ in range(10):
+            assert (await sign_in(http, served, token="cg_guess"))[0] == 401
+        status, html = await sign_in(http, served, user="clerk", password=PASSWORD)
+        assert status == 429 and "too many failed sign-ins" in html
+        served.clock.now += 301
+        assert (await sign_in(http, served, user="clerk", password=PASSWORD))[0] == 200
+
+
+async def test_a_sign_in_form_from_elsewhere_is_refused(served: Served) -> None:
+    async with browser() as http, http.post(served.base + "/login", data={
+            "nonce": "forged", "token": served.tokens["finance"]}) as r:
+        assert r.status == 403 and "expired" in await r.text()
+
+
+async def test_review_writes_nothing_and_confirm_needs_the_csrf_token(served: Served) -> None:
+    ledger = served.console.ledger
+    async with browser() as http:
+        await sign_in(http, served, token=served.tokens["finance"])
+        async with http.get(served.base + "/accounts/acme/topup") as r:
+            csrf = hidden(await r.text(), "csrf")
+        form = {"amount": "100", "ref": "B1", "note": "", "csrf": csrf}
+        async with http.post(served.base + "/accounts/acme/topup",
+                             data={**form, "step": "review"}) as r:
+            html = await r.text()
+            assert r.status == 200 and 'id="confirm"' in html
+        assert await ledger.balances() == []
+        for bad in ("", "forged"):
+            async with http.post(served.base + "/accounts/acme/topup",
+                                 data={**form, "csrf": bad, "step": "confirm"}) as r:
+                assert r.status == 403 and "did not come from this site" in await r.text()
+        assert await ledger.balances() == []
+        async with http.post(served.base + "/accounts/acme/topup",
+                             data={**form, "step": "confirm"}) as r:
+            html = await r.text()
+            assert r.status == 200 and "topped up 100.00 CNY (ref B1, by payments)" in html
+        # The same form again (a double click, a reload): the original, nothing new.
+        async with http.post(served.base + "/accounts/acme/topup",
+                             data={**form, "step": "confirm"}) as r:
+            assert "already recorded, nothing new written" in await r.text()
+        assert len(await ledger.history("acme")) == 1
+        # Signing out needs the token too, and ends the session.
+        async with http.post(served.base + "/logout", data={"csrf": csrf}) as r:
+            assert r.url.path == "/login"
+        async with http.get(served.base + "/accounts/acme", allow_redirects=False) as r:
+            assert r.status == 303
+
+
+async def test_a_read_user_sees_no_forms_and_cannot_post(served: Served) -> None:
+    async with browser() as http:
+        await sign_in(http, served, user="viewer", password=PASSWORD)
+        async with http.get(served.base + "/accounts/acme") as r:
+            html = await r.text()
+            assert r.status == 200 and "/accounts/acme/topup" not in html
+        async with http.get(served.base + "/accounts/acme/topup") as r:
+            assert r.status == 403 and "needs finance" in await r.text()
+        async with http.post(served.base + "/accounts/acme/topup", data={"amount": "100"}) as r:
+            assert r.status == 403
+    assert await served.console.ledger.balances() == []
+
+
+async def test_every_money_form_and_the_refund_of_what_is_left(served: Served) -> None:
+    """§10.2 first top-up, §10.3 the fine and the refund of the rest, all from pages."""
+    ledger = served.console.ledger
+
+    async def act(http: aiohttp.ClientSession, kind: str, **values: str) -> str:
+        async with http.get(f"{served.base}/accounts/acme/{kind}") as r:
+            csrf = hidden(await r.text(), "csrf")
+        async with http.post(f"{served.base}/accounts/acme/{kind}",
+                             data={**values, "csrf": csrf, "step": "confirm"}) as r:
+            return await r.text()
+
+    async with browser() as http:
+        await sign_in(http, served, token=served.tokens["finance"])
+        assert "topped up 1200.00" in await act(http, "topup", amount="1200", ref="B1")
+        assert "fined -1000.00" in await act(http, "penalty", amount="1000", ref="12321-1",
+                                            note="complaint 12321-1")
+        assert "adjusted -0.50" in await act(http, "adjustment", amount="-0.5", ref="A1",
+                                            note="rounding")
+        async with http.get(f"{served.base}/accounts/acme/refund") as r:
+            csrf = hidden(await r.text(), "csrf")
+        async with http.post(f"{served.base}/accounts/acme/refund",
+                             data={"ref": "R1", "csrf": csrf, "step": "review"}) as r:
+            assert "Pay out the available balance (199.50 CNY)" in await r.text()
+        html = await act(http, "refund", ref="R1")
+        assert "refunded -199.50" in html and "closed" in html
+        assert "is closed" in await act(http, "topup", amount="100", ref="B2")
+        assert "reopened (ref RO1, by payments)" in await act(http, "reopen", ref="RO1",
+                                                                note="returning customer")
+        async with http.get(f"{served.base}/report?from=2000-01-01&to=2100-01-01") as r:
+            report = await r.text()
+            assert r.status == 200 and "ACME Telemarketing" in report
+    kinds = [(p.kind.value, p.operator) for p in await ledger.history("acme")]
+    assert kinds == [("topup", "payments"), ("penalty", "payments"),
+                     ("adjustment", "payments"), ("refund", "payments"), ("reopen", "payments")]
+
+
+async def test_pages_escape_what_they_show_and_send_safety_headers(served: Served) -> None:
+    async with browser() as http:
+        await sign_in(http, served, token=served.tokens["finance"])
+        async with http.get(served.base + "/accounts/acme/topup") as r:
+            csrf = hidden(await r.text(), "csrf")
+        async with http.post(served.base + "/accounts/acme/topup", data={
+                "amount": "<script>x</script>", "ref": "B1", "csrf": csrf,
+                "step": "review"}) as r:
+            html = await r.text()
+            assert r.status == 400 and "<script>x" not in html and "&lt;script&gt;" in html
+            assert r.headers["X-Frame-Options"] == "DENY"
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+            assert r.headers["Cache-Control"] == "no-store"
