@@ -6,6 +6,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from agent.sim.freeswitch import hunt, read_hunt_order
+
 CONFIG = Path(__file__).parent.parent / "config" / "freeswitch"
 
 
@@ -48,3 +50,22 @@ def test_dialplan_fails_closed() -> None:
     actions = [(a.get("application"), a.get("data")) for a in limit.iter("action")]
     assert actions[0] == ("sched_hangup", "+${callgate_max_seconds} ALLOTTED_TIMEOUT")
     assert actions[-1][0] == "bridge" and "${callgate_dest}" in (actions[-1][1] or "")
+
+
+def test_every_dial_reaches_the_gate_and_the_transfer_lands_on_the_check() -> None:
+    """Issue 16: nothing a line dials falls through to the rest of the context (a
+    3-digit or ``+`` number, a 16-digit one, a name: callgate refuses what is not a
+    number), emergency numbers go first, and the re-hunt after the gate lands on
+    the check extension, not on the gate again (the file's order decides)."""
+    path = CONFIG / "dialplan" / "default" / "00_callgate.xml"
+    order = read_hunt_order(path)
+    for number in ("114", "+8613800138000", "13800138000", "7", "1380013810012345",
+                   "*97", "operator", ""):
+        assert hunt(number, order) == "callgate_outbound", number
+    for number in ("110", "112", "119", "120", "122"):
+        assert hunt(number, order) == "callgate_emergency", number
+    root = ET.parse(path).getroot()
+    gate = next(e for e in root.iter("extension") if e.get("name") == "callgate_outbound")
+    transfer = next(a.get("data", "") for a in gate.iter("action")
+                    if a.get("application") == "transfer")
+    assert hunt(transfer.split()[0], order) == "callgate_check"

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from agent.sim.asterisk import read_trace
-from agent.sim.asterisk_dialplan import SHIPPED_EXTENSIONS, ShippedDialplan, strip_comment
+from agent.sim.asterisk_dialplan import (
+    SHIPPED_EXTENSIONS,
+    ShippedDialplan,
+    pattern_regex,
+    strip_comment,
+)
 from tests.test_asterisk_gate import ALLOW, Gate, adapter_with_sim
 
 FIXTURES = Path(__file__).parent / "fixtures" / "asterisk22"
@@ -93,3 +98,40 @@ async def test_emergency_numbers_bypass_the_gate_in_the_simulated_dialplan() -> 
 def test_a_semicolon_starts_a_comment_in_a_dialplan_value() -> None:
     assert strip_comment("CALLGATE_TRUNK = carrier ; the trunk") == "CALLGATE_TRUNK = carrier"
     assert strip_comment(r"Set(X=a\;b)") == "Set(X=a;b)"
+
+
+@pytest.mark.parametrize("number", ["114", "+8613800138000", "13800138000", "7",
+                                    "1380013810012345", "*97"])
+def test_every_dial_but_a_name_asks_the_gate_in_the_shipped_dialplan(number: str) -> None:
+    """Issue 16: a 3-digit or ``+`` number, a 1- or 16-digit one reach the gate (which
+    refuses what is not a number); ``_X.`` missed ``+`` numbers and 1-digit dials."""
+    assert ShippedDialplan.load().route(number) == "gate"
+
+
+def test_exact_emergency_extensions_win_and_names_match_nothing() -> None:
+    plan = ShippedDialplan.load()
+    assert {plan.route(n) for n in ("110", "112", "119", "120", "122")} == {"emergency"}
+    # the special extensions must never run the gate (h runs at every hang-up)
+    for name in ("h", "i", "s", "t", "operator", ""):
+        assert plan.route(name) is None, name
+
+
+@pytest.mark.parametrize(("pattern", "yes", "no"), [
+    ("_X.", ["12", "1+"], ["1", "+1"]),
+    ("_NXX-XXXX", ["2001234"], ["1001234", "200123"]),
+    ("_[+0-9*#]!", ["+", "7", "+861", "*97"], ["", "h", "a1"]),
+    ("110", ["110"], ["1100", "_110"]),
+])
+def test_asterisk_patterns(pattern: str, yes: list[str], no: list[str]) -> None:
+    regex = pattern_regex(pattern)
+    assert all(regex.fullmatch(n) for n in yes)
+    assert not any(regex.fullmatch(n) for n in no)
+
+
+async def test_the_simulator_will_not_place_a_call_the_dialplan_cannot_route() -> None:
+    async with asyncio.timeout(10), adapter_with_sim(Gate(ALLOW)) as (_, sim, _):
+        with pytest.raises(ValueError, match="no extension"):
+            await sim.place_call(destination="operator")
+        plus = await (await sim.place_call(destination="+8613800138000",
+                                           talk_seconds=0.2)).ended()
+        assert plus.answered_at is not None

@@ -297,6 +297,9 @@ class AsteriskSimulator(AmiServer):
             raise ValueError(f"outcome must be answer, busy or noanswer, not {outcome!r}")
         if hangup_by not in ("caller", "callee"):
             raise ValueError(f"hangup_by must be caller or callee, not {hangup_by!r}")
+        if gate and self.dialplan.route(destination) is None:
+            raise ValueError(f"no extension of [callgate-outbound] matches {destination!r}: "
+                             "Asterisk answers 404 and creates no channel")
         if context is None:
             context = "from-internal" if gate else "from-internal-noagi"
         prefix = "internal" if gate else "internal-noagi"
@@ -394,7 +397,7 @@ class AsteriskSimulator(AmiServer):
         self._newexten(ch, "NoOp", f"callgate outbound {ch.caller_num} -> {ch.exten}")
         agi_status = ""
         limit: int | None = None
-        emergency = gate and ch.exten in self.dialplan.emergency
+        emergency = gate and self.dialplan.route(ch.exten) == "emergency"
         if emergency:
             # exten => 112,1,Goto(callgate-emergency,...): no AGI, no limit.
             self._newexten(ch, "Goto", f"callgate-emergency,{ch.exten},1")

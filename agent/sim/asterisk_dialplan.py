@@ -15,7 +15,8 @@ file, so a broken line fails the simulated call the way the real PBX fails it
 
 It also models the two dialplan-language rules that bit us: a ``;`` starts a
 comment (``\\;`` is a literal one), and exact extensions (the emergency numbers
-routed to ``callgate-emergency``) win over the ``_X.`` pattern that gates.
+routed to ``callgate-emergency``) win over the pattern that gates (``_[+0-9*#]!``
+as shipped: :func:`pattern_regex` reads Asterisk's pattern language).
 """
 
 from __future__ import annotations
@@ -28,6 +29,31 @@ SHIPPED_EXTENSIONS = Path(__file__).resolve().parents[2] / "config" / "asterisk"
 CHANNEL_DRIVERS = frozenset({"PJSIP", "Local"})  # Asterisk 22 as tested: no chan_sip, no IAX2
 
 _VAR = re.compile(r"\$\{([A-Za-z0-9_]+)\}")
+_PATTERN_CHARS = {"X": "[0-9]", "Z": "[1-9]", "N": "[2-9]", ".": ".+", "!": ".*"}
+
+
+def pattern_regex(pattern: str) -> re.Pattern[str]:
+    """An Asterisk extension pattern (``_X.``, ``_[+0-9*#]!``) as a regex on the
+    whole extension: X, Z, N, ``[...]`` classes, ``.`` (one or more of anything),
+    ``!`` (zero or more), ``-`` ignored outside a class, the rest literal."""
+    if not pattern.startswith("_"):
+        return re.compile(re.escape(pattern))
+    out = []
+    i = 1
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "[":
+            end = pattern.index("]", i)
+            body = pattern[i + 1:end]
+            out.append("[" + "".join("-" if c == "-" else re.escape(c) for c in body) + "]")
+            i = end + 1
+            continue
+        if ch in ".!" or ch.upper() in "XZN":
+            out.append(_PATTERN_CHARS[ch.upper()])
+        elif ch != "-":
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out))
 
 
 def strip_comment(line: str) -> str:
@@ -67,6 +93,7 @@ class ShippedDialplan:
     globals: dict[str, str]
     dial_data: str  # the raw Dial(...) data of the gated extension
     emergency: frozenset[str]  # exact extensions routed around the gate
+    gated: tuple[str, ...] = ()  # the patterns of [callgate-outbound] that run the gate
 
     @classmethod
     def load(cls, path: str | Path = SHIPPED_EXTENSIONS) -> ShippedDialplan:
@@ -74,6 +101,7 @@ class ShippedDialplan:
         globals_: dict[str, str] = {}
         dial: str | None = None
         emergency: set[str] = set()
+        gated: list[str] = []
         in_gated = False
         for raw in Path(path).read_text().splitlines():
             line = strip_comment(raw).strip()
@@ -92,6 +120,8 @@ class ShippedDialplan:
             if m:
                 exten, app = m.group(1).strip(), m.group(2)
                 in_gated = exten.startswith("_")
+                if in_gated:
+                    gated.append(exten)
                 if not in_gated and app.startswith("Goto(callgate-emergency"):
                     emergency.add(exten)
                 continue
@@ -101,7 +131,17 @@ class ShippedDialplan:
         if dial is None:
             raise ValueError(f"{path}: no Dial() line in the gated extension of "
                              "[callgate-outbound]")
-        return cls(globals_, dial, frozenset(emergency))
+        return cls(globals_, dial, frozenset(emergency), tuple(gated))
+
+    def route(self, exten: str) -> str | None:
+        """What [callgate-outbound] does with a dialled ``exten``: ``"emergency"``
+        (an exact extension, which Asterisk prefers to any pattern), ``"gate"``, or
+        None (no extension: chan_pjsip answers 404 and creates no channel)."""
+        if exten in self.emergency:
+            return "emergency"
+        if any(pattern_regex(p).fullmatch(exten) for p in self.gated):
+            return "gate"
+        return None
 
     def expand(self, text: str, exten: str, variables: dict[str, str] | None = None) -> str:
         """``${EXTEN}``, channel variables and [globals] substituted (unknown: empty)."""

@@ -11,12 +11,14 @@ socket (``connect`` reply, ``sendmsg`` execute ``set``/``hangup``, ``resume``,
 ``linger``, ``exit``).
 
 With ``gate=True`` a call runs the shipped fail-closed dialplan
-(config/freeswitch/dialplan/default/00_callgate.xml): a number that matches the
-file's own ``callgate_emergency`` condition is bridged at once, with no socket
-and no limit; any other gets preset ``callgate_result=DENY``,
-``socket <gate> async full``, then re-hunt; only ``ALLOW`` with a positive
-``callgate_max_seconds`` bridges, with ``sched_hangup +max ALLOTTED_TIMEOUT``
-armed at that moment; anything else is hung up with ``CALL_REJECTED``.
+(config/freeswitch/dialplan/default/00_callgate.xml), hunted in the file's own
+order (:func:`hunt`): a number that matches ``callgate_emergency`` is bridged at
+once, with no socket and no limit; one that ``callgate_outbound`` takes (every
+other, as shipped) gets preset ``callgate_result=DENY``, ``socket <gate> async
+full``, then re-hunt; only ``ALLOW`` with a positive ``callgate_max_seconds``
+bridges, with ``sched_hangup +max ALLOTTED_TIMEOUT`` armed at that moment;
+anything else is hung up with ``CALL_REJECTED`` (no extension at all:
+``NO_ROUTE_DESTINATION``).
 
 Time is real loop time. One task per call, events encoded once and written to
 every subscriber, so a few thousand concurrent calls are fine.
@@ -31,6 +33,7 @@ import json
 import re
 import time
 import uuid as uuidlib
+import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -44,12 +47,27 @@ SHIPPED_DIALPLAN = (Path(__file__).resolve().parents[2] / "config" / "freeswitch
                     / "default" / "00_callgate.xml")
 
 
-def emergency_pattern(path: Path = SHIPPED_DIALPLAN) -> re.Pattern[str] | None:
-    """The ``destination_number`` expression of the dialplan's ``callgate_emergency``
-    extension (None when the file has none)."""
-    m = re.search(r'<extension name="callgate_emergency">\s*<condition field="destination_number"'
-                  r'\s+expression="([^"]+)"', path.read_text())
-    return re.compile(m.group(1)) if m else None
+def read_hunt_order(path: Path = SHIPPED_DIALPLAN) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """The dialplan file's extensions in hunt order: (name, its first condition's
+    ``destination_number`` expression). FreeSWITCH runs the first extension whose
+    condition matches; an extension whose first condition is on another field is
+    left out (the shipped file has none)."""
+    order = []
+    for ext in ET.parse(path).getroot().iter("extension"):
+        cond = ext.find("condition")
+        if cond is not None and cond.get("field") == "destination_number":
+            order.append((ext.get("name", ""), re.compile(cond.get("expression", ""))))
+    return tuple(order)
+
+
+def hunt(destination: str,
+         order: tuple[tuple[str, re.Pattern[str]], ...] | None = None) -> str | None:
+    """The name of the extension the shipped dialplan runs for ``destination``
+    (None: no extension matches, FreeSWITCH ends the call NO_ROUTE_DESTINATION)."""
+    for name, expression in read_hunt_order() if order is None else order:
+        if expression.search(destination):
+            return name
+    return None
 
 
 def fs_billsec(answered_us: int, hangup_us: int) -> int:
@@ -261,7 +279,7 @@ class FreeswitchSimulator:
         self.heartbeat_interval = heartbeat_interval
         self.socket_timeout = socket_timeout  # the sim bounds a silent gate; FreeSWITCH waits
         self.scheduler_poll = scheduler_poll
-        self.emergency = emergency_pattern()  # read from the shipped dialplan now
+        self.hunt_order = read_hunt_order()  # the shipped dialplan, read now
         self.esl_address: tuple[str, int] = ("127.0.0.1", 0)
         self.channels: dict[str, SimChannel] = {}
         self._listed: dict[str, SimChannel] = {}  # what `show channels` still shows
@@ -372,8 +390,13 @@ class FreeswitchSimulator:
             if accountcode:
                 a.variables["accountcode"] = accountcode
             a.variables["callgate_dest"] = a.destination
-            if gate and not naive and self.emergency and self.emergency.search(a.destination):
-                pass  # extension callgate_emergency: straight to the trunk, no limit
+            route = hunt(a.destination, self.hunt_order) if gate and not naive else None
+            if gate and not naive and route == "callgate_emergency":
+                pass  # straight to the trunk, no limit
+            elif gate and not naive and route != "callgate_outbound":
+                # no extension (404), or a dialled "callgate_check": nothing set, refused
+                self.hangup(a, "NO_ROUTE_DESTINATION" if route is None else "CALL_REJECTED")
+                return
             elif gate and naive:
                 await self._outbound_socket(a)
                 if a.hangup_us:

@@ -254,3 +254,34 @@ def test_freeswitch_deletes_the_last_deadline_task_when_the_call_ends(t: Tier) -
     wait_until("the ended call's deadline task deleted", lambda: not agent_tasks(),
                runtime - time.time() - 0.5, every=0.05)
     uas.wait(30)
+
+
+def test_every_dial_reaches_the_gate_which_refuses_what_is_not_a_number(t: Tier) -> None:
+    """The shipped dialplans send every outbound dial to the gate (issue 16, item 10):
+    a 3-digit non-emergency number and a ``+`` number are allowed and dialled as
+    dialled; a 16-digit one (and a 1-digit one) is refused by callgate as
+    ``invalid_number`` and never reaches the trunk. Nothing falls through to
+    whatever else the PBX's dialplan does (the READMEs, "callgate_outbound" /
+    "Every other dial")."""
+    uas = t.pbx.trunk("answer", calls=2)
+    allowed = ("114", "+8613800138100")
+    for number in allowed:
+        trace = t.pbx.call(number, account="spare3", hold=1.0).wait()
+        assert trace.status == 200, (number, trace)
+    for number in ("1380013810012345", "7", "operator"):
+        trace = t.pbx.call(number, account="spare3").wait()
+        assert trace.status is not None and trace.status >= 400, (number, trace)
+    decisions = [(d["callee"], d["reason"]) for d in _decisions(t, "spare3")]
+    refused = [("1380013810012345", "invalid_number"), ("7", "invalid_number")]
+    # a name: FreeSWITCH's gate refuses it; Asterisk has no extension for it (404,
+    # the gated pattern leaves letters to the special extensions h, i, s, t)
+    refused += [("operator", "invalid_number")] if t.pbx.kind == "freeswitch" else []
+    assert decisions == [("114", "allowed"), ("+8613800138100", "allowed"), *refused]
+    assert uas.wait(30) == 0, uas.log_tail()
+    dialled = [m.first_line.split()[1] for m in uas.messages()
+               if not m.sent and m.first_line.startswith("INVITE")]
+    assert [uri.split(":", 1)[1].split("@", 1)[0] for uri in dialled] == list(allowed)
+    for number in allowed:
+        row = _cdr(t, number)
+        assert t.agent.wait_settled("spare3", row.call_id) == tariff_charge(
+            row.billsec, INCREMENT, RATE)
