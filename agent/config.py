@@ -174,6 +174,9 @@ class MeterSpec(_Strict):
     grace_seconds: int = Field(2, ge=0, le=30)
     lead_seconds: int = Field(5, ge=1, le=60)
     warning_seconds: int = Field(0, ge=0, le=300)
+    # every balance read this often: low-balance warnings for postings made by the
+    # CLI, and the metrics' per-account balance gauges (one read serves both)
+    balance_check_seconds: float = Field(10.0, ge=1, le=3600)
 
 
 class CdrSpec(_Strict):

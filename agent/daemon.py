@@ -33,7 +33,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -49,7 +49,7 @@ from agent.config import AgentConfig, SecretSource, resolve_secret
 from agent.gate.decision import Decision
 from agent.gate.policy import Policy, load_policy
 from agent.gatekeeper import Gatekeeper
-from agent.ledger import Ledger, LedgerError, open_ledger
+from agent.ledger import Balance, Ledger, LedgerError, open_ledger
 from agent.meter.clock import Clock, WallClock
 from agent.meter.meter import Meter, MeterSettings
 from agent.status import StatusBoard, verdict
@@ -58,7 +58,6 @@ from agent.yamlfile import ConfigError
 log = structlog.get_logger("callgate.daemon")
 
 POLICY_POLL_SECONDS = 2.0
-BALANCES_EVERY_SECONDS = 15.0  # per-account balance gauges: one ledger read this often
 STATUS_PROBE_SECONDS = 2.0  # how long /status waits for the ledger to answer
 PRUNE_EVERY = timedelta(hours=1)
 DNC_LOAD_TIMEOUT = 30.0  # seconds; millions of entries load in a few
@@ -321,8 +320,6 @@ class Daemon:
             tasks.append(asyncio.create_task(self._prune_attempts(), name="prune"))
             if self.cdr_source is not None:
                 tasks.append(asyncio.create_task(self.cdr_source.run(), name="cdr"))
-            if self.metrics_server is not None:
-                tasks.append(asyncio.create_task(self._refresh_balances(), name="balances"))
             assert self.dnc_sync is not None
             tasks.append(asyncio.create_task(self.dnc_sync.run(), name="dnc-sync"))
             tasks.append(asyncio.create_task(systemd.watchdog_loop(), name="watchdog"))
@@ -408,12 +405,14 @@ class Daemon:
         )
         settings = MeterSettings(grace_seconds=spec.meter.grace_seconds,
                                  lead_seconds=spec.meter.lead_seconds,
-                                 warning_seconds=spec.meter.warning_seconds)
+                                 warning_seconds=spec.meter.warning_seconds,
+                                 balance_check_interval=spec.meter.balance_check_seconds)
         pbx_proxy = _LatePbx()
         self.meter = Meter(ledger=self.ledger, pbx=pbx_proxy, policy=self.current_policy,
                            clock=self.clock, node=config.node, settings=settings,
                            publish=self._publish,
-                           warning_hook=self._warn if settings.warning_seconds else None)
+                           warning_hook=self._warn if settings.warning_seconds else None,
+                           on_balances=self._balances_read if spec.metrics else None)
         try:
             self.adapter = make_adapter(config, self.gate, self.meter.on_event, self.clock)
         except ConfigError as exc:
@@ -679,16 +678,13 @@ class Daemon:
         self.metrics.watch_accounts(
             {a: p.low_balance_warning for a, p in self.policy.accounts.items()}, live_by_account)
 
-    async def _refresh_balances(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(BALANCES_EVERY_SECONDS):
-                    balances = await self.ledger.balances()
-                self.metrics.account_balances({b.account: b.available for b in balances},
-                                              self.clock.now().timestamp())
-            except Exception as exc:  # the gauges go stale; the refreshed timestamp says so
-                log.debug("metrics.balances_failed", error=str(exc))
-            await asyncio.sleep(BALANCES_EVERY_SECONDS)
+    def _balances_read(self, balances: Sequence[Balance]) -> None:
+        """The meter's periodic read of every balance (meter.balance_check_seconds) sets
+        the per-account gauges too: one read per period, not one each. When it fails
+        the gauges go stale; the refreshed timestamp says so."""
+        if self.metrics is not None:
+            self.metrics.account_balances({b.account: b.available for b in balances},
+                                          self.clock.now().timestamp())
 
     async def status_document(self) -> dict[str, Any]:
         """``GET /status``: the board's record plus live readings, and the verdict."""

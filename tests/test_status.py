@@ -201,7 +201,7 @@ async def test_status_of_a_running_daemon_then_a_refused_reload_then_down(
             assert samples['callgate_account_live_calls{account="acme"}'] == 0
             assert samples['callgate_account_low_balance_line{account="acme"}'] == 20  # default
             assert samples["callgate_policy_last_reload_ok"] == 1
-            # Read from the ledger at start (5 topped up) and every 15 s after (the 1 s call
+            # Read from the ledger at start (5 topped up) and every 10 s after (the 1 s call
             # at 0.13 per 2 s increment leaves 4.87).
             assert samples['callgate_account_available_balance{account="acme"}'] in (5.0, 4.87)
 

@@ -6,24 +6,30 @@ seen at or above it again (a top-up). The balance is looked at after every
 hold and every settlement the meter makes, and every ``interval`` seconds for
 all accounts in one ledger read: finance postings (top-ups, penalties, refunds,
 adjustments) are made by the CLI in another process, so the sweep is how the
-daemon notices them, within ``interval``. Each node watches on its own.
+daemon notices them, within ``interval`` (``meter.balance_check_seconds``). Each
+node watches on its own.
+
+That read is the daemon's only periodic read of every balance: whoever else
+wants the balances on that beat (the metrics' per-account gauges) is handed the
+same rows (``on_balances``) instead of reading them again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
 
 import structlog
 
 from agent.gate.policy import Policy
-from agent.ledger import Ledger, LedgerError
+from agent.ledger import Balance, Ledger, LedgerError
 from agent.money import format_amount
 
 log = structlog.get_logger("callgate.meter")
 
 Publish = Callable[[str, dict[str, Any]], None]
+BalancesHook = Callable[[Sequence[Balance]], None]
 
 
 class LowBalanceAlarm:
@@ -46,10 +52,12 @@ class LowBalanceAlarm:
 class LowBalanceWatch:
     """The alarm fed from the ledger, publishing ``balance/low``."""
 
-    def __init__(self, ledger: Ledger, policy: Callable[[], Policy], publish: Publish) -> None:
+    def __init__(self, ledger: Ledger, policy: Callable[[], Policy], publish: Publish,
+                 on_balances: BalancesHook | None = None) -> None:
         self.ledger = ledger
         self.policy = policy
         self.publish = publish
+        self.on_balances = on_balances  # also handed every sweep's rows
         self.alarm = LowBalanceAlarm()
 
     def _seen(self, account_id: str, available: Decimal) -> None:
@@ -73,11 +81,14 @@ class LowBalanceWatch:
         self._seen(account_id, balance.available)
 
     async def sweep(self) -> None:
-        """Every account in one read (finance postings made elsewhere)."""
+        """Every account in one read (finance postings made elsewhere), handed to
+        ``on_balances`` too."""
         try:
             balances = await self.ledger.balances()
         except LedgerError as exc:
             log.warning("meter.balance_sweep_failed", error=str(exc))
             return
+        if self.on_balances is not None:
+            self.on_balances(balances)
         for balance in balances:
             self._seen(balance.account, balance.available)

@@ -76,7 +76,7 @@ from agent.ledger import (
     LedgerUnavailable,
 )
 from agent.meter.clock import Clock
-from agent.meter.low_balance import LowBalanceWatch
+from agent.meter.low_balance import BalancesHook, LowBalanceWatch
 from agent.rating import Tariff, billed_seconds, rate
 
 log = structlog.get_logger("callgate.meter")
@@ -104,7 +104,8 @@ class MeterSettings:
     ledger_retry: float = 1.0
     unseen_calls: Literal["meter", "cut"] = "meter"
     # How often every account's balance is looked at for the low-balance warning
-    # (finance postings come from the CLI, another process).
+    # (finance postings come from the CLI, another process) and handed to
+    # on_balances (the metrics' gauges): agent.yaml meter.balance_check_seconds.
     balance_check_interval: float = 10.0
 
 
@@ -167,6 +168,7 @@ class Meter:
         settings: MeterSettings | None = None,
         publish: Publish | None = None,
         warning_hook: WarningHook | None = None,
+        on_balances: BalancesHook | None = None,
     ) -> None:
         self.ledger = ledger
         self.pbx = pbx
@@ -184,7 +186,8 @@ class Meter:
         self._started_at = clock.now()
         self._queue: asyncio.Queue[CallEvent | _StillAbsent] = asyncio.Queue()
         self._settled: OrderedDict[str, datetime] = OrderedDict()  # call id -> settled at
-        self.low_balance = LowBalanceWatch(ledger, policy, self.publish)
+        # the periodic read of every balance, shared with whoever passed on_balances
+        self.low_balance = LowBalanceWatch(ledger, policy, self.publish, on_balances)
         self._busy = 0
         self._idle = asyncio.Event()
         self._idle.set()
