@@ -16,6 +16,7 @@ same rows (``on_balances``) instead of reading them again.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any
@@ -80,13 +81,15 @@ class LowBalanceWatch:
             return  # the sweep looks again
         self._seen(account_id, balance.available)
 
-    async def sweep(self) -> None:
+    async def sweep(self, timeout: float | None = None) -> None:
         """Every account in one read (finance postings made elsewhere), handed to
-        ``on_balances`` too."""
+        ``on_balances`` too. A read not done within ``timeout`` seconds is given up
+        (the next sweep reads again)."""
         try:
-            balances = await self.ledger.balances()
-        except LedgerError as exc:
-            log.warning("meter.balance_sweep_failed", error=str(exc))
+            async with asyncio.timeout(timeout):
+                balances = await self.ledger.balances()
+        except (LedgerError, TimeoutError) as exc:
+            log.warning("meter.balance_sweep_failed", error=str(exc) or type(exc).__name__)
             return
         if self.on_balances is not None:
             self.on_balances(balances)

@@ -671,7 +671,7 @@ class Meter:
         while True:
             with self._working():
                 try:
-                    await self.low_balance.sweep()
+                    await self.low_balance.sweep(timeout=self.settings.balance_check_interval)
                 except Exception:
                     log.exception("meter.balance_sweep_failed")
             await self.clock.sleep_until(
