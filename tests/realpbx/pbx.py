@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from tests.realpbx.sip import SCENARIOS, Caller, Trunk, uac_scenario
-from tests.realpbx.tools import BOOT_TIMEOUT, REPO, Ports, Procs, Tools, wait_until
+from tests.realpbx.tools import BOOT_TIMEOUT, REPO, Binary, Ports, Procs, Tools, wait_until
 
 SHIPPED = REPO / "config"
 
@@ -83,22 +83,93 @@ class Pbx:
         self._calls = 0
 
     # -- to be provided by each PBX
-    def start(self) -> None:
+    RUNDIR = ""  # the PBX's own work dir, under workdir
+    WORK_DIRS: tuple[str, ...] = ()  # made under the run dir before the start
+    LOG = ""  # its log file, relative to the run dir
+    CDR_FILE = ""  # its CDR file, relative to the run dir
+    # CdrRow field -> CSV column (call_id .. context are columns 0-4 in both)
+    CDR_COLUMNS: ClassVar[dict[str, int]] = {}
+    BOOT_POLL = 0.5
+
+    def config_files(self) -> dict[str, str]:
+        """Config file (relative to confdir) -> its text."""
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """Anything else to write before the start (after the config and work dirs)."""
+
+    def _argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def _binary(self) -> Binary:
+        raise NotImplementedError
+
+    def _booted(self) -> bool:
+        """Ready for calls (the process is known to be alive)."""
         raise NotImplementedError
 
     def caller(self, account: str) -> str:
         raise NotImplementedError
 
-    def cdr_rows(self) -> list[CdrRow]:
-        raise NotImplementedError
-
     def agent_pbx_yaml(self) -> str:
         raise NotImplementedError
 
-    def log_tail(self, chars: int = 4000) -> str:
-        raise NotImplementedError
-
     # -- shared
+    @property
+    def rundir(self) -> Path:
+        return self.workdir / self.RUNDIR
+
+    def start(self) -> None:
+        """Write the config and the work dirs, start the PBX, wait until it takes calls."""
+        for name, text in self.config_files().items():
+            (self.confdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.confdir / name).write_text(text)
+        for d in self.WORK_DIRS:
+            (self.rundir / d).mkdir(parents=True, exist_ok=True)
+        self._prepare()
+        self.proc = self.procs.start(self._argv(), env=self._binary().env(), cwd=self.rundir,
+                                     stdout=self.rundir / "console.log")
+        try:
+            wait_until(f"{self.name} to boot", self._alive_and_booted, BOOT_TIMEOUT,
+                       every=self.BOOT_POLL)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def _alive_and_booted(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}")
+        return self._booted()
+
+    def cdr_rows(self) -> list[CdrRow]:
+        """The rows of the PBX's own CDR file (none yet: [])."""
+        try:
+            text = (self.rundir / self.CDR_FILE).read_text()
+        except FileNotFoundError:
+            return []
+        col = self.CDR_COLUMNS
+        rows = []
+        for r in csv.reader(text.splitlines()):
+            if len(r) <= max(col.values()):
+                continue
+            rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
+                               disposition=r[col["disposition"]],
+                               start=float(r[col["start"]] or 0),
+                               answer=_float(r[col["answer"]]), end=float(r[col["end"]] or 0),
+                               duration=int(r[col["duration"]] or 0),
+                               billsec=int(r[col["billsec"]] or 0), raw=r))
+        return rows
+
+    def messages(self) -> str:
+        """The PBX's log so far."""
+        try:
+            return (self.rundir / self.LOG).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.messages()[-chars:] or f"(no {Path(self.LOG).name})"
+
     def stop(self) -> None:
         if self.proc is not None:
             Procs.stop(self.proc, timeout=15)
@@ -164,6 +235,14 @@ class Asterisk(Pbx):
 
     kind = "asterisk"
     name = "Asterisk"
+    RUNDIR = "ast"
+    WORK_DIRS = ("run", "log/cdr-csv", "log/cdr-custom", "spool", "lib/keys", "lib/agi-bin",
+                 "cache", "tmp", "data/sounds", "data/moh", "data/keys")
+    LOG = "log/messages.log"
+    CDR_FILE = "log/cdr-custom/Master.csv"
+    CDR_COLUMNS: ClassVar[dict[str, int]] = {
+        "disposition": 8, "start": 9, "answer": 10, "end": 11, "duration": 12, "billsec": 13}
+    BOOT_POLL = 0.3
     ACCOUNTS = ("acme", "night", "broke", "capped", "cut", "killed", "dropped", "spare",
                 "spare2", "spare3")
 
@@ -176,7 +255,6 @@ class Asterisk(Pbx):
         self.dial_line = dial_line  # replaces the shipped Dial(...) (to reproduce old ones)
         # more callers: endpoint name -> its context (e.g. one that skips the gate)
         self.extra_endpoints = extra_endpoints or {}
-        self.rundir = self.workdir / "ast"
 
     def caller(self, account: str) -> str:
         return account  # the PJSIP endpoint name = the From user = accountcode (or extra)
@@ -227,15 +305,11 @@ class Asterisk(Pbx):
                                 self.extra_dialplan),
         }
 
-    def _write(self) -> None:
+    def _prepare(self) -> None:
         assert self.tools.asterisk is not None
-        self.confdir.mkdir(parents=True, exist_ok=True)
-        for name, text in self.config_files().items():
-            (self.confdir / name).write_text(text)
+        if len(str(self.rundir / "run/asterisk.ctl")) > 100:
+            raise AssertionError(f"Asterisk work dir too long for its socket: {self.rundir}")
         w = self.rundir
-        for d in ("run", "log/cdr-csv", "log/cdr-custom", "spool", "lib/keys", "lib/agi-bin",
-                  "cache", "tmp", "data/sounds", "data/moh", "data/keys"):
-            (w / d).mkdir(parents=True, exist_ok=True)
         options = (self.confdir / "asterisk.conf").read_text()
         options = re.sub(r"(?ms)^\[directories\].*?(?=^\[|\Z)", "", options)
         (w / "asterisk.conf").write_text(
@@ -246,23 +320,14 @@ class Asterisk(Pbx):
             f"astspooldir => {w}/spool\nastrundir => {w}/run\nastlogdir => {w}/log\n"
             f"astcachedir => {w}/cache\n\n" + options)
 
-    def start(self) -> None:
+    def _binary(self) -> Binary:
         assert self.tools.asterisk is not None
-        if len(str(self.rundir / "run/asterisk.ctl")) > 100:
-            raise AssertionError(f"Asterisk work dir too long for its socket: {self.rundir}")
-        self._write()
-        self.proc = self.procs.start(
-            [str(self.tools.asterisk.path), "-C", str(self.rundir / "asterisk.conf"), "-f"],
-            env=self.tools.asterisk.env(), cwd=self.rundir, stdout=self.rundir / "console.log")
-        try:
-            wait_until("Asterisk to boot", self._booted, BOOT_TIMEOUT, every=0.3)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+        return self.tools.asterisk
+
+    def _argv(self) -> list[str]:
+        return [str(self._binary().path), "-C", str(self.rundir / "asterisk.conf"), "-f"]
 
     def _booted(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"Asterisk exited with {self.proc.returncode}")
         out = self.cli("core waitfullybooted", timeout=10)
         return "fully booted" in out.lower()
 
@@ -280,22 +345,6 @@ class Asterisk(Pbx):
                 f"username: callgate, secret: {self.secret}}}\n"
                 f"  fastagi: {{listen: '127.0.0.1:{self.gate_port}'}}\n")
 
-    def cdr_rows(self) -> list[CdrRow]:
-        path = self.rundir / "log/cdr-custom/Master.csv"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return []
-        rows = []
-        for r in csv.reader(text.splitlines()):
-            if len(r) < 14:
-                continue
-            rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
-                               disposition=r[8], start=float(r[9] or 0), answer=_float(r[10]),
-                               end=float(r[11] or 0), duration=int(r[12] or 0),
-                               billsec=int(r[13] or 0), raw=r))
-        return rows
-
     def ami_sessions(self) -> list[tuple[str, str]]:
         """``manager show connected``: (username, fd) of each AMI session."""
         out = self.cli("manager show connected")
@@ -307,18 +356,6 @@ class Asterisk(Pbx):
                 sessions.append((parts[0], parts[4]))
         return sessions
 
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return (self.rundir / "log/messages.log").read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return "(no messages.log)"
-
-    def messages(self) -> str:
-        try:
-            return (self.rundir / "log/messages.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
 
 class FreeSwitch(Pbx):
     """FreeSWITCH with config/freeswitch's dialplan and event_socket.conf.xml merged
@@ -326,6 +363,14 @@ class FreeSwitch(Pbx):
 
     kind = "freeswitch"
     name = "FreeSWITCH"
+    RUNDIR = "fs"
+    # each one is also a command-line option: -log DIR, -db DIR, ...
+    WORK_DIRS = ("log", "db", "run", "temp", "storage", "cache", "recordings", "sounds",
+                 "grammar", "certs", "scripts", "htdocs")
+    LOG = "log/freeswitch.log"
+    CDR_FILE = "log/cdr-csv/Master.csv"
+    CDR_COLUMNS: ClassVar[dict[str, int]] = {
+        "start": 5, "answer": 6, "end": 7, "duration": 8, "billsec": 9, "disposition": 10}
     # callers are told apart by caller ID: the From user is the number the account owns
     CALLERS: ClassVar[dict[str, str]] = {
         "acme": "02158880000", "night": "02158880001", "broke": "02158880002",
@@ -339,7 +384,6 @@ class FreeSwitch(Pbx):
         self.rtp = self.ports.block(100)
         self.extra_dialplan = extra_dialplan
         self.first_extensions = first_extensions  # context default, before the shipped files
-        self.rundir = self.workdir / "fs"
 
     def caller(self, account: str) -> str:
         return self.CALLERS[account]
@@ -382,35 +426,20 @@ class FreeSwitch(Pbx):
             files[f"dialplan/default/{f.name}"] = text
         return files
 
-    def start(self) -> None:
+    def _binary(self) -> Binary:
         assert self.tools.freeswitch is not None
-        for name, text in self.config_files().items():
-            (self.confdir / name).parent.mkdir(parents=True, exist_ok=True)
-            (self.confdir / name).write_text(text)
-        w = self.rundir
-        for d in ("log", "db", "run", "tmp", "storage", "cache", "recordings", "sounds",
-                  "grammar", "certs", "scripts", "htdocs"):
-            (w / d).mkdir(parents=True, exist_ok=True)
-        args = [str(self.tools.freeswitch.path), "-nf", "-nc", "-nonat", "-base", str(w),
-                "-conf", str(self.confdir), "-mod", str(self.tools.freeswitch.modules)]
-        for opt, d in (("-log", "log"), ("-db", "db"), ("-run", "run"), ("-temp", "tmp"),
-                       ("-storage", "storage"), ("-cache", "cache"),
-                       ("-recordings", "recordings"), ("-sounds", "sounds"),
-                       ("-grammar", "grammar"), ("-certs", "certs"), ("-scripts", "scripts"),
-                       ("-htdocs", "htdocs")):
-            args += [opt, str(w / d)]
-        self.proc = self.procs.start(args, env=self.tools.freeswitch.env(), cwd=w,
-                                     stdout=w / "console.log")
-        try:
-            wait_until("FreeSWITCH's sofia profile", self._running, BOOT_TIMEOUT, every=0.5)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+        return self.tools.freeswitch
 
-    def _running(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"FreeSWITCH exited with {self.proc.returncode}")
-        return "RUNNING" in self.api("sofia status")
+    def _argv(self) -> list[str]:
+        w = self.rundir
+        args = [str(self._binary().path), "-nf", "-nc", "-nonat", "-base", str(w),
+                "-conf", str(self.confdir), "-mod", str(self._binary().modules)]
+        for d in self.WORK_DIRS:
+            args += [f"-{d}", str(w / d)]
+        return args
+
+    def _booted(self) -> bool:
+        return "RUNNING" in self.api("sofia status")  # the sofia profile
 
     def api(self, command: str, timeout: float = 10) -> str:
         """One ``api`` command over a fresh ESL connection (its reply body)."""
@@ -450,28 +479,3 @@ class FreeSwitch(Pbx):
                 f"password: {self.secret}}}\n"
                 f"  outbound_socket: {{listen: '127.0.0.1:{self.gate_port}'}}\n"
                 "  outbound_contexts: [default]\n")
-
-    def cdr_rows(self) -> list[CdrRow]:
-        path = self.rundir / "log/cdr-csv/Master.csv"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            return []
-        rows = []
-        for r in csv.reader(text.splitlines()):
-            if len(r) < 13:
-                continue
-            rows.append(CdrRow(call_id=r[0], accountcode=r[1], src=r[2], dst=r[3], context=r[4],
-                               disposition=r[10], start=float(r[5] or 0), answer=_float(r[6]),
-                               end=float(r[7] or 0), duration=int(r[8] or 0),
-                               billsec=int(r[9] or 0), raw=r))
-        return rows
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.messages()[-chars:] or "(no freeswitch.log)"
-
-    def messages(self) -> str:
-        try:
-            return (self.rundir / "log/freeswitch.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
