@@ -178,9 +178,14 @@ async def test_the_meter_cuts_at_the_true_close_across_a_dst_gap(tmp_path):
 @settings(max_examples=200, deadline=None)
 @given(seconds=st.integers(0, 7 * 86400 * 1000), increment=st.sampled_from([1, 6, 30, 60]),
        windows=st.lists(st.tuples(st.integers(0, 95), st.integers(1, 96)), min_size=1,
-                        max_size=4))
-def test_never_allowed_with_nothing_to_talk(tmp_path_factory, seconds, increment, windows):
-    """Whatever the hours, the time and the increment: an allowed call has a limit > 0."""
+                        max_size=4),
+       near_end=st.one_of(st.none(), st.tuples(st.integers(0, 6), st.integers(0, 3),
+                                               st.integers(0, 120_000))))
+def test_never_allowed_with_nothing_to_talk(tmp_path_factory, seconds, increment, windows,
+                                            near_end):
+    """Whatever the hours, the time and the increment: an allowed call has a limit > 0.
+    Half the examples fall in the last two minutes before a window's end (day,
+    window, milliseconds before it), where a 0-second allow would be."""
     spans = [(a * 900, b * 900) for a, b in windows if a < b]
     if not spans:
         return
@@ -196,6 +201,11 @@ accounts:
 """
     p = policy_from(tmp_path_factory.mktemp("p"), text)
     now = utc("2026-11-23T00:00:00") + timedelta(milliseconds=seconds)
+    if near_end is not None:
+        day, which, before_ms = near_end
+        end = spans[which % len(spans)][1]
+        now = (local("2026-11-23T00:00:00") + timedelta(days=day, seconds=end)
+               - timedelta(milliseconds=before_ms))
     for balance in ("100", None):
         d = decide(p, rich(balance), call(), now)
         if d.allow:
