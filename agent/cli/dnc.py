@@ -10,6 +10,7 @@ an entry that exists, or removing one that does not, writes nothing.
 from __future__ import annotations
 
 import argparse
+from datetime import UTC
 from typing import Any
 
 from agent.cli.common import (
@@ -20,8 +21,10 @@ from agent.cli.common import (
     operator_name,
     print_json,
 )
+from agent.cli.complaint import checked, policy_account
 from agent.cli.ledger import _local, _table
-from agent.gate.dnc import MAX_DIGITS
+from agent.gate.dnc import dnc_number
+from agent.gate.numbers import Normalizer
 from agent.ledger.compliance import GLOBAL, DncEntry
 
 
@@ -53,19 +56,12 @@ def _scope(cmd: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(account or GLOBAL, normalised number), checked against the policy."""
-    policy = load_policy(args)
     if args.all:
-        account, normalize = GLOBAL, policy.normalize
+        account, normalize = GLOBAL, load_policy(args).normalize or Normalizer()
     else:
-        entry = policy.accounts.get(args.account)
-        if entry is None:
-            known = ", ".join(sorted(policy.accounts)) or "none"
-            raise UsageError(f"unknown account {args.account!r} (the policy has: {known})")
-        account, normalize = args.account, entry.normalize
-    number = normalize(args.number) if normalize is not None else args.number
-    if not number.isdigit() or len(number) > MAX_DIGITS:
-        raise UsageError(f"{args.number!r} is not a phone number")
-    return account, number
+        policy, _ = policy_account(args, args.account)
+        account, normalize = args.account, policy.accounts[args.account].normalize
+    return account, checked("number", dnc_number, args.number, normalize)
 
 
 def _who(account: str) -> str:
@@ -112,9 +108,12 @@ async def _remove(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    policy = load_policy(args)
-    if args.account and args.account not in policy.accounts:
-        raise UsageError(f"unknown account {args.account!r}")
+    # Times in the account's zone; entries of many accounts (or for everyone) in UTC.
+    zone: Any = UTC
+    if args.account:
+        _, zone = policy_account(args, args.account)
+    else:
+        load_policy(args)  # the same checks as every command: a usable policy
     scope = GLOBAL if args.all else args.account
     async with OpenedLedger(args) as ledger:
         entries = await ledger.dnc_list(scope)
@@ -124,8 +123,7 @@ async def _list(args: argparse.Namespace) -> int:
     if not entries:
         print("no live do-not-call entries")
         return 0
-    zone = next(iter(policy.accounts.values())).hours.timezone if policy.accounts else None
-    rows = [[_who(e.account), e.number, _local(e.added_at, zone) if zone else
-             e.added_at.isoformat(), e.operator, e.reason] for e in entries]
-    print(_table(["FOR", "NUMBER", "ADDED", "OPERATOR", "REASON"], rows, set()))
+    rows = [[_who(e.account), e.number, _local(e.added_at, zone), e.operator, e.reason]
+            for e in entries]
+    print(_table(["FOR", "NUMBER", f"ADDED ({zone})", "OPERATOR", "REASON"], rows, set()))
     return 0
