@@ -16,7 +16,7 @@ the do-not-call entry and any suspension stay until ops remove them
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -40,37 +40,45 @@ from agent.money import CURRENCY, clip, format_amount
 T = TypeVar("T")
 
 
-def register(sub: Any) -> None:
-    group = sub.add_parser("complaint", help="complaints: record (fine, DNC), list, withdraw")
-    commands = group.add_subparsers(dest="complaint_command", required=True,
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def command_group(sub: Any, name: str, text: str
+                  ) -> Callable[[str, str, Command], argparse.ArgumentParser]:
+    """``callgate NAME …``; returns the maker of its subcommands, each with ``--json``
+    (the compliance commands' shared shape: complaint, dnc, account)."""
+    group = sub.add_parser(name, help=text)
+    commands = group.add_subparsers(dest=f"{name}_command", required=True,
                                     parser_class=type(group))
 
-    add = commands.add_parser("add", help="record a complaint: fine once per ticket, DNC")
+    def command(verb: str, what: str, func: Command) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(verb, help=what)
+        parser.add_argument("--json", action="store_true")
+        parser.set_defaults(func=func)
+        return parser
+
+    return command
+
+
+def register(sub: Any) -> None:
+    command = command_group(sub, "complaint", "complaints: record (fine, DNC), list, withdraw")
+    add = command("add", "record a complaint: fine once per ticket, DNC", _add)
     add.add_argument("--account", required=True)
     add.add_argument("--callee", required=True, help="the number that complained")
     add.add_argument("--ticket", required=True, help="the complaint's ticket (12321 number)")
     add.add_argument("--at", help="when (ISO time, the account's timezone; default now)")
-    add.add_argument("--note", default="")
-    add.add_argument("--json", action="store_true")
-    add.set_defaults(func=_add)
+    add.add_argument("--note", default="", help="one line kept with the complaint")
 
-    listing = commands.add_parser("list", help="complaints of a period or an account")
+    listing = command("list", "complaints of a period or an account", _list)
     listing.add_argument("--account")
     listing.add_argument("--from", dest="start", help="first day, YYYY-MM-DD")
     listing.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (included)")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
 
-    show = commands.add_parser("show", help="one complaint")
-    show.add_argument("ticket")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    command("show", "one complaint", _show).add_argument("ticket")
 
-    withdraw = commands.add_parser("withdraw", help="withdraw: the fine is reversed by a posting")
+    withdraw = command("withdraw", "withdraw: the fine is reversed by a posting", _withdraw)
     withdraw.add_argument("ticket")
-    withdraw.add_argument("--note", default="")
-    withdraw.add_argument("--json", action="store_true")
-    withdraw.set_defaults(func=_withdraw)
+    withdraw.add_argument("--note", default="", help="one line kept with the withdrawal")
 
 
 def policy_account(args: argparse.Namespace, account: str) -> tuple[Policy, ZoneInfo]:

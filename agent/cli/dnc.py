@@ -21,7 +21,7 @@ from agent.cli.common import (
     operator_name,
     print_json,
 )
-from agent.cli.complaint import checked, policy_account
+from agent.cli.complaint import checked, command_group, policy_account
 from agent.cli.ledger import _local, _table
 from agent.gate.dnc import dnc_number
 from agent.gate.numbers import Normalizer
@@ -29,23 +29,17 @@ from agent.ledger.compliance import GLOBAL, DncEntry
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("dnc", help="live do-not-call entries (in force within a second)")
-    commands = group.add_subparsers(dest="dnc_command", required=True,
-                                    parser_class=type(group))
-    for name, text in (("add", "add a number"), ("remove", "remove a number")):
-        cmd = commands.add_parser(name, help=text)
+    command = command_group(sub, "dnc", "live do-not-call entries (in force within a second)")
+    for name, text, func in (("add", "add a number", _add), ("remove", "remove a number",
+                                                             _remove)):
+        cmd = command(name, text, func)
         cmd.add_argument("number")
         _scope(cmd)
         cmd.add_argument("--reason", required=name == "add", default="",
-                         help="why (kept with the entry)")
-        cmd.add_argument("--json", action="store_true")
-        cmd.set_defaults(func=_add if name == "add" else _remove)
-    listing = commands.add_parser("list", help="the live entries")
-    scope = listing.add_mutually_exclusive_group()
+                         help="why (one line, kept with the entry)")
+    scope = command("list", "the live entries", _list).add_mutually_exclusive_group()
     scope.add_argument("--account")
     scope.add_argument("--all", action="store_true", help="only the entries for everyone")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
 
 
 def _scope(cmd: argparse.ArgumentParser) -> None:
