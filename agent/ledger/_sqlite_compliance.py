@@ -49,6 +49,22 @@ def _suspension(row: sqlite3.Row) -> c.Suspension:
                         rules.from_micros(row["at"]))
 
 
+def _keys(conn: sqlite3.Connection, account: str) -> array[int]:
+    """One account's entries as keys. As bytes, because ``int()`` of a str reads
+    Arabic-Indic digits ('١٢٣') as another number where bytes refuse anything but
+    ASCII; a row from before the ledger checked its digits sends the load down a
+    second query that leaves such rows out (filtering every load costs ~30 %)."""
+    query = "SELECT CAST('1' || number AS BLOB) FROM dnc WHERE account = ?"
+    for sql in (query, query + " AND number NOT GLOB '*[^0-9]*'"):
+        cursor = conn.execute(sql, (account,))
+        cursor.row_factory = None  # plain tuples: faster
+        try:
+            return array("Q", [int(row[0]) for row in cursor])
+        except ValueError:
+            continue
+    raise AssertionError("unreachable: the second query keeps only ASCII digits")
+
+
 class SqliteStore:
     """:class:`agent.ledger._compliance_rules.Store` on one connection in a transaction."""
 
@@ -231,12 +247,7 @@ class SqliteCompliance(plans.ComplianceFront):
                 out: dict[str, array[int]] = {}
                 accounts = [r[0] for r in conn.execute("SELECT DISTINCT account FROM dnc")]
                 for account in accounts:
-                    # Only ASCII digits: a row from before the ledger checked them
-                    # ('¹²³') would stop the load, or ('١٢٣') be read as another number.
-                    cursor = conn.execute("SELECT '1' || number FROM dnc WHERE account = ?"
-                                          " AND number NOT GLOB '*[^0-9]*'", (account,))
-                    cursor.row_factory = None  # plain tuples: faster
-                    out[account] = array("Q", [int(row[0]) for row in cursor])
+                    out[account] = _keys(conn, account)
             finally:
                 conn.execute("COMMIT")
             return int(seq), out
