@@ -10,6 +10,7 @@ an entry that exists, or removing one that does not, writes nothing.
 from __future__ import annotations
 
 import argparse
+from datetime import UTC
 from typing import Any
 
 from agent.cli.common import (
@@ -20,29 +21,25 @@ from agent.cli.common import (
     operator_name,
     print_json,
 )
+from agent.cli.complaint import checked, command_group, policy_account
 from agent.cli.ledger import _local, _table
-from agent.gate.dnc import MAX_DIGITS
+from agent.gate.dnc import dnc_number
+from agent.gate.numbers import Normalizer
 from agent.ledger.compliance import GLOBAL, DncEntry
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("dnc", help="live do-not-call entries (in force within a second)")
-    commands = group.add_subparsers(dest="dnc_command", required=True,
-                                    parser_class=type(group))
-    for name, text in (("add", "add a number"), ("remove", "remove a number")):
-        cmd = commands.add_parser(name, help=text)
+    command = command_group(sub, "dnc", "live do-not-call entries (in force within a second)")
+    for name, text, func in (("add", "add a number", _add), ("remove", "remove a number",
+                                                             _remove)):
+        cmd = command(name, text, func)
         cmd.add_argument("number")
         _scope(cmd)
         cmd.add_argument("--reason", required=name == "add", default="",
-                         help="why (kept with the entry)")
-        cmd.add_argument("--json", action="store_true")
-        cmd.set_defaults(func=_add if name == "add" else _remove)
-    listing = commands.add_parser("list", help="the live entries")
-    scope = listing.add_mutually_exclusive_group()
+                         help="why (one line, kept with the entry)")
+    scope = command("list", "the live entries", _list).add_mutually_exclusive_group()
     scope.add_argument("--account")
     scope.add_argument("--all", action="store_true", help="only the entries for everyone")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
 
 
 def _scope(cmd: argparse.ArgumentParser) -> None:
@@ -53,19 +50,12 @@ def _scope(cmd: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(account or GLOBAL, normalised number), checked against the policy."""
-    policy = load_policy(args)
     if args.all:
-        account, normalize = GLOBAL, policy.normalize
+        account, normalize = GLOBAL, load_policy(args).normalize or Normalizer()
     else:
-        entry = policy.accounts.get(args.account)
-        if entry is None:
-            known = ", ".join(sorted(policy.accounts)) or "none"
-            raise UsageError(f"unknown account {args.account!r} (the policy has: {known})")
-        account, normalize = args.account, entry.normalize
-    number = normalize(args.number) if normalize is not None else args.number
-    if not number.isdigit() or len(number) > MAX_DIGITS:
-        raise UsageError(f"{args.number!r} is not a phone number")
-    return account, number
+        policy, _ = policy_account(args, args.account)
+        account, normalize = args.account, policy.accounts[args.account].normalize
+    return account, checked("number", dnc_number, args.number, normalize)
 
 
 def _who(account: str) -> str:
@@ -112,9 +102,12 @@ async def _remove(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    policy = load_policy(args)
-    if args.account and args.account not in policy.accounts:
-        raise UsageError(f"unknown account {args.account!r}")
+    # Times in the account's zone; entries of many accounts (or for everyone) in UTC.
+    zone: Any = UTC
+    if args.account:
+        _, zone = policy_account(args, args.account)
+    else:
+        load_policy(args)  # the same checks as every command: a usable policy
     scope = GLOBAL if args.all else args.account
     async with OpenedLedger(args) as ledger:
         entries = await ledger.dnc_list(scope)
@@ -124,8 +117,7 @@ async def _list(args: argparse.Namespace) -> int:
     if not entries:
         print("no live do-not-call entries")
         return 0
-    zone = next(iter(policy.accounts.values())).hours.timezone if policy.accounts else None
-    rows = [[_who(e.account), e.number, _local(e.added_at, zone) if zone else
-             e.added_at.isoformat(), e.operator, e.reason] for e in entries]
-    print(_table(["FOR", "NUMBER", "ADDED", "OPERATOR", "REASON"], rows, set()))
+    rows = [[_who(e.account), e.number, _local(e.added_at, zone), e.operator, e.reason]
+            for e in entries]
+    print(_table(["FOR", "NUMBER", f"ADDED ({zone})", "OPERATOR", "REASON"], rows, set()))
     return 0
