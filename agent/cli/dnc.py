@@ -21,8 +21,9 @@ from agent.cli.common import (
     print_json,
 )
 from agent.cli.ledger import _local, _table
-from agent.gate.dnc import MAX_DIGITS
-from agent.ledger.compliance import GLOBAL, DncEntry
+from agent.compliance import actions
+from agent.compliance.actions import entry_json
+from agent.ledger.compliance import GLOBAL
 
 
 def register(sub: Any) -> None:
@@ -53,34 +54,17 @@ def _scope(cmd: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(account or GLOBAL, normalised number), checked against the policy."""
-    policy = load_policy(args)
-    if args.all:
-        account, normalize = GLOBAL, policy.normalize
-    else:
-        entry = policy.accounts.get(args.account)
-        if entry is None:
-            known = ", ".join(sorted(policy.accounts)) or "none"
-            raise UsageError(f"unknown account {args.account!r} (the policy has: {known})")
-        account, normalize = args.account, entry.normalize
-    number = normalize(args.number) if normalize is not None else args.number
-    if not number.isdigit() or len(number) > MAX_DIGITS:
-        raise UsageError(f"{args.number!r} is not a phone number")
-    return account, number
+    return actions.dnc_target(load_policy(args), None if args.all else args.account,
+                              args.number)
 
 
 def _who(account: str) -> str:
     return "everyone" if account == GLOBAL else account
 
 
-def entry_json(e: DncEntry) -> dict[str, Any]:
-    return {"account": e.account or None, "number": e.number, "reason": e.reason,
-            "operator": e.operator, "added_at": e.added_at, "seq": e.seq}
-
-
 async def _add(args: argparse.Namespace) -> int:
     who = operator_name(args)
-    if not args.reason.strip():
-        raise UsageError("--reason must not be blank")
+    actions.not_blank(args.reason, "--reason")
     account, number = _target(args)
     async with OpenedLedger(args) as ledger:
         entry, added = await ledger.dnc_add(account, number, reason=args.reason,
