@@ -311,7 +311,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def build_app(c: Console) -> web.Application:
-    from agent.web import api, compliance, pages
+    from agent.web import api, compliance, compliance_pages, pages
 
     app = web.Application(middlewares=[guard, authenticate],
                           client_max_size=c.settings.max_body_bytes)
@@ -319,6 +319,7 @@ def build_app(c: Console) -> web.Application:
     api.add_routes(app)
     compliance.add_routes(app)
     pages.add_routes(app)
+    compliance_pages.add_routes(app)
     return app
 
 
