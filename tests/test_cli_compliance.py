@@ -128,6 +128,16 @@ def test_withdraw_reverses_the_fine(cli: Any) -> None:
     ("complaint", "add", "--account", "acme", "--callee", "138", "--ticket", "T\x1b[2J"),
     ("dnc", "add", "138", "--account", "acme", "--reason", "r" * 1001),
     ("account", "suspend", "acme", "--reason", "r" * 1001),
+    # numbers are ASCII digits, and a number has digits ('+' was stored as '00')
+    ("dnc", "add", "¹²³", "--account", "acme", "--reason", "r"),
+    ("dnc", "add", "١٣٨٠٠١٣٨٠٠٠", "--all", "--reason", "r"),
+    ("dnc", "add", "+", "--all", "--reason", "r"),
+    ("dnc", "add", "00", "--account", "acme", "--reason", "r"),
+    ("complaint", "add", "--account", "acme", "--callee", "１３８００１３８０００",
+     "--ticket", "T"),
+    # free text is one line
+    ("dnc", "add", "138", "--account", "acme", "--reason", "two\nlines"),
+    ("account", "suspend", "acme", "--reason", "a\x1b[2Jb"),
 ])
 def test_refusals_are_one_line_exit_2_nothing_written(cli: Any, argv: tuple[str, ...]) -> None:
     code, out, err = cli(*argv)
@@ -147,7 +157,7 @@ def test_dnc_add_remove_list_for_an_account_and_for_everyone(cli: Any) -> None:
         "--reason", "regulator")
     code, out, _ = cli("dnc", "list")
     lines = out.splitlines()
-    assert lines[0].split() == ["FOR", "NUMBER", "ADDED", "OPERATOR", "REASON"]
+    assert lines[0].split() == ["FOR", "NUMBER", "ADDED", "(UTC)", "OPERATOR", "REASON"]
     assert any("everyone" in line and "13900139000" in line and "reg" in line
                for line in lines)
     assert json.loads(cli("dnc", "list", "--all", "--json")[1])["entries"][0]["account"] \
@@ -208,3 +218,85 @@ async def test_complaint_add_publishes_a_complaint_event(cli: Any, tmp_path: Pat
     payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
     assert (payload["action"], payload["ticket"], payload["fine"], payload["callee"]) == (
         "added", "T-mqtt", "1000.0000", "13800138000")
+
+
+def test_a_note_with_a_newline_is_refused_and_nothing_written(cli: Any) -> None:
+    cli("ledger", "topup", "acme", "3000", "--ref", "p1")
+    code, out, err = cli("complaint", "add", "--account", "acme", "--callee", "13800138000",
+                         "--ticket", "T", "--note", "line one\nline two")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "one line" in err
+    assert ledger_do(cli.url, lambda lg: lg.complaints()) == []
+    cli("complaint", "add", "--account", "acme", "--callee", "13800138000", "--ticket", "T")
+    code, out, err = cli("complaint", "withdraw", "T", "--note", "a\rb")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert not ledger_do(cli.url, lambda lg: lg.complaint("T")).withdrawn
+
+
+def test_a_closed_account_takes_no_complaint_and_no_withdrawal(cli: Any) -> None:
+    cli("ledger", "topup", "acme", "3000", "--ref", "p1")
+    cli("complaint", "add", "--account", "acme", "--callee", "13800138000", "--ticket", "T1")
+    assert cli("ledger", "refund", "acme", "--ref", "r1")[0] == 0
+    for argv in (("complaint", "add", "--account", "acme", "--callee", "13900139000",
+                  "--ticket", "T2"),
+                 ("complaint", "withdraw", "T1")):
+        code, out, err = cli(*argv)
+        assert (code, out) == (2, "") and err.count("\n") == 1 and "closed" in err, err
+    assert [c.ticket for c in ledger_do(cli.url, lambda lg: lg.complaints())] == ["T1"]
+    assert not ledger_do(cli.url, lambda lg: lg.complaint("T1")).withdrawn
+
+
+def test_the_same_command_again_without_at_is_a_replay(cli: Any) -> None:
+    cli("ledger", "topup", "acme", "3000", "--ref", "p1")
+    argv = ("complaint", "add", "--account", "acme", "--callee", "13800138000",
+            "--ticket", "12321-7", "--note", "rude")
+    assert cli(*argv)[0] == 0
+    code, out, err = cli(*argv, "--json")
+    assert (code, err) == (0, "") and json.loads(out)["created"] is False
+    assert ledger_do(cli.url, lambda lg: lg.balance("acme")).posted == D("2000")
+
+
+def test_show_and_withdraw_strip_the_ticket_as_add_does(cli: Any) -> None:
+    cli("ledger", "topup", "acme", "3000", "--ref", "p1")
+    cli("complaint", "add", "--account", "acme", "--callee", "13800138000",
+        "--ticket", " 12321-8 ")
+    code, out, _ = cli("complaint", "show", "12321-8 ", "--json")
+    assert code == 0 and json.loads(out)["ticket"] == "12321-8"
+    code, out, _ = cli("complaint", "withdraw", " 12321-8")
+    assert code == 0 and "withdrawn" in out
+    code, _, err = cli("complaint", "show", "  ")
+    assert code == 2 and err.count("\n") == 1
+
+
+def test_list_times_name_their_zone(cli: Any) -> None:
+    cli("ledger", "topup", "acme", "3000", "--ref", "p1")
+    cli("complaint", "add", "--account", "acme", "--callee", "13800138000", "--ticket", "T",
+        "--at", "2026-11-24T10:00")
+    out = cli("complaint", "list", "--account", "acme")[1]
+    assert "AT (Asia/Shanghai)" in out.splitlines()[0] and "2026-11-24 10:00:00" in out
+    out = cli("complaint", "list")[1]
+    assert "AT (UTC)" in out.splitlines()[0] and "2026-11-24 02:00:00" in out
+    assert "ADDED (Asia/Shanghai)" in cli("dnc", "list", "--account", "acme")[1]
+    assert "ADDED (UTC)" in cli("dnc", "list")[1]
+
+
+@pytest.mark.usefixtures("mosquitto")
+async def test_json_output_is_only_json_when_an_event_is_published(
+        cli: Any, tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("node: ops-shell\npbx: {kind: asterisk}\n"
+                      f"mqtt: {{url: 'mqtt://127.0.0.1:1883', topic_prefix: "
+                      f"callgate-test-{uuid.uuid4().hex[:12]}}}\n")
+
+    def record() -> list[tuple[int, str, str]]:
+        cli("ledger", "topup", "acme", "1000", "--ref", "p1")
+        return [cli("complaint", "add", "--account", "acme", "--callee", "13800138000",
+                    "--ticket", "T-json", "--json", config=config),
+                cli("complaint", "withdraw", "T-json", "--json", config=config),
+                cli("account", "suspend", "acme", "--reason", "r", "--json", config=config),
+                cli("account", "resume", "acme", "--json", config=config)]
+
+    import asyncio
+
+    for code, out, err in await asyncio.to_thread(record):
+        assert (code, err) == (0, "")
+        assert out.count("\n") == 1 and isinstance(json.loads(out), dict), out

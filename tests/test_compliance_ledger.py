@@ -10,6 +10,7 @@ suspension and the cps / caller-ID counts.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from typing import Any
@@ -17,8 +18,15 @@ from typing import Any
 import pytest
 
 from agent.gate.dnc import number_key
-from agent.ledger import IdempotencyConflict, PostingKind, RefusedOperation, UnknownAccount
+from agent.ledger import (
+    AccountClosed,
+    IdempotencyConflict,
+    PostingKind,
+    RefusedOperation,
+    UnknownAccount,
+)
 from agent.ledger.compliance import GLOBAL, SuspendRule
+from tests.test_ledger_storage import _pg_exec
 
 T0 = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 FINE = D("1000")
@@ -190,3 +198,87 @@ async def test_the_gate_read_counts_cps_and_caller_attempts(ledger: Any) -> None
         2, 2, 3)
     none = await ledger.account_state("acme")
     assert (none.cps_attempts, none.caller_hour_attempts, none.suspended) == (0, 0, None)
+
+
+# -- reviewer findings (session 6): each fails without its fix --------------------------
+@pytest.mark.parametrize("number", ["¹²³", "١٣٨٠٠١٣٨٠٠٠", "１３８", "13８", "", "+138"])
+async def test_numbers_are_ascii_digits_only(ledger: Any, number: str) -> None:
+    await ledger.topup("acme", D("100"), ref="t1", at=T0 - timedelta(days=1))
+    with pytest.raises(RefusedOperation, match="digits 0-9 only"):
+        await ledger.dnc_add("acme", number, reason="x", operator="o", at=T0)
+    with pytest.raises(RefusedOperation, match="digits 0-9 only"):
+        await complain(ledger, "T1", callee=number)
+    assert await ledger.dnc_changes(0) == [] and await ledger.complaints() == []
+
+
+@pytest.mark.parametrize("text", ["two\nlines", "cr\r", "tab\there", "\x1b[2J", "ls\u2028",
+                                  "rtl\u202eevil"])
+async def test_free_text_is_one_line(ledger: Any, text: str) -> None:
+    await ledger.topup("acme", D("100"), ref="t1", at=T0 - timedelta(days=1))
+    attempts = [
+        lambda: complain(ledger, "T1", note=text),
+        lambda: ledger.dnc_add("acme", "13800138000", reason=text, operator="o", at=T0),
+        lambda: ledger.dnc_remove("acme", "13800138000", reason=text, operator="o", at=T0),
+        lambda: ledger.suspend("acme", reason=text, operator="o", at=T0),
+        lambda: ledger.resume("acme", note=text, operator="o", at=T0),
+    ]
+    for attempt in attempts:
+        with pytest.raises(RefusedOperation, match="one line"):
+            await attempt()
+    assert await ledger.complaints() == [] and await ledger.dnc_changes(0) == []
+    assert await ledger.account_events("acme") == []
+    await complain(ledger, "T2", note="投诉 12321\u3000已核实")  # CJK and a full-width space
+    with pytest.raises(RefusedOperation, match="one line"):
+        await ledger.withdraw_complaint("T2", operator="o", at=at(1), note=text)
+    assert not (await ledger.complaint("T2")).withdrawn
+
+
+async def test_a_closed_account_takes_no_complaint_and_no_withdrawal(ledger: Any) -> None:
+    await ledger.topup("acme", D("1500"), ref="t1", at=T0 - timedelta(days=1))
+    await complain(ledger, "T1")
+    await ledger.refund("acme", ref="r1", at=at(10))
+    before = await ledger.history("acme")
+    with pytest.raises(AccountClosed, match="closed"):
+        await complain(ledger, "T2", callee="13900139000")
+    with pytest.raises(AccountClosed, match="closed"):
+        await ledger.withdraw_complaint("T1", operator="fin", at=at(20))
+    assert not (await complain(ledger, "T1")).created  # a replay is still answered
+    assert await ledger.history("acme") == before
+    assert await ledger.complaint("T2") is None
+    assert not (await ledger.complaint("T1")).withdrawn
+    assert [e.number for e in await ledger.dnc_list("acme")] == ["13800138000"]
+
+
+async def test_a_retry_without_a_time_is_a_replay(ledger: Any) -> None:
+    await ledger.topup("acme", D("1500"), ref="t1", at=T0 - timedelta(days=1))
+
+    async def now_complaint(recorded: datetime) -> Any:
+        return await ledger.add_complaint(account="acme", callee="13800138000", ticket="T1",
+                                          at=None, fine=FINE, operator="ops1",
+                                          recorded_at=recorded)
+
+    first = await now_complaint(at(0))
+    assert first.created and first.complaint.at == at(0)
+    again = await now_complaint(at(30))  # the operator ran the same command again
+    assert not again.created and again.complaint == first.complaint
+    with pytest.raises(IdempotencyConflict):  # a time of its own must still match
+        await complain(ledger, "T1", when=at(30))
+    assert (await ledger.balance("acme")).posted == D("500")
+
+
+async def test_a_bad_number_left_in_an_old_ledger_does_not_stop_the_snapshot(
+        ledger: Any, ledger_url: str) -> None:
+    await ledger.dnc_add("acme", "13800138000", reason="x", operator="o", at=T0)
+    rows = ("INSERT INTO dnc (account, number, reason, operator, added_at, seq)"
+            " VALUES ('acme', '¹²³', 'old', 'o', {t}, 98)",
+            "INSERT INTO dnc (account, number, reason, operator, added_at, seq)"
+            " VALUES ('acme', '١٢٣٤٥', 'old', 'o', {t}, 99)")
+    if ledger_url.startswith("sqlite"):
+        conn = sqlite3.connect(ledger_url.removeprefix("sqlite://"), isolation_level=None)
+        for row in rows:
+            conn.execute(row.format(t=0))
+        conn.close()
+    else:
+        await _pg_exec(ledger_url, *(row.format(t="now()") for row in rows))
+    _, keys = await ledger.dnc_snapshot()
+    assert list(keys["acme"]) == [number_key("13800138000")]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from agent.gate.decide import decide
 from agent.gate.decision import Reason
-from agent.gate.dnc import _cache, load_file, parse_line
+from agent.gate.dnc import DncSet, _cache, dnc_number, load_file, parse_line
 from agent.gate.numbers import Normalizer, is_dialable
 from agent.yamlfile import ConfigError
 from tests.gate_helpers import BASE, call, local, policy_from, rich
@@ -79,6 +79,21 @@ def test_parse_line():
     assert parse_line("(021) 5888-0000 # office", NORMALIZE) == "02158880000"
     with pytest.raises(ValueError, match="not a phone number"):
         parse_line("138 0013 8000 139 0000 0001", NORMALIZE)  # two numbers: too long
+
+
+@pytest.mark.parametrize("typed", ["+", "00", "+ ", "()", "¹²³", "١٢٣٤٥", "12", "138#9"])
+def test_a_typed_dnc_number_must_be_a_number(typed):
+    # The rule of `callgate dnc add` and a complaint's callee: '+' was stored as '00'.
+    with pytest.raises(ValueError, match="not a phone number"):
+        dnc_number(typed, NORMALIZE)
+    assert dnc_number("+86 138-0013-8000", NORMALIZE) == "13800138000"
+
+
+def test_a_lookup_never_reads_other_digits_as_ascii():
+    listed = DncSet.of(["12345", "110"])
+    assert "12345" in listed
+    # int() reads Arabic-Indic and full-width digits as 0-9: no match through them.
+    assert "١٢٣٤٥" not in listed and "１１０" not in listed and "¹¹⁰" not in listed
 
 
 numbers = st.text(alphabet="0123456789", min_size=5, max_size=15)

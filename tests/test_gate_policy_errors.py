@@ -185,3 +185,20 @@ def test_empty_and_missing_files(tmp_path):
     assert "empty" in err.message
     with pytest.raises(ConfigError, match="file not found"):
         load_policy(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("field, text", [
+    ("defaults.destinations.deny[0]", "defaults:\n  destinations: {deny: ['٠٠']}\n"),
+    ("defaults.numbers.international_prefix",
+     "defaults:\n  numbers: {international_prefix: '００'}\n"),
+    ("defaults.numbers.strip_prefixes[0]", "defaults:\n  numbers: {strip_prefixes: ['+٨٦']}\n"),
+    ("defaults.do_not_call.numbers[0]", "defaults:\n  do_not_call: {numbers: ['¹²³⁴⁵']}\n"),
+    ("emergency_numbers[0]", "emergency_numbers: ['١١٠']\n"),
+    ("accounts.acme.caller_ids[0]", "accounts:\n  acme:\n    name: ACME\n"
+                                    "    caller_ids: ['٠٢١٥٨٨٨٠٠٠٠']\n"),
+])
+def test_numbers_and_prefixes_are_ascii_digits(tmp_path, field, text):
+    # A deny prefix in Arabic-Indic digits would never match a dialled number: the rule
+    # would be silently void. Refused, located.
+    _, err = one_error(tmp_path, "version: 1\n" + text)
+    assert err.path == field and "not a" in err.message, err

@@ -9,6 +9,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from agent.compliance import live_dnc as live_module
 from agent.compliance.dnc_sync import DncSync
@@ -115,3 +116,46 @@ async def test_an_unreachable_ledger_keeps_the_last_copy_and_catches_up():
     await asyncio.sleep(0.05)
     assert sync.live.listed("beta", "13700137000") and sync.age() == 0.0
     task.cancel()
+
+
+def test_a_change_that_is_not_ascii_digits_is_passed_over():
+    copy = LiveDnc()
+    copy.load(1, {})
+    changes = [DncChange(2, "acme", "¹²³", True), DncChange(3, "acme", "١٢٣٤٥", True),
+               DncChange(4, "acme", "13800138000", True)]
+    assert copy.apply(changes) == 1  # a row an older ledger let in must not stop the sync
+    assert copy.seq == 4 and len(copy) == 1
+    assert copy.listed("acme", "13800138000")
+    copy.apply([DncChange(5, "acme", "12345", True)])
+    assert copy.listed("acme", "12345") and not copy.listed("acme", "١٢٣٤٥")
+
+
+class _BuggyLedger(_FlakyLedger):
+    """Fails its first polls with an error that is no outage (a bug somewhere)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def dnc_changes(self, after: int, limit: int = 10_000) -> list[DncChange]:
+        if self.failures:
+            self.failures -= 1
+            raise ValueError("invalid literal for int() with base 10: '1¹²³'")
+        return await super().dnc_changes(after, limit)
+
+
+async def test_any_error_is_logged_once_and_the_sync_goes_on():
+    ledger = _BuggyLedger(failures=3)
+    sync = DncSync(ledger, interval=0.01)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        task = asyncio.create_task(sync.run())
+        await asyncio.sleep(0.1)
+        ledger.log.append(DncChange(1, "acme", "13800138000", True))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        assert sync.live.listed("acme", "13800138000")
+        task.cancel()
+    events = [e["event"] for e in logs]
+    assert events.count("dnc.sync_failed") == 1 and "dnc.sync_restored" in events
+    (failed,) = [e for e in logs if e["event"] == "dnc.sync_failed"]
+    assert failed["log_level"] == "error" and "1¹²³" in failed["error"]

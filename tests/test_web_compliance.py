@@ -120,6 +120,28 @@ async def test_a_complaint_fines_once_per_ticket_and_puts_the_callee_on_the_list
     assert status == 404 and missing["error"] == "no complaint with ticket 'nope'"
 
 
+async def test_a_retry_without_a_time_is_a_replay(served: Served) -> None:
+    """Without "at" the ledger dates the complaint: the same request again is a replay."""
+    s = served
+    assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
+    first = await complain(s, callee=CALLEE, ticket=" T-9 ", note="n")
+    again = await complain(s, callee=CALLEE, ticket="T-9", note="n")
+    assert (first[0], again[0]) == (201, 200), (first, again)
+    assert again[1]["created"] is False and again[1]["at"] == first[1]["at"]
+    status, body = await complain(s, callee=CALLEE, ticket="T-9", note="other")
+    assert status == 409 and "other content" in body["error"]
+    assert len(await s.console.ledger.history("acme")) == 2
+
+
+async def test_a_closed_account_takes_no_complaint(served: Served) -> None:
+    s = served
+    assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
+    assert (await post(s, "acme", "refund", ref="R1"))[0] == 201
+    status, body = await complain(s, callee=CALLEE, ticket="T1")
+    assert status == 409 and "is closed" in body["error"], body
+    assert await s.console.ledger.complaints() == []
+
+
 async def test_a_withdrawal_credits_the_fine_back_once(served: Served) -> None:
     s = served
     assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
@@ -152,17 +174,17 @@ async def test_complaint_refusals_are_the_clis(served: Served, capsys: Any) -> N
 
     future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     assert await same_refusal(s, capsys, 400, *both("acme", CALLEE, "  ")) == (
-        "--ticket must not be blank")
+        "--ticket: a ticket is required and must not be blank")
     assert "unknown account 'ghost' (the policy has: acme, beta)" in await same_refusal(
         s, capsys, 404, *both("ghost", CALLEE, "T1"))
     assert await same_refusal(s, capsys, 400, *both("acme", "call me", "T1")) == (
-        "--callee 'call me' is not a phone number")
+        "--callee: 'call me' is not a phone number")
     assert "is not an ISO time" in await same_refusal(
         s, capsys, 400, *both("acme", CALLEE, "T1", "yesterday"))
     assert "is in the future" in await same_refusal(
         s, capsys, 400, *both("acme", CALLEE, "T1", future))
     assert "must be printable" in await same_refusal(
-        s, capsys, 422, *both("acme", CALLEE, "T" * 200))
+        s, capsys, 400, *both("acme", CALLEE, "T" * 200))
     assert "the ledger has no account 'beta' to fine" in await same_refusal(
         s, capsys, 404, *both("beta", CALLEE, "T1"))
 
@@ -195,7 +217,7 @@ async def test_dnc_and_suspension_refusals_are_the_clis(served: Served, capsys: 
     assert await same_refusal(
         s, capsys, 400, ("POST", dnc, {"account": "acme", "number": "12ab", "reason": "r"}),
         ["dnc", "add", "12ab", "--account", "acme", "--reason", "r"]) == (
-        "'12ab' is not a phone number")
+        "number: '12ab' is not a phone number")
     assert "unknown account 'ghost'" in await same_refusal(
         s, capsys, 404, ("POST", dnc, {"account": "ghost", "number": CALLEE, "reason": "r"}),
         ["dnc", "add", CALLEE, "--account", "ghost", "--reason", "r"])

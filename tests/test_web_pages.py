@@ -183,7 +183,7 @@ async def test_a_complaint_is_reviewed_then_confirmed_once(served: Served) -> No
                 "csrf": csrf}
         async with http.post(url, data={**form, "callee": "nope", "step": "review"}) as r:
             html = await r.text()
-            assert r.status == 400 and "--callee &#x27;nope&#x27; is not a phone number" in html
+            assert r.status == 400 and "--callee: &#x27;nope&#x27; is not a phone number" in html
         async with http.post(url, data={**form, "step": "review"}) as r:
             review = await r.text()
             assert r.status == 200 and 'id="confirm"' in review

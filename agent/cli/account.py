@@ -13,29 +13,20 @@ import argparse
 from typing import Any
 
 from agent.cli.common import OpenedLedger, now, operator_name, print_json
-from agent.cli.complaint import policy_account
+from agent.cli.complaint import command_group, policy_account
 from agent.cli.notify import publish_event
 from agent.compliance import actions
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("account", help="suspend or resume an account; its status")
-    commands = group.add_subparsers(dest="account_command", required=True,
-                                    parser_class=type(group))
-    suspend = commands.add_parser("suspend", help="refuse the account's calls on every agent")
+    command = command_group(sub, "account", "suspend or resume an account; its status")
+    suspend = command("suspend", "refuse the account's calls on every agent", _suspend)
     suspend.add_argument("account")
-    suspend.add_argument("--reason", required=True)
-    suspend.add_argument("--json", action="store_true")
-    suspend.set_defaults(func=_suspend)
-    resume = commands.add_parser("resume", help="lift a suspension")
+    suspend.add_argument("--reason", required=True, help="why (one line, kept with it)")
+    resume = command("resume", "lift a suspension", _resume)
     resume.add_argument("account")
-    resume.add_argument("--note", default="")
-    resume.add_argument("--json", action="store_true")
-    resume.set_defaults(func=_resume)
-    status = commands.add_parser("status", help="suspended or not, and the history")
-    status.add_argument("account")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=_status)
+    resume.add_argument("--note", default="", help="one line kept with it")
+    command("status", "suspended or not, and the history", _status).add_argument("account")
 
 
 async def _suspend(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@ once per ticket, puts the callee on the account's live do-not-call list (in
 force on every node within a second), suspends the account when the policy's
 ``complaints: {suspend_after, period}`` is reached, and publishes ``complaint``
 on MQTT. The same ticket again is a replay (nothing written); with other
-content it is refused (exit 2). ``withdraw`` reverses the fine with a posting;
+content it is refused (exit 2); without ``--at`` the complaint is dated when
+recorded and running the same command again is a replay too. A closed
+(refunded) account takes no complaint and no withdrawal. Notes are one line.
+``withdraw`` reverses the fine with a posting;
 the do-not-call entry and any suspension stay until ops remove them
 (``callgate dnc remove``, ``callgate account resume``).
 """
@@ -13,6 +16,7 @@ the do-not-call entry and any suspension stay until ops remove them
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from datetime import UTC, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -28,42 +32,50 @@ from agent.cli.common import (
 from agent.cli.ledger import _day, _local, _start_of, _table
 from agent.cli.notify import publish_event
 from agent.compliance import actions
-from agent.compliance.actions import complaint_json
+from agent.compliance.actions import checked, complaint_json
 from agent.gate.policy import Policy
+from agent.ledger.compliance import typed_ticket
 from agent.money import CURRENCY, format_amount
+
+Command = Callable[[argparse.Namespace], Awaitable[int]]
+
+
+def command_group(sub: Any, name: str, text: str
+                  ) -> Callable[[str, str, Command], argparse.ArgumentParser]:
+    """``callgate NAME …``; returns the maker of its subcommands, each with ``--json``
+    (the compliance commands' shared shape: complaint, dnc, account)."""
+    group = sub.add_parser(name, help=text)
+    commands = group.add_subparsers(dest=f"{name}_command", required=True,
+                                    parser_class=type(group))
+
+    def command(verb: str, what: str, func: Command) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(verb, help=what)
+        parser.add_argument("--json", action="store_true")
+        parser.set_defaults(func=func)
+        return parser
+
+    return command
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("complaint", help="complaints: record (fine, DNC), list, withdraw")
-    commands = group.add_subparsers(dest="complaint_command", required=True,
-                                    parser_class=type(group))
-
-    add = commands.add_parser("add", help="record a complaint: fine once per ticket, DNC")
+    command = command_group(sub, "complaint", "complaints: record (fine, DNC), list, withdraw")
+    add = command("add", "record a complaint: fine once per ticket, DNC", _add)
     add.add_argument("--account", required=True)
     add.add_argument("--callee", required=True, help="the number that complained")
     add.add_argument("--ticket", required=True, help="the complaint's ticket (12321 number)")
     add.add_argument("--at", help="when (ISO time, the account's timezone; default now)")
-    add.add_argument("--note", default="")
-    add.add_argument("--json", action="store_true")
-    add.set_defaults(func=_add)
+    add.add_argument("--note", default="", help="one line kept with the complaint")
 
-    listing = commands.add_parser("list", help="complaints of a period or an account")
+    listing = command("list", "complaints of a period or an account", _list)
     listing.add_argument("--account")
     listing.add_argument("--from", dest="start", help="first day, YYYY-MM-DD")
     listing.add_argument("--to", dest="end", help="last day, YYYY-MM-DD (included)")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
 
-    show = commands.add_parser("show", help="one complaint")
-    show.add_argument("ticket")
-    show.add_argument("--json", action="store_true")
-    show.set_defaults(func=_show)
+    command("show", "one complaint", _show).add_argument("ticket")
 
-    withdraw = commands.add_parser("withdraw", help="withdraw: the fine is reversed by a posting")
+    withdraw = command("withdraw", "withdraw: the fine is reversed by a posting", _withdraw)
     withdraw.add_argument("ticket")
-    withdraw.add_argument("--note", default="")
-    withdraw.add_argument("--json", action="store_true")
-    withdraw.set_defaults(func=_withdraw)
+    withdraw.add_argument("--note", default="", help="one line kept with the withdrawal")
 
 
 def policy_account(args: argparse.Namespace, account: str) -> tuple[Policy, ZoneInfo]:
@@ -124,16 +136,17 @@ async def _list(args: argparse.Namespace) -> int:
         return 0
     rows = [[c.ticket, c.account, c.callee, _local(c.at, zone), format_amount(c.fine),
              "withdrawn" if c.withdrawn else "standing", c.operator] for c in found]
-    print(_table(["TICKET", "ACCOUNT", "CALLEE", "AT", "FINE", "STATUS", "OPERATOR"], rows,
-                 {4}))
+    print(_table(["TICKET", "ACCOUNT", "CALLEE", f"AT ({zone})", "FINE", "STATUS", "OPERATOR"],
+                 rows, {4}))
     return 0
 
 
 async def _show(args: argparse.Namespace) -> int:
+    ticket = checked("ticket", typed_ticket, args.ticket)
     async with OpenedLedger(args) as ledger:
-        c = await ledger.complaint(args.ticket)
+        c = await ledger.complaint(ticket)
     if c is None:
-        raise UsageError(f"no complaint with ticket {args.ticket!r}")
+        raise UsageError(f"no complaint with ticket {ticket!r}")
     if args.json:
         print_json(complaint_json(c))
         return 0
@@ -151,8 +164,9 @@ async def _show(args: argparse.Namespace) -> int:
 
 async def _withdraw(args: argparse.Namespace) -> int:
     who = operator_name(args)
+    ticket = checked("ticket", typed_ticket, args.ticket)
     async with OpenedLedger(args) as ledger:
-        c, changed = await ledger.withdraw_complaint(args.ticket, operator=who, at=now(),
+        c, changed = await ledger.withdraw_complaint(ticket, operator=who, at=now(),
                                                      note=args.note)
     if changed:
         await publish_event(args, "complaint", {"action": "withdrawn", **complaint_json(c)})

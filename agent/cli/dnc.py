@@ -10,16 +10,17 @@ an entry that exists, or removing one that does not, writes nothing.
 from __future__ import annotations
 
 import argparse
+from datetime import UTC
 from typing import Any
 
 from agent.cli.common import (
     OpenedLedger,
-    UsageError,
     load_policy,
     now,
     operator_name,
     print_json,
 )
+from agent.cli.complaint import command_group, policy_account
 from agent.cli.ledger import _local, _table
 from agent.compliance import actions
 from agent.compliance.actions import entry_json
@@ -27,23 +28,17 @@ from agent.ledger.compliance import GLOBAL
 
 
 def register(sub: Any) -> None:
-    group = sub.add_parser("dnc", help="live do-not-call entries (in force within a second)")
-    commands = group.add_subparsers(dest="dnc_command", required=True,
-                                    parser_class=type(group))
-    for name, text in (("add", "add a number"), ("remove", "remove a number")):
-        cmd = commands.add_parser(name, help=text)
+    command = command_group(sub, "dnc", "live do-not-call entries (in force within a second)")
+    for name, text, func in (("add", "add a number", _add), ("remove", "remove a number",
+                                                             _remove)):
+        cmd = command(name, text, func)
         cmd.add_argument("number")
         _scope(cmd)
         cmd.add_argument("--reason", required=name == "add", default="",
-                         help="why (kept with the entry)")
-        cmd.add_argument("--json", action="store_true")
-        cmd.set_defaults(func=_add if name == "add" else _remove)
-    listing = commands.add_parser("list", help="the live entries")
-    scope = listing.add_mutually_exclusive_group()
+                         help="why (one line, kept with the entry)")
+    scope = command("list", "the live entries", _list).add_mutually_exclusive_group()
     scope.add_argument("--account")
     scope.add_argument("--all", action="store_true", help="only the entries for everyone")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=_list)
 
 
 def _scope(cmd: argparse.ArgumentParser) -> None:
@@ -96,9 +91,12 @@ async def _remove(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    policy = load_policy(args)
-    if args.account and args.account not in policy.accounts:
-        raise UsageError(f"unknown account {args.account!r}")
+    # Times in the account's zone; entries of many accounts (or for everyone) in UTC.
+    zone: Any = UTC
+    if args.account:
+        _, zone = policy_account(args, args.account)
+    else:
+        load_policy(args)  # the same checks as every command: a usable policy
     scope = GLOBAL if args.all else args.account
     async with OpenedLedger(args) as ledger:
         entries = await ledger.dnc_list(scope)
@@ -108,8 +106,7 @@ async def _list(args: argparse.Namespace) -> int:
     if not entries:
         print("no live do-not-call entries")
         return 0
-    zone = next(iter(policy.accounts.values())).hours.timezone if policy.accounts else None
-    rows = [[_who(e.account), e.number, _local(e.added_at, zone) if zone else
-             e.added_at.isoformat(), e.operator, e.reason] for e in entries]
-    print(_table(["FOR", "NUMBER", "ADDED", "OPERATOR", "REASON"], rows, set()))
+    rows = [[_who(e.account), e.number, _local(e.added_at, zone), e.operator, e.reason]
+            for e in entries]
+    print(_table(["FOR", "NUMBER", f"ADDED ({zone})", "OPERATOR", "REASON"], rows, set()))
     return 0

@@ -16,16 +16,30 @@ and the clock are passed in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from agent.finance import NotFound, Refused
-from agent.gate.dnc import MAX_DIGITS
-from agent.ledger.compliance import GLOBAL, Complaint, DncEntry, SuspendRule
+from agent.gate.dnc import dnc_number
+from agent.gate.numbers import Normalizer
+from agent.ledger import LedgerError
+from agent.ledger.compliance import GLOBAL, Complaint, DncEntry, SuspendRule, typed_ticket
 from agent.money import clip
+
+T = TypeVar("T")
+
+
+def checked(what: str, check: Callable[..., T], *args: Any) -> T:
+    """A shared rule's refusal of what was typed (ValueError, a ledger refusal) as a
+    refusal naming the option: one line, before the ledger is written."""
+    try:
+        return check(*args)
+    except (ValueError, LedgerError) as exc:
+        raise Refused(f"{what}: {exc}") from None
 
 
 def policy_account(policy: Any, account: str) -> ZoneInfo:
@@ -38,10 +52,11 @@ def policy_account(policy: Any, account: str) -> ZoneInfo:
     return zone
 
 
-def at_time(text: str | None, zone: ZoneInfo, now: datetime) -> datetime:
-    """``--at``: an ISO time (naive: in the account's zone), not in the future; default now."""
+def at_time(text: str | None, zone: ZoneInfo, now: datetime) -> datetime | None:
+    """``--at`` in UTC: an ISO time (naive: in the account's zone), not in the future; None
+    without it (the ledger dates the complaint when it records it: a retry is a replay)."""
     if not text:
-        return now
+        return None
     try:
         at = datetime.fromisoformat(text)
     except ValueError:
@@ -67,7 +82,7 @@ class ComplaintRequest:
     account: str
     callee: str  # normalised with the account's number rules
     ticket: str
-    at: datetime
+    at: datetime | None  # None: when the ledger records it
     note: str
     fine: Decimal  # the policy's prepaid.complaint_penalty
     suspend: SuspendRule | None  # the policy's complaints: {suspend_after, period}
@@ -76,26 +91,21 @@ class ComplaintRequest:
 def complaint(policy: Any, account: str, callee: str, ticket: str, at: str | None,
               note: str, now: datetime) -> ComplaintRequest:
     """Check a complaint as typed, in the CLI's order: ticket, account, callee, time."""
-    not_blank(ticket, "--ticket")
+    typed = checked("--ticket", typed_ticket, ticket)
     zone = policy_account(policy, account)
-    number = policy.accounts[account].normalize(callee)
-    if not number.isdigit() or len(number) > MAX_DIGITS:
-        raise Refused(f"--callee {callee!r} is not a phone number")
-    return ComplaintRequest(account, number, ticket.strip(), at_time(at, zone, now), note,
+    number = checked("--callee", dnc_number, callee, policy.accounts[account].normalize)
+    return ComplaintRequest(account, number, typed, at_time(at, zone, now), note,
                             policy.prepaid.complaint_penalty, policy.complaints)
 
 
 def dnc_target(policy: Any, account: str | None, number: str) -> tuple[str, str]:
     """(account, or GLOBAL for everyone when ``account`` is None; the normalised number)."""
     if account is None:
-        scope, normalize = GLOBAL, policy.normalize
+        scope, normalize = GLOBAL, policy.normalize or Normalizer()
     else:
         policy_account(policy, account)
         scope, normalize = account, policy.accounts[account].normalize
-    normalized = normalize(number) if normalize is not None else number
-    if not normalized.isdigit() or len(normalized) > MAX_DIGITS:
-        raise Refused(f"{number!r} is not a phone number")
-    return scope, normalized
+    return scope, checked("number", dnc_number, number, normalize)
 
 
 # -- one JSON shape for the CLI's --json and the API ---------------------------------------

@@ -9,8 +9,9 @@ node is therefore in force on every node sharing the ledger within about
 ``interval`` plus one query, without a policy reload, and the gate itself
 never asks the ledger about do-not-call: a decision looks in memory.
 
-When the ledger is unreachable the last copy stays in force (entries are
-never forgotten because of an outage), the failure is logged once per outage,
+When the ledger is unreachable, or a poll fails in any other way, the last
+copy stays in force (entries are never forgotten because of an outage), the
+failure is logged once per outage,
 and :meth:`DncSync.age` — exported as ``callgate_live_dnc_age_seconds`` —
 grows; the sync catches up from its last ``seq`` as soon as the ledger
 answers. Calls are then gated by the policy's fail mode as ever, since the
@@ -80,14 +81,21 @@ class DncSync:
         return self._monotonic() - self.synced_at
 
     async def run(self) -> None:
-        """Poll until cancelled; an unreachable ledger keeps the last copy."""
+        """Poll until cancelled; an unreachable ledger keeps the last copy.
+
+        Any error is logged once per streak (an unexpected one with its
+        traceback: it is a bug, not an outage) and the next poll tries again:
+        the sync is a daemon loop, and it must never end the daemon.
+        """
         while True:
             try:
                 await self.poll()
-            except (LedgerError, OSError, TimeoutError) as exc:
+            except Exception as exc:
                 if not self._failing:
-                    log.warning("dnc.sync_failed", error=str(exc) or type(exc).__name__,
-                                entries=len(self.live), seq=self.live.seq)
+                    outage = isinstance(exc, LedgerError | OSError | TimeoutError)
+                    (log.warning if outage else log.exception)(
+                        "dnc.sync_failed", error=str(exc) or type(exc).__name__,
+                        entries=len(self.live), seq=self.live.seq)
                 self._failing = True
             else:
                 if self._failing:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Mapping
 
-from agent.gate.dnc import MAX_DIGITS, DncSet, number_key
+from agent.gate.dnc import DncSet, is_key_number, number_key
 from agent.ledger.compliance import GLOBAL, DncChange
 
 COMPACT_AFTER = 50_000  # overlay entries of one account before it is folded into its base
@@ -82,11 +82,17 @@ class LiveDnc:
     def apply(self, changes: Iterable[DncChange]) -> int:
         """Apply changes in ``seq`` order; those at or below ``self.seq`` are skipped.
 
-        Returns how many were applied.
+        Returns how many were applied. A change whose number cannot be a key
+        (a row written before the ledger checked for ASCII digits: ``¹²³``) can
+        never match a dialled number, so it is passed over, not raised: one bad
+        row must not stop every node's sync.
         """
         applied = 0
         for change in changes:
             if change.seq <= self.seq:
+                continue
+            if not is_key_number(change.number):
+                self.seq = change.seq
                 continue
             entries = self._by_account.get(change.account)
             if entries is None:
@@ -105,7 +111,7 @@ class LiveDnc:
         return applied
 
     def listed(self, account: str, number: str) -> bool:
-        if not number.isdigit() or len(number) > MAX_DIGITS:
+        if not is_key_number(number):
             return False
         key = number_key(number)
         own = self._by_account.get(account)

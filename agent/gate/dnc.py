@@ -20,7 +20,7 @@ from pathlib import Path
 
 from agent.gate.numbers import MAX_DIGITS as MAX_NUMBER_DIGITS
 from agent.gate.numbers import MIN_DIGITS as MIN_NUMBER_DIGITS
-from agent.gate.numbers import Normalizer
+from agent.gate.numbers import Normalizer, ascii_digits
 
 MAX_DIGITS = 18  # "1" + 18 digits < 2**64
 
@@ -38,6 +38,11 @@ def _key(number: str) -> int:
 def number_key(number: str) -> int:
     """The integer a number is kept as (digits only, at most MAX_DIGITS)."""
     return int("1" + number)
+
+
+def is_key_number(number: str) -> bool:
+    """``number`` can be kept as a key: 1 to MAX_DIGITS ASCII digits."""
+    return ascii_digits(number) and len(number) <= MAX_DIGITS
 
 
 def key_number(key: int) -> str:
@@ -66,7 +71,7 @@ class DncSet:
         return len(self._keys)
 
     def __contains__(self, number: object) -> bool:
-        if not isinstance(number, str) or not number.isdigit() or len(number) > MAX_DIGITS:
+        if not isinstance(number, str) or not is_key_number(number):
             return False
         key = _key(number)
         keys = self._keys
@@ -104,6 +109,18 @@ def parse_line(line: str, normalize: Normalizer) -> str | None:
     text = line.split("#", 1)[0].strip()
     if not text:
         return None
+    return dnc_number(text, normalize)
+
+
+def dnc_number(text: str, normalize: Normalizer) -> str:
+    """A number for a do-not-call list, written as it would be dialled: normalised.
+
+    The one rule for what a do-not-call entry may be, wherever it is typed (a
+    policy file, ``callgate dnc add``, a complaint's callee, the web console):
+    a dialable number (:func:`~agent.gate.numbers.is_dialable`: ASCII digits, 3
+    to 15 after the international prefix) that fits a key. ``+``, ``00``,
+    ``¹²³`` or ``12ab`` raise :class:`ValueError` with a one-line message.
+    """
     number = normalize(text)
     if not normalize.is_dialable(number) or len(number) > MAX_DIGITS:
         shown = text if len(text) <= 40 else f"{text[:40]}… ({len(text)} characters)"
@@ -135,7 +152,7 @@ def _plain_digits(text: str, normalize: Normalizer) -> DncSet | None:
     takes the careful path, which also knows the line number of a bad entry.
     """
     bare = text.replace("\n", "").replace("\r", "")
-    if not bare or not (bare.isascii() and bare.isdigit()):
+    if not ascii_digits(bare):
         return None
     digit_prefixes = [p for p in normalize.strip_prefixes if p.isdigit()]  # longest first
     if digit_prefixes:

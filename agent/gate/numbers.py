@@ -8,10 +8,10 @@ prefix that matches (``+86``, ``0086``, …) is stripped, and a remaining leadin
 ``deny: ["00"]`` also catches ``+1…``.
 
 What a dialable number is, said once (:func:`is_dialable`): after normalisation,
-digits only, and 3 to 15 of them (E.164's maximum) not counting a leading
-international prefix. A bare ``+``, letters, ``*``/``#`` service codes, a
-1-digit or a 23-digit string are not numbers and are refused
-(``invalid_number``).
+ASCII digits only (:func:`ascii_digits`), and 3 to 15 of them (E.164's maximum)
+not counting a leading international prefix. A bare ``+``, letters, ``*``/``#``
+service codes, ``¹²³``, a 1-digit or a 23-digit string are not numbers and are
+refused (``invalid_number``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Normalizer:
             if digits.startswith(prefix) and len(digits) > len(prefix):
                 digits = digits[len(prefix):]
                 break
-        if digits.startswith("+") and digits[1:].isdigit():
+        if digits.startswith("+") and ascii_digits(digits[1:]):
             digits = self.international_prefix + digits[1:]
         return digits
 
@@ -54,9 +54,21 @@ MIN_DIGITS = 3  # 110, 114: the shortest numbers (scope rules decide which may b
 MAX_DIGITS = 15  # E.164: at most 15 digits, country code included
 
 
+def ascii_digits(text: str) -> bool:
+    """At least one character, and every one of them 0-9.
+
+    The one digit check for numbers, everywhere (the gate, DNC files, the live
+    list, the ledger, the CLI): ``str.isdigit()`` alone also takes ``'¹²³'``
+    (which ``int()`` then refuses: a ValueError deep in the DNC sync) and
+    Arabic-Indic or full-width digits (which ``int()`` silently reads as other
+    numbers).
+    """
+    return text.isascii() and text.isdigit()
+
+
 def is_dialable(number: str, international_prefix: str = "00") -> bool:
     """Digits only, 3 to 15 of them after a leading international prefix (if any)."""
-    if not number.isdigit() or not number.isascii():
+    if not ascii_digits(number):
         return False
     if international_prefix and number.startswith(international_prefix):
         number = number[len(international_prefix):]

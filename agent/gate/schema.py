@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from agent.gate.hours import WEEKDAYS, parse_time_of_day
+from agent.gate.numbers import ascii_digits
 from agent.money import AmountError, parse_amount
 from agent.rating import Rounding
 
@@ -43,20 +44,23 @@ def _money(value: Any) -> Decimal:
         raise ValueError(str(exc)) from None
 
 
+# Numbers and prefixes are ASCII digits (agent.gate.numbers.ascii_digits): a deny
+# prefix written with Arabic-Indic or full-width digits would never match a dialled
+# number, so a rule would silently not apply. Hence [0-9], never \d, in patterns.
 def _prefix(value: str) -> str:
-    if not value.isdigit():
+    if not ascii_digits(value):
         raise ValueError(f"{value!r} is not a dial prefix (digits only, quoted: '00')")
     return value
 
 
 def _strip_prefix(value: str) -> str:
-    if not re.fullmatch(r"\+?\d+", value):
+    if not re.fullmatch(r"\+?[0-9]+", value):
         raise ValueError(f"{value!r} is not a number prefix (digits, optionally after '+')")
     return value
 
 
 def _number(value: str) -> str:
-    if not re.fullmatch(r"\+?\d{2,18}", value.replace(" ", "").replace("-", "")):
+    if not re.fullmatch(r"\+?[0-9]{2,18}", value.replace(" ", "").replace("-", "")):
         raise ValueError(f"{value!r} is not a phone number (quoted digits, e.g. '02158880000')")
     return value
 
@@ -103,7 +107,7 @@ def _period(value: Any) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         seconds = value
     elif isinstance(value, str):
-        match = re.fullmatch(r"(\d{1,9})\s*([smhd])", value)
+        match = re.fullmatch(r"([0-9]{1,9})\s*([smhd])", value)
         if match and int(match.group(1)) > 0:
             seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[
                 match.group(2)]
@@ -316,7 +320,7 @@ DEFAULT_EMERGENCY_NUMBERS = ("110", "112", "119", "120", "122")  # China: police
 
 
 def _emergency(value: str) -> str:
-    if not re.fullmatch(r"\d{2,15}", value):
+    if not re.fullmatch(r"[0-9]{2,15}", value):
         raise ValueError(f"{value!r} is not an emergency number (quoted digits, e.g. '110')")
     return value
 

@@ -1,13 +1,15 @@
-"""The PostgreSQL ledger's compliance storage: complaints, live DNC, suspensions.
+"""The PostgreSQL ledger's compliance storage: complaints, live DNC, suspensions (only SQL).
 
 A mixin of :class:`~agent.ledger.postgres.PostgresLedger` (its ``_run``,
-``_tx``, ``_conn`` and ``unit``); the rules are in
-:mod:`agent.ledger.compliance`. Every write that touches the live do-not-call
-list first takes one transaction-scoped advisory lock, so the change log's
-``seq`` values commit in order: a node polling ``seq > last`` can never see
-``n + 1`` before ``n`` (a BIGSERIAL alone hands out numbers at insert, not at
-commit). Such writes are rare (an operator, a complaint), so the lock costs
-nothing that matters; the gate's path never takes it.
+``_tx``, ``_conn`` and ``unit``). What a write does and decides is
+:mod:`agent.ledger._compliance_rules`; here is :class:`PgStore`, one SQL
+statement a step, and the reads. A write's plan runs inside one transaction
+(``_run``). Every write that touches the live do-not-call list first takes
+one transaction-scoped advisory lock (:meth:`PgStore.lock_dnc`), so the
+change log's ``seq`` values commit in order: a node polling ``seq > last``
+can never see ``n + 1`` before ``n`` (a BIGSERIAL alone hands out numbers at
+insert, not at commit). Such writes are rare (an operator, a complaint), so
+the lock costs nothing that matters; the gate's path never takes it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from agent.ledger import _compliance_rules as plans
 from agent.ledger import _rules as rules
 from agent.ledger import compliance as c
-from agent.ledger.model import PostingKind, RefusedOperation, UnknownAccount
+from agent.ledger.model import PostingKind
 
 T = TypeVar("T")
 
@@ -44,31 +47,111 @@ def _suspension(row: Any) -> c.Suspension:
     return c.Suspension(row["account"], row["reason"], row["operator"], row["at"])
 
 
-async def _dnc_add(conn: Any, account: str, number: str, reason: str, operator: str,
-                   when: datetime) -> tuple[c.DncEntry, bool]:
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", c.DNC_LOCK)
-    row = await conn.fetchrow("SELECT * FROM dnc WHERE account = $1 AND number = $2",
-                              account, number)
-    if row is not None:
-        return _entry(row), False
-    seq = await conn.fetchval(
-        "INSERT INTO dnc_log (account, number, added, reason, operator, at)"
-        " VALUES ($1, $2, true, $3, $4, $5) RETURNING seq",
-        account, number, reason, operator, when)
-    row = await conn.fetchrow(
-        "INSERT INTO dnc (account, number, reason, operator, added_at, seq)"
-        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
-        account, number, reason, operator, when, seq)
-    return _entry(row), True
+def _changed(status: str) -> bool:
+    """A DELETE's status (``DELETE 1``): did it remove a row?"""
+    return status.split()[-1] != "0"
 
 
-async def _log_account(conn: Any, account: str, action: str, reason: str, operator: str,
-                       when: datetime) -> None:
-    await conn.execute("INSERT INTO account_log (account, action, reason, operator, at)"
-                       " VALUES ($1, $2, $3, $4, $5)", account, action, reason, operator, when)
+class PgStore:
+    """:class:`agent.ledger._compliance_rules.Store` on one connection in a transaction."""
+
+    def __init__(self, conn: Any, unit: Decimal) -> None:
+        self.conn, self.unit = conn, unit
+
+    async def lock_dnc(self) -> None:
+        await self.conn.execute("SELECT pg_advisory_xact_lock($1)", c.DNC_LOCK)
+
+    async def complaint(self, ticket: str, *, for_update: bool = False) -> c.Complaint | None:
+        lock = " FOR UPDATE" if for_update else ""
+        row = await self.conn.fetchrow(f"SELECT * FROM complaints WHERE ticket = $1{lock}",
+                                       ticket)
+        return None if row is None else _complaint(row, self.unit)
+
+    async def account_closed(self, account: str) -> bool | None:
+        closed: bool | None = await self.conn.fetchval(
+            "SELECT closed FROM accounts WHERE id = $1 FOR UPDATE", account)
+        return closed
+
+    async def insert_complaint(self, new: plans.NewComplaint) -> c.Complaint:
+        row = await self.conn.fetchrow(
+            "INSERT INTO complaints (ticket, account, callee, at, fine, operator, note,"
+            " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
+            new.ticket, new.account, new.callee, new.at, new.units, new.operator, new.note,
+            new.recorded_at)
+        return _complaint(row, self.unit)
+
+    async def mark_withdrawn(self, ticket: str, at: datetime, operator: str,
+                             note: str) -> c.Complaint:
+        row = await self.conn.fetchrow(
+            "UPDATE complaints SET withdrawn_at = $1, withdrawn_by = $2, withdraw_note = $3"
+            " WHERE ticket = $4 RETURNING *", at, operator, note, ticket)
+        return _complaint(row, self.unit)
+
+    async def posting_exists(self, account: str, key: str) -> bool:
+        return await self.conn.fetchval("SELECT 1 FROM postings WHERE account = $1 AND key = $2",
+                                        account, key) is not None
+
+    async def post(self, account: str, kind: PostingKind, units: int, at: datetime, ref: str,
+                   key: str, note: str, operator: str) -> None:
+        await self.conn.execute("UPDATE accounts SET posted = posted + $1 WHERE id = $2",
+                                rules.posted_delta(kind, units), account)
+        await self.conn.execute(
+            "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            account, kind.value, units, at, ref, key, note, operator)
+
+    async def count_complaints(self, account: str, after: datetime, until: datetime) -> int:
+        return int(await self.conn.fetchval(
+            "SELECT count(*) FROM complaints WHERE account = $1 AND at > $2 AND at <= $3"
+            " AND withdrawn_at IS NULL", account, after, until))
+
+    async def insert_suspension(self, account: str, reason: str, operator: str,
+                                at: datetime) -> c.Suspension | None:
+        row = await self.conn.fetchrow(
+            "INSERT INTO suspensions (account, reason, operator, at) VALUES ($1, $2, $3, $4)"
+            " ON CONFLICT (account) DO NOTHING RETURNING *", account, reason, operator, at)
+        return None if row is None else _suspension(row)
+
+    async def suspension(self, account: str) -> c.Suspension | None:
+        row = await self.conn.fetchrow("SELECT * FROM suspensions WHERE account = $1", account)
+        return None if row is None else _suspension(row)
+
+    async def delete_suspension(self, account: str) -> bool:
+        return _changed(await self.conn.execute("DELETE FROM suspensions WHERE account = $1",
+                                                account))
+
+    async def log_account(self, account: str, action: str, reason: str, operator: str,
+                          at: datetime) -> None:
+        await self.conn.execute("INSERT INTO account_log (account, action, reason, operator, at)"
+                                " VALUES ($1, $2, $3, $4, $5)",
+                                account, action, reason, operator, at)
+
+    async def dnc_entry(self, account: str, number: str) -> c.DncEntry | None:
+        row = await self.conn.fetchrow("SELECT * FROM dnc WHERE account = $1 AND number = $2",
+                                       account, number)
+        return None if row is None else _entry(row)
+
+    async def log_dnc(self, account: str, number: str, added: bool, reason: str,
+                      operator: str, at: datetime) -> int:
+        return int(await self.conn.fetchval(
+            "INSERT INTO dnc_log (account, number, added, reason, operator, at)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING seq",
+            account, number, added, reason, operator, at))
+
+    async def insert_dnc(self, account: str, number: str, reason: str, operator: str,
+                         at: datetime, seq: int) -> c.DncEntry:
+        row = await self.conn.fetchrow(
+            "INSERT INTO dnc (account, number, reason, operator, added_at, seq)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+            account, number, reason, operator, at, seq)
+        return _entry(row)
+
+    async def delete_dnc(self, account: str, number: str) -> bool:
+        return _changed(await self.conn.execute(
+            "DELETE FROM dnc WHERE account = $1 AND number = $2", account, number))
 
 
-class PgCompliance:
+class PgCompliance(plans.ComplianceFront):
     unit: Decimal
 
     async def _run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
@@ -80,107 +163,11 @@ class PgCompliance:
     def _conn(self) -> AbstractAsyncContextManager[Any]:
         raise NotImplementedError
 
+    async def _transact(self, plan_of: Callable[[plans.Store], plans.Plan[T]]) -> T:
+        unit = self.unit
+        return await self._run(lambda conn: plans.run_async(plan_of(PgStore(conn, unit))))
+
     # -- complaints -------------------------------------------------------------
-    async def add_complaint(
-        self, *, account: str, callee: str, ticket: str, at: datetime, fine: Decimal,
-        operator: str, note: str = "", recorded_at: datetime,
-        suspend: c.SuspendRule | None = None,
-    ) -> c.ComplaintOutcome:
-        c.check_ticket(ticket)
-        c.check_note(note)
-        rules.check_operator(c.check_text(operator, "an operator"))
-        c.check_number(callee)
-        when = rules.check_time(at)
-        recorded = rules.check_time(recorded_at)
-        units = rules.to_units(fine, self.unit, what="complaint fine")
-        if units < 0:
-            raise RefusedOperation("a complaint fine must not be negative")
-        unit = self.unit
-        ref = c.penalty_ref(ticket)
-        key = rules.finance_key(PostingKind.PENALTY, ref)
-
-        async def run(conn: Any) -> c.ComplaintOutcome:
-            # The DNC lock first (lock order: dnc, account), and it also serialises
-            # two nodes recording the same ticket at once.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", c.DNC_LOCK)
-            row = await conn.fetchrow("SELECT * FROM complaints WHERE ticket = $1", ticket)
-            if row is not None:
-                stored = _complaint(row, unit)
-                c.complaint_replay(stored, account, callee, when, note)
-                return c.ComplaintOutcome(stored, created=False)
-            if units:
-                found = await conn.fetchval(
-                    "SELECT true FROM accounts WHERE id = $1 FOR UPDATE", account)
-                if not found:
-                    raise UnknownAccount(f"the ledger has no account {account!r} to fine")
-            row = await conn.fetchrow(
-                "INSERT INTO complaints (ticket, account, callee, at, fine, operator, note,"
-                " recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING *",
-                ticket, account, callee, when, units, operator, note, recorded)
-            if units and await conn.fetchval(
-                    "SELECT 1 FROM postings WHERE account = $1 AND key = $2",
-                    account, key) is None:
-                await conn.execute("UPDATE accounts SET posted = posted - $1 WHERE id = $2",
-                                   units, account)
-                await conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
-                    " VALUES ($1, 'penalty', $2, $3, $4, $5, $6, $7)",
-                    account, units, when, ref, key, f"complaint {ticket}", operator)
-            await _dnc_add(conn, account, callee, f"complaint {ticket}", operator, when)
-            count, suspended = 0, False
-            if suspend is not None:
-                count = await conn.fetchval(
-                    "SELECT count(*) FROM complaints WHERE account = $1 AND at > $2"
-                    " AND at <= $3 AND withdrawn_at IS NULL",
-                    account, when - suspend.period, when)
-                already = await conn.fetchval(
-                    "SELECT true FROM suspensions WHERE account = $1", account)
-                if suspend.due(count) and not already:
-                    why = suspend.describe(count)
-                    await conn.execute(
-                        "INSERT INTO suspensions (account, reason, operator, at)"
-                        " VALUES ($1, $2, $3, $4)", account, why, operator, recorded)
-                    await _log_account(conn, account, "suspend", why, operator, recorded)
-                    suspended = True
-            return c.ComplaintOutcome(_complaint(row, unit), True, int(count), suspended)
-
-        return await self._run(run)
-
-    async def withdraw_complaint(
-        self, ticket: str, *, operator: str, at: datetime, note: str = ""
-    ) -> tuple[c.Complaint, bool]:
-        c.check_note(note)
-        rules.check_operator(c.check_text(operator, "an operator"))
-        when = rules.check_time(at)
-        unit = self.unit
-        ref = c.reversal_ref(ticket)
-        key = rules.finance_key(PostingKind.ADJUSTMENT, ref)
-
-        async def run(conn: Any) -> tuple[c.Complaint, bool]:
-            row = await conn.fetchrow(
-                "SELECT * FROM complaints WHERE ticket = $1 FOR UPDATE", ticket)
-            if row is None:
-                raise RefusedOperation(f"the ledger has no complaint {ticket!r}")
-            if row["withdrawn_at"] is not None:
-                return _complaint(row, unit), False
-            account, units = row["account"], row["fine"]
-            if units and await conn.fetchval(
-                    "SELECT 1 FROM postings WHERE account = $1 AND key = $2",
-                    account, key) is None:
-                await conn.execute("UPDATE accounts SET posted = posted + $1 WHERE id = $2",
-                                   units, account)
-                await conn.execute(
-                    "INSERT INTO postings (account, kind, amount, at, ref, key, note, operator)"
-                    " VALUES ($1, 'adjustment', $2, $3, $4, $5, $6, $7)",
-                    account, units, when, ref, key, f"complaint {ticket} withdrawn", operator)
-            row = await conn.fetchrow(
-                "UPDATE complaints SET withdrawn_at = $1, withdrawn_by = $2,"
-                " withdraw_note = $3 WHERE ticket = $4 RETURNING *",
-                when, operator, note, ticket)
-            return _complaint(row, unit), True
-
-        return await self._run(run)
-
     async def complaints(
         self, account: str | None = None, start: datetime | None = None,
         end: datetime | None = None,
@@ -197,51 +184,12 @@ class PgCompliance:
 
     async def complaint(self, ticket: str) -> c.Complaint | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow("SELECT * FROM complaints WHERE ticket = $1", ticket)
-        return None if row is None else _complaint(row, self.unit)
+            return await PgStore(conn, self.unit).complaint(ticket)
 
     # -- suspension -------------------------------------------------------------
-    async def suspend(
-        self, account: str, *, reason: str, operator: str, at: datetime
-    ) -> tuple[c.Suspension, bool]:
-        c.check_text(reason, "a reason")
-        rules.check_operator(c.check_text(operator, "an operator"))
-        when = rules.check_time(at)
-
-        async def run(conn: Any) -> tuple[c.Suspension, bool]:
-            row = await conn.fetchrow(
-                "INSERT INTO suspensions (account, reason, operator, at)"
-                " VALUES ($1, $2, $3, $4) ON CONFLICT (account) DO NOTHING RETURNING *",
-                account, reason, operator, when)
-            if row is None:
-                row = await conn.fetchrow("SELECT * FROM suspensions WHERE account = $1",
-                                          account)
-                return _suspension(row), False
-            await _log_account(conn, account, "suspend", reason, operator, when)
-            return _suspension(row), True
-
-        return await self._run(run)
-
-    async def resume(
-        self, account: str, *, operator: str, at: datetime, note: str = ""
-    ) -> bool:
-        c.check_note(note)
-        rules.check_operator(c.check_text(operator, "an operator"))
-        when = rules.check_time(at)
-
-        async def run(conn: Any) -> bool:
-            status = await conn.execute("DELETE FROM suspensions WHERE account = $1", account)
-            if status.split()[-1] == "0":
-                return False
-            await _log_account(conn, account, "resume", note, operator, when)
-            return True
-
-        return await self._run(run)
-
     async def suspension(self, account: str) -> c.Suspension | None:
         async with self._conn() as conn:
-            row = await conn.fetchrow("SELECT * FROM suspensions WHERE account = $1", account)
-        return None if row is None else _suspension(row)
+            return await PgStore(conn, self.unit).suspension(account)
 
     async def account_events(self, account: str) -> list[c.AccountEvent]:
         async with self._conn() as conn:
@@ -251,36 +199,6 @@ class PgCompliance:
                 for r in rows]
 
     # -- live do-not-call ---------------------------------------------------------
-    async def dnc_add(
-        self, account: str, number: str, *, reason: str, operator: str, at: datetime
-    ) -> tuple[c.DncEntry, bool]:
-        c.check_number(number)
-        c.check_text(reason, "a reason")
-        rules.check_operator(c.check_text(operator, "an operator"))
-        when = rules.check_time(at)
-        return await self._run(
-            lambda conn: _dnc_add(conn, account, number, reason, operator, when))
-
-    async def dnc_remove(
-        self, account: str, number: str, *, operator: str, at: datetime, reason: str = ""
-    ) -> bool:
-        c.check_note(reason, "a reason")
-        rules.check_operator(c.check_text(operator, "an operator"))
-        when = rules.check_time(at)
-
-        async def run(conn: Any) -> bool:
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", c.DNC_LOCK)
-            status = await conn.execute("DELETE FROM dnc WHERE account = $1 AND number = $2",
-                                        account, number)
-            if status.split()[-1] == "0":
-                return False
-            await conn.execute(
-                "INSERT INTO dnc_log (account, number, added, reason, operator, at)"
-                " VALUES ($1, $2, false, $3, $4, $5)", account, number, reason, operator, when)
-            return True
-
-        return await self._run(run)
-
     async def dnc_list(self, account: str | None = None) -> list[c.DncEntry]:
         async with self._conn() as conn:
             rows = await conn.fetch(
@@ -310,7 +228,10 @@ class PgCompliance:
                 keys = out.get(name)
                 if keys is None:
                     keys = out[name] = array("Q")
-                keys.append(int(b"1" + number))
+                try:
+                    keys.append(int(b"1" + number))
+                except ValueError:  # not ASCII digits: a row from before the ledger checked
+                    continue
 
         # REPEATABLE READ: the entries and the change number come from one snapshot.
         async with self._tx(isolation="repeatable_read") as conn:

@@ -1,14 +1,19 @@
 """Compliance records in the ledger: complaints, live do-not-call entries, suspensions.
 
-Types and the rules both backends share (pure); the storage work is in
-:mod:`agent.ledger._sqlite_compliance` and :mod:`agent.ledger._pg_compliance`.
+Types and the checks of what may be stored (pure; the CLI and the web console
+call the same checks on what was typed). What each write does, step by step,
+is :mod:`agent.ledger._compliance_rules`, shared by both backends; their
+storage work (only SQL) is in :mod:`agent.ledger._sqlite_compliance` and
+:mod:`agent.ledger._pg_compliance`.
 
 What can never happen:
 
 1. A complaint's fine is posted at most once per ticket: the ticket is the
    complaint's key and the penalty's reference (``complaint:<ticket>``); the same
    ticket again with the same content is a replay (nothing posted), with other
-   content an :class:`~agent.ledger.model.IdempotencyConflict`.
+   content an :class:`~agent.ledger.model.IdempotencyConflict`. A request that
+   names no time of its own (``at=None``: "now") matches the stored one
+   whatever its time, so a retry is a replay.
 2. A withdrawn complaint's fine is reversed by a posting (a positive
    adjustment, reference ``complaint-withdrawn:<ticket>``), never by deleting one.
 3. Recording a complaint puts its callee on the account's live do-not-call list
@@ -22,13 +27,15 @@ What can never happen:
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from agent.gate.dnc import MAX_DIGITS
+from agent.gate.dnc import MAX_DIGITS, is_key_number
 from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
-from agent.ledger.model import IdempotencyConflict, RefusedOperation
+from agent.ledger.model import RefusedOperation
+from agent.money import clip
 
 GLOBAL = ""  # the account of a do-not-call entry that applies to every account
 DNC_LOCK = 0x63670064_6E63  # advisory lock id serialising DNC writes (PostgreSQL)
@@ -123,9 +130,14 @@ class AccountEvent:
 
 
 def check_number(number: str) -> str:
-    if not number.isdigit() or len(number) > MAX_DIGITS:
-        raise RefusedOperation(f"{number!r} is not a phone number (digits only, at most "
-                               f"{MAX_DIGITS})")
+    """A number as the ledger keeps it: ASCII digits only, at most MAX_DIGITS.
+
+    Each backend calls this one function before it writes a number, so a
+    ``¹²³`` can never reach the change log every node's sync reads.
+    """
+    if not is_key_number(number):
+        raise RefusedOperation(f"{clip(number)!r} is not a phone number (digits 0-9 only, at "
+                               f"most {MAX_DIGITS})")
     return number
 
 
@@ -135,9 +147,20 @@ def check_text(value: str, what: str) -> str:
     return check_note(value, what)
 
 
+def _breaks_a_line(ch: str) -> bool:
+    """Control and format characters, line and paragraph separators: a newline would
+    split a list's row or a log line, an escape sequence would repaint the terminal."""
+    category = unicodedata.category(ch)
+    return category[0] == "C" or category in ("Zl", "Zp")
+
+
 def check_note(value: str, what: str = "a note") -> str:
+    """Free text kept with a record (a note, a reason): one line, at most NOTE_LIMIT."""
     if len(value) > NOTE_LIMIT:
         raise RefusedOperation(f"{what} is {len(value)} characters; at most {NOTE_LIMIT}")
+    bad = next((ch for ch in value if _breaks_a_line(ch)), None)
+    if bad is not None:
+        raise RefusedOperation(f"{what} must be one line of text: it holds {bad!r}")
     return value
 
 
@@ -154,12 +177,10 @@ def check_ticket(ticket: str) -> str:
     return ticket
 
 
-def complaint_replay(stored: Complaint, account: str, callee: str, at: datetime,
-                     note: str) -> None:
-    """The same ticket again: a replay if it says the same, else a conflict."""
-    if (stored.account, stored.callee, stored.at, stored.note) != (account, callee, at, note):
-        raise IdempotencyConflict(
-            f"ticket {stored.ticket!r} is already recorded for account {stored.account!r}, "
-            f"callee {stored.callee} at {stored.at.isoformat()} with other content; "
-            "a ticket is recorded once"
-        )
+def typed_ticket(text: str) -> str:
+    """A ticket as someone typed it (CLI, web): blanks around it dropped, then checked,
+    so ``add``, ``show`` and ``withdraw`` name the same complaint for the same text."""
+    ticket = text.strip()
+    if not ticket:
+        raise RefusedOperation("a ticket is required and must not be blank")
+    return check_ticket(ticket)

@@ -278,7 +278,7 @@ class Ledger(Protocol):
 
     # -- compliance (agent/ledger/compliance.py) --------------------------------
     async def add_complaint(
-        self, *, account: str, callee: str, ticket: str, at: datetime, fine: Decimal,
+        self, *, account: str, callee: str, ticket: str, at: datetime | None, fine: Decimal,
         operator: str, note: str = "", recorded_at: datetime,
         suspend: SuspendRule | None = None,
     ) -> ComplaintOutcome: ...

@@ -176,8 +176,9 @@ async def _complaint_confirm(request: web.Request, req: actions.ComplaintRequest
     c, name = console(request), req.account
     balance, in_ledger = await api.account_balance(c, name)
     zone = actions.policy_account(c.policy(), name)
+    when = req.at or c.now()
     lines = [f"Record complaint <strong>{e(req.ticket)}</strong> against {e(name)}: callee "
-             f"{e(req.callee)}, at {e(finance.local(req.at, zone))}."]
+             f"{e(req.callee)}, at {e(finance.local(when, zone))}."]
     if req.fine:
         after = balance.posted - req.fine
         lines.append(f"Fine {money(req.fine)} {CURRENCY}: the balance goes from "
@@ -186,14 +187,14 @@ async def _complaint_confirm(request: web.Request, req: actions.ComplaintRequest
                         "will be refused.)"))
     lines.append(f"{e(req.callee)} goes on {e(name)}'s do-not-call list at once.")
     if req.suspend is not None and await c.ledger.suspension(name) is None:
-        standing = [x for x in await c.ledger.complaints(name, req.at - req.suspend.period,
-                                                          req.at)
+        standing = [x for x in await c.ledger.complaints(name, when - req.suspend.period,
+                                                          when)
                     if not x.withdrawn and x.ticket != req.ticket]
         if req.suspend.due(len(standing) + 1):
             lines.append(f"It is complaint {len(standing) + 1} within the policy's period: "
                          f"{e(name)} will be suspended.")
     # The review fixes the time: confirming twice is the same request (a replay).
-    fixed = {**values, "at": req.at.astimezone(UTC).isoformat(), "step": "confirm"}
+    fixed = {**values, "at": when.astimezone(UTC).isoformat(), "step": "confirm"}
     body = ('<div id="summary">' + "".join(f"<p>{line}</p>" for line in lines) + "</div>"
             + (f"<p>Note: {e(req.note)}</p>" if req.note else "")
             + f'<form method="post" action="">{csrf_field(request)}{_hidden(fixed)}'
