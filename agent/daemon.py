@@ -463,7 +463,8 @@ class Daemon:
         try:
             self.web = await start_from_config(
                 self.config.spec.web, self.config.path.parent, self.ledger,
-                self.current_policy, node=self.config.node)
+                self.current_policy, node=self.config.node,
+                publish=self.publisher.publish if self.publisher is not None else None)
         except ConfigError as exc:
             raise StartupError(f"web: {exc}".replace("\n", "; ")) from None
         except OSError as exc:

@@ -394,6 +394,12 @@ async def test_the_openapi_document_matches_the_routes(served: Served) -> None:
     documented = {(method.upper(), path) for path, ops in doc["paths"].items()
                   for method in ops}
     assert documented == app_routes
+    # The role each operation states is the one its handler enforces.
+    roles = served_app_roles(served)
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            if path != "/api/v1/openapi.json":
+                assert op["x-role"] == roles[(method.upper(), path)], (method, path)
     for path, ops in doc["paths"].items():
         for method, op in ops.items():
             assert op["responses"], (method, path)
@@ -413,6 +419,15 @@ def served_app_routes(served: Served) -> set[tuple[str, str]]:
     app = build_app(served.console)
     return {(r.method, r.resource.canonical) for r in app.router.routes()
             if r.resource is not None and r.method != "HEAD"}
+
+
+def served_app_roles(served: Served) -> dict[tuple[str, str], str]:
+    from agent.web.auth import Role
+    from agent.web.server import build_app
+
+    app = build_app(served.console)
+    return {(r.method, r.resource.canonical): getattr(r.handler, "role", Role.READ).label
+            for r in app.router.routes() if r.resource is not None and r.method != "HEAD"}
 
 
 async def test_the_ledgers_view_is_shared_with_the_cli(served: Served, capsys: Any) -> None:

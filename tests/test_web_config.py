@@ -30,6 +30,7 @@ from agent.web.auth import (
 from agent.web.listen import plaintext_remote
 from agent.yamlfile import ConfigError
 from tests.daemon_harness import Agent, free_port, sim_port, simulator, write_config
+from tests.test_mqtt import mosquitto  # noqa: F401  (a fixture)
 from tests.web_harness import POLICY, write_files
 
 
@@ -282,3 +283,53 @@ async def test_the_daemon_serves_the_console_on_its_own_loop(tmp_path: Path) -> 
             agent.proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(agent.proc.wait(), 20) == 0
             assert not any(secrets["finance"] in json.dumps(line) for line in agent.lines)
+
+
+@pytest.mark.usefixtures("mosquitto")
+async def test_serve_publishes_the_clis_events_on_mqtt(tmp_path: Path) -> None:
+    """A complaint recorded through `callgate serve` is a `complaint` event, as from the CLI."""
+    import uuid
+
+    from tests.test_mqtt import subscribed
+
+    _, _, _, secrets = write_files(tmp_path)
+    port, prefix = free_port(), f"callgate-test-{uuid.uuid4().hex[:12]}"
+    config = write_config(
+        tmp_path, "asterisk", 5038, 4573, "s", policy=(tmp_path / "policy.yaml").read_text(),
+        node="finance-host",
+        extra=(f"web: {{listen: '127.0.0.1:{port}', tokens_file: tokens.txt}}\n"
+               f"mqtt: {{url: 'mqtt://127.0.0.1:1883', topic_prefix: {prefix}}}\n"))
+    url = f"sqlite://{tmp_path}/ledger.db"
+    assert await asyncio.to_thread(main, ["--ledger", url, "ledger", "init"]) == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLGATE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "-c", str(config), "--ledger", url,
+                             "serve"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    headers = {"Authorization": f"Bearer {secrets['finance']}"}
+    base = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        async with subscribed(prefix) as subscriber, aiohttp.ClientSession() as http:
+            for _ in range(300):
+                try:
+                    async with http.post(f"{base}/accounts/acme/topup", headers=headers,
+                                         json={"amount": "1200", "ref": "B1"}) as r:
+                        assert r.status == 201
+                        break
+                except aiohttp.ClientConnectionError:
+                    assert proc.poll() is None, proc.communicate()
+                    await asyncio.sleep(0.1)
+            async with http.post(f"{base}/accounts/acme/complaint", headers=headers,
+                                 json={"callee": "13800138000", "ticket": "T-web"}) as r:
+                assert r.status == 201
+            (message,) = await subscriber.wait_for(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert str(message.topic) == f"{prefix}/finance-host/complaint"
+    payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    assert (payload["action"], payload["ticket"], payload["operator"], payload["fine"]) == (
+        "added", "T-web", "payments", "1000.0000")

@@ -159,3 +159,102 @@ async def test_pages_escape_what_they_show_and_send_safety_headers(served: Serve
             assert r.headers["X-Frame-Options"] == "DENY"
             assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
             assert r.headers["Cache-Control"] == "no-store"
+
+
+# -- compliance: complaints, do-not-call, suspension ------------------------------------------
+async def form_page(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url) as r:
+        assert r.status == 200, await r.text()
+        return hidden(await r.text(), "csrf")
+
+
+async def test_a_complaint_is_reviewed_then_confirmed_once(served: Served) -> None:
+    """The fine (§10.3) and the do-not-call entry from the pages, with a confirmation step."""
+    ledger, base = served.console.ledger, served.base
+    async with browser() as http:
+        await sign_in(http, served, token=served.tokens["finance"])
+        csrf = await form_page(http, f"{base}/accounts/acme/topup")
+        async with http.post(f"{base}/accounts/acme/topup", data={
+                "amount": "1200", "ref": "B1", "csrf": csrf, "step": "confirm"}) as r:
+            assert r.status == 200
+        url = f"{base}/accounts/acme/complaints/new"
+        csrf = await form_page(http, url)
+        form = {"callee": "138 0013 8000", "ticket": "12321-9", "at": "", "note": "rude",
+                "csrf": csrf}
+        async with http.post(url, data={**form, "callee": "nope", "step": "review"}) as r:
+            html = await r.text()
+            assert r.status == 400 and "--callee: &#x27;nope&#x27; is not a phone number" in html
+        async with http.post(url, data={**form, "step": "review"}) as r:
+            review = await r.text()
+            assert r.status == 200 and 'id="confirm"' in review
+            assert "Fine 1000.00 CNY: the balance goes from 1200.00 to 200.00." in review
+            assert "13800138000 goes on acme's do-not-call list" in review
+        assert await ledger.complaints() == [] and await ledger.dnc_list() == []
+        confirm = {**form, "at": hidden(review, "at"), "step": "confirm"}
+        async with http.post(url, data={**confirm, "csrf": "forged"}) as r:
+            assert r.status == 403
+        assert await ledger.complaints() == []
+        async with http.post(url, data=confirm) as r:
+            page = await r.text()
+            assert r.url.path == "/accounts/acme"
+            assert ("complaint 12321-9: fined 1000.00 CNY (by payments); 13800138000 is on "
+                    "acme&#x27;s do-not-call list") in page
+            assert 'id="balance">200.00' in page and "12321-9" in page
+        async with http.post(url, data=confirm) as r:  # a double click: the same request
+            assert "was already recorded; nothing new written" in await r.text()
+        # Withdraw: review, then confirm; the fine comes back by a posting.
+        async with http.post(f"{base}/complaints/withdraw", data={
+                "ticket": "12321-9", "step": "review", "csrf": csrf}) as r:
+            review = await r.text()
+            assert "the balance goes from 200.00 to 1200.00" in review
+        assert (await ledger.balance("acme")).posted == 200
+        async with http.post(f"{base}/complaints/withdraw", data={
+                "ticket": "12321-9", "step": "confirm", "note": "wrong number",
+                "csrf": csrf}) as r:
+            assert "1000.00 CNY credited back to acme" in await r.text()
+    assert (await ledger.balance("acme")).posted == 1200
+    assert [(p.kind.value, p.operator) for p in await ledger.history("acme")] == [
+        ("topup", "payments"), ("penalty", "payments"), ("adjustment", "payments")]
+    assert [e.number for e in await ledger.dnc_list("acme")] == ["13800138000"]
+
+
+async def test_do_not_call_and_suspension_pages_per_role(served: Served) -> None:
+    ledger, base = served.console.ledger, served.base
+    async with browser() as http:
+        await sign_in(http, served, user="viewer", password=PASSWORD)
+        async with http.get(f"{base}/accounts/acme") as r:
+            html = await r.text()
+            assert "Not suspended." in html and "/complaints/new" not in html
+        for path in ("complaints/new", "dnc/add", "suspension/suspend"):
+            async with http.get(f"{base}/accounts/acme/{path}") as r:
+                assert r.status == 403 and "needs finance" in await r.text()
+    async with browser() as http:
+        await sign_in(http, served, user="clerk", password=PASSWORD)
+        csrf = await form_page(http, f"{base}/accounts/acme/dnc/add")
+        async with http.post(f"{base}/accounts/acme/dnc/add", data={
+                "number": "13800138000", "reason": " ", "csrf": csrf}) as r:
+            assert r.status == 400 and "--reason must not be blank" in await r.text()
+        async with http.post(f"{base}/accounts/acme/dnc/add", data={
+                "number": "13800138000", "reason": "asked", "csrf": csrf}) as r:
+            html = await r.text()
+            assert "13800138000 is on the do-not-call list of acme" in html
+            assert "/dnc/remove" not in html  # removing is admin's
+        async with http.post(f"{base}/accounts/acme/dnc/remove", data={
+                "number": "13800138000", "csrf": csrf}) as r:
+            assert r.status == 403 and "needs admin" in await r.text()
+        async with http.post(f"{base}/accounts/acme/suspension/suspend", data={
+                "reason": "unpaid", "csrf": csrf}) as r:
+            html = await r.text()
+            assert "acme suspended" in html and "by clerk: unpaid" in html
+        async with http.post(f"{base}/accounts/acme/suspension/resume", data={
+                "note": "", "csrf": csrf}) as r:
+            assert "acme resumed" in await r.text()
+    async with browser() as http:
+        await sign_in(http, served, token=served.tokens["admin"])
+        csrf = await form_page(http, f"{base}/accounts/acme/dnc/add")
+        async with http.post(f"{base}/accounts/acme/dnc/remove", data={
+                "number": "13800138000", "csrf": csrf}) as r:
+            assert "13800138000 removed from the do-not-call list of acme" in await r.text()
+    assert await ledger.dnc_list() == []
+    assert [(e.action, e.operator) for e in await ledger.account_events("acme")] == [
+        ("suspend", "clerk"), ("resume", "clerk")]

@@ -24,6 +24,8 @@ POLICY = """\
 version: 1
 prepaid:
   first_topup_minimum: 100
+  complaint_penalty: 1000
+complaints: {suspend_after: 2, period: 30d}
 accounts:
   acme:
     name: ACME Telemarketing

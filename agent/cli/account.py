@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from agent.cli.common import OpenedLedger, UsageError, now, operator_name, print_json
+from agent.cli.common import OpenedLedger, now, operator_name, print_json
 from agent.cli.complaint import command_group, policy_account
 from agent.cli.notify import publish_event
+from agent.compliance import actions
 
 
 def register(sub: Any) -> None:
@@ -30,8 +31,7 @@ def register(sub: Any) -> None:
 
 async def _suspend(args: argparse.Namespace) -> int:
     who = operator_name(args)
-    if not args.reason.strip():
-        raise UsageError("--reason must not be blank")
+    actions.not_blank(args.reason, "--reason")
     policy_account(args, args.account)
     async with OpenedLedger(args) as ledger:
         suspension, changed = await ledger.suspend(args.account, reason=args.reason,

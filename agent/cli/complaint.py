@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import UTC, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent.cli.common import (
@@ -31,14 +31,11 @@ from agent.cli.common import (
 )
 from agent.cli.ledger import _day, _local, _start_of, _table
 from agent.cli.notify import publish_event
-from agent.gate.dnc import dnc_number
+from agent.compliance import actions
+from agent.compliance.actions import checked, complaint_json
 from agent.gate.policy import Policy
-from agent.ledger import LedgerError
-from agent.ledger.compliance import Complaint, typed_ticket
-from agent.money import CURRENCY, clip, format_amount
-
-T = TypeVar("T")
-
+from agent.ledger.compliance import typed_ticket
+from agent.money import CURRENCY, format_amount
 
 Command = Callable[[argparse.Namespace], Awaitable[int]]
 
@@ -85,57 +82,17 @@ def policy_account(args: argparse.Namespace, account: str) -> tuple[Policy, Zone
     """The loaded policy and the account's timezone; an account it lacks is refused
     (compliance commands act on accounts the gate knows)."""
     policy = load_policy(args)
-    entry = policy.accounts.get(account)
-    if entry is None:
-        known = ", ".join(sorted(policy.accounts)) or "none"
-        raise UsageError(f"unknown account {clip(account)!r} (the policy has: {clip(known)})")
-    return policy, entry.hours.timezone
-
-
-def complaint_json(c: Complaint) -> dict[str, Any]:
-    return {"ticket": c.ticket, "account": c.account, "callee": c.callee, "at": c.at,
-            "fine": c.fine, "operator": c.operator, "note": c.note,
-            "recorded_at": c.recorded_at, "withdrawn": c.withdrawn,
-            "withdrawn_at": c.withdrawn_at, "withdrawn_by": c.withdrawn_by,
-            "withdraw_note": c.withdraw_note}
-
-
-def checked(what: str, check: Callable[..., T], *args: Any) -> T:
-    """A shared rule's refusal of what was typed (ValueError, a ledger refusal) as a
-    usage error naming the option: one line, exit 2, before the ledger is opened."""
-    try:
-        return check(*args)
-    except (ValueError, LedgerError) as exc:
-        raise UsageError(f"{what}: {exc}") from None
-
-
-def _at(text: str | None, zone: ZoneInfo) -> datetime | None:
-    """``--at`` in UTC; None without it (the ledger dates it when recorded)."""
-    if not text:
-        return None
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--at {text!r} is not an ISO time (e.g. 2026-11-24T09:30)") from None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=zone)
-    at = at.astimezone(UTC)
-    if at > now() + timedelta(minutes=5):
-        raise UsageError(f"--at {text} is in the future")
-    return at
+    return policy, actions.policy_account(policy, account)
 
 
 async def _add(args: argparse.Namespace) -> int:
     who = operator_name(args)
-    ticket = checked("--ticket", typed_ticket, args.ticket)
-    policy, zone = policy_account(args, args.account)
-    callee = checked("--callee", dnc_number, args.callee, policy.accounts[args.account].normalize)
-    at = _at(args.at, zone)
-    fine = policy.prepaid.complaint_penalty
+    req = actions.complaint(load_policy(args), args.account, args.callee, args.ticket, args.at,
+                            args.note, now())
     async with OpenedLedger(args) as ledger:
         outcome = await ledger.add_complaint(
-            account=args.account, callee=callee, ticket=ticket, at=at, fine=fine,
-            operator=who, note=args.note, recorded_at=now(), suspend=policy.complaints)
+            account=req.account, callee=req.callee, ticket=req.ticket, at=req.at, fine=req.fine,
+            operator=who, note=req.note, recorded_at=now(), suspend=req.suspend)
     c = outcome.complaint
     if outcome.created:
         await publish_event(args, "complaint", {

@@ -15,17 +15,16 @@ from typing import Any
 
 from agent.cli.common import (
     OpenedLedger,
-    UsageError,
     load_policy,
     now,
     operator_name,
     print_json,
 )
-from agent.cli.complaint import checked, command_group, policy_account
+from agent.cli.complaint import command_group, policy_account
 from agent.cli.ledger import _local, _table
-from agent.gate.dnc import dnc_number
-from agent.gate.numbers import Normalizer
-from agent.ledger.compliance import GLOBAL, DncEntry
+from agent.compliance import actions
+from agent.compliance.actions import entry_json
+from agent.ledger.compliance import GLOBAL
 
 
 def register(sub: Any) -> None:
@@ -50,27 +49,17 @@ def _scope(cmd: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
     """(account or GLOBAL, normalised number), checked against the policy."""
-    if args.all:
-        account, normalize = GLOBAL, load_policy(args).normalize or Normalizer()
-    else:
-        policy, _ = policy_account(args, args.account)
-        account, normalize = args.account, policy.accounts[args.account].normalize
-    return account, checked("number", dnc_number, args.number, normalize)
+    return actions.dnc_target(load_policy(args), None if args.all else args.account,
+                              args.number)
 
 
 def _who(account: str) -> str:
     return "everyone" if account == GLOBAL else account
 
 
-def entry_json(e: DncEntry) -> dict[str, Any]:
-    return {"account": e.account or None, "number": e.number, "reason": e.reason,
-            "operator": e.operator, "added_at": e.added_at, "seq": e.seq}
-
-
 async def _add(args: argparse.Namespace) -> int:
     who = operator_name(args)
-    if not args.reason.strip():
-        raise UsageError("--reason must not be blank")
+    actions.not_blank(args.reason, "--reason")
     account, number = _target(args)
     async with OpenedLedger(args) as ledger:
         entry, added = await ledger.dnc_add(account, number, reason=args.reason,

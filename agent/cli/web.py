@@ -6,7 +6,9 @@ the policy of the config (or ``--ledger``/``--policy``; like every command but
 keep the console in its own process beside the daemon. The daemon serves the
 same console itself when its config has a ``web:`` section. ``serve`` re-reads
 the policy when the file changes (an invalid edit keeps the old one) and the
-token and user files likewise.
+token and user files likewise. With an ``mqtt:`` section it publishes the
+events the CLI would for the same actions (``complaint``, ``account``) through
+one publisher kept for its lifetime.
 
 ``web token NAME --role R`` makes a token: the token is printed once, and the
 line for the tokens file holds only its hash. ``web user NAME --role R`` reads a
@@ -167,19 +169,30 @@ def _serve(args: argparse.Namespace) -> int:
         credential_files(spec, base)
     except ConfigError as exc:
         raise UsageError(str(exc).replace("\n", "; ")) from None
+    publisher = None
+    if config is not None and config.spec.mqtt is not None:
+        from agent.daemon import _make_publisher
+
+        try:
+            publisher = _make_publisher(config)
+        except (ValueError, OSError) as exc:
+            raise UsageError(f"mqtt: {exc}") from None
     return eventloop.run(_run_console(args, spec, base, policy,
-                                      config.node if config is not None else ""))
+                                      config.node if config is not None else "", publisher))
 
 
 async def _run_console(args: argparse.Namespace, spec: Any, base: Path, policy: Any,
-                       node: str) -> int:
+                       node: str, publisher: Any = None) -> int:
     from agent.web.server import start_from_config
     from agent.yamlfile import ConfigError
 
     ledger = await open_store(args)  # an existing ledger only: serve never creates one
+    mqtt = asyncio.create_task(publisher.run(), name="mqtt") if publisher else None
     try:
         try:
-            runner = await start_from_config(spec, base, ledger, policy, node=node)
+            runner = await start_from_config(
+                spec, base, ledger, policy, node=node,
+                publish=publisher.publish if publisher is not None else None)
         except ConfigError as exc:
             raise UsageError(str(exc).replace("\n", "; ")) from None
         except OSError as exc:
@@ -195,5 +208,11 @@ async def _run_console(args: argparse.Namespace, spec: Any, base: Path, policy: 
         finally:
             await runner.cleanup()
     finally:
+        if mqtt is not None:
+            with contextlib.suppress(Exception):
+                await publisher.flush(timeout=5)  # what the console published, sent
+            mqtt.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await mqtt
         await ledger.close()
     return 0

@@ -20,8 +20,9 @@ _ERROR = {"description": "refused: one line saying why; nothing was written",
 def _errors(*codes: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     texts = {400: "bad input (the CLI's exit 2)", 401: "no valid token",
-             403: "the token's role is too low", 404: "unknown account",
-             409: "the reference was used with other content, or the account is closed",
+             403: "the token's role is too low", 404: "unknown account (or ticket)",
+             409: "the reference (or ticket) was used with other content, or the account "
+                  "is closed",
              413: "the body is too large", 415: "the body is not JSON",
              422: "a ledger rule refuses it (first top-up minimum, calls in progress, "
                   "a negative balance)", 429: "too many failed authentications",
@@ -85,6 +86,140 @@ def _posting(summary: str, fields: dict[str, Any], required: list[str]) -> dict[
                                    "nothing written (replayed: true)",
                     "content": _json("PostingResult")},
             **_errors(400, 401, 403, 404, 409, 413, 415, 422, 503)}}}
+
+
+def _action(summary: str, role: str, fields: dict[str, Any], required: list[str],
+            result: str, params: list[dict[str, Any]] | None = None,
+            created: bool = True) -> dict[str, Any]:
+    """A compliance write (agent/web/compliance.py): 201 when it changed something, 200 when
+    it was already so (a replay: nothing written)."""
+    responses: dict[str, Any] = {"200": {
+        "description": "already so (the same request again): nothing written" if created
+        else "done, or already so (changed/removed false: nothing written)",
+        "content": _json(result)}}
+    if created:
+        responses["201"] = {"description": "written", "content": _json(result)}
+    op: dict[str, Any] = {
+        "summary": summary, "security": [{"token": []}], "x-role": role,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": {
+            "type": "object", "additionalProperties": False, "required": required,
+            "properties": fields}}}},
+        "responses": {**responses, **_errors(400, 401, 403, 404, 409, 413, 415, 422, 503)}}
+    if params:
+        op["parameters"] = params
+    return {"post": op}
+
+
+_TICKET = {"name": "ticket", "in": "path", "required": True, "schema": {"type": "string"},
+           "description": "the complaint's ticket (a '/' in it is sent as %2F)"}
+_SCOPE = {"account": {"type": "string", "description": "the account whose list it is"},
+          "all": {"type": "boolean", "description": "true: for every account (instead of "
+                                                    "account)"},
+          "number": {"type": "string", "description": "normalised with the account's (or "
+                                                      "the defaults') number rules"}}
+_WHEN = {"type": ["string", "null"], "format": "date-time"}
+_COMPLAINT = {"type": "object", "properties": {
+    "ticket": {"type": "string"}, "account": {"type": "string"},
+    "callee": {"type": "string"}, "at": {"type": "string", "format": "date-time"},
+    "fine": _MONEY, "operator": {"type": "string"}, "note": {"type": "string"},
+    "recorded_at": {"type": "string", "format": "date-time"},
+    "withdrawn": {"type": "boolean"}, "withdrawn_at": _WHEN,
+    "withdrawn_by": {"type": ["string", "null"]}, "withdraw_note": {"type": "string"}}}
+_DNC_ENTRY = {"type": "object", "properties": {
+    "account": {"type": ["string", "null"], "description": "null: for every account"},
+    "number": {"type": "string"}, "reason": {"type": "string"},
+    "operator": {"type": "string"}, "added_at": {"type": "string", "format": "date-time"},
+    "seq": {"type": "integer"}}}
+_COMPLIANCE_SCHEMAS: dict[str, Any] = {
+    "Complaint": _COMPLAINT,
+    "ComplaintResult": {"allOf": [{"$ref": "#/components/schemas/Complaint"}, {
+        "type": "object", "properties": {
+            "created": {"type": "boolean", "description": "false: the ticket was recorded "
+                                                          "before with this content"},
+            "complaints_in_period": {"type": "integer"},
+            "suspended": {"type": "boolean",
+                          "description": "this complaint suspended the account"},
+            "balance": {"oneOf": [{"$ref": "#/components/schemas/Balance"},
+                                  {"type": "null"}]}}}]},
+    "Withdrawn": {"allOf": [{"$ref": "#/components/schemas/Complaint"}, {
+        "type": "object", "properties": {"changed": {"type": "boolean"}}}]},
+    "Complaints": {"type": "object", "properties": {"complaints": {
+        "type": "array", "items": {"$ref": "#/components/schemas/Complaint"}}}},
+    "DncEntry": _DNC_ENTRY,
+    "DncAdded": {"allOf": [{"$ref": "#/components/schemas/DncEntry"}, {
+        "type": "object", "properties": {"added": {"type": "boolean"}}}]},
+    "DncRemoved": {"type": "object", "properties": {
+        "account": {"type": ["string", "null"]}, "number": {"type": "string"},
+        "removed": {"type": "boolean"}}},
+    "DncEntries": {"type": "object", "properties": {"entries": {
+        "type": "array", "items": {"$ref": "#/components/schemas/DncEntry"}}}},
+    "Suspension": {"type": "object", "properties": {
+        "account": {"type": "string"}, "suspended": {"type": "boolean"},
+        "reason": {"type": ["string", "null"]},
+        "history": {"type": "array", "items": {"type": "object", "properties": {
+            "action": {"type": "string", "enum": ["suspend", "resume"]},
+            "reason": {"type": "string"}, "operator": {"type": "string"},
+            "at": {"type": "string", "format": "date-time"}}}}}},
+    "SuspendResult": {"type": "object", "properties": {
+        "account": {"type": "string"}, "suspended": {"type": "boolean"},
+        "changed": {"type": "boolean"}, "reason": {"type": "string"},
+        "operator": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
+    "ResumeResult": {"type": "object", "properties": {
+        "account": {"type": "string"}, "suspended": {"type": "boolean"},
+        "changed": {"type": "boolean"}}},
+}
+
+
+def _compliance_paths() -> dict[str, Any]:
+    return {
+        "/api/v1/accounts/{account}/complaint": _action(
+            "record a complaint: the policy's fine once per ticket, the callee on the "
+            "account's live do-not-call list, a suspension when the policy's threshold is "
+            "reached", "finance",
+            {"callee": {"type": "string"}, "ticket": {"type": "string", "minLength": 1,
+                                                      "description": "the idempotency key"},
+             "at": {"type": "string", "description": "when (ISO time; without a zone the "
+                                                     "account's; default now)"},
+             "note": {"type": "string"}}, ["callee", "ticket"], "ComplaintResult",
+            [_ACCOUNT]),
+        "/api/v1/complaints": _read(
+            "complaints of a period or an account", "Complaints",
+            [{"name": "account", "in": "query", "required": False,
+              "schema": {"type": "string"}},
+             {**_PERIOD[0], "required": False}, {**_PERIOD[1], "required": False}],
+            (400, 401, 403, 404)),
+        "/api/v1/complaints/{ticket}": _read("one complaint", "Complaint", [_TICKET],
+                                             (401, 403, 404)),
+        "/api/v1/complaints/{ticket}/withdraw": _action(
+            "withdraw a complaint: its fine is credited back by a posting (the do-not-call "
+            "entry and any suspension stay)", "finance", {"note": {"type": "string"}}, [],
+            "Withdrawn", [_TICKET], created=False),
+        "/api/v1/dnc": {
+            **_read("the live do-not-call entries (of an account, or only those for "
+                    "everyone with all=true)", "DncEntries",
+                    [{"name": "account", "in": "query", "required": False,
+                      "schema": {"type": "string"}},
+                     {"name": "all", "in": "query", "required": False,
+                      "schema": {"type": "boolean"}}], (400, 401, 403, 404)),
+            **_action("add a live do-not-call entry (in force on every agent within a "
+                      "second)", "finance",
+                      {**_SCOPE, "reason": {"type": "string", "minLength": 1}},
+                      ["number", "reason"], "DncAdded")},
+        "/api/v1/dnc/remove": _action(
+            "remove a live do-not-call entry", "admin",
+            {**_SCOPE, "reason": {"type": "string"}}, ["number"], "DncRemoved",
+            created=False),
+        "/api/v1/accounts/{account}/suspension": _read(
+            "whether the account is suspended in the ledger, and the history", "Suspension",
+            [_ACCOUNT], (401, 403, 404)),
+        "/api/v1/accounts/{account}/suspend": _action(
+            "suspend an account: its calls are refused on every agent", "finance",
+            {"reason": {"type": "string", "minLength": 1}}, ["reason"], "SuspendResult",
+            [_ACCOUNT]),
+        "/api/v1/accounts/{account}/resume": _action(
+            "lift a suspension", "finance", {"note": {"type": "string"}}, [],
+            "ResumeResult", [_ACCOUNT], created=False),
+    }
 
 
 _REF = {"type": "string", "minLength": 1,
@@ -164,6 +299,7 @@ def document() -> dict[str, Any]:
                 "Operators": {"type": "object", "properties": {
                     "operators": {"type": "array", "items": {
                         "$ref": "#/components/schemas/Whoami"}}}},
+                **_COMPLIANCE_SCHEMAS,
             },
         },
         "paths": {
@@ -214,5 +350,6 @@ def document() -> dict[str, Any]:
             "/api/v1/accounts/{account}/reopen": _posting(
                 "open a closed (refunded) account again (a posting of zero)",
                 {"ref": _REF, "note": {"type": "string"}}, ["ref"]),
+            **_compliance_paths(),
         },
     }

@@ -304,6 +304,9 @@ async def account_page(request: web.Request) -> web.Response:
             parts.append(_statement_html(s))
         except finance.Refused as exc:
             parts.append(f'<p class="error" role="alert">{e(exc)}</p>')
+    from agent.web.compliance_pages import section
+
+    parts.append(await section(request, name))
     title = f"{name} — {api.customer_name(policy, name)}".rstrip(" —")
     return render(request, title, "".join(parts))
 

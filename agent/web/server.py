@@ -134,6 +134,8 @@ class Console:
     now: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     monotonic: Callable[[], float] = time.monotonic
     node: str = ""
+    # Publish an event on MQTT as the CLI would (the daemon's publisher), or None.
+    publish: Callable[[str, dict[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -309,13 +311,15 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 def build_app(c: Console) -> web.Application:
-    from agent.web import api, pages
+    from agent.web import api, compliance, compliance_pages, pages
 
     app = web.Application(middlewares=[guard, authenticate],
                           client_max_size=c.settings.max_body_bytes)
     app[CONSOLE] = c
     api.add_routes(app)
+    compliance.add_routes(app)
     pages.add_routes(app)
+    compliance_pages.add_routes(app)
     return app
 
 
@@ -382,7 +386,9 @@ def credential_files(spec: Any, base: Path) -> CredentialFiles:
 
 
 async def start_from_config(spec: Any, base: Path, ledger: Ledger, policy: Callable[[], Any],
-                            *, node: str = "") -> web.AppRunner:
+                            *, node: str = "",
+                            publish: Callable[[str, dict[str, Any]], None] | None = None,
+                            ) -> web.AppRunner:
     """Start the console a ``web:`` section describes (paths relative to ``base``).
 
     Raises :class:`~agent.yamlfile.ConfigError` for unreadable or bad credential
@@ -402,5 +408,5 @@ async def start_from_config(spec: Any, base: Path, ledger: Ledger, policy: Calla
         tls = tls_context(base / spec.tls_cert, base / spec.tls_key)
     host, port = _address(spec.listen)
     c = Console(ledger=ledger, policy=policy, credentials=files.get, settings=settings,
-                node=node)
+                node=node, publish=publish)
     return await start(c, host, port, tls=tls)
