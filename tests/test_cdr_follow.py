@@ -79,12 +79,12 @@ def test_a_restart_resumes_where_the_saved_state_stands(tmp_path: Path) -> None:
     append(cdr, "r1\nr2\npart")
     first = CdrFollower(cdr, load_state(state_file))
     assert texts(first) == ["r1", "r2"]
-    first.state.pending = [("r2", 12.5)]
+    first.state.pending = [("r2", 12.5, 2)]
     save_state(state_file, first.state)
     first.close()
     append(cdr, "ial\nr4\n")
     state = load_state(state_file)
-    assert state.pending == [("r2", 12.5)]
+    assert state.pending == [("r2", 12.5, 2)]
     second = CdrFollower(cdr, state)
     assert texts(second) == ["partial", "r4"]  # nothing read twice, nothing lost
 
@@ -124,9 +124,12 @@ def test_an_unreadable_state_file_starts_afresh(tmp_path: Path) -> None:
 
 def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     state_file = tmp_path / "state.json"
-    save_state(state_file, FollowState(1, 2, 3, [("x", 1.0)]))
-    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0)])
+    save_state(state_file, FollowState(1, 2, 3, [("x", 1.0, 7)]))
+    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0, 7)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    # A state saved before pending lines kept their line number still loads.
+    state_file.write_text('{"device": 1, "inode": 2, "offset": 3, "pending": [["x", 1.0]]}')
+    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0, 0)])
 
 
 def test_reads_are_bounded_and_an_endless_line_is_skipped(tmp_path: Path) -> None:
