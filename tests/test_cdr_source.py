@@ -396,3 +396,17 @@ async def test_the_loop_logs_an_unexpected_error_once_and_goes_on(
     out = capsys.readouterr().out
     assert out.count("cdr.poll_failed") == 1 and "cdr.poll_recovered" in out
     assert (await ledger.call_cdr("c1")).charged == D("0.26")
+
+
+async def test_a_correction_above_max_posting_is_refused_not_retried(
+        ledger: Any, tmp_path: Path) -> None:
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await provisional(ledger, "c1")
+    ledger.max_posting = D("1")
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 6000, at(5), at(6005)))
+    metrics = Metrics()
+    report = await source_for(ledger, tmp_path, clock, metrics).step()
+    assert (report.outcomes, report.pending) == ({"refused": 1}, 0)
+    assert metrics.reconcile_mismatches.labels("refused")._value.get() == 1
+    assert (await ledger.call_cdr("c1")).pbx_billsec is None
