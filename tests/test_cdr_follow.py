@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.cdr.follow import CdrFollower, FollowState, load_state, save_state, split_lines
+from agent.cdr.follow import (
+    MAX_LINE,
+    CdrFollower,
+    FollowState,
+    Line,
+    file_lines,
+    load_state,
+    save_state,
+    split_lines,
+)
 
 
 def texts(follower: CdrFollower) -> list[str]:
@@ -136,10 +145,24 @@ def test_reads_are_bounded_and_an_endless_line_is_skipped(tmp_path: Path) -> Non
     cdr = tmp_path / "Master.csv"
     append(cdr, "x" * 100 + "\nr2\n")
     follower = CdrFollower(cdr, FollowState(), max_bytes=64)
-    assert texts(follower) == []  # 64 bytes of one line: skipped
-    assert texts(follower) == ["r2"]  # the rest of it dropped, the next line read
+    assert follower.read() == []  # 64 bytes of one line: skipped
+    # The rest of it dropped, reported as a line too long (with its number), the next read.
+    assert follower.read() == [Line("", 1, too_long=True), Line("r2", 2)]
     append(cdr, "y" * 200 + "\nr3\n")
-    assert [texts(follower) for _ in range(5)] == [[], [], [], ["r3"], []]
+    assert [follower.read() for _ in range(5)] == [
+        [], [], [], [Line("", 3, too_long=True), Line("r3", 4)], []]
+    append(cdr, "z" * (MAX_LINE + 1) + "\nr5\n")  # within one read, past MAX_LINE
+    follower.max_bytes = 1 << 20
+    assert follower.read() == [Line("", 5, too_long=True), Line("r5", 6)]
+
+
+def test_file_lines_reads_a_whole_file_line_by_line(tmp_path: Path) -> None:
+    cdr = tmp_path / "Master.csv"
+    cdr.write_bytes(b"r1\r\n" + b"x" * (3 * MAX_LINE) + b"\nr3\n\xff\nlast")
+    with open(cdr, "rb") as handle:
+        assert list(file_lines(handle)) == [
+            Line("r1", 1), Line("", 2, too_long=True), Line("r3", 3), Line("\ufffd", 4),
+            Line("last", 5)]
 
 
 def test_a_first_start_on_an_existing_file_begins_after_its_last_complete_line(

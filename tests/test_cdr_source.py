@@ -286,18 +286,22 @@ async def test_damaged_rows_are_reported_and_never_cost_the_other_rows(
     await provisional(ledger, "c2")
     (tmp_path / "Master.csv").write_text(
         fs_row("c1", 61, at(5), at(66)) + "".join(f"{line}\n" for line in DAMAGED)
+        + "x" * 70_000 + "\n"  # longer than a line may be
         + fs_row("c2", 61, at(5), at(66)))
     metrics = Metrics()
     source = source_for(ledger, tmp_path, clock, metrics)
     report = await source.step()
-    assert report.outcomes == {"unreadable": len(DAMAGED), "corrected": 2}
+    damaged = len(DAMAGED) + 1
+    assert report.outcomes == {"unreadable": damaged, "corrected": 2}
     assert report.pending == 0
     for call_id in ("c1", "c2"):
         assert (await ledger.call_cdr(call_id)).charged == D("0.26")
-    assert metrics.reconcile_mismatches.labels("unreadable")._value.get() == len(DAMAGED)
+    assert metrics.reconcile_mismatches.labels("unreadable")._value.get() == damaged
     logged = [x for x in capsys.readouterr().out.splitlines() if "cdr.unreadable_row" in x]
-    assert len(logged) == len(DAMAGED)
-    for n, line in enumerate(logged, start=2):  # file, line number, field; values clipped
+    assert len(logged) == damaged
+    assert f"line {damaged + 1}: longer than 65536 bytes" in "".join(logged)
+    for n in range(2, damaged + 2):  # file, line number, field; values clipped
+        [line] = [x for x in logged if f"Master.csv line {n}: " in x]
         assert f"Master.csv line {n}: " in line and len(line) < 400, line
     assert (await source.step()).outcomes == {}  # reported once, not read again
 
@@ -410,3 +414,30 @@ async def test_a_correction_above_max_posting_is_refused_not_retried(
     assert (report.outcomes, report.pending) == ({"refused": 1}, 0)
     assert metrics.reconcile_mismatches.labels("refused")._value.get() == 1
     assert (await ledger.call_cdr("c1")).pbx_billsec is None
+
+
+async def test_a_vanished_call_is_settled_from_the_cdr_when_it_arrives(tmp_path: Path) -> None:
+    """Issue 15 item 3: the meter settles a call whose hang-up was lost with the PBX link
+    as ``vanished`` (what was paid); its CDR row then brings it to rate(pbx billsec)."""
+    h = await Harness(tmp_path, START).start()
+    try:
+        await h.topup("a0", "10")
+        _, call = await h.dial(talk=100, ring=1)
+        await h.advance(50)
+        h.pbx.disconnect()
+        await h.clock.advance(100)  # the PBX ends it at its deadline; the event is lost
+        h.pbx.reconnect()
+        await h.advance(10)
+        settled = await h.cdr(call.info.call_id)
+        assert "vanished" in settled.flags and settled.amount == D("0.13")
+        assert call.billsec == 62 and settled.pbx_billsec is None
+        (tmp_path / "Master.csv").write_text(sim_row(call))
+        report = await source_for(h.ledger, tmp_path, h.clock).step()
+        assert report.outcomes == {"corrected": 1}
+        settled = await h.cdr(call.info.call_id)
+        assert settled.pbx_billsec == 62
+        assert settled.charged == rate(Tariff("t", D("0.13"), 60, 60), 62) == D("0.26")
+        assert await h.ledger.audit() == []
+        await h.check_invariants()
+    finally:
+        await h.stop()

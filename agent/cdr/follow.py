@@ -241,15 +241,15 @@ class CdrFollower:
             self.state.offset += len(data)
             return []
         self.state.offset += used
-        if self._skipping and raw:
-            raw = raw[1:]  # the end of the skipped line
-            self._skipping = False
+        ended_skip = self._skipping and bool(raw)  # raw[0] is the end of the skipped line
+        self._skipping = self._skipping and not raw
         out = []
-        for chunk in raw:
+        for k, chunk in enumerate(raw):
             if self._line_no is not None:
                 self._line_no += 1
-            if len(chunk) > MAX_LINE:
-                log.warning("cdr.line_too_long", path=str(self.path))
+            if (k == 0 and ended_skip) or len(chunk) > MAX_LINE:
+                # No CDR row: reported (file and line) by the reader, never parsed.
+                out.append(Line("", self._line_no or 0, too_long=True))
                 continue
             out.append(Line(_decode(chunk), self._line_no or 0))
         return out

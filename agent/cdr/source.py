@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from agent.cdr.follow import CdrFollower, FollowState, load_state, save_state
+from agent.cdr.follow import MAX_LINE, CdrFollower, FollowState, load_state, save_state
 from agent.cdr.formats import CdrFormatError, CdrRow, Layout, parse_row
 from agent.cdr.reconcile import classify
 from agent.cdr.settle import Outcome, apply_row, merge_rows
@@ -118,7 +118,15 @@ class CdrSource:
         lines = await asyncio.to_thread(self.follower.read)
         now = self.clock.now().timestamp()
         report = StepReport(read=len(lines))
-        state.pending.extend((line.text, now, line.number) for line in lines)
+        for line in lines:
+            if line.too_long:
+                where = f"{self.path} line {line.number}" if line.number else str(self.path)
+                log.error("cdr.unreadable_row",
+                          error=f"{where}: longer than {MAX_LINE} bytes, no CDR row")
+                self._mismatch("unreadable")
+                report.count("unreadable")
+            else:
+                state.pending.append((line.text, now, line.number))
         rows: list[CdrRow] = []
         seen_of: dict[str, float] = {}
         texts_of: dict[str, list[tuple[str, float, int]]] = {}
