@@ -320,6 +320,10 @@ def test_only_the_rows_near_the_period_are_kept(tmp_path: Path) -> None:
                         DAY.replace(hour=0) + timedelta(days=1))
     assert reading.parsed == 80
     assert [r.call_id for r in reading.rows] == ["day-1", "day0", "day1"]  # with its margin
+    # The margin stops at the calendar's ends.
+    everything = read_rows(path, preset("freeswitch-csv"), datetime.min.replace(tzinfo=UTC),
+                           datetime.max.replace(tzinfo=UTC))
+    assert len(everything.rows) == 80
 
 
 def test_apply_counts_no_zero_correction(cli: Any, tmp_path: Path) -> None:
@@ -351,3 +355,12 @@ def test_a_correction_above_max_posting_is_refused_and_stays_unexplained(
             "above the ledger's maximum posting of 10.00") in out
     assert "needs_correction" in out
     assert [p for p in postings(cli) if p["kind"] == "correction"] == []
+
+
+def test_a_period_from_the_calendar_start(cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, [("eq", 10, 40, "0.13", ())])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("eq", 40, t(10), t(50)))
+    code, out, err = cli("ledger", "reconcile", "--freeswitch-cdr", str(path), "--from",
+                         "0001-01-01", "--to", "2026-12-03", "--json")
+    assert (code, err) == (0, "") and json.loads(out)["counts"]["equal"] == 1

@@ -133,7 +133,9 @@ def read_rows(path: Path, layout: Layout, start: datetime, end: datetime) -> Rea
     line: memory grows with the period's calls, not with the file (months of history).
     A file with rows none of which parse is a usage error."""
     reading = Reading()
-    low, high = start - MARGIN, end + MARGIN
+    first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    low = start - MARGIN if start - first > MARGIN else first  # --from 0001-01-01
+    high = end + MARGIN if last - end > MARGIN else last
 
     def near(lines: Iterable[FileLine]) -> Iterator[CdrRow]:
         for line in lines:
