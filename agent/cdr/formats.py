@@ -29,6 +29,13 @@ Times are epoch seconds (``1764752400`` or ``1764752400.123456``) or
 ``YYYY-MM-DD HH:MM:SS`` in the layout's timezone (UTC unless configured); an
 empty time or ``0`` means "did not happen" (an unanswered call's answer time).
 
+A row is damaged, and :func:`parse_row` raises :class:`CdrFormatError` naming
+the line and the field (value clipped), unless billsec and duration are ASCII
+digits of at most :data:`MAX_SECONDS` (billsec at most duration + 1 s), epoch
+times are ASCII and before the year 10000, and the fields read are printable
+and at most :data:`FIELD_LIMIT` characters. It raises nothing else, whatever
+the line: a damaged row must never crash a reader or reach money.
+
 The presets (:data:`PRESETS`) are the standard layouts:
 
 - ``asterisk-custom``: the ``cdr_custom`` row callgate ships

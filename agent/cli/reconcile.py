@@ -10,6 +10,13 @@ bad usage (an unreadable file, a layout that reads none of its rows).
 ``--apply`` posts the corrections of provisionally settled calls from their
 CDR rows (the ledger's ``correct_call``: once per call, so running it again
 writes nothing) and nothing else; the report then shows them corrected.
+``applied`` counts only calls a correction was posted for; a provisional call
+the PBX's billsec agrees with is ``confirmed`` (its billsec recorded, nothing
+posted); one the ledger refuses (closed account, above ``max_posting``) is
+listed with why.
+
+The file is read line by line and only rows within :data:`MARGIN` of the
+period are kept: memory follows the period's calls, not the file's history.
 """
 
 from __future__ import annotations
