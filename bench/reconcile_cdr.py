@@ -15,7 +15,13 @@ measured in this run on the same file:
   provisional call);
 * ``source``: the daemon's :class:`~agent.cdr.source.CdrSource` taking the
   whole file in one poll (each row applied: corrections written, the rest
-  looked up).
+  looked up);
+* ``reconcile_peak_history_vs_day``: the peak memory (tracemalloc) of reading,
+  for the day, a file that also holds the ``HISTORY_DAYS`` days before it, over
+  that of reading a file of the day alone: reading streams and keeps only the
+  rows within a day of the period, so this is about 2 (the day and the one
+  before it), not the file's 10 days; ``reconcile_peak_vs_file``: the same
+  peak over that file's size.
 
 Usage: ``python bench/reconcile_cdr.py [--calls N]``. The last line is one
 JSON object.
@@ -40,10 +46,12 @@ from agent.cdr.formats import parse_lines, preset
 from agent.cdr.settle import merge_rows
 from agent.cdr.source import CdrSource
 from agent.cli import main
+from agent.cli.reconcile import read_rows
 from agent.ledger import CallRecord, Cdr, open_ledger
 from agent.meter.clock import SimClock
 
 DAY = datetime(2026, 12, 3, 1, 0, tzinfo=UTC)
+HISTORY_DAYS = 9  # a CDR file of ten days, reconciled for its last
 POLICY = """\
 version: 1
 prepaid: {first_topup_minimum: "0.01"}
@@ -123,6 +131,33 @@ async def source_pass(url: str, cdr_path: Path, state: Path) -> tuple[float, dic
         await ledger.close()
 
 
+def peak_of(path: Path, expect: int) -> int:
+    """The peak traced memory of reading ``path`` for the day (bytes)."""
+    import tracemalloc
+
+    day = DAY.replace(hour=0)
+    tracemalloc.start()
+    reading = read_rows(path, preset("freeswitch-csv"), day, day + timedelta(days=1))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert reading.parsed == expect
+    return peak
+
+
+def memory(cdr_path: Path, calls: int, base: Path) -> tuple[float, float]:
+    """Reading the day from a file that also holds HISTORY_DAYS days before it: its peak
+    memory over that of a file of the day alone, and over the file's size."""
+    history = base / "history.csv"
+    with open(history, "w") as out:
+        for back in range(HISTORY_DAYS, 0, -1):
+            for i in range(calls):
+                out.write(row(f"old-{back}-{i:06d}", 30, DAY - timedelta(days=back, seconds=-i)))
+        out.write(cdr_path.read_text())
+    alone = peak_of(cdr_path, calls)
+    with_history = peak_of(history, calls * (HISTORY_DAYS + 1))
+    return with_history / alone, with_history / history.stat().st_size
+
+
 def run(calls: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="cg-reconcile-") as tmp:
         base = Path(tmp)
@@ -149,7 +184,10 @@ def run(calls: int) -> dict[str, object]:
         source, outcomes = eventloop.run(source_pass(f"sqlite://{base}/source.db", cdr_path,
                                                      base / "state.json"))
         assert outcomes == {"corrected": provisional, "not_needed": calls - provisional}
+        history_vs_day, peak_vs_file = memory(cdr_path, calls, base)
         results.update({
+            "reconcile_peak_history_vs_day": round(history_vs_day, 3),
+            "reconcile_peak_vs_file": round(peak_vs_file, 3),
             "parse_rows_per_s": round(calls / parse),
             "reconcile_rows_per_s": round(calls / plain),
             "reconcile_apply_rows_per_s": round(calls / applied),

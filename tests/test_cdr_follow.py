@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agent.cdr.follow import CdrFollower, FollowState, load_state, save_state, split_lines
+from agent.cdr.follow import (
+    MAX_LINE,
+    CdrFollower,
+    FollowState,
+    Line,
+    file_lines,
+    load_state,
+    save_state,
+    split_lines,
+)
 
 
 def texts(follower: CdrFollower) -> list[str]:
@@ -79,12 +88,12 @@ def test_a_restart_resumes_where_the_saved_state_stands(tmp_path: Path) -> None:
     append(cdr, "r1\nr2\npart")
     first = CdrFollower(cdr, load_state(state_file))
     assert texts(first) == ["r1", "r2"]
-    first.state.pending = [("r2", 12.5)]
+    first.state.pending = [("r2", 12.5, 2)]
     save_state(state_file, first.state)
     first.close()
     append(cdr, "ial\nr4\n")
     state = load_state(state_file)
-    assert state.pending == [("r2", 12.5)]
+    assert state.pending == [("r2", 12.5, 2)]
     second = CdrFollower(cdr, state)
     assert texts(second) == ["partial", "r4"]  # nothing read twice, nothing lost
 
@@ -124,19 +133,36 @@ def test_an_unreadable_state_file_starts_afresh(tmp_path: Path) -> None:
 
 def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     state_file = tmp_path / "state.json"
-    save_state(state_file, FollowState(1, 2, 3, [("x", 1.0)]))
-    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0)])
+    save_state(state_file, FollowState(1, 2, 3, [("x", 1.0, 7)]))
+    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0, 7)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+    # A state saved before pending lines kept their line number still loads.
+    state_file.write_text('{"device": 1, "inode": 2, "offset": 3, "pending": [["x", 1.0]]}')
+    assert load_state(state_file) == FollowState(1, 2, 3, [("x", 1.0, 0)])
 
 
 def test_reads_are_bounded_and_an_endless_line_is_skipped(tmp_path: Path) -> None:
     cdr = tmp_path / "Master.csv"
     append(cdr, "x" * 100 + "\nr2\n")
     follower = CdrFollower(cdr, FollowState(), max_bytes=64)
-    assert texts(follower) == []  # 64 bytes of one line: skipped
-    assert texts(follower) == ["r2"]  # the rest of it dropped, the next line read
+    assert follower.read() == []  # 64 bytes of one line: skipped
+    # The rest of it dropped, reported as a line too long (with its number), the next read.
+    assert follower.read() == [Line("", 1, too_long=True), Line("r2", 2)]
     append(cdr, "y" * 200 + "\nr3\n")
-    assert [texts(follower) for _ in range(5)] == [[], [], [], ["r3"], []]
+    assert [follower.read() for _ in range(5)] == [
+        [], [], [], [Line("", 3, too_long=True), Line("r3", 4)], []]
+    append(cdr, "z" * (MAX_LINE + 1) + "\nr5\n")  # within one read, past MAX_LINE
+    follower.max_bytes = 1 << 20
+    assert follower.read() == [Line("", 5, too_long=True), Line("r5", 6)]
+
+
+def test_file_lines_reads_a_whole_file_line_by_line(tmp_path: Path) -> None:
+    cdr = tmp_path / "Master.csv"
+    cdr.write_bytes(b"r1\r\n" + b"x" * (3 * MAX_LINE) + b"\nr3\n\xff\nlast")
+    with open(cdr, "rb") as handle:
+        assert list(file_lines(handle)) == [
+            Line("r1", 1), Line("", 2, too_long=True), Line("r3", 3), Line("\ufffd", 4),
+            Line("last", 5)]
 
 
 def test_a_first_start_on_an_existing_file_begins_after_its_last_complete_line(

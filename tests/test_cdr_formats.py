@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.cdr.formats import CdrFormatError, make_layout, parse_lines, parse_row, preset
 from agent.cdr.settle import merge_rows
@@ -122,3 +126,68 @@ def test_one_bad_row_does_not_hide_the_others() -> None:
                                source="Master.csv")
     assert len(rows) == 2 and [r.line for r in rows] == [1, 4]
     assert len(errors) == 1 and "line 2" in str(errors[0])
+
+
+def fs_line(**fields: str) -> str:
+    """A freeswitch-csv row of good values, some replaced (by role name)."""
+    values = {"call_id": "u", "accountcode": "", "caller": "c", "destination": "5",
+              "context": "d", "start": "1764752400", "answer": "1764752403",
+              "end": "1764752463", "duration": "63", "billsec": "60"}
+    values.update(fields)
+    cells = [values["call_id"], values["accountcode"], values["caller"],
+             values["destination"], values["context"], values["start"], values["answer"],
+             values["end"], values["duration"], values["billsec"], "N", "s", "b"]
+    out = io.StringIO()
+    csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="").writerow(cells)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"start": "253402300800"}, "start '253402300800' is past the year 9999"),
+    ({"end": "1e999999999"}, "end '1e999999999' is neither epoch seconds"),
+    ({"billsec": "1e30", "duration": ""}, "billsec '1e30' is not a whole number"),
+    ({"billsec": "-5"}, "billsec '-5' is not a whole number"),
+    ({"billsec": "١٢"}, "billsec '١٢' is not a whole number"),  # Arabic-Indic digits
+    ({"duration": "¹²³"}, "duration '¹²³' is not a whole number"),  # superscripts
+    ({"billsec": "31622401", "duration": ""}, "billsec '31622401' is more than a year"),
+    ({"billsec": "61", "duration": "59"}, "billsec 61 is more than the duration 59"),
+    ({"call_id": "c\x00"}, "call_id 'c\\x00' holds control characters"),
+    ({"destination": "5" * 100_000}, "destination is 100000 characters long"),
+    ({"caller": "9" * 200_000}, "not a CSV row"),  # past the csv module's field limit
+    ({"answer": "0001-01-01 00:00:00+05:00"}, "answer '0001-01-01 00:00:00+05:00' is nei"),
+    ({"end": "9999-12-31 23:00:00-05:00"}, "end '9999-12-31 23:00:00-05:00' is neither"),
+    ({"start": "２０２６-１２-０３ ０１:００:００"}, "(ASCII only)"),  # full-width digits
+])
+def test_a_damaged_row_is_one_clipped_error_naming_line_and_field(
+        fields: dict[str, str], message: str) -> None:
+    with pytest.raises(CdrFormatError) as caught:
+        parse_row(fs_line(**fields), preset("freeswitch-csv"), line=7, source="Master.csv")
+    text = str(caught.value)
+    assert text.startswith("Master.csv line 7: ") and message in text, text
+    assert "\n" not in text and len(text) < 200, text  # the value is clipped to ~40
+
+
+def test_the_bounds_themselves_are_rows() -> None:
+    year = 366 * 86400
+    row = parse_row(fs_line(billsec=str(year), duration=str(year)), preset("freeswitch-csv"))
+    assert row.billsec == year
+    # Asterisk's initiatedseconds rounds billsec up alone: one second over the duration.
+    assert parse_row(fs_line(billsec="61", duration="60"), preset("freeswitch-csv")).billsec == 61
+    row = parse_row(fs_line(end="253402300799.999999"), preset("freeswitch-csv"))
+    assert row.end == datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=30), st.from_regex(r"-?[0-9.e+]{0,25}"),
+                          st.integers(-10**20, 10**20).map(str)),
+                min_size=13, max_size=13))
+def test_parse_row_raises_nothing_but_a_one_line_format_error(cells: list[str]) -> None:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(cells)
+    try:
+        row = parse_row(out.getvalue(), preset("freeswitch-csv"), line=3, source="f")
+    except CdrFormatError as exc:
+        assert str(exc).startswith("f line 3: ") and "\n" not in str(exc)
+        assert len(str(exc)) < 400
+    else:
+        assert 0 <= row.billsec <= 366 * 86400 and row.call_id

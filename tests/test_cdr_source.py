@@ -257,3 +257,187 @@ async def test_a_closed_account_is_refused_and_counted(ledger: Any, tmp_path: Pa
     assert (report.outcomes, report.pending) == ({"refused": 1}, 0)
     assert metrics.reconcile_mismatches.labels("refused")._value.get() == 1
     assert (await ledger.call_cdr("c1")).pbx_billsec is None
+
+
+DAMAGED = [  # each a freeswitch-csv row some field of which no PBX writes
+    '"d1","","c","5","d","253402300800","0","253402300900","3","1","N","s","b"',
+    '"d2","","c","5","d","1e999999999","0","1","3","1","N","s","b"',
+    '"d3","","c","5","d","1","1","2","","1e30","N","s","b"',
+    '"d4","","c","5","d","1","1","2","3","-1","N","s","b"',
+    '"d5","","c","5","d","1","1","2","3","١","N","s","b"',
+    '"d\x006","","c","5","d","1","1","2","3","1","N","s","b"',
+    '"d7","","c","' + "5" * 5000 + '","d","1","1","2","3","1","N","s","b"',
+    '"d8","","c","5","d","1","1","2","3","99","N","s","b"',  # billsec > duration
+]
+
+
+async def provisional(ledger: Any, call_id: str) -> None:
+    await answered(ledger, call_id)
+    assert await ledger.hold(call_id, 1, D("0.13"), 60, at(5))
+    await ledger.settle_call(cdr(call_id, "0.13", flags=("ended_while_away",
+                                                         "billsec_assumed_paid")))
+
+
+async def test_damaged_rows_are_reported_and_never_cost_the_other_rows(
+        ledger: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await provisional(ledger, "c1")
+    await provisional(ledger, "c2")
+    (tmp_path / "Master.csv").write_text(
+        fs_row("c1", 61, at(5), at(66)) + "".join(f"{line}\n" for line in DAMAGED)
+        + "x" * 70_000 + "\n"  # longer than a line may be
+        + fs_row("c2", 61, at(5), at(66)))
+    metrics = Metrics()
+    source = source_for(ledger, tmp_path, clock, metrics)
+    report = await source.step()
+    damaged = len(DAMAGED) + 1
+    assert report.outcomes == {"unreadable": damaged, "corrected": 2}
+    assert report.pending == 0
+    for call_id in ("c1", "c2"):
+        assert (await ledger.call_cdr(call_id)).charged == D("0.26")
+    assert metrics.reconcile_mismatches.labels("unreadable")._value.get() == damaged
+    logged = [x for x in capsys.readouterr().out.splitlines() if "cdr.unreadable_row" in x]
+    assert len(logged) == damaged
+    assert f"line {damaged + 1}: longer than 65536 bytes" in "".join(logged)
+    for n in range(2, damaged + 2):  # file, line number, field; values clipped
+        [line] = [x for x in logged if f"Master.csv line {n}: " in x]
+        assert f"Master.csv line {n}: " in line and len(line) < 400, line
+    assert (await source.step()).outcomes == {}  # reported once, not read again
+
+
+class Flaky:
+    """A ledger whose call_cdr fails unexpectedly (a bug, not an outage) for some calls."""
+
+    def __init__(self, ledger: Any, failing: set[str]) -> None:
+        self._ledger, self.failing = ledger, failing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ledger, name)
+
+    async def call_cdr(self, call_id: str) -> Any:
+        if call_id in self.failing:
+            raise RuntimeError(f"injected failure for {call_id}")
+        return await self._ledger.call_cdr(call_id)
+
+
+async def test_an_unexpected_failure_loses_no_row_and_stops_no_other(
+        ledger: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    for call_id in ("c1", "c2", "c3"):
+        await provisional(ledger, call_id)
+    (tmp_path / "Master.csv").write_text(
+        "".join(fs_row(c, 61, at(5), at(66)) for c in ("c1", "c2", "c3")))
+    flaky = Flaky(ledger, {"c2"})
+    source = source_for(flaky, tmp_path, clock)
+    report = await source.step()
+    assert (report.outcomes, report.pending) == ({"corrected": 2, "failed": 1}, 1)
+    assert (await source.step()).outcomes == {"failed": 1}  # tried again, logged once
+    assert capsys.readouterr().out.count("cdr.row_failed") == 1
+    # A restart keeps it too (the pending line is in the saved state).
+    source = source_for(flaky, tmp_path, clock)
+    assert (await source.step()).outcomes == {"failed": 1}
+    flaky.failing.clear()
+    assert (await source.step()).outcomes == {"corrected": 1}
+    for call_id in ("c1", "c2", "c3"):
+        assert (await ledger.call_cdr(call_id)).charged == D("0.26")
+    assert await ledger.audit() == []
+
+
+async def test_a_failure_outside_any_row_keeps_every_line_read(
+        ledger: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever fails after the read, the lines stay the source's: the next poll has them."""
+    from agent.cdr import source as source_module
+
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await provisional(ledger, "c1")
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 61, at(5), at(66)))
+    source = source_for(ledger, tmp_path, clock)
+
+    def broken(rows: Any) -> Any:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(source_module, "merge_rows", broken)
+    with pytest.raises(RuntimeError):
+        await source.step()
+    monkeypatch.undo()
+    report = await source.step()
+    assert (report.read, report.outcomes) == (0, {"corrected": 1})
+    assert (await ledger.call_cdr("c1")).charged == D("0.26")
+
+
+async def test_the_loop_logs_an_unexpected_error_once_and_goes_on(
+        ledger: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await provisional(ledger, "c1")
+    source = source_for(ledger, tmp_path, clock, poll_seconds=0.01)
+    calls = 0
+    real = source.step
+
+    async def step() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:
+            raise KeyError("injected")  # not a ledger, OS or format error
+        return await real()
+
+    monkeypatch.setattr(source, "step", step)
+    task = asyncio.create_task(source.run())
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 61, at(5), at(66)))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if (await ledger.call_cdr("c1")).pbx_billsec is not None:
+            break
+    await asyncio.sleep(0.05)  # the poll that applied it returns: "recovered"
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    out = capsys.readouterr().out
+    assert out.count("cdr.poll_failed") == 1 and "cdr.poll_recovered" in out
+    assert (await ledger.call_cdr("c1")).charged == D("0.26")
+
+
+async def test_a_correction_above_max_posting_is_refused_not_retried(
+        ledger: Any, tmp_path: Path) -> None:
+    clock = SimClock(datetime(2026, 3, 2, 1, 10, tzinfo=UTC))
+    await funded(ledger)
+    await provisional(ledger, "c1")
+    ledger.max_posting = D("1")
+    (tmp_path / "Master.csv").write_text(fs_row("c1", 6000, at(5), at(6005)))
+    metrics = Metrics()
+    report = await source_for(ledger, tmp_path, clock, metrics).step()
+    assert (report.outcomes, report.pending) == ({"refused": 1}, 0)
+    assert metrics.reconcile_mismatches.labels("refused")._value.get() == 1
+    assert (await ledger.call_cdr("c1")).pbx_billsec is None
+
+
+async def test_a_vanished_call_is_settled_from_the_cdr_when_it_arrives(tmp_path: Path) -> None:
+    """Issue 15 item 3: the meter settles a call whose hang-up was lost with the PBX link
+    as ``vanished`` (what was paid); its CDR row then brings it to rate(pbx billsec)."""
+    h = await Harness(tmp_path, START).start()
+    try:
+        await h.topup("a0", "10")
+        _, call = await h.dial(talk=100, ring=1)
+        await h.advance(50)
+        h.pbx.disconnect()
+        await h.clock.advance(100)  # the PBX ends it at its deadline; the event is lost
+        h.pbx.reconnect()
+        await h.advance(10)
+        settled = await h.cdr(call.info.call_id)
+        assert "vanished" in settled.flags and settled.amount == D("0.13")
+        assert call.billsec == 62 and settled.pbx_billsec is None
+        (tmp_path / "Master.csv").write_text(sim_row(call))
+        report = await source_for(h.ledger, tmp_path, h.clock).step()
+        assert report.outcomes == {"corrected": 1}
+        settled = await h.cdr(call.info.call_id)
+        assert settled.pbx_billsec == 62
+        assert settled.charged == rate(Tariff("t", D("0.13"), 60, 60), 62) == D("0.26")
+        assert await h.ledger.audit() == []
+        await h.check_invariants()
+    finally:
+        await h.stop()

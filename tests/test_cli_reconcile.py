@@ -268,3 +268,99 @@ def test_the_month_end_report_and_flagged_list_show_the_correction(
     code, out, _ = cli("ledger", "flagged", "--from", "2026-12-03", "--to", "2026-12-03",
                        "--json")
     assert code == 0 and '"correction"' in out and '"prov"' in out
+
+
+def test_damaged_rows_are_listed_and_the_others_reconciled(cli: Any, tmp_path: Path) -> None:
+    from tests.test_cdr_source import DAMAGED
+
+    seed(cli.url, [("eq", 10, 40, "0.13", ()),
+                   ("prov", 100, 120, "0.26", ("ended_while_away", "billsec_assumed_paid"))])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("eq", 40, t(10), t(50)) + "".join(f"{x}\n" for x in DAMAGED)
+                    + "x" * 100_000 + "\n"  # no CDR row: longer than a line may be
+                    + fs_row("prov", 58, t(100), t(158)))
+    code, out, err = reconcile(cli, path, "--json", "--apply")
+    assert code == 1 and "Traceback" not in err
+    report = json.loads(out)
+    assert report["applied"] == ["prov"] and report["rows"] == 2
+    assert report["counts"]["equal"] == 1 and report["counts"]["corrected"] == 1
+    assert report["unexplained"] == len(DAMAGED) + 1
+    unreadable = report["unreadable_rows"]
+    assert [u.split(": ")[0] for u in unreadable] == [
+        f"{path} line {n}" for n in range(2, len(DAMAGED) + 3)]
+    assert "longer than 65536 bytes" in unreadable[-1]
+    assert all(len(u) < len(str(path)) + 200 for u in unreadable), unreadable
+    assert err.count("callgate: unreadable CDR row: ") == len(DAMAGED) + 1
+
+
+def test_many_unreadable_rows_are_counted_and_the_first_listed(
+        cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, [("eq", 10, 40, "0.13", ())])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("eq", 40, t(10), t(50)) + "garbage\n" * 150)
+    code, out, _ = reconcile(cli, path, "--json")
+    report = json.loads(out)
+    assert code == 1 and report["unexplained"] == 150
+    assert (len(report["unreadable_rows"]), report["unreadable_not_listed"]) == (100, 50)
+    code, out, _ = reconcile(cli, path)
+    assert "and 50 more unreadable row(s)" in out
+
+
+def test_only_the_rows_near_the_period_are_kept(tmp_path: Path) -> None:
+    """Reading streams the file: months of history cost no memory beyond the period's rows."""
+    from agent.cdr.formats import preset
+    from agent.cli.reconcile import read_rows
+
+    path = tmp_path / "Master.csv"
+    with open(path, "w") as out:
+        for day in range(-40, 40):  # 80 days, one call each
+            at_ = DAY + timedelta(days=day)
+            out.write(fs_row(f"day{day}", 30, at_, at_ + timedelta(seconds=30)))
+    reading = read_rows(path, preset("freeswitch-csv"), DAY.replace(hour=0),
+                        DAY.replace(hour=0) + timedelta(days=1))
+    assert reading.parsed == 80
+    assert [r.call_id for r in reading.rows] == ["day-1", "day0", "day1"]  # with its margin
+    # The margin stops at the calendar's ends.
+    everything = read_rows(path, preset("freeswitch-csv"), datetime.min.replace(tzinfo=UTC),
+                           datetime.max.replace(tzinfo=UTC))
+    assert len(everything.rows) == 80
+
+
+def test_apply_counts_no_zero_correction(cli: Any, tmp_path: Path) -> None:
+    """A provisional charge the PBX's billsec agrees with: its billsec is recorded, nothing
+    is posted, and it is not reported as a correction applied."""
+    seed(cli.url, [("right", 100, 120, "0.26", ("ended_while_away", "billsec_assumed_paid")),
+                   ("prov", 200, 120, "0.26", ("ended_while_away", "billsec_assumed_paid"))])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("right", 100, t(100), t(200)) + fs_row("prov", 58, t(200), t(258)))
+    code, out, _ = reconcile(cli, path, "--apply", "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert (report["applied"], report["confirmed"]) == (["prov"], ["right"])
+    assert [p["ref"] for p in postings(cli) if p["kind"] == "correction"] == ["prov"]
+    code, out, _ = reconcile(cli, path, "--apply")  # again: nothing new, nothing counted
+    assert code == 0 and "applied" not in out and "recorded the PBX billsec" not in out
+
+
+def test_a_correction_above_max_posting_is_refused_and_stays_unexplained(
+        cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, [("prov", 100, 120, "0.26", ("ended_while_away", "billsec_assumed_paid"))])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("prov", 6000, t(100), t(6100)))  # 100 minutes: +12.74
+    code, out, _ = cli("--ledger", f"{cli.url}?max_posting=10", "ledger", "reconcile",
+                       "--freeswitch-cdr", str(path), "--from", "2026-12-03", "--to",
+                       "2026-12-03", "--apply")
+    assert code == 1
+    assert ("not applied to prov: the correction of call 'prov' from the PBX's CDR 12.74 is "
+            "above the ledger's maximum posting of 10.00") in out
+    assert "needs_correction" in out
+    assert [p for p in postings(cli) if p["kind"] == "correction"] == []
+
+
+def test_a_period_from_the_calendar_start(cli: Any, tmp_path: Path) -> None:
+    seed(cli.url, [("eq", 10, 40, "0.13", ())])
+    path = tmp_path / "Master.csv"
+    path.write_text(fs_row("eq", 40, t(10), t(50)))
+    code, out, err = cli("ledger", "reconcile", "--freeswitch-cdr", str(path), "--from",
+                         "0001-01-01", "--to", "2026-12-03", "--json")
+    assert (code, err) == (0, "") and json.loads(out)["counts"]["equal"] == 1

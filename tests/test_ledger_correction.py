@@ -144,3 +144,18 @@ async def test_an_equal_cdr_is_recorded_even_on_a_closed_account(ledger: Any) ->
     await settled_provisionally(ledger, "c1")
     await ledger.refund("acme", ref="R1", at=at(300))
     assert (await ledger.correct_call("c1", 101)).pbx_billsec == 101  # nothing posted
+
+
+async def test_a_correction_is_bounded_like_a_finance_posting(ledger: Any) -> None:
+    """A CDR is outside input: no row moves more than max_posting (a clerk's bound)."""
+    await funded(ledger)
+    await settled_provisionally(ledger, "c1", steps=1)  # charged 0.13
+    ledger.max_posting = D("1")
+    with pytest.raises(RefusedOperation, match=r"the correction of call 'c1' from the PBX's "
+                                               r"CDR 1\.17 is above the ledger's maximum"):
+        await ledger.correct_call("c1", 600)  # 1.30: +1.17
+    assert (await ledger.call_cdr("c1")).pbx_billsec is None
+    assert (await ledger.balance("acme")).posted == D("99.87")
+    corrected = await ledger.correct_call("c1", 480)  # 1.04: +0.91, within the bound
+    assert corrected.correction == D("0.91")
+    assert await ledger.audit() == []

@@ -24,7 +24,8 @@ What the follower survives:
   ``callgate ledger reconcile --apply``.
 
 Reading is synchronous and bounded (at most ``max_bytes`` per call); the
-daemon runs it in a worker thread.
+daemon runs it in a worker thread. :func:`file_lines` reads a whole CDR file
+(``callgate ledger reconcile``) line by line in the same bounded way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -50,18 +52,21 @@ class FollowState:
     device: int = 0
     inode: int = 0
     offset: int = 0
-    # Lines read but not yet applied (their call was not settled yet): (line, first seen, epoch s)
-    pending: list[tuple[str, float]] = field(default_factory=list)
+    # Lines read but not applied yet (their call was not settled yet, or applying failed):
+    # (the line, first seen in epoch s, its line number in the file or 0 if not known)
+    pending: list[tuple[str, float, int]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "inode": self.inode, "offset": self.offset,
-                "pending": [[text, seen] for text, seen in self.pending]}
+                "pending": [list(entry) for entry in self.pending]}
 
     @classmethod
     def from_json(cls, data: Any) -> FollowState:
         if not isinstance(data, dict):
             raise ValueError("not an object")
-        pending = [(str(t), float(s)) for t, s in data.get("pending", [])]
+        # [line, seen] (an older state) or [line, seen, number]
+        pending = [(str(t), float(s), int(n[0]) if n else 0)
+                   for t, s, *n in data.get("pending", [])]
         return cls(int(data["device"]), int(data["inode"]), int(data["offset"]), pending)
 
 
@@ -117,6 +122,26 @@ def _after_last_line(handle: IO[bytes], size: int, chunk: int = 65536) -> int:
 class Line:
     text: str
     number: int  # 1-based line number in its file, when known (0: not known)
+    too_long: bool = False  # longer than MAX_LINE bytes: no CDR row (``text`` is empty)
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace").rstrip("\r")
+
+
+def file_lines(handle: IO[bytes]) -> Iterator[Line]:
+    """Every line of an open file, numbered from 1, holding at most :data:`MAX_LINE`
+    bytes at a time: a longer line is yielded ``too_long`` (its rest read and dropped).
+    A last line without its newline is yielded too."""
+    number = 0
+    while raw := handle.readline(MAX_LINE + 1):
+        number += 1
+        if len(raw) > MAX_LINE and not raw.endswith(b"\n"):
+            while (rest := handle.readline(MAX_LINE + 1)) and not rest.endswith(b"\n"):
+                pass
+            yield Line("", number, too_long=True)
+            continue
+        yield Line(_decode(raw.removesuffix(b"\n")), number)
 
 
 class CdrFollower:
@@ -216,16 +241,15 @@ class CdrFollower:
             self.state.offset += len(data)
             return []
         self.state.offset += used
-        if self._skipping and raw:
-            raw = raw[1:]  # the end of the skipped line
-            self._skipping = False
+        ended_skip = self._skipping and bool(raw)  # raw[0] is the end of the skipped line
+        self._skipping = self._skipping and not raw
         out = []
-        for chunk in raw:
+        for k, chunk in enumerate(raw):
             if self._line_no is not None:
                 self._line_no += 1
-            if len(chunk) > MAX_LINE:
-                log.warning("cdr.line_too_long", path=str(self.path))
+            if (k == 0 and ended_skip) or len(chunk) > MAX_LINE:
+                # No CDR row: reported (file and line) by the reader, never parsed.
+                out.append(Line("", self._line_no or 0, too_long=True))
                 continue
-            out.append(Line(chunk.decode("utf-8", errors="replace").rstrip("\r"),
-                            self._line_no or 0))
+            out.append(Line(_decode(chunk), self._line_no or 0))
         return out

@@ -29,6 +29,13 @@ Times are epoch seconds (``1764752400`` or ``1764752400.123456``) or
 ``YYYY-MM-DD HH:MM:SS`` in the layout's timezone (UTC unless configured); an
 empty time or ``0`` means "did not happen" (an unanswered call's answer time).
 
+A row is damaged, and :func:`parse_row` raises :class:`CdrFormatError` naming
+the line and the field (value clipped), unless billsec and duration are ASCII
+digits of at most :data:`MAX_SECONDS` (billsec at most duration + 1 s), epoch
+times are ASCII and before the year 10000, and the fields read are printable
+and at most :data:`FIELD_LIMIT` characters. It raises nothing else, whatever
+the line: a damaged row must never crash a reader or reach money.
+
 The presets (:data:`PRESETS`) are the standard layouts:
 
 - ``asterisk-custom``: the ``cdr_custom`` row callgate ships
@@ -45,11 +52,13 @@ The presets (:data:`PRESETS`) are the standard layouts:
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
-from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from agent.money import clip
 
 ROLES = ("call_id", "accountcode", "caller", "destination", "context", "start", "answer",
          "end", "duration", "billsec", "disposition")
@@ -165,50 +174,80 @@ class CdrRow:
         return self.start or self.answer or self.end
 
 
+# What a damaged row can hold, and the bounds that keep it from reaching money or
+# crashing a reader (a year of talk, a time before year 10000, a field no PBX writes).
+MAX_SECONDS = 366 * 86400  # billsec / duration: at most a (leap) year of talk
+MAX_EPOCH = 253402300800  # 10000-01-01T00:00:00Z: datetime's range ends before it
+FIELD_LIMIT = 256  # characters of a field callgate reads (Asterisk's are at most 80)
+_SECONDS = re.compile(r"[0-9]{1,12}", re.ASCII)
+_EPOCH = re.compile(r"([0-9]{1,12})(?:\.([0-9]{1,9}))?", re.ASCII)
+
+
 def _seconds(text: str, role: str, where: str) -> int:
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        raise CdrFormatError(f"{where}: {role} {text!r} is not a number of seconds") from None
-    if not value.is_finite() or value < 0 or value != value.to_integral_value():
-        raise CdrFormatError(f"{where}: {role} {text!r} is not a whole number of seconds")
-    return int(value)
+    """A count of seconds: ASCII digits, at most :data:`MAX_SECONDS`."""
+    text = text.strip()
+    if not _SECONDS.fullmatch(text):
+        raise CdrFormatError(
+            f"{where}: {role} {clip(text)!r} is not a whole number of seconds (ASCII digits)")
+    value = int(text)
+    if value > MAX_SECONDS:
+        raise CdrFormatError(
+            f"{where}: {role} {clip(text)!r} is more than a year ({MAX_SECONDS} s)")
+    return value
 
 
 def _time(text: str, role: str, zone: tzinfo, where: str) -> datetime | None:
     text = text.strip()
     if not text:
         return None
-    try:
-        epoch = Decimal(text)
-    except InvalidOperation:
-        epoch = None
+    epoch = _EPOCH.fullmatch(text)
     if epoch is not None:
-        if not epoch.is_finite() or epoch < 0:
-            raise CdrFormatError(f"{where}: {role} {text!r} is not a time")
-        if epoch == 0:  # FreeSWITCH's answer_epoch 0, Asterisk's answer(double) 0.000000
-            return None
-        whole = int(epoch)
-        micros = int((epoch - whole) * 1_000_000)
+        whole = int(epoch[1])
+        if whole == 0 and not (epoch[2] or "").strip("0"):
+            return None  # FreeSWITCH's answer_epoch 0, Asterisk's answer(double) 0.000000
+        if whole >= MAX_EPOCH:
+            raise CdrFormatError(f"{where}: {role} {clip(text)!r} is past the year 9999")
+        micros = int((epoch[2] or "0").ljust(6, "0")[:6])
         return datetime.fromtimestamp(whole, UTC).replace(microsecond=micros)
+    if not text.isascii():
+        raise CdrFormatError(f"{where}: {role} {clip(text)!r} is not a time (ASCII only)")
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=zone)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 moved out of range
         raise CdrFormatError(
-            f"{where}: {role} {text!r} is neither epoch seconds nor YYYY-MM-DD HH:MM:SS"
+            f"{where}: {role} {clip(text)!r} is neither epoch seconds nor a "
+            "YYYY-MM-DD HH:MM:SS time within years 1 to 9999"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=zone)
-    return moment.astimezone(UTC)
+
+
+def _text(fields: Sequence[str], at: Mapping[str, int], role: str, where: str) -> str:
+    """A text field: printable, at most :data:`FIELD_LIMIT` characters ("" if not in the layout)."""
+    i = at.get(role)
+    if i is None:
+        return ""
+    text = fields[i]
+    if len(text) > FIELD_LIMIT:
+        raise CdrFormatError(f"{where}: {role} is {len(text)} characters long "
+                             f"(at most {FIELD_LIMIT}): {clip(text)!r}")
+    if not text.isprintable():
+        raise CdrFormatError(f"{where}: {role} {clip(text)!r} holds control characters")
+    return text
 
 
 def parse_row(text: str, layout: Layout, *, line: int = 0, source: str = "") -> CdrRow:
-    """One CSV line (without its newline) as a :class:`CdrRow`; :class:`CdrFormatError` if not."""
+    """One CSV line (without its newline) as a :class:`CdrRow`; :class:`CdrFormatError` if not.
+
+    Nothing else is raised, whatever the line holds: a damaged row is one error
+    naming the file, the line and the field, with the value clipped.
+    """
     where = f"{source or 'CDR'} line {line}" if line else (source or "CDR row")
     try:
         fields = next(csv.reader([text], strict=True))
     except (csv.Error, StopIteration) as exc:
-        raise CdrFormatError(f"{where}: not a CSV row ({exc})") from None
+        raise CdrFormatError(f"{where}: not a CSV row ({clip(str(exc))})") from None
     if len(fields) != len(layout.columns):
         raise CdrFormatError(
             f"{where}: {len(fields)} columns, but the {layout.name!r} layout has "
@@ -217,17 +256,22 @@ def parse_row(text: str, layout: Layout, *, line: int = 0, source: str = "") -> 
     at = layout.index()
 
     def get(role: str) -> str:
-        i = at.get(role)
-        return fields[i] if i is not None else ""
+        return _text(fields, at, role, where)
 
     call_id = get("call_id").strip()
     if not call_id:
         raise CdrFormatError(f"{where}: the call_id column is empty")
     zone = layout.timezone
     duration_text = get("duration")
+    billsec = _seconds(get("billsec"), "billsec", where)
+    duration = _seconds(duration_text, "duration", where) if duration_text.strip() else None
+    # billsec counts from the answer, duration from the start: billsec is never the
+    # larger, but for Asterisk's ``initiatedseconds`` rounding billsec up alone (+1 s).
+    if duration is not None and billsec > duration + 1:
+        raise CdrFormatError(f"{where}: billsec {billsec} is more than the duration {duration}")
     return CdrRow(
         call_id=call_id,
-        billsec=_seconds(get("billsec"), "billsec", where),
+        billsec=billsec,
         accountcode=get("accountcode").strip(),
         caller=get("caller").strip(),
         destination=get("destination").strip(),
@@ -235,7 +279,7 @@ def parse_row(text: str, layout: Layout, *, line: int = 0, source: str = "") -> 
         start=_time(get("start"), "start", zone, where),
         answer=_time(get("answer"), "answer", zone, where),
         end=_time(get("end"), "end", zone, where),
-        duration=_seconds(duration_text, "duration", where) if duration_text.strip() else None,
+        duration=duration,
         disposition=get("disposition").strip().upper(),
         line=line,
     )

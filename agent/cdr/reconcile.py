@@ -27,10 +27,11 @@ kind                     unexplained  meaning
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
+from functools import partial
 
 from agent.cdr.formats import CdrRow
 from agent.cdr.settle import is_provisional
@@ -66,19 +67,62 @@ ORDER = (Kind.MISSING_IN_LEDGER, Kind.CHARGED_DIFFERENTLY, Kind.NEEDS_CORRECTION
 
 @dataclass(frozen=True, slots=True)
 class Line:
+    """One call: the PBX's row and the ledger's call as they are (no field copied from
+    either), what the row rates at, and what the two come to."""
+
     kind: Kind
-    call_id: str
-    account: str = ""
-    caller: str = ""
-    callee: str = ""
-    answered_at: datetime | None = None
-    pbx_billsec: int | None = None
-    ledger_billsec: int | None = None
+    row: CdrRow | None = None  # the PBX's row (None: missing_in_pbx)
+    record: CallRecord | None = None  # the ledger's call (None: missing_in_ledger)
+    cdr: Cdr | None = None  # its settled record, with any correction (None: open or missing)
     pbx_amount: Decimal | None = None  # rate(pbx billsec) under the call's tariff
-    ledger_amount: Decimal | None = None  # what the ledger charged (with any correction)
-    flags: tuple[str, ...] = ()
     matched_by: str = "call_id"  # or "number", or "" when unmatched
     note: str = ""
+
+    def _pick(self, ledger: str, pbx: str) -> str:
+        """A field of the ledger's call (record, else settled record), else of the row."""
+        for source in (self.record, self.cdr):
+            if source is not None:
+                return str(getattr(source, ledger))
+        return str(getattr(self.row, pbx)) if self.row is not None else ""
+
+    @property
+    def call_id(self) -> str:
+        return self._pick("call_id", "call_id")
+
+    @property
+    def account(self) -> str:
+        return self._pick("account", "accountcode")
+
+    @property
+    def caller(self) -> str:
+        return self._pick("caller", "caller")
+
+    @property
+    def callee(self) -> str:
+        return self._pick("callee", "destination")
+
+    @property
+    def answered_at(self) -> datetime | None:
+        if self.row is not None:
+            return self.row.answer
+        return self.cdr.answered_at if self.cdr is not None else None
+
+    @property
+    def pbx_billsec(self) -> int | None:
+        return self.row.billsec if self.row is not None else None
+
+    @property
+    def ledger_billsec(self) -> int | None:
+        return self.cdr.billsec if self.cdr is not None else None
+
+    @property
+    def ledger_amount(self) -> Decimal | None:
+        """What the ledger charged (with any correction)."""
+        return self.cdr.charged if self.cdr is not None else None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(self.cdr.flags) if self.cdr is not None else ()
 
     @property
     def unexplained(self) -> bool:
@@ -103,28 +147,23 @@ def expected_amount(record: CallRecord, row: CdrRow) -> Decimal:
 def classify(row: CdrRow, record: CallRecord, cdr: Cdr | None, matched_by: str) -> Line:
     """One CDR row against its ledger call."""
     expected = expected_amount(record, row)
-    base = Line(Kind.EQUAL, record.call_id, record.account, record.caller, record.callee,
-                row.answer, row.billsec, None, expected, None, (), matched_by)
+    line = partial(Line, row=row, record=record, cdr=cdr, pbx_amount=expected,
+                   matched_by=matched_by)
     if cdr is None:
-        return _with(base, Kind.NOT_SETTLED, note="the ledger has the call open")
-    base = _with(base, ledger_billsec=cdr.billsec, ledger_amount=cdr.charged, flags=cdr.flags)
+        return line(Kind.NOT_SETTLED, note="the ledger has the call open")
     if cdr.charged == expected:
         if cdr.pbx_billsec is not None and cdr.correction:
-            return _with(base, Kind.CORRECTED,
-                         note=f"corrected by {cdr.correction} from PBX billsec {cdr.pbx_billsec}")
-        return base
+            return line(Kind.CORRECTED,
+                        note=f"corrected by {cdr.correction} from PBX billsec {cdr.pbx_billsec}")
+        return line(Kind.EQUAL)
     if cdr.pbx_billsec is None and is_provisional(cdr):
-        return _with(base, Kind.NEEDS_CORRECTION,
-                     note="settled provisionally; --apply corrects it from this CDR")
+        return line(Kind.NEEDS_CORRECTION,
+                    note="settled provisionally; --apply corrects it from this CDR")
     reasons = [why for flag, why in EXPLAINING_FLAGS.items() if flag in cdr.flags]
     if reasons and cdr.billsec == row.billsec:
-        return _with(base, Kind.EXPLAINED, note="; ".join(reasons))
-    return _with(base, Kind.CHARGED_DIFFERENTLY,
-                 note="settled from the PBX's billsec live, yet charged differently")
-
-
-def _with(line: Line, kind: Kind | None = None, **changes: object) -> Line:
-    return replace(line, kind=kind or line.kind, **changes)  # type: ignore[arg-type]
+        return line(Kind.EXPLAINED, note="; ".join(reasons))
+    return line(Kind.CHARGED_DIFFERENTLY,
+                note="settled from the PBX's billsec live, yet charged differently")
 
 
 def digits(number: str) -> str:
@@ -177,17 +216,15 @@ def reconcile(
             lines.append(classify(row, records[candidate.call_id], candidate, "number"))
             continue
         lines.append(Line(
-            Kind.MISSING_IN_LEDGER, row.call_id, row.accountcode, row.caller,
-            row.destination, row.answer, row.billsec, None, unmatched_amount(row), None,
-            (), "", "answered outbound talk the ledger never charged (escaped the gate?)"))
+            Kind.MISSING_IN_LEDGER, row=row, pbx_amount=unmatched_amount(row), matched_by="",
+            note="answered outbound talk the ledger never charged (escaped the gate?)"))
     for cdrs_of_number in by_number.values():
         for left in cdrs_of_number:
             if left.call_id in matched or (left.charged == 0 and left.billsec == 0):
                 continue
             lines.append(Line(
-                Kind.MISSING_IN_PBX, left.call_id, left.account, left.caller, left.callee,
-                left.answered_at, None, left.billsec, None, left.charged, left.flags, "",
-                "charged in the ledger, but the PBX's CDR has no row for it"))
+                Kind.MISSING_IN_PBX, cdr=left, matched_by="",
+                note="charged in the ledger, but the PBX's CDR has no row for it"))
     lines.sort(key=lambda line: (ORDER.index(line.kind),
                                  line.answered_at.timestamp() if line.answered_at else 0.0,
                                  line.call_id))

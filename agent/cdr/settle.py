@@ -39,7 +39,7 @@ class Outcome(StrEnum):
     PENDING = "pending"         # the call is still open in the ledger: try again later
     NOT_OURS = "not_ours"       # the ledger has no call with this id
     CONFLICT = "conflict"       # already corrected from a different billsec: left alone
-    REFUSED = "refused"         # the ledger refuses it (the account is closed): finance acts
+    REFUSED = "refused"         # the ledger refuses it (account closed, above max_posting)
 
 
 def is_provisional(cdr: Cdr) -> bool:
@@ -119,8 +119,8 @@ async def apply_row(ledger: Ledger, row: CdrRow, *, source: str = "",
                                               operator=operator)
     except IdempotencyConflict as exc:  # corrected by another process meanwhile
         return Applied(Outcome.CONFLICT, cdr, str(exc))
-    except AccountClosed as exc:
+    except (AccountClosed, RefusedOperation) as exc:
+        # The call is settled (its record was read above), so no refusal here means
+        # "later": a closed account, a correction above max_posting. Finance acts.
         return Applied(Outcome.REFUSED, cdr, str(exc))
-    except RefusedOperation as exc:
-        return Applied(Outcome.PENDING, cdr, str(exc))
     return Applied(Outcome.CORRECTED, corrected)

@@ -15,9 +15,11 @@ What the source cannot reconcile is logged and counted in
 answered outbound call the ledger never saw), ``charged_differently``,
 ``conflict`` (a second CDR for a corrected call with another billsec),
 ``refused`` (the call's account is closed: reopen it, then ``reconcile --apply``),
-``not_settled`` (still open after ``pending_max_age``) and ``unreadable``.
-The source never stops the daemon: any failure is logged and the next poll
-tries again.
+``not_settled`` (still open after ``pending_max_age``) and ``unreadable`` (a
+damaged row: logged with its file, line and field, skipped; the other rows go on).
+The source never stops the daemon: a row whose applying fails unexpectedly is
+logged once and kept pending like a row of an open call; any other failure is
+logged once and the next poll tries again, with every line read still pending.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from typing import Any
 
 import structlog
 
-from agent.cdr.follow import CdrFollower, FollowState, load_state, save_state
+from agent.cdr.follow import MAX_LINE, CdrFollower, FollowState, load_state, save_state
 from agent.cdr.formats import CdrFormatError, CdrRow, Layout, parse_row
 from agent.cdr.reconcile import classify
 from agent.cdr.settle import Outcome, apply_row, merge_rows
 from agent.ledger import Ledger, LedgerError
 from agent.meter.clock import Clock
+from agent.money import clip
 
 log = structlog.get_logger("callgate.cdr")
 
@@ -71,6 +74,7 @@ class CdrSource:
         self.state: FollowState | None = None
         self.follower: CdrFollower | None = None
         self._saved: Any = None  # what the state file holds (a failed save is retried)
+        self._failed: set[str] = set()  # calls whose row failed unexpectedly (logged once)
 
     async def run(self) -> None:
         failing = ""  # the last failure logged: a lasting one (a file it may not read,
@@ -95,7 +99,13 @@ class CdrSource:
                 self.follower.close()
 
     async def step(self) -> StepReport:
-        """One poll: read, apply, save."""
+        """One poll: read, apply, save.
+
+        The lines read join the pending lines *before* anything is applied, and
+        a line leaves them only once its row is applied (or dropped, logged): an
+        exception anywhere in between leaves every line for the next poll, and
+        rows applied already are replays then (a CDR is applied once per call).
+        """
         if self.follower is None:
             first = not await asyncio.to_thread(self.state_path.exists)
             self.state = await asyncio.to_thread(load_state, self.state_path)
@@ -104,30 +114,32 @@ class CdrSource:
             # the next start is then no first start, and reads what came meanwhile.
             self._saved = None if first else self._snapshot()
         assert self.state is not None
-        follower = self.follower
-        lines = await asyncio.to_thread(follower.read)
+        state = self.state
+        lines = await asyncio.to_thread(self.follower.read)
         now = self.clock.now().timestamp()
         report = StepReport(read=len(lines))
-        texts = [*self.state.pending, *((line.text, now) for line in lines)]
-        rows: list[CdrRow] = []
-        seen_of: dict[str, float] = {}
-        texts_of: dict[str, list[tuple[str, float]]] = {}
-        for text, seen in texts:
-            if not text.strip():
-                continue
-            try:
-                row = parse_row(text, self.layout, source=str(self.path))
-            except CdrFormatError as exc:
-                log.error("cdr.unreadable_row", error=str(exc))
+        for line in lines:
+            if line.too_long:
+                where = f"{self.path} line {line.number}" if line.number else str(self.path)
+                log.error("cdr.unreadable_row",
+                          error=f"{where}: longer than {MAX_LINE} bytes, no CDR row")
                 self._mismatch("unreadable")
                 report.count("unreadable")
-                continue
-            rows.append(row)
-            seen_of[row.call_id] = min(seen, seen_of.get(row.call_id, seen))
-            texts_of.setdefault(row.call_id, []).append((text, seen))
-        pending: list[tuple[str, float]] = []
+            else:
+                state.pending.append((line.text, now, line.number))
+        rows: list[CdrRow] = []
+        seen_of: dict[str, float] = {}
+        texts_of: dict[str, list[tuple[str, float, int]]] = {}
+        for entry in state.pending:
+            row = self._parse(entry, report)
+            if row is not None:
+                rows.append(row)
+                seen_of[row.call_id] = min(entry[1], seen_of.get(row.call_id, entry[1]))
+                texts_of.setdefault(row.call_id, []).append(entry)
+        pending: list[tuple[str, float, int]] = []
         merged = merge_rows(rows)
         for i, row in enumerate(merged):
+            failed = False
             try:
                 outcome = await self._apply(row)
             except LedgerError as exc:  # unreachable: keep this row and the rest for later
@@ -135,21 +147,49 @@ class CdrSource:
                 for rest in merged[i:]:
                     pending.extend(texts_of[rest.call_id])
                 break
-            age = now - seen_of[row.call_id]
-            if outcome is Outcome.PENDING and age >= self.pending_max_age:
-                log.error("cdr.call_never_settled", call_id=row.call_id, waited_s=round(age))
+            except Exception as exc:  # a daemon never dies of one row
+                # A failure nobody foresaw: this row waits (up to pending_max_age, as a
+                # row of an open call), the others go on. Logged once per call.
+                if row.call_id not in self._failed:
+                    self._failed.add(row.call_id)
+                    log.exception("cdr.row_failed", call_id=clip(row.call_id),
+                                  line=row.line, error=clip(str(exc), 200))
+                outcome, failed = Outcome.PENDING, True
+            if outcome is Outcome.PENDING and now - seen_of[row.call_id] >= self.pending_max_age:
+                log.error("cdr.call_never_settled", call_id=clip(row.call_id),
+                          waited_s=round(now - seen_of[row.call_id]))
                 self._mismatch("not_settled")
                 report.count("dropped")
-                continue
-            report.count(outcome.value)
-            if outcome is Outcome.PENDING:
+                self._failed.discard(row.call_id)
+            elif outcome is Outcome.PENDING:
+                report.count("failed" if failed else outcome.value)
                 pending.extend(texts_of[row.call_id])
-        self.state.pending = pending
+            else:
+                report.count(outcome.value)
+            if not failed:
+                self._failed.discard(row.call_id)
+        state.pending = pending
         report.pending = len(pending)
         if self._snapshot() != self._saved:
-            await asyncio.to_thread(save_state, self.state_path, self.state)
+            await asyncio.to_thread(save_state, self.state_path, state)
             self._saved = self._snapshot()
         return report
+
+    def _parse(self, entry: tuple[str, float, int], report: StepReport) -> CdrRow | None:
+        """A pending line as a row; None (logged, counted) for a blank or damaged one."""
+        text, _, number = entry
+        if not text.strip():
+            return None
+        try:
+            return parse_row(text, self.layout, line=number, source=str(self.path))
+        except CdrFormatError as exc:
+            log.error("cdr.unreadable_row", error=str(exc))
+        except Exception as exc:  # parse_row broke its contract: still one row
+            log.exception("cdr.unreadable_row", error=clip(str(exc), 200),
+                          line=number, text=clip(text))
+        self._mismatch("unreadable")
+        report.count("unreadable")
+        return None
 
     def _snapshot(self) -> Any:
         assert self.state is not None

@@ -10,6 +10,13 @@ bad usage (an unreadable file, a layout that reads none of its rows).
 ``--apply`` posts the corrections of provisionally settled calls from their
 CDR rows (the ledger's ``correct_call``: once per call, so running it again
 writes nothing) and nothing else; the report then shows them corrected.
+``applied`` counts only calls a correction was posted for; a provisional call
+the PBX's billsec agrees with is ``confirmed`` (its billsec recorded, nothing
+posted); one the ledger refuses (closed account, above ``max_posting``) is
+listed with why.
+
+The file is read line by line and only rows within :data:`MARGIN` of the
+period are kept: memory follows the period's calls, not the file's history.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +33,9 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.calls import CallInfo, Direction
-from agent.cdr.formats import PRESETS, CdrFormatError, CdrRow, Layout, parse_lines, preset
+from agent.cdr.follow import MAX_LINE, file_lines
+from agent.cdr.follow import Line as FileLine
+from agent.cdr.formats import PRESETS, CdrFormatError, CdrRow, Layout, parse_row, preset
 from agent.cdr.reconcile import Kind, Line, reconcile, summary
 from agent.cdr.settle import Outcome, apply_row, is_provisional, merge_rows
 from agent.cli.common import (
@@ -103,16 +113,62 @@ def _layout(args: argparse.Namespace, zone: tzinfo) -> tuple[Path, Layout]:
         raise UsageError(str(exc)) from None
 
 
-def read_rows(path: Path, layout: Layout) -> tuple[list[CdrRow], list[CdrFormatError]]:
-    """Every row of the file; a file with rows none of which parse is a usage error."""
+# A period's rows are kept within this margin of it, so that the rows of one call
+# (Asterisk writes a second one for the Hangup after a failed Dial) merge whole.
+MARGIN = timedelta(days=1)
+ERRORS_KEPT = 100  # unreadable rows listed one by one; the rest are counted
+
+
+@dataclass
+class Reading:
+    """What a pass over a CDR file keeps: the rows near the period, merged per call, and
+    the unreadable rows (the first :data:`ERRORS_KEPT` listed, every one counted)."""
+
+    rows: list[CdrRow] = field(default_factory=list)
+    parsed: int = 0  # rows of the whole file that parse
+    unreadable: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def damaged(self, error: str) -> None:
+        self.unreadable += 1
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append(error)
+
+
+def read_rows(path: Path, layout: Layout, start: datetime, end: datetime) -> Reading:
+    """The rows of the file filed within :data:`MARGIN` of ``[start, end)``, read line by
+    line: memory grows with the period's calls, not with the file (months of history).
+    A file with rows none of which parse is a usage error."""
+    reading = Reading()
+    first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    low = start - MARGIN if start - first > MARGIN else first  # --from 0001-01-01
+    high = end + MARGIN if last - end > MARGIN else last
+
+    def near(lines: Iterable[FileLine]) -> Iterator[CdrRow]:
+        for line in lines:
+            if line.too_long:
+                reading.damaged(f"{path} line {line.number}: longer than {MAX_LINE} bytes, "
+                                "no CDR row")
+                continue
+            if not line.text.strip():
+                continue
+            try:
+                row = parse_row(line.text, layout, line=line.number, source=str(path))
+            except CdrFormatError as exc:
+                reading.damaged(str(exc))
+                continue
+            reading.parsed += 1
+            if row.when is not None and low <= row.when < high:
+                yield row
+
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with open(path, "rb") as handle:
+            reading.rows = merge_rows(near(file_lines(handle)))
     except OSError as exc:
         raise UsageError(f"cannot read CDR file {path}: {exc.strerror or exc}") from None
-    rows, errors = parse_lines(text.splitlines(), layout, source=str(path))
-    if errors and not rows:
-        raise UsageError(f"{errors[0]} (is the layout right? --format, --columns)")
-    return rows, errors
+    if reading.errors and not reading.parsed:
+        raise UsageError(f"{reading.errors[0]} (is the layout right? --format, --columns)")
+    return reading
 
 
 def _outbound_rule(args: argparse.Namespace) -> Callable[[CdrRow], bool]:
@@ -178,8 +234,8 @@ async def _reconcile(args: argparse.Namespace) -> int:
     start = datetime.combine(first, time(0), tzinfo=zone).astimezone(UTC)
     end = datetime.combine(last + timedelta(days=1), time(0), tzinfo=zone).astimezone(UTC)
     path, layout = _layout(args, zone)
-    rows, errors = read_rows(path, layout)
-    merged = merge_rows(rows)
+    reading = read_rows(path, layout, start, end)
+    merged = reading.rows
     outbound = _outbound_rule(args)
     rater = _unmatched_rater(args)
     node = args.node
@@ -193,7 +249,8 @@ async def _reconcile(args: argparse.Namespace) -> int:
 
     operator = operator_name(args) if args.apply else ""
     ledger = await open_store(args)  # an existing ledger only
-    applied: list[str] = []
+    applied: list[str] = []  # calls a correction posting was made for
+    confirmed: list[str] = []  # provisional calls charged right already: billsec recorded
     refused: list[dict[str, str]] = []  # corrections the ledger would not take, and why
     try:
         lines, rows_by_id = await _match(ledger, merged, start, end, node, in_period,
@@ -207,11 +264,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
                 if cdr is None or cdr.pbx_billsec is not None or not is_provisional(cdr):
                     continue
                 result = await apply_row(ledger, row, source=str(path), operator=operator)
-                if result.outcome is Outcome.CORRECTED:
-                    applied.append(line.call_id)
+                if result.outcome is Outcome.CORRECTED and result.cdr is not None:
+                    # A provisional charge that was right already: the PBX billsec is
+                    # recorded, nothing is posted, and it is no correction to count.
+                    (applied if result.cdr.correction else confirmed).append(line.call_id)
                 elif result.outcome in (Outcome.REFUSED, Outcome.CONFLICT):
                     refused.append({"call_id": line.call_id, "why": result.why})
-            if applied:
+            if applied or confirmed:
                 lines, rows_by_id = await _match(ledger, merged, start, end, node, in_period,
                                                  outbound, rater)
     except LedgerError as exc:
@@ -220,12 +279,13 @@ async def _reconcile(args: argparse.Namespace) -> int:
         await ledger.close()
     shown = lines if args.all else [x for x in lines if x.kind is not Kind.EQUAL]
     counts = summary(lines)
-    unexplained = sum(1 for x in lines if x.unexplained) + len(errors)
+    unexplained = sum(1 for x in lines if x.unexplained) + reading.unreadable
     report = {"file": str(path), "layout": layout.name, "from": first.isoformat(),
               "to": last.isoformat(), "timezone": args.timezone, "currency": CURRENCY,
-              "rows": len(rows), "calls": len(lines), "counts": counts,
-              "unreadable_rows": [str(e) for e in errors], "applied": applied,
-              "refused": refused,
+              "rows": reading.parsed, "calls": len(lines), "counts": counts,
+              "unreadable_rows": reading.errors,
+              "unreadable_not_listed": reading.unreadable - len(reading.errors),
+              "applied": applied, "confirmed": confirmed, "refused": refused,
               "unexplained": unexplained}
     if args.json:
         print_json({**report, "lines": [_line_json(x) for x in shown]})
@@ -233,8 +293,12 @@ async def _reconcile(args: argparse.Namespace) -> int:
         _csv(shown)
     else:
         _text(report, shown, zone)
-    for error in errors if (args.json or args.csv) else []:
-        print(f"callgate: unreadable CDR row: {error}", file=sys.stderr)
+    if args.json or args.csv:
+        for error in reading.errors:
+            print(f"callgate: unreadable CDR row: {error}", file=sys.stderr)
+        if report["unreadable_not_listed"]:
+            print(f"callgate: and {report['unreadable_not_listed']} more unreadable CDR "
+                  "row(s)", file=sys.stderr)
     return 1 if unexplained else 0
 
 
@@ -322,10 +386,15 @@ def _text(report: dict[str, Any], lines: list[Line], zone: tzinfo) -> None:
         f"{n} {kind}" for kind, n in counts.items() if n))
     if report["applied"]:
         print(f"applied {len(report['applied'])} correction(s) from the PBX's CDR")
+    if report["confirmed"]:
+        print(f"recorded the PBX billsec of {len(report['confirmed'])} provisional call(s) "
+              "charged right already (nothing posted)")
     for item in report["refused"]:
         print(f"not applied to {item['call_id']}: {item['why']}")
     for error in report["unreadable_rows"]:
         print(f"unreadable row: {error}")
+    if report["unreadable_not_listed"]:
+        print(f"and {report['unreadable_not_listed']} more unreadable row(s)")
     if lines:
         print()
         print(_table(HEADERS, [_cells(x, zone) for x in lines], {5, 6, 7, 8}))

@@ -321,11 +321,20 @@ def rated_units(rate_units: int, increment: int, minimum: int, billsec: int,
 
 
 def correction_units(settled: int, rate_units: int, increment: int, minimum: int,
-                     pbx_billsec: int, unit: Decimal) -> int:
-    """The signed correction that brings a settled charge to the PBX billsec's rating."""
+                     pbx_billsec: int, unit: Decimal, *, call_id: str = "",
+                     max_posting: Decimal = DEFAULT_MAX_POSTING) -> int:
+    """The signed correction that brings a settled charge to the PBX billsec's rating.
+
+    It is bounded like a finance posting (``max_posting``): a CDR is input from
+    outside, and no row, however damaged, moves more money than a clerk could by
+    hand; a larger one is refused, for finance to look at (reconcile lists it).
+    """
     if pbx_billsec < 0:
         raise RefusedOperation("a PBX billsec must not be negative")
-    return rated_units(rate_units, increment, minimum, pbx_billsec, unit) - settled
+    delta = rated_units(rate_units, increment, minimum, pbx_billsec, unit) - settled
+    check_posting_size(delta, to_units(max_posting, unit, what="max_posting"), unit,
+                       what=f"the correction of call {call_id!r} from the PBX's CDR")
+    return delta
 
 
 def correction_conflict(call_id: str, recorded: int, billsec: int) -> IdempotencyConflict:

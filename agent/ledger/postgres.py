@@ -657,7 +657,8 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
                     return _cdr(cdr, unit)
                 raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
             delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
-                                           call["minimum"], pbx_billsec, unit)
+                                           call["minimum"], pbx_billsec, unit,
+                                           call_id=call_id, max_posting=self.max_posting)
             if delta:
                 acc = await conn.fetchrow(
                     "SELECT posted, closed FROM accounts WHERE id = $1 FOR UPDATE",

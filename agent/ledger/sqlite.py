@@ -972,7 +972,8 @@ class SqliteLedger(rules.FinanceFront, SqliteCompliance):
                     return _cdr(cdr, unit)
                 raise rules.correction_conflict(call_id, cdr["pbx_billsec"], pbx_billsec)
             delta = rules.correction_units(cdr["amount"], call["rate"], call["increment"],
-                                           call["minimum"], pbx_billsec, unit)
+                                           call["minimum"], pbx_billsec, unit,
+                                           call_id=call_id, max_posting=self.max_posting)
             if delta:
                 acc = conn.execute("SELECT posted, closed FROM accounts WHERE id = ?",
                                    (call["account"],)).fetchone()
