@@ -8,6 +8,7 @@ exit-2 message word for word, with a 4xx status, and writes nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from pathlib import Path
@@ -322,3 +323,48 @@ async def test_the_daemons_publisher_gets_the_clis_events(ledger_url: str,
                                   {"reason": "unpaid"})
         assert status == 201 and body["changed"] is True
         assert (await s.console.ledger.suspension("beta")) is not None
+
+
+async def test_show_and_withdraw_drop_blanks_around_a_ticket_as_the_cli_does(
+        served: Served, capsys: Any) -> None:
+    """README: blanks around a ticket are dropped by add, show and withdraw alike."""
+    s = served
+    assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
+    assert (await complain(s, callee=CALLEE, ticket=" T-7 ", at=an_hour_ago()))[0] == 201
+    code, out = await cli(s, capsys, "complaint", "show", " T-7 ", "--json")
+    status, shown = await call(s, "GET", "/api/v1/complaints/%20T-7%20", "read")
+    assert code == 0 and status == 200, shown
+    assert shown["ticket"] == "T-7" and json.loads(out)["ticket"] == "T-7"
+    status, body = await call(s, "POST", "/api/v1/complaints/%20T-7%20/withdraw", "finance", {})
+    assert status == 200 and body["changed"] is True, body
+    assert await same_refusal(s, capsys, 400, ("GET", "/api/v1/complaints/%20", {}),
+                              ["complaint", "show", " "]) == (
+        "ticket: a ticket is required and must not be blank")
+
+
+async def test_a_note_or_reason_of_more_than_one_line_is_bad_input(
+        served: Served, capsys: Any) -> None:
+    """The CLI's line and exit 2; the API's 400 (bad input), not 422 (a ledger rule)."""
+    s = served
+    assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
+    assert (await complain(s, callee=CALLEE, ticket="T-8", at=an_hour_ago()))[0] == 201
+    cases: list[tuple[tuple[str, str, dict[str, Any]], list[str]]] = [
+        (("POST", "/api/v1/accounts/acme/complaint",
+          {"callee": CALLEE, "ticket": "T-9", "note": "a\nb"}),
+         ["complaint", "add", "--account", "acme", "--callee", CALLEE, "--ticket", "T-9",
+          "--note", "a\nb"]),
+        (("POST", "/api/v1/complaints/T-8/withdraw", {"note": "a\x1b[2Jb"}),
+         ["complaint", "withdraw", "T-8", "--note", "a\x1b[2Jb"]),
+        (("POST", "/api/v1/dnc", {"account": "acme", "number": "13800138005",
+                                  "reason": "a\u2028b"}),
+         ["dnc", "add", "13800138005", "--account", "acme", "--reason", "a\u2028b"]),
+        (("POST", "/api/v1/dnc/remove", {"account": "acme", "number": CALLEE,
+                                         "reason": "a\rb"}),
+         ["dnc", "remove", CALLEE, "--account", "acme", "--reason", "a\rb"]),
+        (("POST", "/api/v1/accounts/acme/suspend", {"reason": "a\x07b"}),
+         ["account", "suspend", "acme", "--reason", "a\x07b"]),
+        (("POST", "/api/v1/accounts/acme/resume", {"note": "a\nb"}),
+         ["account", "resume", "acme", "--note", "a\nb"]),
+    ]
+    for api, argv in cases:
+        assert "must be one line of text" in await same_refusal(s, capsys, 400, api, argv)

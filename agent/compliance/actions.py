@@ -27,7 +27,14 @@ from agent.finance import NotFound, Refused
 from agent.gate.dnc import dnc_number
 from agent.gate.numbers import Normalizer
 from agent.ledger import LedgerError
-from agent.ledger.compliance import GLOBAL, Complaint, DncEntry, SuspendRule, typed_ticket
+from agent.ledger.compliance import (
+    GLOBAL,
+    Complaint,
+    DncEntry,
+    SuspendRule,
+    check_note,
+    typed_ticket,
+)
 from agent.money import clip
 
 T = TypeVar("T")
@@ -75,6 +82,16 @@ def not_blank(text: str, what: str) -> str:
     return text
 
 
+def one_line(text: str, what: str) -> str:
+    """A note or reason as typed: the ledger's rule (one line, at most its limit), with the
+    ledger's message, but refused as bad input (exit 2, HTTP 400) before the ledger is
+    written, so the API answers it as it answers every other malformed field."""
+    try:
+        return check_note(text, what)
+    except LedgerError as exc:
+        raise Refused(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class ComplaintRequest:
     """A checked ``complaint add``: what the ledger's ``add_complaint`` is given."""
@@ -94,7 +111,8 @@ def complaint(policy: Any, account: str, callee: str, ticket: str, at: str | Non
     typed = checked("--ticket", typed_ticket, ticket)
     zone = policy_account(policy, account)
     number = checked("--callee", dnc_number, callee, policy.accounts[account].normalize)
-    return ComplaintRequest(account, number, typed, at_time(at, zone, now), note,
+    return ComplaintRequest(account, number, typed, at_time(at, zone, now),
+                            one_line(note, "a note"),
                             policy.prepaid.complaint_penalty, policy.complaints)
 
 

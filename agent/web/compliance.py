@@ -34,7 +34,7 @@ from aiohttp import web
 
 from agent import finance
 from agent.compliance import actions
-from agent.ledger.compliance import ComplaintOutcome
+from agent.ledger.compliance import ComplaintOutcome, typed_ticket
 from agent.web.auth import Role
 from agent.web.server import console, json_response, needs, principal
 
@@ -87,6 +87,7 @@ async def record_complaint(c: Any, req: actions.ComplaintRequest,
 
 
 async def withdraw_complaint(c: Any, ticket: str, note: str, operator: str) -> tuple[Any, bool]:
+    actions.one_line(note, "a note")
     complaint, changed = await c.ledger.withdraw_complaint(ticket, operator=operator,
                                                            at=c.now(), note=note)
     if changed:
@@ -129,7 +130,8 @@ async def list_complaints(request: web.Request) -> web.Response:
 
 
 async def show_complaint(request: web.Request) -> web.Response:
-    ticket = request.match_info["ticket"]
+    # As typed, like ``complaint show``: blanks around the ticket dropped.
+    ticket = actions.checked("ticket", typed_ticket, request.match_info["ticket"])
     found = await console(request).ledger.complaint(ticket)
     if found is None:
         raise finance.NotFound(f"no complaint with ticket {ticket!r}")
@@ -140,9 +142,11 @@ async def show_complaint(request: web.Request) -> web.Response:
 async def withdraw(request: web.Request) -> web.Response:
     from agent.web.api import body
 
-    c, ticket = console(request), request.match_info["ticket"]
+    c = console(request)
+    ticket = actions.checked("ticket", typed_ticket, request.match_info["ticket"])
     data = await body(request)
     fields(data, ("note",), (), "a withdrawal")
+    actions.one_line(text(data, "note"), "a note")  # before the look-up, as the CLI's ledger
     if await c.ledger.complaint(ticket) is None:
         raise finance.NotFound(f"the ledger has no complaint {ticket!r}")
     complaint, changed = await withdraw_complaint(c, ticket, text(data, "note"),
@@ -167,6 +171,7 @@ async def add_dnc(c: Any, account: str | None, number: str, reason: str,
                   operator: str) -> tuple[Any, bool]:
     actions.not_blank(reason, "--reason")
     scope, normalized = actions.dnc_target(c.policy(), account, number)
+    actions.one_line(reason, "a reason")  # the CLI's order: the ledger checks it next
     entry, added = await c.ledger.dnc_add(scope, normalized, reason=reason, operator=operator,
                                           at=c.now())
     log.info("web.dnc_add", account=scope or "*", operator=operator, added=added)
@@ -176,6 +181,7 @@ async def add_dnc(c: Any, account: str | None, number: str, reason: str,
 async def remove_dnc(c: Any, account: str | None, number: str, reason: str,
                      operator: str) -> tuple[str, str, bool]:
     scope, normalized = actions.dnc_target(c.policy(), account, number)
+    actions.one_line(reason, "a reason")
     removed = await c.ledger.dnc_remove(scope, normalized, operator=operator, at=c.now(),
                                         reason=reason)
     log.info("web.dnc_remove", account=scope or "*", operator=operator, removed=removed)
@@ -224,6 +230,7 @@ async def dnc_remove(request: web.Request) -> web.Response:
 async def suspend_account(c: Any, account: str, reason: str, operator: str) -> tuple[Any, bool]:
     actions.not_blank(reason, "--reason")
     actions.policy_account(c.policy(), account)
+    actions.one_line(reason, "a reason")
     suspension, changed = await c.ledger.suspend(account, reason=reason, operator=operator,
                                                  at=c.now())
     if changed:
@@ -235,6 +242,7 @@ async def suspend_account(c: Any, account: str, reason: str, operator: str) -> t
 
 async def resume_account(c: Any, account: str, note: str, operator: str) -> bool:
     actions.policy_account(c.policy(), account)
+    actions.one_line(note, "a note")
     changed = bool(await c.ledger.resume(account, operator=operator, at=c.now(), note=note))
     if changed:
         publish(c, "account", {"action": "resume", "account": account, "note": note,
