@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, StrictStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, StrictStr, model_validator
 
-from agent.yamlfile import ConfigError, LocatedError, read_yaml, validate
+from agent.yamlfile import ConfigError, LocatedError, NoBoolNumbers, read_yaml, validate
 
 
-class _Strict(BaseModel):
+class _Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

@@ -9,6 +9,10 @@ closed here rather than in every model:
 - Numbers that are really strings: ``0900`` or ``+86`` read as integers by YAML.
   Fields that hold dial prefixes or phone numbers are strict strings, and the
   error message says to quote them.
+- Booleans where a number belongs: pydantic would read ``suspend_after: true``
+  as 1 (suspend on the first complaint). The models' base classes refuse
+  ``true``/``false`` for any field that does not take a boolean
+  (:class:`NoBoolNumbers`).
 
 Whatever a file holds — an impossible date (``2026-02-30``), nesting thousands
 deep, a megabyte line, binary bytes — reading and validating it either succeeds
@@ -24,9 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError, RoundTripConstructor
@@ -39,6 +43,27 @@ M = TypeVar("M", bound=BaseModel)
 MAX_DEPTH = 64  # no file a person edits nests deeper; far below Python's recursion limit
 MAX_BYTES = 4 * 2**20  # a policy is rules; millions of numbers belong in do-not-call files
 _FLOW = re.compile(r"""'[^'\n]*'|"(?:[^"\\\n]|\\.)*"|#[^\n]*|[\[\]{}]""")
+
+
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any or isinstance(annotation, bool):
+        return True
+    return any(_takes_bool(arg) for arg in get_args(annotation))
+
+
+class NoBoolNumbers(BaseModel):
+    """A base for the files' models: ``true``/``false`` is refused where no boolean belongs
+    (pydantic's lax mode would take ``true`` as the number 1)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name is not None:
+            field = cls.model_fields.get(info.field_name)
+            if field is not None and not _takes_bool(field.annotation):
+                raise ValueError(f"{str(value).lower()} is not allowed here: write a number "
+                                 "or text, not true/false")
+        return value
 
 
 def _flow_too_deep(text: str) -> int | None:

@@ -202,3 +202,18 @@ def test_numbers_and_prefixes_are_ascii_digits(tmp_path, field, text):
     # would be silently void. Refused, located.
     _, err = one_error(tmp_path, "version: 1\n" + text)
     assert err.path == field and "not a" in err.message, err
+
+
+@pytest.mark.parametrize(("snippet", "path_"), [
+    ("complaints: {suspend_after: true, period: 30d}\n", "complaints.suspend_after"),
+    ("defaults: {cps_limit: true}\n", "defaults.cps_limit"),
+    ("defaults: {caller_id_cap: {per_hour: true}}\n", "defaults.caller_id_cap.per_hour"),
+    ("defaults: {rate_cap: {max_attempts: false, period: 1h}}\n",
+     "defaults.rate_cap.max_attempts"),
+])
+def test_true_or_false_is_not_a_number(tmp_path, snippet, path_):
+    """YAML's true would be read as 1: suspend_after: true would suspend on the first
+    complaint, cps_limit: true would allow one call a second."""
+    _, err = one_error(tmp_path, "version: 1\n" + snippet + GOOD_ACCOUNT)
+    assert err.path == path_ and err.line == 2
+    assert "not true/false" in err.message

@@ -87,7 +87,7 @@ def test_the_sweep_interval_is_a_validated_config_key(tmp_path: Path) -> None:
     assert load_agent_config(path).spec.meter.balance_check_seconds == 10
     path.write_text(BASE + "meter: {balance_check_seconds: 60}\n")
     assert load_agent_config(path).spec.meter.balance_check_seconds == 60
-    for bad in ("0", "0.5", "7200", "'often'"):
+    for bad in ("0", "0.5", "7200", "'often'", "true"):  # true is not 1 second
         path.write_text(BASE + f"meter: {{balance_check_seconds: {bad}}}\n")
         with pytest.raises(ConfigError) as err:
             load_agent_config(path)

@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -31,6 +30,7 @@ from agent.gate.hours import WEEKDAYS, parse_time_of_day
 from agent.gate.numbers import ascii_digits
 from agent.money import AmountError, parse_amount
 from agent.rating import Rounding
+from agent.yamlfile import NoBoolNumbers
 
 
 def _money(value: Any) -> Decimal:
@@ -128,7 +128,7 @@ Period = Annotated[int | str, BeforeValidator(_period)]
 Identifier = Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
-class Strict(BaseModel):
+class Strict(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
