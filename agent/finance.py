@@ -126,6 +126,7 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
     before the ledger is opened.
     """
     from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
+    from agent.ledger.compliance import breaks_a_line
 
     if kind not in FINANCE_KINDS:
         raise Refused(f"{kind.value} is not a finance action")
@@ -135,12 +136,20 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
     if not ACCOUNT_ID.fullmatch(account):
         raise Refused(f"{clip(account)!r} is not an account id (letters, digits, "
                       "'_', '.', '-'; at most 64)")
-    reference(ref)
+    # Blanks around a reference are dropped (as around a complaint's ticket): a pasted
+    # "BANK-42 " and a retried "BANK-42" are the same posting, never two.
+    ref = reference(ref).strip()
     if len(ref) > REF_LIMIT or not ref.isprintable():
         raise Refused(f"--ref {clip(ref)!r} must be printable and at most "
                       f"{REF_LIMIT} characters")
     if len(note) > NOTE_LIMIT:
         raise Refused(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
+    # One line, as the compliance notes: a newline would split a history row, an
+    # escape sequence would repaint the terminal that shows it.
+    bad = next((ch for ch in note if breaks_a_line(ch)), None)
+    if bad is not None:
+        what = "a reason" if kind in (PostingKind.PENALTY, PostingKind.ADJUSTMENT) else "a note"
+        raise Refused(f"{what} must be one line of text: it holds {bad!r}")
     return Request(kind, account, value, ref, note)
 
 

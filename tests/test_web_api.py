@@ -444,3 +444,22 @@ async def test_the_ledgers_view_is_shared_with_the_cli(served: Served, capsys: A
         assert (await other.balance("acme")).posted == D(100)
     finally:
         await other.close()
+
+
+async def test_a_note_or_reason_is_one_line_and_blanks_around_a_reference_are_dropped(
+        served: Served, capsys: Any) -> None:
+    """A newline split `ledger history`'s row and an escape sequence repainted the terminal
+    showing it; a pasted "B1 " next to a retried "B1" made two top-ups."""
+    s = served
+    assert "a note must be one line of text" in await same_refusal(
+        s, capsys, 400, "topup", "acme", "100", "B1", "wire\nfrom bank")
+    assert (await post(s, "acme", "topup", amount="100", ref="B1"))[0] == 201
+    assert "a reason must be one line of text" in await same_refusal(
+        s, capsys, 400, "penalty", "acme", "5", "P1", "late\x1b[2J")
+    status, body = await post(s, "acme", "topup", amount="100", ref=" B1 ")
+    assert status == 200 and body["replayed"] is True and body["ref"] == "B1", body
+    code, err = await cli(s, capsys, "ledger", "topup", "acme", "100", "--ref", "B1\t")
+    assert code == 0, err
+    assert len(await postings(s)) == 1
+    status, body = await post(s, "acme", "topup", amount=True, ref="B2")
+    assert status == 400 and body["error"].startswith("amount true is not an amount"), body

@@ -243,7 +243,10 @@ def _text(data: dict[str, Any], name: str) -> str:
 
 def _amount_text(data: dict[str, Any]) -> str:
     value = data.get("amount", "")
-    if isinstance(value, bool | float):
+    if isinstance(value, bool):
+        raise finance.Refused(f"amount {str(value).lower()} is not an amount: write a decimal "
+                              "string, e.g. \"100\" or \"250.50\"")
+    if isinstance(value, float):
         raise finance.Refused(f"amount {value!r} must be written as a decimal string, "
                               "not a float")
     if isinstance(value, int):
