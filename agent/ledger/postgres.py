@@ -43,6 +43,113 @@ from agent.money import MINOR_UNIT
 
 T = TypeVar("T")
 
+# The usual admission — a new call on an open account — as one statement the
+# server runs alone: lock, count, hold, record, log, commit, in one round trip
+# instead of five. It answers 'careful' for everything else (unknown or closed
+# account, a call id already known), having written nothing; the Python path
+# then says why. Each statement of a VOLATILE function takes a fresh snapshot
+# under READ COMMITTED, so the live count, made after the account row is
+# locked, sees every call admitted by whoever held the lock before us.
+# A later change to it is a new schema version with CREATE OR REPLACE.
+ADMIT_FUNCTION = """
+CREATE FUNCTION callgate_admit(
+    p_call_id TEXT, p_account TEXT, p_node TEXT, p_caller TEXT, p_callee TEXT,
+    p_tariff TEXT, p_rate BIGINT, p_increment INTEGER, p_minimum INTEGER,
+    p_at TIMESTAMPTZ, p_units BIGINT, p_paid INTEGER, p_key TEXT,
+    p_max_live BIGINT, p_reason TEXT, p_caller_key TEXT
+) RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_closed BOOLEAN;
+BEGIN
+    -- Locking the account row serialises admissions across every node.
+    SELECT closed INTO v_closed FROM accounts WHERE id = p_account FOR UPDATE;
+    IF NOT FOUND OR v_closed
+       OR EXISTS (SELECT 1 FROM calls WHERE call_id = p_call_id) THEN
+        RETURN 'careful';
+    END IF;
+    IF p_max_live IS NOT NULL AND (SELECT count(*) FROM calls
+            WHERE account = p_account AND status <> 'ended') >= p_max_live THEN
+        INSERT INTO attempts (account, destination, at, allowed, reason, caller)
+            VALUES (p_account, p_callee, p_at, false, 'concurrency_limit', p_caller_key);
+        RETURN 'lines_busy';
+    END IF;
+    -- The conditional UPDATE is the balance check.
+    UPDATE accounts SET held = held + p_units
+        WHERE id = p_account AND posted - held >= p_units;
+    IF NOT FOUND THEN
+        INSERT INTO attempts (account, destination, at, allowed, reason, caller)
+            VALUES (p_account, p_callee, p_at, false, 'insufficient_balance', p_caller_key);
+        RETURN 'no_funds';
+    END IF;
+    INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate, increment,
+                       minimum, admitted_at, status, held, paid_seconds, steps)
+        VALUES (p_call_id, p_account, p_node, p_caller, p_callee, p_tariff, p_rate,
+                p_increment, p_minimum, p_at, 'admitted', p_units, p_paid, 1);
+    INSERT INTO postings (account, kind, amount, at, ref, key, call_id)
+        VALUES (p_account, 'hold', p_units, p_at, p_call_id, p_key, p_call_id);
+    INSERT INTO attempts (account, destination, at, allowed, reason, caller)
+        VALUES (p_account, p_callee, p_at, true, p_reason, p_caller_key);
+    RETURN 'admitted';
+END
+$$"""
+
+# The usual settlement — the first CDR of a call that belongs to the account it
+# names — in one round trip instead of eight: the charge and release postings,
+# the balances, the call's end and its CDR. It returns the stored CDR (a replay
+# or a conflict: the caller compares fingerprints) or, for the new one, the
+# CDR it wrote; nothing, having written nothing, for an unknown call or another
+# account's, which the Python path explains. The charge is rules.settle_plan's:
+# what the CDR says, never more than the call's holds (then flagged capped,
+# p_flags_capped); tests/test_ledger_contract.py holds both backends to it.
+SETTLE_FUNCTION = """
+CREATE FUNCTION callgate_settle(
+    p_call_id TEXT, p_account TEXT, p_caller TEXT, p_callee TEXT, p_answered TIMESTAMPTZ,
+    p_ended TIMESTAMPTZ, p_billsec INTEGER, p_billed INTEGER, p_amount BIGINT, p_cause TEXT,
+    p_cut_off BOOLEAN, p_flags TEXT, p_flags_capped TEXT, p_node TEXT, p_submitted TEXT
+) RETURNS SETOF cdrs LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_account TEXT;
+    v_held BIGINT;
+    v_charge BIGINT;
+    v_cdr cdrs%ROWTYPE;
+BEGIN
+    -- Lock order call, then account (as every writer).
+    SELECT account, held INTO v_account, v_held FROM calls WHERE call_id = p_call_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    SELECT * INTO v_cdr FROM cdrs WHERE call_id = p_call_id;
+    IF FOUND THEN
+        RETURN NEXT v_cdr;
+        RETURN;
+    END IF;
+    IF v_account <> p_account THEN
+        RETURN;
+    END IF;
+    v_charge := least(p_amount, v_held);
+    IF v_charge > 0 THEN
+        INSERT INTO postings (account, kind, amount, at, ref, key, call_id)
+            VALUES (v_account, 'charge', v_charge, p_ended, p_call_id,
+                    'charge:' || p_call_id, p_call_id);
+    END IF;
+    IF v_held - v_charge > 0 THEN
+        INSERT INTO postings (account, kind, amount, at, ref, key, call_id)
+            VALUES (v_account, 'release', v_held - v_charge, p_ended, p_call_id,
+                    'release:' || p_call_id, p_call_id);
+    END IF;
+    UPDATE accounts SET posted = posted - v_charge, held = held - v_held WHERE id = v_account;
+    UPDATE calls SET held = 0, status = 'ended', ended_at = p_ended WHERE call_id = p_call_id;
+    INSERT INTO cdrs (call_id, account, caller, callee, answered_at, ended_at, billsec,
+                      billed_seconds, amount, cause, cut_off, flags, node, submitted)
+        VALUES (p_call_id, v_account, p_caller, p_callee, p_answered, p_ended, p_billsec,
+                p_billed, v_charge, p_cause, p_cut_off,
+                CASE WHEN p_amount > v_held THEN p_flags_capped ELSE p_flags END,
+                p_node, p_submitted)
+        RETURNING * INTO v_cdr;
+    RETURN NEXT v_cdr;
+END
+$$"""
+
 MIGRATIONS: list[list[str]] = [
     [  # 1: accounts, postings, calls and their CDRs
         """CREATE TABLE accounts (
@@ -169,6 +276,10 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
     ],
+    [  # 8: admission and settlement in one round trip each (admit_and_hold, settle_call)
+        ADMIT_FUNCTION,
+        SETTLE_FUNCTION,
+    ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
@@ -195,6 +306,10 @@ async def _keep_session(conn: Any) -> None:
     """Pool reset hook: a no-op. The ledger leaves no session state behind (no SET,
     LISTEN or session advisory locks; its locks are transaction-scoped), and the
     default reset costs a round trip on every release."""
+
+
+_ADMISSIONS = {"admitted": Admission.ADMITTED, "lines_busy": Admission.LINES_BUSY,
+               "no_funds": Admission.NO_FUNDS}
 
 
 def _posting(row: asyncpg.Record, unit: Decimal) -> Posting:
@@ -559,8 +674,22 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         ended = rules.check_time(cdr.ended_at)
         answered = rules.check_time(cdr.answered_at) if cdr.answered_at else None
         unit = self.unit
+        rules.check_call_amount(amount)
+        async with self._conn() as conn:
+            quick = await conn.fetchrow(
+                "SELECT * FROM callgate_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                " $12, $13, $14, $15)",
+                cdr.call_id, cdr.account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
+                cdr.billed_seconds, amount, cdr.cause, cdr.cut_off, json.dumps(list(cdr.flags)),
+                json.dumps([*cdr.flags, "capped"]), cdr.node, fingerprint,
+            )
+        if quick is not None:
+            if quick["submitted"] != fingerprint:
+                raise rules.settle_conflict(cdr.call_id)
+            return _cdr(quick, unit)
 
         async def run(conn: Any) -> Cdr:
+            # The careful path: only to say why the function settled nothing.
             call = await conn.fetchrow(
                 "SELECT account, held FROM calls WHERE call_id = $1 FOR UPDATE", cdr.call_id
             )
@@ -685,7 +814,7 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
         caller: str = "",
     ) -> None:
-        async with self._tx() as conn:
+        async with self._conn() as conn:  # one statement: its own transaction
             await _insert_attempt(conn, account, destination, at, allowed, reason, caller)
 
     # -- the gate: one read and one write per decision -------------------------
@@ -744,55 +873,19 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         admitted = rules.check_time(call.admitted_at)
         key = rules.hold_key(call.call_id, 1)
 
-        async def fresh(conn: Any) -> Admission | None:
-            """The usual case — a new call — in three round trips; None: take the slow path."""
-            # Locking the account row serialises admissions across every node. The
-            # count must come from a later statement: under READ COMMITTED a
-            # subquery of the locking SELECT keeps the snapshot taken before it
-            # waited for the lock, and would miss the calls admitted meanwhile.
-            closed = await conn.fetchval(
-                "SELECT closed FROM accounts WHERE id = $1 FOR UPDATE", call.account)
-            if closed is None or closed or call.answered_at is not None:
-                return None  # unknown or closed account: the careful path says why
-            row = await conn.fetchrow(
-                "SELECT EXISTS (SELECT 1 FROM calls WHERE call_id = $2) AS known,"
-                " (SELECT count(*) FROM calls WHERE account = $1 AND status != 'ended') AS live",
-                call.account, call.call_id,
-            )
-            if row["known"]:
-                return None  # a replay: the careful path answers it
-            if max_live is not None and row["live"] >= max_live:
-                await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                      "concurrency_limit", caller)
-                return Admission.LINES_BUSY
-            # The conditional UPDATE is the balance check; the inserts happen only if
-            # it matched, all in one statement.
-            held = await conn.fetchval(
-                "WITH acc AS (UPDATE accounts SET held = held + $1"
-                "   WHERE id = $2 AND posted - held >= $1 RETURNING id),"
-                " c AS (INSERT INTO calls (call_id, account, node, caller, callee, tariff_name,"
-                "   rate, increment, minimum, admitted_at, status, held, paid_seconds, steps)"
-                "   SELECT $3, id, $4, $5, $6, $7, $8, $9, $10, $11, 'admitted', $1, $12, 1"
-                "   FROM acc RETURNING call_id),"
-                " p AS (INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
-                "   SELECT id, 'hold', $1, $11, $3, $13, $3 FROM acc RETURNING 1),"
-                " t AS (INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
-                "   SELECT id, $6, $11, true, $14, $15 FROM acc RETURNING 1)"
-                " SELECT count(*) FROM acc",
-                units, call.account, call.call_id, call.node, call.caller, call.callee,
-                call.tariff_name, rate, call.increment, call.minimum, admitted, paid_seconds,
-                key, reason, caller,
-            )
-            if held:
-                return Admission.ADMITTED
-            await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                  "insufficient_balance", caller)
-            return Admission.NO_FUNDS
+        if call.answered_at is None:
+            async with self._conn() as conn:
+                quick = await conn.fetchval(
+                    "SELECT callgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                    " $13, $14, $15, $16)",
+                    call.call_id, call.account, call.node, call.caller, call.callee,
+                    call.tariff_name, rate, call.increment, call.minimum, admitted, units,
+                    paid_seconds, key, max_live, reason, caller,
+                )
+            if quick != "careful":
+                return _ADMISSIONS[quick]
 
         async def run(conn: Any) -> Admission:
-            quick = await fresh(conn)
-            if quick is not None:
-                return quick
             if not await admit(conn):
                 await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
                                       False, "concurrency_limit", caller)
