@@ -98,6 +98,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
             tasks.append(asyncio.ensure_future(one()))
         lat = [x for x in await asyncio.gather(*tasks) if isinstance(x, float)]
         results[f"rate_{int(rate)}"] = summarize(lat, loop.time() - start)
+        await hangups.wait()  # the next load starts on a quiet ledger, not on this backlog
     lat = []
     end = loop.time() + seconds
 

@@ -17,7 +17,9 @@ import asyncpg
 import pytest
 
 from agent.ledger import (
+    Admission,
     CallRecord,
+    Cdr,
     LedgerError,
     LedgerUnavailable,
     RefusedOperation,
@@ -171,6 +173,48 @@ async def test_postgres_an_older_store_is_migrated(pg_url: str) -> None:
         assert (await ledger.balance("acme")).posted == D("100")
         await ledger.record_attempt("acme", "138", T0, True, "")
         assert await ledger.attempts("acme", T0) == [T0]
+        assert await ledger.audit() == []
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_url: str) -> None:
+    """7 -> 8 adds callgate_admit and callgate_settle; calls admitted under 7 settle under 8."""
+    await _pg_exec(
+        pg_url,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO meta VALUES ('schema_version', '7'), ('minor_unit', '0.0001')",
+        *(statement for step in pg_backend.MIGRATIONS[:7] for statement in step),
+    )
+    old = await open_ledger(pg_url)
+    try:
+        await old.topup("acme", D("10"), ref="T1", at=T0)
+        # A call admitted and held the version 7 way (the careful path), still live.
+        assert await old.admit_call(call("c-old"), None)
+        assert await old.hold("c-old", 1, D("0.13"), 60, T0)
+    finally:
+        await old.close()
+    dsn, _ = pg_backend.split_options(pg_url)
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "8"
+        functions = {r[0] for r in await conn.fetch(
+            "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")}
+        assert {"callgate_admit", "callgate_settle"} <= functions
+    finally:
+        await conn.close()
+    ledger = await open_ledger(pg_url)
+    try:
+        assert await ledger.admit_and_hold(call("c-new"), 2, D("0.13"), 60,
+                                           reason="ok") is Admission.ADMITTED
+        assert await ledger.admit_and_hold(call("c-busy"), 2, D("0.13"), 60,
+                                           reason="ok") is Admission.LINES_BUSY
+        for call_id in ("c-old", "c-new"):
+            settled = await ledger.settle_call(Cdr(call_id, "acme", "021", "138", None, T0,
+                                                   0, 0, D(0), "NO_ANSWER"))
+            assert settled.amount == 0
+        assert (await ledger.balance("acme")).held == 0
         assert await ledger.audit() == []
     finally:
         await ledger.close()
