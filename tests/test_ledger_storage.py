@@ -180,32 +180,38 @@ async def test_postgres_an_older_store_is_migrated(pg_url: str) -> None:
 
 @pytest.mark.postgres
 async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_url: str) -> None:
-    """7 -> 8 adds callgate_admit and callgate_settle; calls admitted under 7 settle under 8."""
+    """7 -> 8 adds the admission, hold and settlement functions; a call live across the
+    upgrade is held and settled by them."""
+    # A version 7 store with an account of 10 and a live call holding 0.13.
     await _pg_exec(
         pg_url,
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "INSERT INTO meta VALUES ('schema_version', '7'), ('minor_unit', '0.0001')",
         *(statement for step in pg_backend.MIGRATIONS[:7] for statement in step),
+        "INSERT INTO accounts (id, posted, held, created_at) VALUES ('acme', 100000, 1300, now())",
+        "INSERT INTO postings (account, kind, amount, at, ref, key)"
+        " VALUES ('acme', 'topup', 100000, now(), 'T1', 'topup:T1')",
+        "INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+        " increment, minimum, admitted_at, status, held, paid_seconds, steps)"
+        " VALUES ('c-old', 'acme', 'pbx-1', '021', '138', 'standard', 1300, 60, 60, now(),"
+        " 'admitted', 1300, 60, 1)",
+        "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+        " VALUES ('acme', 'hold', 1300, now(), 'c-old', 'hold:c-old:1', 'c-old')",
     )
-    old = await open_ledger(pg_url)
-    try:
-        await old.topup("acme", D("10"), ref="T1", at=T0)
-        # A call admitted and held the version 7 way (the careful path), still live.
-        assert await old.admit_call(call("c-old"), None)
-        assert await old.hold("c-old", 1, D("0.13"), 60, T0)
-    finally:
-        await old.close()
+    ledger = await open_ledger(pg_url)
+    await ledger.close()
     dsn, _ = pg_backend.split_options(pg_url)
     conn = await asyncpg.connect(dsn)
     try:
         assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "8"
         functions = {r[0] for r in await conn.fetch(
             "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")}
-        assert {"callgate_admit", "callgate_settle"} <= functions
+        assert {"callgate_admit", "callgate_hold", "callgate_settle"} <= functions
     finally:
         await conn.close()
     ledger = await open_ledger(pg_url)
     try:
+        assert await ledger.hold("c-old", 2, D("0.13"), 120, T0)
         assert await ledger.admit_and_hold(call("c-new"), 2, D("0.13"), 60,
                                            reason="ok") is Admission.ADMITTED
         assert await ledger.admit_and_hold(call("c-busy"), 2, D("0.13"), 60,
