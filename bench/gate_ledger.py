@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -171,7 +172,8 @@ async def saturation(url: str, args: argparse.Namespace, tmp: Path) -> float:
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     rates = [float(r) for r in args.rates.split(",")]
-    figures: dict[str, object] = {"bench": "gate_ledger", "seconds": args.seconds}
+    figures: dict[str, object] = {"bench": "gate_ledger", "seconds": args.seconds,
+                                  "load_average_1m": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "policy.yaml").write_text(policy_text())
         figures["pure_decide_per_s"] = round(pure_decide_rate(Path(tmp)))

@@ -293,7 +293,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  PROBLEM: {problem}", flush=True)
     ok = all(not r["problems"] for r in runs)
     return {"bench": "nodes", "seconds": args.seconds, "offered_cps": args.cps,
-            "accounts": args.accounts, "ok": ok, "runs": runs}
+            "accounts": args.accounts, "load_average_1m": round(os.getloadavg()[0], 2),
+            "cores": os.cpu_count(), "ok": ok, "runs": runs}
 
 
 def main() -> None:
@@ -303,7 +304,7 @@ def main() -> None:
     parser.add_argument("--cps", type=float, default=60.0, help="calls/s offered, all nodes")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--accounts", type=int, default=4)
-    parser.add_argument("--max-live", type=int, default=10,
+    parser.add_argument("--max-live", type=int, default=20,
                         help="max_concurrent_calls of each account")
     args = parser.parse_args()
     figures = eventloop.run(main_async(args))
