@@ -13,7 +13,8 @@ Reported per N: decisions/s (every gate decision the agents logged, over the
 placing time), decision latency p50/p99 (the agents' own ``gate.decision``
 ``ms``), refusals by reason, CPU per call placed of the agents and of the
 PostgreSQL backends, the whole call (gate, meter holds each 1 s increment,
-settlement) from /proc: on a shared machine that, not a rate, says what a node
+settlement) from /proc (the backends by their application_name, and the WAL
+writer): on a shared machine that, not a rate, says what a node
 and a server can carry; and the checks:
 
 - overdraw: after every call has ended, no account's posted balance below
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -82,22 +82,27 @@ def policy_yaml(accounts: int, max_live: int) -> str:
 
 
 class PgCpu:
-    """CPU of the PostgreSQL server processes, summed per pid as they come and go."""
+    """CPU of the PostgreSQL backends serving this run's agents (found by their
+    application_name: the server is shared with other work), summed per pid, and
+    of the server's own WAL writer, which every commit wakes."""
 
-    def __init__(self) -> None:
-        self.seen: dict[str, float] = {}
+    def __init__(self, conn: asyncpg.Connection, application: str) -> None:
+        self.conn = conn
+        self.application = application
+        self.seen: dict[int, float] = {}
 
-    def sample(self) -> float:
+    async def sample(self) -> float:
+        pids = [r[0] for r in await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+            " OR backend_type = 'walwriter'", self.application)]
         tick = os.sysconf("SC_CLK_TCK")
-        for path in glob.glob("/proc/[0-9]*/stat"):
+        for pid in pids:
             try:
-                stat = Path(path).read_text()
+                stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
                 continue
-            if "(postgres" not in stat:
-                continue
             fields = stat.rsplit(")", 1)[1].split()
-            self.seen[path] = (int(fields[11]) + int(fields[12])) / tick
+            self.seen[pid] = (int(fields[11]) + int(fields[12])) / tick
         return sum(self.seen.values())
 
 
@@ -148,7 +153,9 @@ async def run_n(n: int, cps: float, seconds: float, accounts: int, max_live: int
     admin = await asyncpg.connect(BASE_URL)
     await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     await admin.execute(f'CREATE SCHEMA "{schema}"')
-    url = f"{BASE_URL}?search_path={schema}"
+    application = f"callgate-{schema}"  # the agents' connections, for their server CPU
+    own_url = f"{BASE_URL}?search_path={schema}"  # this process's: not counted
+    url = f"{own_url}&application_name={application}"
     talk_mean = 1.5
     # Each account spends cps/accounts * talk_mean * RATE per second; this runs out
     # about half way through the placing time.
@@ -161,8 +168,8 @@ async def run_n(n: int, cps: float, seconds: float, accounts: int, max_live: int
     sims: list[FreeswitchSimulator] = []
     drains: list[asyncio.Task[None]] = []
     peak_live: dict[str, int] = {}
-    pg_cpu = PgCpu()
-    ledger = await open_ledger(url)
+    pg_cpu = PgCpu(admin, application)
+    ledger = await open_ledger(own_url)
     try:
         for i in range(accounts):
             await ledger.topup(f"s{i}", balance, ref=f"nodes-{i}", at=datetime.now(UTC))
@@ -181,9 +188,9 @@ async def run_n(n: int, cps: float, seconds: float, accounts: int, max_live: int
             for proc in procs:
                 await read_until(proc, "daemon.ready", [], timeout=60)
                 drains.append(asyncio.create_task(_drain(proc, latencies, reasons, problems)))
-            sampler = asyncio.create_task(_live_sampler(url, peak_live))
+            sampler = asyncio.create_task(_live_sampler(own_url, peak_live))
             agent_cpu0 = sum(cpu_seconds(p.pid) for p in procs)
-            pg_cpu0 = pg_cpu.sample()
+            pg_cpu0 = await pg_cpu.sample()
             loop = asyncio.get_running_loop()
             calls: set[asyncio.Task[None]] = set()
 
@@ -205,18 +212,18 @@ async def run_n(n: int, cps: float, seconds: float, accounts: int, max_live: int
                 calls.add(task)
                 task.add_done_callback(calls.discard)
                 if k % 50 == 0:
-                    pg_cpu.sample()
+                    await pg_cpu.sample()
             placing = loop.time() - t0
             decided = len(latencies)
             async with asyncio.timeout(FINISH_BOUND):
                 while calls:
                     await asyncio.sleep(0.2)
-                    pg_cpu.sample()
+                    await pg_cpu.sample()
                 while await ledger.live_calls():
                     await asyncio.sleep(0.2)
-                    pg_cpu.sample()
+                    await pg_cpu.sample()
             agent_cpu = sum(cpu_seconds(p.pid) for p in procs) - agent_cpu0
-            server_cpu = pg_cpu.sample() - pg_cpu0
+            server_cpu = await pg_cpu.sample() - pg_cpu0
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
