@@ -188,7 +188,7 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
     ],
-    [],  # 8: PostgreSQL's admission function; an in-process store needs none
+    [],  # 8: PostgreSQL's one-round-trip functions; an in-process store needs none
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION
 
