@@ -68,7 +68,7 @@ def test_explain_bad_input_exits_2(capsys):
     assert main([*base, "--account", "acme", "--balance", "abc"]) == 2
     assert "not a number" in capsys.readouterr().err
     assert main([*base, "--account", "acme", "--balance", "1", "--at", "noon"]) == 2
-    assert "not an ISO time" in capsys.readouterr().err
+    assert "nor an ISO time" in capsys.readouterr().err
 
 
 def test_no_policy_anywhere_is_a_usage_error(monkeypatch, capsys, tmp_path):

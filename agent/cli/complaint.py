@@ -20,12 +20,15 @@ from zoneinfo import ZoneInfo
 from agent.cli.common import (
     OpenedLedger,
     UsageError,
+    day_start,
     load_policy,
     now,
     operator_name,
+    parse_instant,
+    parse_period,
     print_json,
 )
-from agent.cli.ledger import _day, _local, _start_of, _table
+from agent.cli.ledger import _local, _table
 from agent.cli.notify import publish_event
 from agent.gate.dnc import MAX_DIGITS
 from agent.gate.policy import Policy
@@ -86,15 +89,9 @@ def complaint_json(c: Complaint) -> dict[str, Any]:
 
 
 def _at(text: str | None, zone: ZoneInfo) -> datetime:
-    if not text:
+    if text is None:
         return now()
-    try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--at {text!r} is not an ISO time (e.g. 2026-11-24T09:30)") from None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=zone)
-    at = at.astimezone(UTC)
+    at = parse_instant(text, zone, "--at")
     if at > now() + timedelta(minutes=5):
         raise UsageError(f"--at {text} is in the future")
     return at
@@ -143,10 +140,9 @@ async def _list(args: argparse.Namespace) -> int:
         _, zone = policy_account(args, args.account)
     else:
         load_policy(args)  # the same checks as every command: a usable policy
-    start = _start_of(_day(args.start, "--from"), zone) if args.start else None
-    end = _start_of(_day(args.end, "--to") + timedelta(days=1), zone) if args.end else None
-    if start and end and end <= start:
-        raise UsageError("--to is before --from")
+    first, last = parse_period(args.start, args.end)
+    start = day_start(first, zone) if first else None
+    end = day_start(last + timedelta(days=1), zone) if last else None
     async with OpenedLedger(args) as ledger:
         found = await ledger.complaints(args.account, start, end)
     if args.json:

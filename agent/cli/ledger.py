@@ -35,6 +35,8 @@ from agent.cli.common import (
     load_policy,
     now,
     operator_name,
+    parse_instant,
+    parse_period,
     print_json,
 )
 from agent.finance import (
@@ -223,7 +225,7 @@ async def _init(args: argparse.Namespace) -> int:
 async def _balance(args: argparse.Namespace) -> int:
     from agent.cli.report import account_names, balance_as_of
 
-    if args.at:
+    if args.at is not None:
         return await balance_as_of(args)
     names = account_names(args)
     async with OpenedLedger(args) as ledger:
@@ -246,7 +248,7 @@ async def _balance(args: argparse.Namespace) -> int:
 
 async def _history(args: argparse.Namespace) -> int:
     zone = account_zone(args, args.account, args.tz)
-    since = finance.since(args.since, zone) if args.since else None
+    since = None if args.since is None else parse_instant(args.since, zone, "--since")
     async with OpenedLedger(args) as ledger:
         postings = await ledger.history(args.account, since)
     if args.json:
@@ -265,6 +267,7 @@ async def _history(args: argparse.Namespace) -> int:
 async def _statement(args: argparse.Namespace) -> int:
     from agent.cli.report import account_names
 
+    parse_period(args.start, args.end)  # refused before the ledger is opened
     zone = account_zone(args, args.account, args.tz)
     name = account_names(args).get(args.account, "")
     async with OpenedLedger(args) as ledger:

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.calls import CallInfo, Direction
-from agent.cli.common import CheckFailed, UsageError, load_policy, now, policy_path, print_json
+from agent.cli.common import (
+    CheckFailed,
+    UsageError,
+    load_policy,
+    now,
+    parse_instant,
+    policy_path,
+    print_json,
+)
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState
 from agent.money import AmountError, format_amount, parse_amount
@@ -132,18 +140,7 @@ async def _explain(args: argparse.Namespace) -> int:
     if account is None:
         known = ", ".join(sorted(policy.accounts)) or "none"
         raise UsageError(f"unknown account {args.account!r} (accounts: {known})")
-    if args.at:
-        try:
-            at = datetime.fromisoformat(args.at)
-        except ValueError:
-            raise UsageError(
-                f"--at {args.at!r} is not an ISO time (e.g. 2026-11-24T09:30)"
-            ) from None
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=account.hours.timezone)
-        at = at.astimezone(UTC)
-    else:
-        at = now()
+    at = now() if args.at is None else parse_instant(args.at, account.hours.timezone, "--at")
     caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
     request = CallInfo(
         call_id="explain", direction=Direction(args.direction), caller_id=caller,

@@ -12,19 +12,25 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import date
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.cli.common import OpenedLedger, UsageError, load_policy, print_json
+from agent.cli.common import (
+    OpenedLedger,
+    UsageError,
+    load_policy,
+    parse_instant,
+    parse_period,
+    print_json,
+)
 from agent.finance import (
     REPORT_COLUMNS,
     Directory,
     directory_of,
     gather,
     report_csv_rows,
-    report_days,
     report_json,
 )
 from agent.finance import utc as _utc
@@ -93,23 +99,10 @@ def account_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 # -- periods -------------------------------------------------------------------------------
-def _day(text: str, what: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
-
-
 def _days(args: argparse.Namespace) -> tuple[date, date]:
-    return report_days(args.start, args.end)
-
-
-def _instant(day: date, zone: tzinfo) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def _period(first: date, last: date, zone: tzinfo) -> tuple[datetime, datetime]:
-    return _instant(first, zone), _instant(last + timedelta(days=1), zone)
+    first, last = parse_period(args.start, args.end)
+    assert first is not None and last is not None  # both options are required
+    return first, last
 
 
 def _money(amount: Decimal) -> str:
@@ -217,27 +210,16 @@ def _flagged_json(f: Flagged, d: Directory) -> dict[str, Any]:
 
 
 # -- ledger balance --at -------------------------------------------------------------------
-def _moment(text: str, zone: tzinfo) -> datetime:
-    """A date is the end of that day (its closing balance); an ISO time is that instant."""
-    if len(text) == 10:
-        return _instant(_day(text, "--at") + timedelta(days=1), zone) - timedelta(microseconds=1)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--at {clip(text)!r} is neither a date (YYYY-MM-DD) nor an ISO "
-                         "time") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
-
-
 async def balance_as_of(args: argparse.Namespace) -> int:
     """``callgate ledger balance [ACCOUNT] --at TIME``."""
     d = directory(args, quiet=True)
-    _moment(args.at, d.fallback)  # a bad --at is refused before the ledger is opened
+    # A date is the end of that day (its closing balance); an ISO time is that instant.
+    parse_instant(args.at, d.fallback, "--at")  # a bad --at is refused before the ledger
     rows = []
     async with OpenedLedger(args) as ledger:
         accounts = [args.account] if args.account else [b.account for b in await ledger.balances()]
         for account in accounts:
-            at = _moment(args.at, d.zone(account))
+            at = parse_instant(args.at, d.zone(account), "--at", day_end=True)
             found = balance_at(account, await ledger.history(account), at)
             if found is not None:
                 rows.append(found)
