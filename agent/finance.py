@@ -254,7 +254,10 @@ def build_statement(
     start, end = start_of(first_day, where), start_of(last_day + timedelta(days=1), where)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     in_period = [p for p in history if start <= p.at < end]
-    finance = [p for p in in_period if p.kind in STATEMENT_KINDS]
+    # In time order: a posting may be written after one it precedes (a correction from a
+    # late CDR, a back-dated top-up), and the ledger's history is in the order written.
+    finance = sorted((p for p in in_period if p.kind in STATEMENT_KINDS),
+                     key=lambda p: (p.at, p.id))
     # Every total is signed by its effect on the balance: closing = opening + their sum.
     totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
                               Decimal(0)) for kind in (*MONEY_KINDS, PostingKind.CORRECTION)}

@@ -312,3 +312,29 @@ def test_statement_json_and_the_inclusive_last_day(cli: Any) -> None:
             "before --from")
     refused(cli("ledger", "statement", "acme", "--from", "12/01/2026", "--to", "2026-12-01"),
             "not a date")
+
+
+def test_statement_other_postings_are_in_time_order(cli: Any) -> None:
+    """A posting written after one it precedes (here a fine recorded late) is listed
+    before it, in the text, the JSON and the CSV."""
+
+    async def seed(lg: Any) -> None:
+        await lg.topup("acme", D("100"), ref="B0", at=local("2026-11-01T09:00:00"))
+        await lg.topup("acme", D("50"), ref="B1", at=local("2026-11-20T09:00:00"))
+        await lg.penalty("acme", D("10"), ref="F1", at=local("2026-11-10T09:00:00"))
+        await lg.adjust("acme", D("-1"), ref="A1", at=local("2026-11-05T09:00:00"), note="fee")
+
+    ledger_do(cli.url, seed)
+    period = ("--from", "2026-11-01", "--to", "2026-11-30")
+    code, out, err = cli("ledger", "statement", "acme", *period)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    head = lines.index("Other postings: 4")
+    assert [line.split()[2:6] for line in lines[head + 2:head + 6]] == [
+        ["topup", "100.00", "100.00", "B0"], ["adjustment", "-1.00", "99.00", "A1"],
+        ["penalty", "-10.00", "89.00", "F1"], ["topup", "50.00", "139.00", "B1"]]
+    code, out, _ = cli("ledger", "statement", "acme", *period, "--json")
+    assert [p["ref"] for p in json.loads(out)["postings"]] == ["B0", "A1", "F1", "B1"]
+    code, out, _ = cli("ledger", "statement", "acme", *period, "--csv")
+    assert [r["reference"] for r in csv.DictReader(io.StringIO(out))][1:-1] == [
+        "B0", "A1", "F1", "B1"]

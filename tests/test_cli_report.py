@@ -331,3 +331,11 @@ def test_the_statement_and_the_report_agree_line_by_line(cli: Any) -> None:
     names = {b["account"]: b["name"] for b in json.loads(out)["accounts"]}
     assert names == {"acme": "ACME Trading", "beta": "Beta & Sons", "delta": None,
                      "gamma": None}
+
+
+def test_flagged_refuses_an_account_the_ledger_does_not_have(cli: Any) -> None:
+    refused(cli("ledger", "flagged", *NOVEMBER, "--account", "acmee"),
+            "the ledger has no account 'acmee'")
+    refused(cli("ledger", "flagged", *NOVEMBER, "--account", ""), "no account ''")
+    code, out, _ = cli("ledger", "flagged", *NOVEMBER, "--account", "delta", "--json")
+    assert code == 0 and json.loads(out)["count"] == 0  # known, nothing to look at

@@ -122,6 +122,8 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
 async def _gather(args: argparse.Namespace, d: Directory, first: date, last: date,
                   only: str | None = None) -> list[tuple[AccountReport, list[Flagged]]]:
     async with OpenedLedger(args) as ledger:
+        if only is not None:
+            await ledger.balance(only)  # an account the ledger does not have is refused
         return await gather(ledger, d, first, last, only)
 
 
