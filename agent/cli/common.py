@@ -8,7 +8,10 @@ and ``ledger init`` do), and what it records names its author with
 Resolution order for each setting: the command-line option, then the
 environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 ``CALLGATE_LEDGER``), then the agent config file (``-c``; default
-``/etc/callgate/agent.yaml`` when it exists), then the built-in default.
+``/etc/callgate/agent.yaml`` when it exists), then the built-in default. The
+same for every command: ``run`` and ``config check`` take ``--policy`` and
+``--ledger`` over the agent config's ``policy:`` and ``ledger:`` too
+(:func:`overridden`).
 """
 
 from __future__ import annotations
@@ -62,8 +65,29 @@ def agent_config(args: argparse.Namespace) -> AgentConfig | None:
         config = load_agent_config(path)
     except ConfigError as exc:
         raise UsageError(str(exc).replace("\n", "; ")) from None
+    overridden(config, args)
     args._agent_config = config
     return config
+
+
+def overridden(config: AgentConfig, args: argparse.Namespace) -> list[str]:
+    """Put ``--policy``/``--ledger`` (or their environment variables) in place of the
+    agent config's own, as for every other command, ``run`` and ``config check``
+    included; what was replaced, one note each."""
+    notes = []
+    named = getattr(args, "policy", None) or os.environ.get("CALLGATE_POLICY")
+    if named and Path(named).resolve() != config.policy_path:
+        source = "--policy" if getattr(args, "policy", None) else "CALLGATE_POLICY"
+        notes.append(f"policy: {named} (from {source}; {config.path} names "
+                     f"{config.policy_path})")
+        config.policy_path = Path(named).resolve()
+    url = getattr(args, "ledger", None) or os.environ.get("CALLGATE_LEDGER")
+    if url and url != config.ledger:
+        source = "--ledger" if getattr(args, "ledger", None) else "CALLGATE_LEDGER"
+        notes.append(f"ledger: {clip(url, 200)} (from {source}; {config.path} names "
+                     f"{clip(config.ledger, 200)})")
+        config.ledger = url
+    return notes
 
 
 def policy_path(args: argparse.Namespace) -> Path:
