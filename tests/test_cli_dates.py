@@ -1,6 +1,6 @@
 """Every day and time a command takes (--from, --to, --at, --since) is read by the one
-set of parsers in agent.cli.common: at the ends of the calendar it is refused with one
-line (exit 2), never an OverflowError ("internal error", exit 1)."""
+set of parsers in agent.days: at the ends of the calendar it is refused with one line
+(exit 2), never an OverflowError ("internal error", exit 1)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from agent import eventloop
 from agent.cli import build_parser, main
-from agent.cli.common import (
+from agent.days import (
     FIRST_DAY,
     LAST_DAY,
-    UsageError,
+    DayError,
     day_start,
     parse_day,
     parse_instant,
@@ -199,7 +199,7 @@ def _commands_arithmetic(at: datetime) -> None:
 def test_a_day_is_refused_or_safe(day: date, zone: Any) -> None:
     try:
         parsed = parse_day(day.isoformat(), "--to")
-    except UsageError as exc:
+    except DayError as exc:
         assert not FIRST_DAY <= day <= LAST_DAY and "out of range" in str(exc)
         return
     assert parsed == day
@@ -217,7 +217,7 @@ def test_an_instant_is_refused_or_safe(moment: datetime, zone: Any, day_end: boo
     for text in (moment.isoformat(), moment.date().isoformat()):
         try:
             at = parse_instant(text, zone, "--at", day_end=day_end)
-        except UsageError as exc:
+        except DayError as exc:
             assert not FIRST_DAY <= moment.date() <= LAST_DAY and "out of range" in str(exc)
             continue
         assert at.tzinfo is not None and at.utcoffset() == timedelta(0)
@@ -237,7 +237,19 @@ def test_a_day_is_its_last_instant_with_day_end() -> None:
 def test_a_period_is_in_order() -> None:
     assert parse_period(None, None) == (None, None)
     assert parse_period("2026-11-01", "2026-11-01") == (date(2026, 11, 1), date(2026, 11, 1))
-    with pytest.raises(UsageError, match="--to 2026-10-31 is before --from 2026-11-01"):
+    with pytest.raises(DayError, match="--to 2026-10-31 is before --from 2026-11-01"):
         parse_period("2026-11-01", "2026-10-31")
-    with pytest.raises(UsageError, match="--from '' is not a date"):
+    with pytest.raises(DayError, match="--from '' is not a date"):
         parse_period("", None)
+
+
+def test_the_web_consoles_periods_are_read_the_same_way() -> None:
+    """finance's readers (the API's query parameters) are the same parsers: the same line."""
+    from agent import finance
+
+    for call in (lambda: finance.report_days("0001-01-01", "2026-11-30"),
+                 lambda: finance.day("9999-12-31", "--to"),
+                 lambda: finance.since("0001-01-01T00:00", EAST)):
+        with pytest.raises(finance.Refused, match="out of range: days and times must be from"):
+            call()
+    assert finance.report_days("1900-01-01", "9998-12-31") == (FIRST_DAY, LAST_DAY)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from agent import __version__, eventloop
 from agent.cli.common import CheckFailed, UsageError
+from agent.days import DayError
 from agent.finance import Refused
 
 
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         except BrokenPipeError:
             return _pipe_closed()
-        except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
+        except (UsageError, Refused, DayError, eventloop.LoopChoiceError) as exc:
             print(f"callgate: error: {exc}", file=sys.stderr)
             return 2
         except CheckFailed as exc:

@@ -12,6 +12,11 @@ environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 same for every command: ``run`` and ``config check`` take ``--policy`` and
 ``--ledger`` over the agent config's ``policy:`` and ``ledger:`` too
 (:func:`overridden`).
+
+Every command's ``--from``/``--to``/``--at``/``--since`` is read by
+:mod:`agent.days` (shared with the web console's query parameters), and only
+there: a bad or out-of-range day is a :class:`~agent.days.DayError`, one line
+and exit 2 like a :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ import getpass
 import json
 import os
 import sys
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from agent.money import clip
+from agent.money import clip, fixed
 from agent.yamlfile import ConfigError
 
 if TYPE_CHECKING:
@@ -213,76 +218,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-# -- days and times typed on the command line ------------------------------------------
-# Every command's --from/--to/--at/--since is read here, and only here. A day or time
-# is refused (exit 2, one line) outside these years: moving a time across zones,
-# taking the next midnight, looking back a cap's period (at most 366 days) or ahead
-# a few days for the calling hours must stay inside datetime's years 1 to 9999, or
-# it raises OverflowError ("internal error"). `--to 9999-12-31` meaning "for ever"
-# is therefore refused with the last day that works; no ledger holds a time that far.
-FIRST_DAY = date(1900, 1, 1)
-LAST_DAY = date(9998, 12, 31)
-_RANGE = f"days and times must be from {FIRST_DAY} to {LAST_DAY}"
-
-
-def _in_range(day: date, what: str, text: str) -> None:
-    if not FIRST_DAY <= day <= LAST_DAY:
-        raise UsageError(f"{what} {clip(text)!r} is out of range: {_RANGE}")
-
-
-def parse_day(text: str, what: str) -> date:
-    """A day, ``YYYY-MM-DD``, in the years :data:`FIRST_DAY` to :data:`LAST_DAY`."""
-    try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
-    _in_range(day, what, text)
-    return day
-
-
-def parse_period(start: str | None, end: str | None) -> tuple[date | None, date | None]:
-    """``--from`` and ``--to`` (either may be absent, but not blank); the last not
-    before the first."""
-    first = None if start is None else parse_day(start, "--from")
-    last = None if end is None else parse_day(end, "--to")
-    if first is not None and last is not None and last < first:
-        raise UsageError(f"--to {last} is before --from {first}")
-    return first, last
-
-
-def day_start(day: date, zone: tzinfo) -> datetime:
-    """The UTC instant a day begins in ``zone`` (a day from :func:`parse_day`, or the
-    day after one)."""
-    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def parse_instant(text: str, zone: tzinfo, what: str, *, day_end: bool = False) -> datetime:
-    """An ISO time, or a day (``YYYY-MM-DD``), as an aware UTC instant.
-
-    A time without an offset is read in ``zone`` (the account's). A day alone is its
-    first instant, or with ``day_end`` its last (a balance "as of" that day).
-    """
-    try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        _in_range(day, what, text)
-        if day_end:
-            return day_start(day + timedelta(days=1), zone) - timedelta(microseconds=1)
-        return day_start(day, zone)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {clip(text)!r} is neither a date (YYYY-MM-DD) nor an ISO "
-                         "time (e.g. 2026-11-24T09:30)") from None
-    _in_range(moment.date(), what, text)
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
-
-
 def _default(obj: Any) -> Any:
-    if isinstance(obj, Decimal):
-        return str(obj)
+    if isinstance(obj, Decimal):  # every Decimal the CLI prints is an amount of money
+        return fixed(obj)
     if isinstance(obj, datetime):
         return obj.isoformat()
     if isinstance(obj, Path):

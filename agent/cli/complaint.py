@@ -20,16 +20,14 @@ from zoneinfo import ZoneInfo
 from agent.cli.common import (
     OpenedLedger,
     UsageError,
-    day_start,
     load_policy,
     now,
     operator_name,
-    parse_instant,
-    parse_period,
     print_json,
 )
 from agent.cli.ledger import _local, _table
 from agent.cli.notify import publish_event
+from agent.days import day_start, parse_instant, parse_period
 from agent.gate.dnc import MAX_DIGITS
 from agent.gate.policy import Policy
 from agent.ledger.compliance import Complaint

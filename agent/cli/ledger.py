@@ -35,10 +35,9 @@ from agent.cli.common import (
     load_policy,
     now,
     operator_name,
-    parse_instant,
-    parse_period,
     print_json,
 )
+from agent.days import parse_instant, parse_period
 from agent.finance import (
     FINANCE_KINDS,
     MONEY_KINDS,

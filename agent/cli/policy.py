@@ -24,10 +24,10 @@ from agent.cli.common import (
     UsageError,
     load_policy,
     now,
-    parse_instant,
     policy_path,
     print_json,
 )
+from agent.days import parse_instant
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState
 from agent.money import AmountError, format_amount, parse_amount

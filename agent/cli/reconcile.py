@@ -31,13 +31,12 @@ from agent.cdr.settle import Outcome, apply_row, is_provisional, merge_rows
 from agent.cli.common import (
     UsageError,
     agent_config,
-    day_start,
     open_store,
     operator_name,
-    parse_period,
     print_json,
     try_policy,
 )
+from agent.days import day_start, parse_period
 from agent.ledger import CallRecord, Cdr, Ledger, LedgerError
 from agent.money import CURRENCY, format_amount
 

@@ -21,10 +21,9 @@ from agent.cli.common import (
     OpenedLedger,
     UsageError,
     load_policy,
-    parse_instant,
-    parse_period,
     print_json,
 )
+from agent.days import parse_instant, parse_period
 from agent.finance import (
     REPORT_COLUMNS,
     Directory,
@@ -41,7 +40,7 @@ from agent.ledger.report import (
     balance_at,
     totals,
 )
-from agent.money import CURRENCY, clip, format_amount
+from agent.money import CURRENCY, clip, fixed, format_amount
 
 
 def register(commands: Any) -> None:
@@ -188,7 +187,7 @@ async def _flagged(args: argparse.Namespace) -> int:
                       "billsec", "caller", "callee", "note"])
         for f in items:
             out.writerow([_utc(f.at), f.account, d.name(f.account), f.call_id, f.kind,
-                          ",".join(f.flags), _money(f.amount),
+                          ",".join(f.flags), fixed(f.amount),
                           "" if f.billsec is None else f.billsec,
                           f.cdr.caller if f.cdr else "", f.cdr.callee if f.cdr else "", f.note])
         return 0
