@@ -141,6 +141,10 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
                       f"{REF_LIMIT} characters")
     if len(note) > NOTE_LIMIT:
         raise Refused(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
+    if not note.isprintable():  # a newline or a control character breaks every listing
+        raise Refused(f"the note/reason {clip(note)!r} must be one line of printable text")
+    if kind is PostingKind.ADJUSTMENT and not note.strip():
+        raise Refused("an adjustment needs a reason (--reason): say why the balance changes")
     return Request(kind, account, value, ref, note)
 
 

@@ -338,3 +338,37 @@ def test_statement_other_postings_are_in_time_order(cli: Any) -> None:
     code, out, _ = cli("ledger", "statement", "acme", *period, "--csv")
     assert [r["reference"] for r in csv.DictReader(io.StringIO(out))][1:-1] == [
         "B0", "A1", "F1", "B1"]
+
+
+# -- careless input: blanks, typos, a note that breaks a listing -------------------------------
+def test_blank_or_mistyped_names_are_refused_not_read_as_not_given(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "balance", ""), "no account ''")  # not every account's balance
+    refused(cli("ledger", "balance", "", "--at", "2026-12-01"), "no account ''")
+    refused(cli("calls", "--account", "acmee"), "no account 'acmee'")  # not "no live calls"
+    for argv in (("ledger", "history", "acme"), ("ledger", "statement", "acme"),
+                 ("ledger", "balance", "acme", "--at", "2026-12-01"),
+                 ("ledger", "report", "--from", "2026-12-01", "--to", "2026-12-01"),
+                 ("ledger", "flagged", "--from", "2026-12-01", "--to", "2026-12-01")):
+        for blank in ("", " "):  # not silently the account's own zone
+            code, out, err = cli(*argv, "--tz", blank)
+            assert (code, out) == (2, "") and "--tz" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_note_must_be_one_printable_line_and_an_adjustment_needs_a_reason(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "topup", "acme", "5", "--ref", "B2", "--note", "paid\nin cash"),
+            "must be one line of printable text")
+    refused(cli("ledger", "penalty", "acme", "5", "--ref", "P1", "--reason", "a\x1b[2Jb"),
+            "must be one line of printable text")
+    for blank in ("", "  "):
+        refused(cli("ledger", "adjust", "acme", "5", "--ref", "A1", "--reason", blank),
+                "an adjustment needs a reason")
+    assert [p["ref"] for p in postings(cli)] == ["B1"]  # nothing written
+    assert cli("ledger", "topup", "acme", "5", "--ref", "B3", "--note", "电汇 7")[0] == 0
+
+
+def test_a_statement_from_a_future_day_names_the_default_to(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "statement", "acme", "--from", "9998-01-01"),
+            "--from 9998-01-01 is after today (")

@@ -210,6 +210,8 @@ def account_zone(args: argparse.Namespace, account: str, named: str | None = Non
     """
     from agent.finance import zone
 
+    if named is not None and not named.strip():
+        raise UsageError("--tz must not be blank (an IANA name such as Asia/Shanghai)")
     return zone(None if named else try_policy(args), account, named)
 
 

@@ -31,6 +31,7 @@ from typing import Any
 from agent import finance
 from agent.cli.common import (
     OpenedLedger,
+    UsageError,
     account_zone,
     load_policy,
     now,
@@ -228,13 +229,13 @@ async def _balance(args: argparse.Namespace) -> int:
         return await balance_as_of(args)
     names = account_names(args)
     async with OpenedLedger(args) as ledger:
-        if args.account:
+        if args.account is not None:
             balances = [await ledger.balance(args.account)]
         else:
             balances = await ledger.balances()
     if args.json:
         named = [{**finance.balance_json(b), "name": names.get(b.account)} for b in balances]
-        print_json(named[0] if args.account else {"accounts": named})
+        print_json(named[0] if args.account is not None else {"accounts": named})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
@@ -266,8 +267,12 @@ async def _history(args: argparse.Namespace) -> int:
 async def _statement(args: argparse.Namespace) -> int:
     from agent.cli.report import account_names
 
-    parse_period(args.start, args.end)  # refused before the ledger is opened
+    first, last = parse_period(args.start, args.end)  # refused before the ledger is opened
     zone = account_zone(args, args.account, args.tz)
+    today = now().astimezone(zone).date()
+    if first is not None and last is None and first > today:
+        raise UsageError(f"--from {first} is after today ({today} in {zone}), the default "
+                         "--to")
     name = account_names(args).get(args.account, "")
     async with OpenedLedger(args) as ledger:
         statement = await finance.statement(ledger, args.account, zone, args.start, args.end,

@@ -75,7 +75,7 @@ def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
     """The policy's names and zones; a policy that cannot be loaded is a note, not an error."""
     tz = getattr(args, "tz", None)
     override = None
-    if tz:
+    if tz is not None:  # blank too: refused below, not read as "not given"
         try:
             override = ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -218,7 +218,8 @@ async def balance_as_of(args: argparse.Namespace) -> int:
     parse_instant(args.at, d.fallback, "--at")  # a bad --at is refused before the ledger
     rows = []
     async with OpenedLedger(args) as ledger:
-        accounts = [args.account] if args.account else [b.account for b in await ledger.balances()]
+        accounts = ([args.account] if args.account is not None
+                    else [b.account for b in await ledger.balances()])
         for account in accounts:
             at = parse_instant(args.at, d.zone(account), "--at", day_end=True)
             found = balance_at(account, await ledger.history(account), at)
@@ -228,7 +229,7 @@ async def balance_as_of(args: argparse.Namespace) -> int:
         entries = [{"account": b.account, "name": d.name(b.account) or None, "at": b.at,
                     "posted": b.posted, "held": b.held, "available": b.available,
                     "closed": b.closed} for b in rows]
-        if args.account:
+        if args.account is not None:
             print_json(entries[0] if entries else {"account": args.account, "at": None,
                                                    "posted": None, "note": "no postings yet"})
         else:
