@@ -372,3 +372,17 @@ def test_a_statement_from_a_future_day_names_the_default_to(cli: Any) -> None:
     assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
     refused(cli("ledger", "statement", "acme", "--from", "9998-01-01"),
             "--from 9998-01-01 is after today (")
+
+
+def test_a_stored_multi_line_note_is_shown_on_one_line(cli: Any) -> None:
+    """Written before notes were checked (or by another tool): escaped, not a broken table."""
+    async def seed(lg: Any) -> None:
+        await lg.topup("acme", D("100"), ref="B1", at=local("2026-11-01T09:00:00"),
+                       note="paid\nin cash \x1b[2J")
+
+    ledger_do(cli.url, seed)
+    code, out, _ = cli("ledger", "history", "acme")
+    assert code == 0 and len(out.splitlines()) == 3  # title, header, one posting
+    assert out.splitlines()[2].endswith("paid\\nin cash \\x1b[2J") and "\x1b" not in out
+    code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-11-01", "--to", "2026-11-30")
+    assert "paid\\nin cash" in out and "\x1b" not in out

@@ -155,8 +155,13 @@ def _money(amount: Decimal) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int]) -> str:
-    """Aligned columns; the columns in ``right`` (amounts, counts) right-aligned."""
-    rows = [list(r) for r in rows]
+    """Aligned columns; the columns in ``right`` (amounts, counts) right-aligned.
+
+    A cell is shown on one line whatever it holds: a newline or an escape sequence
+    in a note written before notes were checked (or by another tool) is shown
+    escaped (``\\n``), so it can neither break the table nor drive the terminal.
+    """
+    rows = [[_one_line(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -166,6 +171,12 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int
         ).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def _one_line(cell: str) -> str:
+    if cell.isprintable():
+        return cell
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cell)
 
 
 # -- finance commands ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from agent.cli.common import (
     load_policy,
     print_json,
 )
+from agent.cli.ledger import _table  # one table layout for every listing
 from agent.days import parse_instant, parse_period
 from agent.finance import (
     REPORT_COLUMNS,
@@ -106,16 +107,6 @@ def _days(args: argparse.Namespace) -> tuple[date, date]:
 
 def _money(amount: Decimal) -> str:
     return format_amount(amount)
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
 
 
 async def _gather(args: argparse.Namespace, d: Directory, first: date, last: date,
