@@ -133,7 +133,12 @@ def cdr_notes(config: AgentConfig) -> list[str]:
     if config.cdr_file is None:
         return []
     path = config.cdr_file
+    if path.is_dir():
+        return [f"cdr.file: {path} is a directory; name the PBX's CDR file in it "
+                "(e.g. Master.csv)"]
     if path.exists():
+        if not path.is_file():
+            return [f"cdr.file: {path} is not a regular file"]
         if not os.access(path, os.R_OK):
             return [f"cdr.file: {path} is not readable by this user (the PBX's group?)"]
         return []

@@ -109,6 +109,16 @@ def test_listen_names_the_listener_without_a_config(capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "is not HOST:PORT" in err
 
 
+@pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "0", "-1", "1e9", "abc", ""])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_bad_usage(
+        timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens: a timeout taken would report "down" on stdout
+    assert main(["status", "--listen", f"127.0.0.1:{port}", f"--timeout={timeout}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"callgate: error: --timeout {timeout!r} "), err
+
+
 def test_status_needs_the_metrics_listener(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path, None)

@@ -133,7 +133,7 @@ async def test_every_other_refusal_of_the_cli(served: Served, capsys: Any) -> No
                          ("refund", None)):
         assert "is closed" in await same_refusal(s, capsys, 409, kind, "acme", amount, "C9")
     status, body = await post(s, "acme", "reopen", ref="RO1", note="back")
-    assert status == 201 and body["balance"]["closed"] is False and body["amount"] == "0"
+    assert status == 201 and body["balance"]["closed"] is False and body["amount"] == "0.0000"
     assert (await post(s, "acme", "topup", amount="100", ref="B9"))[0] == 201
 
 
@@ -376,7 +376,7 @@ async def test_accounts_list_has_customer_names_and_policy_accounts(served: Serv
     status, body = await call(served, "GET", "/api/v1/accounts", "read")
     assert status == 200
     assert [(a["account"], a["name"], a["available"], a["in_ledger"])
-            for a in body["accounts"]] == [("acme", "ACME Telemarketing", "0", False),
+            for a in body["accounts"]] == [("acme", "ACME Telemarketing", "0.0000", False),
                                            ("beta", "Beta Sales", "120.0000", True)]
     _, body = await call(served, "GET", "/api/v1/accounts/beta", "read")
     assert body["name"] == "Beta Sales" and body["recent_postings"][0]["ref"] == "B1"
