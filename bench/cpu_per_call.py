@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,21 +41,24 @@ if str(ROOT) not in sys.path:  # run as a script: the harness lives in tests/
 
 from tests.realpbx.harness import (  # noqa: E402
     Agent,
+    Asterisk,
+    FreeSwitch,
+    Pbx,
     Ports,
     Procs,
     locate_tools,
     policy_yaml,
-    running_pbx,
-    wait_until,
+    require,
     window_excluding_now,
 )
 from tests.realpbx.sip import SCENARIOS, uac_scenario  # noqa: E402
+from tests.realpbx.tools import short_workdir  # noqa: E402
 
 NUMBER = "13800138000"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], which: tuple[int, ...] = (11, 12)) -> float:
     """utime + stime of each process (all its threads), in seconds; gone ones count 0."""
     total = 0
     for pid in pids:
@@ -63,7 +67,7 @@ def cpu_seconds(pids: list[int]) -> float:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        total += sum(int(fields[i]) for i in which)  # utime, stime (fields 14, 15)
     return total / TICK
 
 
@@ -94,6 +98,7 @@ class Load:
         self.dir = workdir / "load"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.stats = self.dir / "uac_stats.csv"
+        self.trunk_stats = self.dir / "uas_stats.csv"
         limit = int(rate * (hold + 10)) + 50
 
         def sipp(name: str, scenario: Path, port: int, args: list[str]) -> subprocess.Popen[bytes]:
@@ -105,7 +110,8 @@ class Load:
                                stdout=self.dir / f"{name}.log")
 
         self.trunk = sipp("uas", SCENARIOS / "uas_answer.xml", trunk_port,
-                          ["-m", str(self.calls), "-l", str(limit)])
+                          ["-m", str(self.calls), "-l", str(limit),
+                           "-trace_stat", "-stf", str(self.trunk_stats), "-fd", "3600"])
         time.sleep(0.5)  # the trunk listens before the first INVITE
         self.caller = sipp("uac", uac_scenario(workdir, hold), ports.one(),
                            [target, "-s", NUMBER, "-key", "from_user", from_user,
@@ -118,18 +124,22 @@ class Load:
             self.caller.wait(timeout)
         except subprocess.TimeoutExpired:
             Procs.stop(self.caller)
-        Procs.stop(self.trunk, timeout=2)
-        return self.counts()
+        Procs.stop(self.trunk, timeout=5)  # SIGTERM: sipp writes its last statistics
+        caller, trunk = self.counts(self.stats), self.counts(self.trunk_stats)
+        # A call the PBX refuses (e.g. 503 at its session limit) ends the caller's
+        # scenario too: only the calls the trunk answered and saw hung up count.
+        return {"ok": trunk["ok"], "failed": caller["ok"] + caller["failed"] - trunk["ok"]}
 
-    def counts(self) -> dict[str, int]:
+    @staticmethod
+    def counts(path: Path) -> dict[str, int]:
         """Successful and failed calls from sipp's own statistics file (last row)."""
-        with contextlib.suppress(FileNotFoundError, StopIteration, ValueError):
-            lines = [x for x in self.stats.read_text().splitlines() if x.strip()]
+        with contextlib.suppress(FileNotFoundError, StopIteration, ValueError, IndexError):
+            lines = [x for x in path.read_text().splitlines() if x.strip()]
             head = lines[0].split(";")
             last = lines[-1].split(";")
             row = dict(zip(head, last, strict=False))
             return {"ok": int(row["SuccessfulCall(C)"]), "failed": int(row["FailedCall(C)"])}
-        return {"ok": 0, "failed": -1}
+        return {"ok": 0, "failed": 0}
 
 
 def bench_policy(increment: int) -> str:
@@ -139,8 +149,49 @@ def bench_policy(increment: int) -> str:
     return text.replace("max_attempts: 10000, period: 1h", "max_attempts: 1000000, period: 1h")
 
 
+RTP_PORTS = 2000  # the tier's 100 RTP ports carry ~25 calls; the load has ~150 live
+
+
+class LoadAsterisk(Asterisk):
+    def config_files(self) -> dict[str, str]:
+        files = super().config_files()
+        last = self.rtp + RTP_PORTS - 1
+        files["rtp.conf"] = f"[general]\nrtpstart = {self.rtp}\nrtpend = {last}\n"
+        return files
+
+
+class LoadFreeSwitch(FreeSwitch):
+    def config_files(self) -> dict[str, str]:
+        files = super().config_files()
+        xml = files["freeswitch.xml"].replace(
+            f'"rtp-end-port" value="{self.rtp + 99}"',
+            f'"rtp-end-port" value="{self.rtp + RTP_PORTS - 1}"')
+        # the example's 200 sessions are ~100 bridged calls: the load has ~150
+        files["freeswitch.xml"] = xml.replace('"max-sessions" value="200"',
+                                              '"max-sessions" value="2000"')
+        return files
+
+
+@contextlib.contextmanager
+def loaded_pbx(kind: str) -> Iterator[tuple[Pbx, Procs, Ports, Path]]:
+    """As the tier's running_pbx, with RTP ports for the whole load."""
+    tools = require(kind)
+    workdir = short_workdir(kind[:2])
+    procs, ports = Procs(), Ports()
+    cls = LoadAsterisk if kind == "asterisk" else LoadFreeSwitch
+    pbx = cls(tools, workdir, ports, procs)
+    pbx.rtp = ports.block(RTP_PORTS)
+    try:
+        pbx.start()
+        yield pbx, procs, ports, workdir
+    finally:
+        procs.stop_all()
+        if os.environ.get("CALLGATE_REALPBX_KEEP") != "1":
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def measure_pbx(kind: str, args: argparse.Namespace) -> dict[str, object]:
-    with running_pbx(kind) as (pbx, procs, ports, workdir):
+    with loaded_pbx(kind) as (pbx, procs, ports, workdir):
         agent = Agent(workdir, pbx, procs, policy=bench_policy(args.increment))
         agent.topup("acme", "100000.00")
         agent.start()
@@ -151,24 +202,31 @@ def measure_pbx(kind: str, args: argparse.Namespace) -> dict[str, object]:
         time.sleep(args.idle)
         idle1 = (cpu_seconds([agent_pid]), cpu_seconds([pbx_pid]), time.monotonic())
         start = idle1
+        kernel0 = cpu_seconds([agent_pid], (12,))
         load = Load(procs, ports, workdir, target=f"127.0.0.1:{pbx.sip_port}",
                     trunk_port=pbx.trunk_port, from_user=pbx.caller("acme"), rate=args.rate,
                     hold=args.hold, duration=args.duration)
         counts = load.wait(args.duration + args.hold + 180)
 
-        # every call settled: the agent's count of settlements reaches the answered calls
-        wait_until("settlements", lambda: sum(1 for ln in agent.lines()
-                                              if ln.get("event") == "meter.settled")
-                   >= counts["ok"], 60, every=1)
+        # every call settled (or, if some never are, no new settlement for 10 s)
+        settled, last_change, last = 0, time.monotonic(), -1
+        while settled < counts["ok"] and time.monotonic() - last_change < 10:
+            settled = sum(1 for ln in agent.lines() if ln.get("event") == "meter.settled")
+            if settled != last:
+                last, last_change = settled, time.monotonic()
+            time.sleep(1)
         end = (cpu_seconds([agent_pid]), cpu_seconds([pbx_pid]), time.monotonic())
+        kernel = cpu_seconds([agent_pid], (12,)) - kernel0
         reconnects = sum(1 for ln in agent.lines() if ln.get("event") in (
             "freeswitch.esl_down", "ami.disconnected"))
         calls = counts["ok"]
         agent_cpu, pbx_cpu = end[0] - start[0], end[1] - start[1]
         idle_s = idle1[2] - idle0[2]
         return {
-            "calls": calls, "failed": counts["failed"], "wall_s": round(end[2] - start[2], 1),
-            "callgate_cpu_s": round(agent_cpu, 2), "pbx_cpu_s": round(pbx_cpu, 2),
+            "calls": calls, "failed": counts["failed"], "settled": settled,
+            "wall_s": round(end[2] - start[2], 1),
+            "callgate_cpu_s": round(agent_cpu, 2), "callgate_kernel_cpu_s": round(kernel, 2),
+            "pbx_cpu_s": round(pbx_cpu, 2),
             "callgate_cpu_per_1000": round(agent_cpu / calls * 1000, 2) if calls else None,
             "pbx_cpu_per_1000": round(pbx_cpu / calls * 1000, 2) if calls else None,
             "callgate_over_pbx": round(agent_cpu / pbx_cpu, 4) if pbx_cpu else None,
@@ -315,8 +373,8 @@ def main() -> None:
         fig = result.get(kind)
         if isinstance(fig, dict) and isinstance(kam, dict) and kam.get("kamailio_cpu_per_1000") \
                 and fig.get("callgate_cpu_per_1000"):
-            ratio = round(float(fig["callgate_cpu_per_1000"])  # type: ignore[arg-type]
-                          / float(kam["kamailio_cpu_per_1000"]), 2)  # type: ignore[arg-type]
+            ratio = round(float(fig["callgate_cpu_per_1000"])
+                          / float(kam["kamailio_cpu_per_1000"]), 2)
             fig["callgate_over_kamailio"] = ratio
             print(f"{kind}: callgate / Kamailio+cnxcc = {ratio}x")
     result["wall_seconds"] = round(time.time() - started, 1)
