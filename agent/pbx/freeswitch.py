@@ -8,14 +8,16 @@ Three jobs, one object (:class:`FreeswitchAdapter`, an :class:`agent.calls.PbxCo
   ``callgate_max_seconds`` and hang a refused call up with its cause (traces
   06a-06d). The shipped dialplan re-checks ``callgate_result`` after the socket,
   so a gate that is down or silent refuses the call (config/freeswitch/README.md).
-* **Metering** (inbound ESL): authenticate, subscribe to the few channel events
-  we need, list live calls after every (re)connect, and turn A-leg events into
-  :mod:`agent.calls` events for the sink.
+* **Metering** (inbound ESL): authenticate, subscribe to the A-leg's answer and
+  end only (an ESL filter drops every B-leg event), list live calls after every
+  (re)connect, and turn those events into :mod:`agent.calls` events for the sink.
 * **Control**: ``uuid_kill`` to cut a call; ``sched_api`` groups for a PBX-side
   deadline that is replaced without a gap (DESIGN.md, verified facts).
 
-The event -> call-event translation (:class:`CallTracker`) is pure; the asyncio
-shell around it only moves bytes, times out and reconnects.
+The event -> call-event translation and what to subscribe to live in
+:mod:`agent.pbx.freeswitch_calls` (pure); the inbound connection itself, with
+its slow-or-dead verdict, in :mod:`agent.pbx.freeswitch_link`. This module is
+the shell: it serves the gate, keeps the link up and reconnects.
 """
 
 from __future__ import annotations
