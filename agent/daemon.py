@@ -434,6 +434,7 @@ class Daemon:
             self.metrics.open_holds_amount.set_function(
                 lambda: float(sum((c.held for c in meter.live.values()), Decimal(0))))
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
+            self.metrics.watch_pbx_link(adapter.health)
             loop = asyncio.get_running_loop()
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             sync = self.dnc_sync
@@ -715,7 +716,8 @@ class Daemon:
             "pid": os.getpid(), "ready": self.ready.is_set(),
             "accepting": bool(self.gate is not None and self.gate.accepting),
             "pbx": {"kind": self.config.spec.pbx.kind,
-                    "connected": bool(adapter is not None and adapter.connected)},
+                    "connected": bool(adapter is not None and adapter.connected),
+                    **(adapter.health.snapshot() if adapter is not None else {})},
             "ledger": ledger,
             "mqtt": None if publisher is None else {
                 "connected": bool(publisher.connected), "depth": publisher.depth,

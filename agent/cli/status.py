@@ -146,7 +146,11 @@ def render(doc: dict[str, Any], where: str) -> str:
                  f"({_ago(doc.get('uptime_seconds', 0))})")
     pbx = doc.get("pbx") or {}
     lines.append(f"  pbx         {pbx.get('kind')}: "
-                 + ("connected" if pbx.get("connected") else "NOT connected"))
+                 + ("connected" if pbx.get("connected") else "NOT connected")
+                 + (" but SLOW (answering late)" if pbx.get("state") == "slow" else "")
+                 + (f"; {pbx.get('command_timeouts', 0)} command timeouts, "
+                    f"{pbx.get('reconnects', 0)} reconnects"
+                    if pbx.get("command_timeouts") or pbx.get("reconnects") else ""))
     ledger = doc.get("ledger") or {}
     lines.append(f"  ledger      {ledger.get('url')}: " + (
         f"reachable ({ledger.get('probe_ms')} ms)" if ledger.get("reachable")
