@@ -133,7 +133,12 @@ def cdr_notes(config: AgentConfig) -> list[str]:
     if config.cdr_file is None:
         return []
     path = config.cdr_file
+    if path.is_dir():
+        return [f"cdr.file: {path} is a directory; name the PBX's CDR file in it "
+                "(e.g. Master.csv)"]
     if path.exists():
+        if not path.is_file():
+            return [f"cdr.file: {path} is not a regular file"]
         if not os.access(path, os.R_OK):
             return [f"cdr.file: {path} is not readable by this user (the PBX's group?)"]
         return []
@@ -429,6 +434,7 @@ class Daemon:
             self.metrics.open_holds_amount.set_function(
                 lambda: float(sum((c.held for c in meter.live.values()), Decimal(0))))
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
+            self.metrics.watch_pbx_link(adapter.health)
             loop = asyncio.get_running_loop()
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             sync = self.dnc_sync
@@ -710,7 +716,8 @@ class Daemon:
             "pid": os.getpid(), "ready": self.ready.is_set(),
             "accepting": bool(self.gate is not None and self.gate.accepting),
             "pbx": {"kind": self.config.spec.pbx.kind,
-                    "connected": bool(adapter is not None and adapter.connected)},
+                    "connected": bool(adapter is not None and adapter.connected),
+                    **(adapter.health.snapshot() if adapter is not None else {})},
             "ledger": ledger,
             "mqtt": None if publisher is None else {
                 "connected": bool(publisher.connected), "depth": publisher.depth,

@@ -13,7 +13,8 @@ The ledger's accounts are finance's, whatever the policy says today: every
 action but a new account's first top-up (which needs the policy's minimum, and
 is what catches a mistyped account name) works from the ledger alone. The
 policy is therefore passed as a callable, asked only when needed. Every amount
-shown (JSON, CSV) is signed by its effect on the balance.
+shown (JSON, CSV) is signed by its effect on the balance, and carried in JSON and
+CSV as the ledger's fixed-point string (:func:`agent.money.fixed`: ``-0.1300``).
 
 A finance posting is idempotent by its reference: :func:`post` tells a replay
 (the same request again: the original posting comes back, nothing is written)
@@ -25,13 +26,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from agent import days
 from agent.ledger import Balance, Cdr, Ledger, Posting, PostingKind, UnknownAccount
-from agent.money import CURRENCY, AmountError, clip, format_amount, parse_amount
+from agent.money import CURRENCY, AmountError, clip, fixed, format_amount, parse_amount
 
 # The kinds finance posts; MONEY_KINDS move the balance and have a statement total.
 MONEY_KINDS = (PostingKind.TOPUP, PostingKind.PENALTY, PostingKind.REFUND,
@@ -86,24 +88,22 @@ def zone(policy: Any | None, account: str, named: str | None = None) -> ZoneInfo
 
 
 def day(text: str, what: str) -> date:
+    """A day typed by a person (:func:`agent.days.parse_day`: the CLI's reading too)."""
     try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise Refused(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
+        return days.parse_day(text, what)
+    except days.DayError as exc:
+        raise Refused(str(exc)) from None
 
 
 def start_of(when: date, where: ZoneInfo) -> datetime:
-    return datetime.combine(when, time(0), tzinfo=where).astimezone(UTC)
+    return days.day_start(when, where)
 
 
 def since(text: str, where: ZoneInfo) -> datetime:
-    if len(text) == 10:
-        return start_of(day(text, "--since"), where)
     try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise Refused(f"--since {text!r} is neither a date nor an ISO time") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=where)).astimezone(UTC)
+        return days.parse_instant(text, where, "--since")
+    except days.DayError as exc:
+        raise Refused(str(exc)) from None
 
 
 # -- finance postings ------------------------------------------------------------------
@@ -126,7 +126,6 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
     before the ledger is opened.
     """
     from agent.ledger._rules import NOTE_LIMIT, REF_LIMIT
-    from agent.ledger.compliance import breaks_a_line
 
     if kind not in FINANCE_KINDS:
         raise Refused(f"{kind.value} is not a finance action")
@@ -144,12 +143,10 @@ def request(kind: PostingKind, account: str, amount_text: str | None, ref: str,
                       f"{REF_LIMIT} characters")
     if len(note) > NOTE_LIMIT:
         raise Refused(f"the note/reason is {len(note)} characters; at most {NOTE_LIMIT}")
-    # One line, as the compliance notes: a newline would split a history row, an
-    # escape sequence would repaint the terminal that shows it.
-    bad = next((ch for ch in note if breaks_a_line(ch)), None)
-    if bad is not None:
-        what = "a reason" if kind in (PostingKind.PENALTY, PostingKind.ADJUSTMENT) else "a note"
-        raise Refused(f"{what} must be one line of text: it holds {bad!r}")
+    if not note.isprintable():  # a newline or a control character breaks every listing
+        raise Refused(f"the note/reason {clip(note)!r} must be one line of printable text")
+    if kind is PostingKind.ADJUSTMENT and not note.strip():
+        raise Refused("an adjustment needs a reason (--reason): say why the balance changes")
     return Request(kind, account, value, ref, note)
 
 
@@ -263,7 +260,10 @@ def build_statement(
     start, end = start_of(first_day, where), start_of(last_day + timedelta(days=1), where)
     opening = sum((balance_effect(p) for p in history if p.at < start), Decimal(0))
     in_period = [p for p in history if start <= p.at < end]
-    finance = [p for p in in_period if p.kind in STATEMENT_KINDS]
+    # In time order: a posting may be written after one it precedes (a correction from a
+    # late CDR, a back-dated top-up), and the ledger's history is in the order written.
+    finance = sorted((p for p in in_period if p.kind in STATEMENT_KINDS),
+                     key=lambda p: (p.at, p.id))
     # Every total is signed by its effect on the balance: closing = opening + their sum.
     totals = {kind.value: sum((balance_effect(p) for p in finance if p.kind is kind),
                               Decimal(0)) for kind in (*MONEY_KINDS, PostingKind.CORRECTION)}
@@ -323,23 +323,27 @@ def csv_rows(s: Statement) -> Iterator[list[Any]]:
     balance after it: opening + rows = closing."""
     yield list(CSV_HEADER)
     yield ["opening", local(start_of(s.first_day, s.zone), s.zone), "", "", "", "",
-           str(s.opening), "", "", "", "", str(s.opening)]
+           fixed(s.opening), "", "", "", "", fixed(s.opening)]
     rows: list[tuple[datetime, int, list[Any]]] = []
     for c in s.calls:
         rows.append((c.ended_at, 0, [
             "call", local(c.answered_at or c.ended_at, s.zone), c.caller, c.callee, c.billsec,
-            c.billed_seconds, str(-c.amount), "yes" if c.cut_off else "no", c.call_id,
-            call_flags(c), "", str(s.running.get(f"call:{c.call_id}", ""))]))
+            c.billed_seconds, fixed(-c.amount), "yes" if c.cut_off else "no", c.call_id,
+            call_flags(c), "", _fixed_or_blank(s.running.get(f"call:{c.call_id}"))]))
     for p in s.postings:
         after = balance_after(s, p)
         rows.append((p.at, p.id, [
-            p.kind.value, local(p.at, s.zone), "", "", "", "", str(signed(p)), "", p.ref,
-            p.note, p.operator, "" if after is None else str(after)]))
+            p.kind.value, local(p.at, s.zone), "", "", "", "", fixed(signed(p)), "", p.ref,
+            p.note, p.operator, _fixed_or_blank(after)]))
     for *_, row in sorted(rows, key=lambda r: (r[0], r[1])):
         yield row
     end = start_of(s.last_day + timedelta(days=1), s.zone)
-    yield ["closing", local(end, s.zone), "", "", "", "", str(s.closing), "", "", "", "",
-           str(s.closing)]
+    yield ["closing", local(end, s.zone), "", "", "", "", fixed(s.closing), "", "", "", "",
+           fixed(s.closing)]
+
+
+def _fixed_or_blank(amount: Decimal | None) -> str:
+    return "" if amount is None else fixed(amount)
 
 
 # -- one JSON shape for the CLI's --json and the API ---------------------------------------
@@ -422,15 +426,11 @@ def directory_of(policy: Any | None, override: ZoneInfo | None = None) -> Direct
 
 def report_days(start: str, end: str) -> tuple[date, date]:
     """A report's first and last day (both required, included)."""
-    def one(text: str, what: str) -> date:
-        try:
-            return date.fromisoformat(text)
-        except ValueError:
-            raise Refused(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
-
-    first, last = one(start, "--from"), one(end, "--to")
-    if last < first:
-        raise Refused(f"--to {last} is before --from {first}")
+    try:
+        first, last = days.parse_period(start, end)
+    except days.DayError as exc:
+        raise Refused(str(exc)) from None
+    assert first is not None and last is not None
     return first, last
 
 
@@ -490,7 +490,7 @@ def report_csv_rows(reports: list[Any], d: Directory) -> list[list[str]]:
     ``amount`` is the signed effect on the balance, ``balance`` the account's
     balance after the row, so per account: opening + amounts = closing.
     """
-    money = format_amount
+    money = fixed  # JSON's and every CSV's amount format
     rows: list[tuple[datetime, int, str, list[str]]] = []
     for r in reports:
         name = d.name(r.account)

@@ -91,7 +91,27 @@ def _level(level: str) -> int:
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The one handler on the root logger: stdlib records arrive by ``emit``, our own
     lines, already rendered by structlog, by :meth:`write_line`. Both take the
-    handler's lock, so lines from threads never interleave."""
+    handler's lock, so lines from threads never interleave.
+
+    Configured without a stream, it writes to whatever ``sys.stdout`` is at the
+    time of the line, not the one it was made with: a redirection or capture that
+    was later closed (pytest's ``capsys`` of an earlier test, a CLI command run
+    in-process) must not keep taking the lines and fail each of them with "I/O
+    operation on closed file".
+    """
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._follow_stdout = stream is None
+        super().__init__(sys.stdout if stream is None else stream)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout if self._follow_stdout else self._stream
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        # StreamHandler.__init__ and setStream assign it; an explicit stream is kept.
+        self._stream = value
 
     def write_line(self, line: str) -> None:
         try:
@@ -147,6 +167,10 @@ def configure_logging(
 ) -> None:
     """Route structlog and stdlib logging to ``stream`` (default stdout) in one format.
 
+    Without ``stream`` the lines go to ``sys.stdout`` as it is when each is written
+    (see :class:`_Handler`); the console/JSON choice is made now, from the stdout
+    of this call.
+
     ``auto`` picks console rendering when the stream is a terminal, JSON otherwise.
     Calling it again replaces the previous setup (tests and the CLI may do so).
 
@@ -182,7 +206,7 @@ def configure_logging(
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=is_tty)
 
-    handler = _Handler(out)
+    handler = _Handler(stream)  # None: sys.stdout as it is at each line
     handler.set_name("callgate")
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

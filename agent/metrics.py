@@ -47,6 +47,11 @@ share counters. What the daemon calls on :class:`Metrics`:
   ``callgate_risk_short_call_percent{account}``,
   ``callgate_risk_answer_percent{account}``, ``callgate_risk_alert{account,kind}``
   (1 while raised).
+- ``watch_pbx_link(health)``: the PBX control link (ESL / AMI,
+  :class:`agent.pbx.liveness.LinkHealth`) read at scrape time:
+  ``callgate_pbx_slow`` (1 while the PBX answers late but the link is alive),
+  ``callgate_pbx_command_timeouts_total``, ``callgate_pbx_late_replies_total``
+  and ``callgate_pbx_reconnects_total`` (links dropped as dead and reopened).
 - ``watch_publisher(publisher)``: export an
   :class:`~agent.events.mqtt.EventPublisher`'s ``depth``, ``dropped``,
   ``published`` and ``connected``, read at scrape time.
@@ -116,6 +121,41 @@ class PublisherStats(Protocol):
     def published(self) -> int: ...
     @property
     def connected(self) -> bool: ...
+
+
+class LinkHealthLike(Protocol):
+    """What :meth:`Metrics.watch_pbx_link` reads (agent.pbx.liveness.LinkHealth)."""
+
+    @property
+    def state(self) -> str: ...
+    @property
+    def command_timeouts(self) -> int: ...
+    @property
+    def late_replies(self) -> int: ...
+    @property
+    def reconnects(self) -> int: ...
+
+
+class _PbxLinkCollector(Collector):
+    """The adapter's own link counters, read at scrape time."""
+
+    def __init__(self, health: LinkHealthLike) -> None:
+        self._health = health
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        h = self._health
+        yield GaugeMetricFamily("callgate_pbx_slow",
+                                "1 while the PBX answers commands late but its link is alive",
+                                value=int(h.state == "slow"))
+        yield CounterMetricFamily("callgate_pbx_command_timeouts",
+                                  "PBX commands with no reply in time (the link was kept)",
+                                  value=h.command_timeouts)
+        yield CounterMetricFamily("callgate_pbx_late_replies",
+                                  "PBX replies that came after their command had timed out",
+                                  value=h.late_replies)
+        yield CounterMetricFamily("callgate_pbx_reconnects",
+                                  "PBX links dropped as dead (silent, closed) and reopened",
+                                  value=h.reconnects)
 
 
 class RiskReadingLike(Protocol):
@@ -262,6 +302,7 @@ class Metrics:
         self._live_by_account: Callable[[], Mapping[str, int]] = dict
         r.register(_AccountLiveCollector(self))
         self._publisher: _PublisherCollector | None = None
+        self._pbx_link: _PbxLinkCollector | None = None
 
     def decision(self, result: str, reason: str, seconds: float) -> None:
         self.decisions.labels(result, str(reason)).inc()
@@ -334,6 +375,12 @@ class Metrics:
             if account in available:
                 self.account_balance.labels(account).set(float(available[account]))
         self.balances_refreshed.set(time.time() if at is None else at)
+
+    def watch_pbx_link(self, health: LinkHealthLike) -> None:
+        if self._pbx_link is not None:
+            self.registry.unregister(self._pbx_link)
+        self._pbx_link = _PbxLinkCollector(health)
+        self.registry.register(self._pbx_link)
 
     def watch_publisher(self, publisher: PublisherStats) -> None:
         if self._publisher is not None:

@@ -7,12 +7,16 @@ unit is refused, never rounded: rounding money silently is how cents go missing.
 What a person types is read only as plain ASCII decimal (``100``, ``250.50``):
 exponents, digit separators, a ``+``, blanks and non-ASCII digits are refused,
 never guessed at. :func:`clip` cuts a value echoed in a message to a readable length.
+
+Shown to a person, an amount has two places or more (:func:`format_amount`:
+``12.50``); carried in JSON or CSV, the fixed-point string of the minor unit
+(:func:`fixed`: ``12.5000``, ``0.0000``), one format wherever the figure came from.
 """
 
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 CURRENCY = "CNY"
 MINOR_UNIT = Decimal("0.0001")
@@ -115,3 +119,21 @@ def format_amount(amount: Decimal, places: int = 2) -> str:
     exponent = normalized.as_tuple().exponent
     shown = max(places, -exponent if isinstance(exponent, int) else places)
     return f"{amount:.{shown}f}"
+
+
+def fixed(amount: Decimal, minor_unit: Decimal = MINOR_UNIT) -> str:
+    """An amount as JSON and CSV carry it: fixed point with the minor unit's places.
+
+    ``12.5000``, ``-0.1300``, ``0.0000`` (the default unit's four places, the
+    string a default ledger's amounts print as): the same for an amount read from
+    the ledger and for a sum computed from nothing (``Decimal(0)``, which would
+    print ``0``); a zero is never ``-0.0000``. An amount finer than the unit is
+    shown exactly, never rounded.
+    """
+    try:
+        quantized = amount.quantize(minor_unit)
+    except InvalidOperation:  # more digits than the context holds: exact, as it is
+        return str(amount)
+    if quantized != amount:
+        return str(amount)
+    return str(quantized if quantized else quantized.copy_abs())

@@ -116,8 +116,12 @@ def verdict(doc: dict[str, Any]) -> tuple[str, list[str]]:
         problems.append("not ready yet (waiting for the PBX link)")
     if doc.get("accepting") is False:
         problems.append("stopping: new calls are refused as shutting_down")
-    if not (doc.get("pbx") or {}).get("connected"):
+    pbx = doc.get("pbx") or {}
+    if not pbx.get("connected"):
         problems.append("PBX not connected")
+    elif pbx.get("state") == "slow":
+        problems.append("the PBX answers commands late (link kept, not reconnected; "
+                        f"{pbx.get('command_timeouts', 0)} command timeouts so far)")
     ledger = doc.get("ledger") or {}
     if not ledger.get("reachable"):
         problems.append(f"ledger not reachable: {ledger.get('error') or 'no answer'}")

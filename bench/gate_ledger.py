@@ -7,6 +7,8 @@ WAL, synchronous=FULL) and, when reachable, PostgreSQL: decisions/s and latency
 p50/p99 at 300/s and 2,000/s offered load and at saturation, each against the
 same decisions made by pure decide() in the same run. Calls are hung up
 (settled at zero) shortly after admission so rented lines free up, as in life.
+The PostgreSQL/SQLite ratio is the median of ``--rounds`` saturation runs of each,
+interleaved (``--pg-pool-sizes 2,5,10,20`` adds the pool sizes to the rounds).
 The socket part of the gate is measured by gate_fastagi.py / gate_esl.py.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -56,7 +59,7 @@ def summarize(lat: list[float], elapsed: float) -> dict[str, float]:
 
 
 async def measure(url: str, seconds: float, rates: list[float], concurrency: int,
-                  tmp: Path) -> dict[str, object]:
+                  tmp: Path, saturation_only: bool = False) -> dict[str, object]:
     policy = load_policy(tmp / "policy.yaml")
     ledger = await open_ledger(url)
     clock = WallClock()
@@ -87,7 +90,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
 
     results: dict[str, object] = {}
     loop = asyncio.get_running_loop()
-    for rate in rates:
+    for rate in [] if saturation_only else rates:
         lat: list[float] = []
         start = loop.time()
         tasks = []
@@ -98,6 +101,7 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
             tasks.append(asyncio.ensure_future(one()))
         lat = [x for x in await asyncio.gather(*tasks) if isinstance(x, float)]
         results[f"rate_{int(rate)}"] = summarize(lat, loop.time() - start)
+        await hangups.wait()  # the next load starts on a quiet ledger, not on this backlog
     lat = []
     end = loop.time() + seconds
 
@@ -148,9 +152,28 @@ async def drop_schema(url: str) -> None:
     await conn.close()
 
 
+async def saturation(url: str, args: argparse.Namespace, tmp: Path) -> float:
+    """Saturation alone (decisions/s), on a fresh store: a fresh schema for PostgreSQL."""
+    if url.startswith("sqlite"):
+        store = tmp / f"sat-{time.time_ns()}.db"
+        result = await measure(f"sqlite://{store}", args.seconds, [], args.concurrency, tmp,
+                               saturation_only=True)
+        store.unlink()
+        return float(result["saturation"]["per_s"])  # type: ignore[index]
+    schema_url = await postgres_url()
+    assert schema_url is not None
+    try:
+        result = await measure(schema_url + url, args.seconds, [], args.concurrency, tmp,
+                               saturation_only=True)
+    finally:
+        await drop_schema(schema_url)
+    return float(result["saturation"]["per_s"])  # type: ignore[index]
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     rates = [float(r) for r in args.rates.split(",")]
-    figures: dict[str, object] = {"bench": "gate_ledger", "seconds": args.seconds}
+    figures: dict[str, object] = {"bench": "gate_ledger", "seconds": args.seconds,
+                                  "load_average_1m": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "policy.yaml").write_text(policy_text())
         figures["pure_decide_per_s"] = round(pure_decide_rate(Path(tmp)))
@@ -164,6 +187,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                                                     args.concurrency, Path(tmp))
             finally:
                 await drop_schema(pg_url)
+            # The ratio: saturation alone, SQLite and PostgreSQL (at each pool size asked
+            # for, ?pool_size=) one after the other, round after round, so a neighbour's
+            # load on a shared machine falls on both; the median of each.
+            sizes = [""] + [f"&pool_size={int(x)}" for x in args.pg_pool_sizes.split(",") if x]
+            runs: dict[str, list[float]] = {"sqlite": [], **{f"postgres{s}": [] for s in sizes}}
+            for _ in range(args.rounds):
+                runs["sqlite"].append(await saturation("sqlite", args, Path(tmp)))
+                for size in sizes:
+                    runs[f"postgres{size}"].append(await saturation(size, args, Path(tmp)))
+            medians = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+            figures["rounds"] = {"count": args.rounds, "saturation_per_s": runs,
+                                 "median_per_s": medians}
+            figures["postgres_vs_sqlite"] = round(medians["postgres"] / medians["sqlite"], 2)
     return figures
 
 
@@ -173,6 +209,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rates", default="300,2000")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--pg-pool-sizes", default="",
+                        help="also measure PostgreSQL saturation at these pool sizes: 2,5,10,20")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved saturation rounds for the PostgreSQL/SQLite ratio")
     args = parser.parse_args()
     figures = eventloop.run(main_async(args))
     for backend in ("sqlite", "postgres"):
@@ -185,6 +225,13 @@ def main() -> None:
                   f"(p50 {sat['p50_ms']} ms, p99 {sat['p99_ms']} ms; {ratio:.3f}x pure decide()); "
                   + "; ".join(f"{k}: p50 {v['p50_ms']} ms p99 {v['p99_ms']} ms at {v['per_s']}/s"
                               for k, v in r.items() if k.startswith("rate_")))
+    if "postgres_vs_sqlite" in figures:
+        print(f"PostgreSQL / SQLite saturation (medians): {figures['postgres_vs_sqlite']}x")
+    rounds = figures.get("rounds")
+    if isinstance(rounds, dict):
+        for key, value in rounds["median_per_s"].items():
+            print(f"saturation alone, median of {rounds['count']} interleaved rounds: "
+                  f"{key.replace('&', ' ')}: {value} decisions/s")
     print(json.dumps(figures))
 
 

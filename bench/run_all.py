@@ -28,7 +28,8 @@ QUICK_ARGS = {"meter": ["--calls", "1000", "--ramp", "3"], "gate": ["--dnc", "10
               "soak": ["--minutes", "1"],
               "mqtt_publish": ["--publish-events", "10000", "--drain-events", "1000"],
               "report": ["--accounts", "5", "--calls", "200"],
-              "reconcile_cdr": ["--calls", "1000"]}
+              "reconcile_cdr": ["--calls", "1000"],
+              "cpu_per_call": ["--duration", "30", "--hold", "20"]}
 # The report's soak is bounded and runs at the CPU target's load (100 CPS, about 2,000
 # live calls, the contract tariff); the hour-long one at 50 CPS runs on demand:
 # bench/soak.py --minutes 60

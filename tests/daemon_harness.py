@@ -71,6 +71,8 @@ def write_config(tmp: Path, kind: str, pbx_port: int, gate_port: int, secret: st
 async def start_agent(config: Path) -> asyncio.subprocess.Process:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("NOTIFY_SOCKET", None)
+    for name in ("CALLGATE_CONFIG", "CALLGATE_POLICY", "CALLGATE_LEDGER"):
+        env.pop(name, None)  # run takes them over the agent config's policy and ledger
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "agent", "-c", str(config), "run",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

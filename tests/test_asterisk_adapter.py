@@ -288,14 +288,15 @@ async def test_nothing_listening_keeps_retrying_with_backoff() -> None:
 
 async def test_half_open_connection_is_detected_by_ping_timeout() -> None:
     # panoramisk's pings never timed out, so a dead link went unnoticed.
-    async with harness(ping_interval=0.1, ping_timeout=0.2) as (sim, adapter, events):
+    async with harness(ping_interval=0.1, ping_timeout=0.2, dead_after=0.6) as (
+            sim, adapter, events):
         sim.stall_ami_connections()  # open, but nothing comes back
         await until(lambda: adapter.sessions == 2)
         call = await sim.place_call(talk_seconds=0.1)
         await call.ended()
         await until(lambda: of(events, CallEnded))
     (lost,) = of(events, PbxDisconnected)
-    assert "Pong" in lost.reason
+    assert "Pong" in lost.reason and "no byte" in lost.reason
 
 
 async def test_action_lost_with_the_connection_is_not_replayed() -> None:
@@ -450,3 +451,46 @@ async def test_the_adapter_meters_on_the_shipped_eventfilter_stream(cdr: str) ->
     assert ended.by_party is True
     assert of(events, CallEnded, deadline_call.call_id)[0].by_party is False
     assert of(events, CallEnded, cut_call.call_id)[0].by_party is False
+
+
+async def test_a_slow_asterisk_keeps_its_link_and_is_not_relisted() -> None:
+    """Actions and Pongs answered late while events still flow: actions fail,
+    the session stays (no second login, no second CoreShowChannels)."""
+    async with harness(ping_interval=0.1, ping_timeout=0.2, dead_after=1.0) as (
+            sim, adapter, events):
+        call = await sim.place_call(talk_seconds=None)
+        await until(lambda: of(events, CallAnswered))
+        listings = sum(1 for m in sim.actions if m.name == "CoreShowChannels")
+        sim.action_delay = 0.4
+        with pytest.raises(PbxError, match="link is kept"):
+            await adapter.set_deadline(call.call_id, adapter.clock() + timedelta(seconds=30))
+        assert adapter.health.state == "slow" and adapter.connected
+        loop = asyncio.get_running_loop()
+        slow_since = loop.time()
+        while loop.time() - slow_since < 1.5:  # past dead_after: only silence counts
+            with contextlib.suppress(PbxError):  # the timeout backs off: some get through
+                await adapter.set_deadline(call.call_id, adapter.clock() + timedelta(seconds=30))
+        assert adapter.connected
+        adapter.health.state = "slow"  # (a timely reply may have cleared it meanwhile)
+        with pytest.raises(PbxError, match="answering late"):
+            await adapter.active_calls()
+        other = await sim.place_call(talk_seconds=0.1)  # events keep flowing
+        await until(lambda: of(events, CallEnded, other.call_id))
+        sim.action_delay = 0.0
+        await until(lambda: adapter.health.state == "up")
+        assert of(events, PbxDisconnected) == [] and adapter.sessions == 1
+        assert sum(1 for m in sim.actions if m.name == "CoreShowChannels") == listings
+        assert adapter.health.reconnects == 0 and adapter.health.command_timeouts >= 3
+
+
+async def test_a_dead_asterisk_is_reconnected_promptly() -> None:
+    async with harness(ping_interval=0.1, ping_timeout=0.2, dead_after=0.5) as (
+            sim, adapter, events):
+        loop = asyncio.get_running_loop()
+        stalled_at = loop.time()
+        sim.stall_ami_connections()  # open, but nothing comes back
+        await until(lambda: adapter.sessions == 2)
+        # the next Ping (0.1) + dead_after (0.5) + a reconnect (0.05..) + slack
+        assert loop.time() - stalled_at < 1.5
+        assert "no byte" in of(events, PbxDisconnected)[0].reason
+        assert adapter.health.reconnects == 1 and adapter.health.state == "up"

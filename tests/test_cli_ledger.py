@@ -312,3 +312,77 @@ def test_statement_json_and_the_inclusive_last_day(cli: Any) -> None:
             "before --from")
     refused(cli("ledger", "statement", "acme", "--from", "12/01/2026", "--to", "2026-12-01"),
             "not a date")
+
+
+def test_statement_other_postings_are_in_time_order(cli: Any) -> None:
+    """A posting written after one it precedes (here a fine recorded late) is listed
+    before it, in the text, the JSON and the CSV."""
+
+    async def seed(lg: Any) -> None:
+        await lg.topup("acme", D("100"), ref="B0", at=local("2026-11-01T09:00:00"))
+        await lg.topup("acme", D("50"), ref="B1", at=local("2026-11-20T09:00:00"))
+        await lg.penalty("acme", D("10"), ref="F1", at=local("2026-11-10T09:00:00"))
+        await lg.adjust("acme", D("-1"), ref="A1", at=local("2026-11-05T09:00:00"), note="fee")
+
+    ledger_do(cli.url, seed)
+    period = ("--from", "2026-11-01", "--to", "2026-11-30")
+    code, out, err = cli("ledger", "statement", "acme", *period)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    head = lines.index("Other postings: 4")
+    assert [line.split()[2:6] for line in lines[head + 2:head + 6]] == [
+        ["topup", "100.00", "100.00", "B0"], ["adjustment", "-1.00", "99.00", "A1"],
+        ["penalty", "-10.00", "89.00", "F1"], ["topup", "50.00", "139.00", "B1"]]
+    code, out, _ = cli("ledger", "statement", "acme", *period, "--json")
+    assert [p["ref"] for p in json.loads(out)["postings"]] == ["B0", "A1", "F1", "B1"]
+    code, out, _ = cli("ledger", "statement", "acme", *period, "--csv")
+    assert [r["reference"] for r in csv.DictReader(io.StringIO(out))][1:-1] == [
+        "B0", "A1", "F1", "B1"]
+
+
+# -- careless input: blanks, typos, a note that breaks a listing -------------------------------
+def test_blank_or_mistyped_names_are_refused_not_read_as_not_given(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "balance", ""), "no account ''")  # not every account's balance
+    refused(cli("ledger", "balance", "", "--at", "2026-12-01"), "no account ''")
+    refused(cli("calls", "--account", "acmee"), "no account 'acmee'")  # not "no live calls"
+    for argv in (("ledger", "history", "acme"), ("ledger", "statement", "acme"),
+                 ("ledger", "balance", "acme", "--at", "2026-12-01"),
+                 ("ledger", "report", "--from", "2026-12-01", "--to", "2026-12-01"),
+                 ("ledger", "flagged", "--from", "2026-12-01", "--to", "2026-12-01")):
+        for blank in ("", " "):  # not silently the account's own zone
+            code, out, err = cli(*argv, "--tz", blank)
+            assert (code, out) == (2, "") and "--tz" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_note_must_be_one_printable_line_and_an_adjustment_needs_a_reason(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "topup", "acme", "5", "--ref", "B2", "--note", "paid\nin cash"),
+            "must be one line of printable text")
+    refused(cli("ledger", "penalty", "acme", "5", "--ref", "P1", "--reason", "a\x1b[2Jb"),
+            "must be one line of printable text")
+    for blank in ("", "  "):
+        refused(cli("ledger", "adjust", "acme", "5", "--ref", "A1", "--reason", blank),
+                "an adjustment needs a reason")
+    assert [p["ref"] for p in postings(cli)] == ["B1"]  # nothing written
+    assert cli("ledger", "topup", "acme", "5", "--ref", "B3", "--note", "电汇 7")[0] == 0
+
+
+def test_a_statement_from_a_future_day_names_the_default_to(cli: Any) -> None:
+    assert cli("ledger", "topup", "acme", "100", "--ref", "B1")[0] == 0
+    refused(cli("ledger", "statement", "acme", "--from", "9998-01-01"),
+            "--from 9998-01-01 is after today (")
+
+
+def test_a_stored_multi_line_note_is_shown_on_one_line(cli: Any) -> None:
+    """Written before notes were checked (or by another tool): escaped, not a broken table."""
+    async def seed(lg: Any) -> None:
+        await lg.topup("acme", D("100"), ref="B1", at=local("2026-11-01T09:00:00"),
+                       note="paid\nin cash \x1b[2J")
+
+    ledger_do(cli.url, seed)
+    code, out, _ = cli("ledger", "history", "acme")
+    assert code == 0 and len(out.splitlines()) == 3  # title, header, one posting
+    assert out.splitlines()[2].endswith("paid\\nin cash \\x1b[2J") and "\x1b" not in out
+    code, out, _ = cli("ledger", "statement", "acme", "--from", "2026-11-01", "--to", "2026-11-30")
+    assert "paid\\nin cash" in out and "\x1b" not in out

@@ -6,6 +6,8 @@ import json
 from decimal import Decimal
 from pathlib import Path
 
+import pytest
+
 from agent.cli import main
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "policy.yaml"
@@ -68,7 +70,7 @@ def test_explain_bad_input_exits_2(capsys):
     assert main([*base, "--account", "acme", "--balance", "abc"]) == 2
     assert "not a number" in capsys.readouterr().err
     assert main([*base, "--account", "acme", "--balance", "1", "--at", "noon"]) == 2
-    assert "not an ISO time" in capsys.readouterr().err
+    assert "nor an ISO time" in capsys.readouterr().err
 
 
 def test_no_policy_anywhere_is_a_usage_error(monkeypatch, capsys, tmp_path):
@@ -124,3 +126,28 @@ def test_explain_without_a_ledger_says_so_and_creates_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "attempts not read (no ledger at" in out and "paid_seconds 2280 s" in out
     assert not db.exists()
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--live-calls=-5"], "--live-calls '-5' must be a whole number from 0 to 1000000"),
+    (["--live-calls", "99999999999999999999999"], "must be a whole number from 0"),
+    (["--live-calls", "٣"], "must be a whole number from 0"),
+    (["--from", ""], "--from must not be blank"),
+    (["--from", " "], "--from must not be blank"),
+])
+def test_explain_refuses_careless_options(capsys, extra, fragment):
+    base = ["--policy", str(EXAMPLE), "policy", "explain", "--to", "138", "--account", "acme",
+            "--balance", "1"]
+    assert main([*base, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("option", ["-c", "--config", "--policy", "--ledger"])
+def test_a_blank_path_or_url_option_is_refused(capsys, monkeypatch, option):
+    # Not read as "not given": that would fall back to the environment or agent.yaml.
+    monkeypatch.setenv("CALLGATE_POLICY", str(EXAMPLE))
+    assert main([option, "", "policy", "check"]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"callgate: error: {option if option != '-c' else '--config'} "
+                              "must not be blank\n")

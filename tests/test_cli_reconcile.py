@@ -358,9 +358,13 @@ def test_a_correction_above_max_posting_is_refused_and_stays_unexplained(
 
 
 def test_a_period_from_the_calendar_start(cli: Any, tmp_path: Path) -> None:
+    """The earliest day every command accepts works; before it, one line and exit 2."""
     seed(cli.url, [("eq", 10, 40, "0.13", ())])
     path = tmp_path / "Master.csv"
     path.write_text(fs_row("eq", 40, t(10), t(50)))
     code, out, err = cli("ledger", "reconcile", "--freeswitch-cdr", str(path), "--from",
-                         "0001-01-01", "--to", "2026-12-03", "--json")
+                         "1900-01-01", "--to", "2026-12-03", "--json")
     assert (code, err) == (0, "") and json.loads(out)["counts"]["equal"] == 1
+    code, out, err = cli("ledger", "reconcile", "--freeswitch-cdr", str(path), "--from",
+                         "0001-01-01", "--to", "2026-12-03", "--json")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "1900-01-01" in err

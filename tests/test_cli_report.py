@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import textwrap
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal as D
 from pathlib import Path
@@ -253,7 +255,7 @@ def test_a_period_before_any_account_is_empty(cli: Any) -> None:
     code, out, _ = cli("ledger", "report", "--from", "2020-01-01", "--to", "2020-01-31")
     assert code == 0 and "no accounts in the ledger for this period" in out
     code, out, _ = cli("ledger", "report", "--from", "2020-01-01", "--to", "2020-01-31", "--json")
-    assert json.loads(out)["totals"]["closing"] == "0"
+    assert json.loads(out)["totals"]["closing"] == "0.0000"
 
 
 # -- ledger flagged --------------------------------------------------------------------------
@@ -276,7 +278,7 @@ def test_flagged_lists_the_calls_that_need_a_look(cli: Any) -> None:
     code, out, _ = cli("ledger", "flagged", *NOVEMBER, "--account", "acme", "--csv")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert [(r["call_id"], r["flags"], r["amount"]) for r in rows] == [
-        ("c2", "billsec_from_times", "-0.39"), ("c3", "vanished", "-0.26")]
+        ("c2", "billsec_from_times", "-0.3900"), ("c3", "vanished", "-0.2600")]
 
 
 # -- ledger balance --at ---------------------------------------------------------------------
@@ -331,3 +333,59 @@ def test_the_statement_and_the_report_agree_line_by_line(cli: Any) -> None:
     names = {b["account"]: b["name"] for b in json.loads(out)["accounts"]}
     assert names == {"acme": "ACME Trading", "beta": "Beta & Sons", "delta": None,
                      "gamma": None}
+
+
+def test_flagged_refuses_an_account_the_ledger_does_not_have(cli: Any) -> None:
+    refused(cli("ledger", "flagged", *NOVEMBER, "--account", "acmee"),
+            "the ledger has no account 'acmee'")
+    refused(cli("ledger", "flagged", *NOVEMBER, "--account", ""), "no account ''")
+    code, out, _ = cli("ledger", "flagged", *NOVEMBER, "--account", "delta", "--json")
+    assert code == 0 and json.loads(out)["count"] == 0  # known, nothing to look at
+
+
+# -- one amount format in JSON and CSV -------------------------------------------------------
+AMOUNT_KEYS = {"opening", "closing", "topups", "calls_amount", "penalties", "refunds",
+               "adjustments", "corrections", "amount", "balance", "posted", "held",
+               "available", "correction", "final_amount", "topup", "penalty", "refund",
+               "adjustment", "calls"}
+FIXED = re.compile(r"-?[0-9]+\.[0-9]{4}")
+
+
+def _amounts(doc: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _amounts(v, k)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from _amounts(v, key)
+    elif key in AMOUNT_KEYS and not (key == "calls" and isinstance(doc, int)):
+        yield key, doc
+
+
+def test_every_json_and_csv_amount_is_the_ledgers_fixed_point_string(cli: Any) -> None:
+    """Not "0" for a sum of nothing beside "0.0000" and "-0.13" read from the ledger."""
+    seen: list[tuple[str, Any]] = []
+    for argv in [("ledger", "report", *NOVEMBER), ("ledger", "report", "--from", "2020-01-01",
+                                                   "--to", "2020-01-31"),
+                 ("ledger", "flagged", *NOVEMBER), ("ledger", "balance"),
+                 ("ledger", "balance", "beta"), ("ledger", "balance", "--at", "2026-11-30"),
+                 ("ledger", "balance", "delta", "--at", "2026-11-30"),
+                 ("ledger", "statement", "acme", *NOVEMBER),
+                 ("ledger", "statement", "beta", *NOVEMBER),
+                 ("ledger", "statement", "delta", *NOVEMBER), ("ledger", "history", "beta")]:
+        code, out, err = cli(*argv, "--json")
+        assert (code, err) == (0, ""), (argv, err)
+        found = list(_amounts(json.loads(out)))
+        assert found or argv[1] == "report", argv
+        bad = [(k, v) for k, v in found if v is not None and not FIXED.fullmatch(v)]
+        assert bad == [], (argv, bad)
+        seen += found
+    assert ("closing", "0.0000") in seen and ("refunds", "0.0000") in seen
+    for argv in [("ledger", "report", *NOVEMBER), ("ledger", "flagged", *NOVEMBER),
+                 ("ledger", "statement", "acme", *NOVEMBER),
+                 ("ledger", "statement", "delta", *NOVEMBER)]:
+        code, out, err = cli(*argv, "--csv")
+        assert (code, err) == (0, ""), (argv, err)
+        for row in csv.DictReader(io.StringIO(out)):
+            for key in ("amount", "balance"):
+                assert row.get(key) in (None, "") or FIXED.fullmatch(row[key]), (argv, row)

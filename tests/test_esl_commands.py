@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.pbx.esl import CommandError, commands
-from agent.pbx.freeswitch import SUBSCRIBED_EVENTS
+from agent.pbx.freeswitch import SUBSCRIBED_EVENTS, FreeswitchSettings
+from agent.pbx.freeswitch_calls import subscription
 from agent.sim.freeswitch import read_trace
 
 TRACES = Path(__file__).parent / "fixtures" / "freeswitch"
@@ -57,8 +58,17 @@ def test_outbound_socket_commands_match_traces_06() -> None:
 
 
 def test_subscription_is_only_what_the_adapter_reads() -> None:
-    assert set(SUBSCRIBED_EVENTS) == {"CHANNEL_CREATE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
-                                      "CHANNEL_HANGUP_COMPLETE", "HEARTBEAT", "BACKGROUND_JOB"}
+    assert set(SUBSCRIBED_EVENTS) == {"CHANNEL_ANSWER", "CHANNEL_HANGUP_COMPLETE", "HEARTBEAT",
+                                      "BACKGROUND_JOB"}
+    plain = subscription(FreeswitchSettings())
+    assert plain[0] == commands.events(SUBSCRIBED_EVENTS)
+    # only A-legs, plus the two events that are not about a channel
+    assert plain[1:] == [commands.filter_add("Call-Direction", "inbound"),
+                         commands.filter_add("Event-Name", "HEARTBEAT"),
+                         commands.filter_add("Event-Name", "BACKGROUND_JOB")]
+    # CHANNEL_CREATE only when a watch-only context is decided from it
+    watch = subscription(FreeswitchSettings(watch_only_contexts=frozenset({"sales"})))
+    assert watch[0] == commands.events((*SUBSCRIBED_EVENTS, "CHANNEL_CREATE"))
 
 
 @pytest.mark.parametrize("bad", ["x\nexit", "x\r\n", "ok\n\napi status"])

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.calls import CallAnswered, CallEnded, CallRequested, Direction
+from agent.calls import ActiveCall, CallAnswered, CallEnded, CallRequested, Direction
 from agent.gate.decision import Decision, Reason
 from agent.pbx.esl import ChannelData, EslEvent, EslParser
 from agent.pbx.freeswitch import (
@@ -24,6 +24,7 @@ from agent.pbx.freeswitch import (
 from agent.sim.freeswitch import trace_stream
 
 TRACES = Path(__file__).parent / "fixtures" / "freeswitch"
+T0 = datetime(2026, 11, 24, 21, 56, tzinfo=UTC)
 
 
 def frames(name: str, conn: str = "inbound") -> list[object]:
@@ -121,7 +122,8 @@ def test_a_leg_answer_reported_once_even_with_bridge() -> None:
     assert [type(x) for x in tracker.feed(bridge)] == [CallAnswered]
     assert tracker.feed(bridge) == []
     tracker.reset()  # a reconnect ...
-    tracker.mark_answered({bridge.headers["Unique-ID"]})  # ... that listed it answered
+    listed = call_info(bridge.headers, FreeswitchSettings())
+    tracker.mark_answered([ActiveCall(listed, answered_at=T0)])  # ... that listed it answered
     assert tracker.feed(bridge) == []
     tracker.reset()
     assert [type(x) for x in tracker.feed(bridge)] == [CallAnswered]
@@ -134,6 +136,48 @@ def test_show_channels_json_07() -> None:
     rows = parse_show_channels(api[3].body)  # type: ignore[attr-defined]
     assert [r["direction"] for r in rows] == ["inbound", "outbound"]
     assert rows[0]["accountcode"] == "acme"
+
+
+def test_a_listing_needs_no_dump_for_what_the_events_told() -> None:
+    """show channels (07) against the tracker: an answered call seen answering
+    is taken from the event, a ringing one from its row, an unknown answered one
+    is dumped, an ended one (the list lags) dropped; B-legs never count."""
+    api = [f for f in frames("07-api-responses-and-errors.esl.txt")
+           if type(f).__name__ == "ApiResponse"]
+    rows = parse_show_channels(api[3].body)  # type: ignore[attr-defined]
+    a_leg = rows[0]["uuid"]
+    tracker = CallTracker(FreeswitchSettings())
+    assert tracker.listing(rows).to_dump == [a_leg]  # answered (ACTIVE), answer not seen
+    assert tracker.listing(rows).calls == []
+    ringing = [{**rows[0], "callstate": "RINGING"}, rows[1]]
+    (call,) = tracker.listing(ringing).calls
+    assert (call.call.call_id, call.call.accountcode, call.answered_at) == (a_leg, "acme", None)
+    assert call.call.destination == "15550777" and tracker.listing(ringing).to_dump == []
+    seen = ActiveCall(call.call, answered_at=T0)
+    tracker.mark_answered([seen])
+    assert tracker.listing(rows).calls == [seen] and tracker.listing(rows).to_dump == []
+    evs = [f for f in frames("01b-outbound-answered-caller-hangup.selected-events.esl.txt")
+           if isinstance(f, EslEvent)]
+    end = next(e for e in evs if e.name == "CHANNEL_HANGUP_COMPLETE"
+               and e.headers["Call-Direction"] == "inbound")
+    tracker.feed(end)
+    gone = [{**rows[0], "uuid": end.headers["Unique-ID"]}]
+    assert tracker.listing(gone).calls == [] and tracker.listing(gone).to_dump == []
+
+
+def test_the_answer_event_is_kept_for_listings_until_the_hangup() -> None:
+    tracker = CallTracker(FreeswitchSettings())
+    evs = [f for f in frames("01b-outbound-answered-caller-hangup.selected-events.esl.txt")
+           if isinstance(f, EslEvent)]
+    answer = next(e for e in evs if e.name == "CHANNEL_ANSWER"
+                  and e.headers["Call-Direction"] == "inbound")
+    (ans,) = tracker.feed(answer)
+    row = {"uuid": ans.call_id, "direction": "inbound", "callstate": "ACTIVE"}
+    (listed,) = tracker.listing([row]).calls
+    assert (listed.call, listed.answered_at) == (ans.call, ans.answered_at)
+    for e in evs:
+        tracker.feed(e)
+    assert tracker.listing([row]).calls == []  # ended: the lagging list still shows it
 
 
 def test_gate_reads_the_connect_reply_06a() -> None:

@@ -17,7 +17,9 @@ import asyncpg
 import pytest
 
 from agent.ledger import (
+    Admission,
     CallRecord,
+    Cdr,
     LedgerError,
     LedgerUnavailable,
     RefusedOperation,
@@ -171,6 +173,54 @@ async def test_postgres_an_older_store_is_migrated(pg_url: str) -> None:
         assert (await ledger.balance("acme")).posted == D("100")
         await ledger.record_attempt("acme", "138", T0, True, "")
         assert await ledger.attempts("acme", T0) == [T0]
+        assert await ledger.audit() == []
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_url: str) -> None:
+    """7 -> 8 adds the admission, hold and settlement functions; a call live across the
+    upgrade is held and settled by them."""
+    # A version 7 store with an account of 10 and a live call holding 0.13.
+    await _pg_exec(
+        pg_url,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO meta VALUES ('schema_version', '7'), ('minor_unit', '0.0001')",
+        *(statement for step in pg_backend.MIGRATIONS[:7] for statement in step),
+        "INSERT INTO accounts (id, posted, held, created_at) VALUES ('acme', 100000, 1300, now())",
+        "INSERT INTO postings (account, kind, amount, at, ref, key)"
+        " VALUES ('acme', 'topup', 100000, now(), 'T1', 'topup:T1')",
+        "INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+        " increment, minimum, admitted_at, status, held, paid_seconds, steps)"
+        " VALUES ('c-old', 'acme', 'pbx-1', '021', '138', 'standard', 1300, 60, 60, now(),"
+        " 'admitted', 1300, 60, 1)",
+        "INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+        " VALUES ('acme', 'hold', 1300, now(), 'c-old', 'hold:c-old:1', 'c-old')",
+    )
+    ledger = await open_ledger(pg_url)
+    await ledger.close()
+    dsn, _ = pg_backend.split_options(pg_url)
+    conn = await asyncpg.connect(dsn)
+    try:
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "8"
+        functions = {r[0] for r in await conn.fetch(
+            "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")}
+        assert {"callgate_admit", "callgate_hold", "callgate_settle"} <= functions
+    finally:
+        await conn.close()
+    ledger = await open_ledger(pg_url)
+    try:
+        assert await ledger.hold("c-old", 2, D("0.13"), 120, T0)
+        assert await ledger.admit_and_hold(call("c-new"), 2, D("0.13"), 60,
+                                           reason="ok") is Admission.ADMITTED
+        assert await ledger.admit_and_hold(call("c-busy"), 2, D("0.13"), 60,
+                                           reason="ok") is Admission.LINES_BUSY
+        for call_id in ("c-old", "c-new"):
+            settled = await ledger.settle_call(Cdr(call_id, "acme", "021", "138", None, T0,
+                                                   0, 0, D(0), "NO_ANSWER"))
+            assert settled.amount == 0
+        assert (await ledger.balance("acme")).held == 0
         assert await ledger.audit() == []
     finally:
         await ledger.close()

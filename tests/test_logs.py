@@ -186,3 +186,32 @@ def test_a_failing_stream_never_raises_into_the_caller(
     configure_logging("json", "info", stream=_Broken())
     structlog.get_logger("x").info("gate.decision", call_id="c-1")
     logging.getLogger("asyncio").warning("also lost")
+
+
+def test_the_default_stream_is_stdout_as_it_is_at_each_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A capture that was stdout when logging was configured (a test's capsys, a CLI
+    # command run in-process) and is closed since must not keep taking the lines:
+    # they go to whatever stdout is now, for our lines and stdlib records alike.
+    monkeypatch.setattr(logging, "raiseExceptions", True)  # a failed write would be reported
+    earlier, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stdout", earlier)
+    configure_logging("json", "info")
+    structlog.get_logger("x").info("one")
+    earlier.close()
+    monkeypatch.setattr("sys.stdout", later)
+    errors = io.StringIO()
+    monkeypatch.setattr("sys.stderr", errors)  # where Handler.handleError would report
+    structlog.get_logger("x").info("two")
+    logging.getLogger("asyncio").warning("three")
+    assert [line["event"] for line in _lines(later)] == ["two", "three"]
+    assert errors.getvalue() == ""
+
+
+def test_an_explicit_stream_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.StringIO()
+    configure_logging("json", "info", stream=buf)
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    structlog.get_logger("x").info("one")
+    assert [line["event"] for line in _lines(buf)] == ["one"]

@@ -343,3 +343,19 @@ def test_default_bind_is_loopback() -> None:
     assert parameters["host"].default == "127.0.0.1"
     ready: Callable[[], tuple[bool, str]] = parameters["ready"].default
     assert ready() == (True, "ok")
+
+
+async def test_pbx_link_health_is_exported(served: tuple[Metrics, _Readiness, int]) -> None:
+    from agent.pbx.liveness import LinkHealth
+
+    metrics, _, port = served
+    health = LinkHealth(state="slow", command_timeouts=4, reconnects=1, late_replies=3)
+    metrics.watch_pbx_link(health)
+    s = _samples((await _get(port, "/metrics"))[2])
+    assert s[("callgate_pbx_slow", ())] == 1
+    assert s[("callgate_pbx_command_timeouts_total", ())] == 4
+    assert s[("callgate_pbx_late_replies_total", ())] == 3
+    assert s[("callgate_pbx_reconnects_total", ())] == 1
+    health.state = "up"
+    metrics.watch_pbx_link(health)  # watching again replaces, never duplicates
+    assert _samples((await _get(port, "/metrics"))[2])[("callgate_pbx_slow", ())] == 0

@@ -82,3 +82,13 @@ def test_every_exact_amount_round_trips_through_its_plain_text(amount: Decimal) 
 def test_digits_with_anything_foreign_are_refused(digit: str, tail: str) -> None:
     with pytest.raises(AmountError):
         parse_amount(digit + tail)
+
+
+def test_fixed_is_one_format_for_every_amount_carried_in_json_and_csv() -> None:
+    from agent.money import fixed
+
+    assert [fixed(Decimal(x)) for x in ("0", "-0", "0.0000", "-0.0000", "12.5", "-0.13",
+                                        "1E+3", "100.00")] == [
+        "0.0000", "0.0000", "0.0000", "0.0000", "12.5000", "-0.1300", "1000.0000", "100.0000"]
+    assert fixed(Decimal("0.00001")) == "0.00001"  # finer than the unit: exact, not rounded
+    assert fixed(Decimal("12.5"), Decimal("0.01")) == "12.50"

@@ -109,6 +109,16 @@ def test_listen_names_the_listener_without_a_config(capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "is not HOST:PORT" in err
 
 
+@pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "0", "-1", "1e9", "abc", ""])
+def test_a_timeout_that_is_not_a_sane_number_of_seconds_is_bad_usage(
+        timeout: str, capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()  # nothing listens: a timeout taken would report "down" on stdout
+    assert main(["status", "--listen", f"127.0.0.1:{port}", f"--timeout={timeout}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"callgate: error: --timeout {timeout!r} "), err
+
+
 def test_status_needs_the_metrics_listener(tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(tmp_path, None)
@@ -185,7 +195,8 @@ async def test_status_of_a_running_daemon_then_a_refused_reload_then_down(
             assert code == 0, out
             doc = json.loads(out)
             assert (doc["state"], doc["problems"], doc["version"]) == ("healthy", [], __version__)
-            assert doc["pbx"] == {"kind": "asterisk", "connected": True}
+            assert doc["pbx"] == {"kind": "asterisk", "connected": True, "state": "up",
+                                  "command_timeouts": 0, "late_replies": 0, "reconnects": 0}
             assert doc["ledger"]["reachable"] is True
             policy = doc["policy"]
             assert policy["file"] == str(shared_dir / "policy.yaml") and policy["accounts"] == 1
@@ -293,3 +304,13 @@ def test_the_daemon_counts_executed_cutoffs_and_balance_refusals(tmp_path: Path)
     recent = daemon.board.recent(T0)["1m"]
     assert recent == {"decisions": 2, "allowed": 1, "refused": {"insufficient_balance": 1},
                       "cutoffs": {"balance": 1, "window_end": 1}, "late_cutoffs": 1}
+
+
+def test_a_slow_pbx_degrades_and_says_the_link_is_kept() -> None:
+    slow = _healthy() | {"pbx": {"connected": True, "state": "slow", "command_timeouts": 7}}
+    state, problems = verdict(slow)
+    assert state == "degraded"
+    assert problems == ["the PBX answers commands late (link kept, not reconnected; "
+                        "7 command timeouts so far)"]
+    up = _healthy() | {"pbx": {"connected": True, "state": "up", "command_timeouts": 7}}
+    assert verdict(up) == ("healthy", [])

@@ -133,7 +133,7 @@ async def test_every_other_refusal_of_the_cli(served: Served, capsys: Any) -> No
                          ("refund", None)):
         assert "is closed" in await same_refusal(s, capsys, 409, kind, "acme", amount, "C9")
     status, body = await post(s, "acme", "reopen", ref="RO1", note="back")
-    assert status == 201 and body["balance"]["closed"] is False and body["amount"] == "0"
+    assert status == 201 and body["balance"]["closed"] is False and body["amount"] == "0.0000"
     assert (await post(s, "acme", "topup", amount="100", ref="B9"))[0] == 201
 
 
@@ -376,7 +376,7 @@ async def test_accounts_list_has_customer_names_and_policy_accounts(served: Serv
     status, body = await call(served, "GET", "/api/v1/accounts", "read")
     assert status == 200
     assert [(a["account"], a["name"], a["available"], a["in_ledger"])
-            for a in body["accounts"]] == [("acme", "ACME Telemarketing", "0", False),
+            for a in body["accounts"]] == [("acme", "ACME Telemarketing", "0.0000", False),
                                            ("beta", "Beta Sales", "120.0000", True)]
     _, body = await call(served, "GET", "/api/v1/accounts/beta", "read")
     assert body["name"] == "Beta Sales" and body["recent_postings"][0]["ref"] == "B1"
@@ -451,10 +451,10 @@ async def test_a_note_or_reason_is_one_line_and_blanks_around_a_reference_are_dr
     """A newline split `ledger history`'s row and an escape sequence repainted the terminal
     showing it; a pasted "B1 " next to a retried "B1" made two top-ups."""
     s = served
-    assert "a note must be one line of text" in await same_refusal(
+    assert "must be one line of printable text" in await same_refusal(
         s, capsys, 400, "topup", "acme", "100", "B1", "wire\nfrom bank")
     assert (await post(s, "acme", "topup", amount="100", ref="B1"))[0] == 201
-    assert "a reason must be one line of text" in await same_refusal(
+    assert "must be one line of printable text" in await same_refusal(
         s, capsys, 400, "penalty", "acme", "5", "P1", "late\x1b[2J")
     status, body = await post(s, "acme", "topup", amount="100", ref=" B1 ")
     assert status == 200 and body["replayed"] is True and body["ref"] == "B1", body

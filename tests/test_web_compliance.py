@@ -180,7 +180,7 @@ async def test_complaint_refusals_are_the_clis(served: Served, capsys: Any) -> N
         s, capsys, 404, *both("ghost", CALLEE, "T1"))
     assert await same_refusal(s, capsys, 400, *both("acme", "call me", "T1")) == (
         "--callee: 'call me' is not a phone number")
-    assert "is not an ISO time" in await same_refusal(
+    assert "is neither a date nor an ISO time" in await same_refusal(
         s, capsys, 400, *both("acme", CALLEE, "T1", "yesterday"))
     assert "is in the future" in await same_refusal(
         s, capsys, 400, *both("acme", CALLEE, "T1", future))

@@ -12,10 +12,11 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from agent import __version__, eventloop
 from agent.cli.common import CheckFailed, UsageError
+from agent.days import DayError
 from agent.finance import Refused
 
 
@@ -24,14 +25,28 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def _not_blank(option: str) -> Callable[[str], str]:
+    """A path or URL option given blank (``--ledger "$UNSET"``) is refused, not read as
+    "not given" (which would silently fall back to the environment or agent.yaml)."""
+    def check(text: str) -> str:
+        if not text.strip():
+            raise UsageError(f"{option} must not be blank")
+        return text
+
+    return check
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="callgate",
         description="Call gating and prepaid metering beside an Asterisk or FreeSWITCH PBX.",
     )
-    parser.add_argument("-c", "--config", help="agent config (env CALLGATE_CONFIG)")
-    parser.add_argument("--policy", help="policy YAML (env CALLGATE_POLICY)")
-    parser.add_argument("--ledger", help="ledger URL (env CALLGATE_LEDGER)")
+    parser.add_argument("-c", "--config", type=_not_blank("--config"),
+                        help="agent config (env CALLGATE_CONFIG)")
+    parser.add_argument("--policy", type=_not_blank("--policy"),
+                        help="policy YAML (env CALLGATE_POLICY)")
+    parser.add_argument("--ledger", type=_not_blank("--ledger"),
+                        help="ledger URL (env CALLGATE_LEDGER)")
     parser.add_argument("--operator", metavar="NAME",
                         help="who is doing this, recorded with every posting "
                              "(default: your login name)")
@@ -79,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return code
         except BrokenPipeError:
             return _pipe_closed()
-        except (UsageError, Refused, eventloop.LoopChoiceError) as exc:
+        except (UsageError, Refused, DayError, eventloop.LoopChoiceError) as exc:
             print(f"callgate: error: {exc}", file=sys.stderr)
             return 2
         except CheckFailed as exc:

@@ -8,7 +8,15 @@ and ``ledger init`` do), and what it records names its author with
 Resolution order for each setting: the command-line option, then the
 environment variable (``CALLGATE_CONFIG``, ``CALLGATE_POLICY``,
 ``CALLGATE_LEDGER``), then the agent config file (``-c``; default
-``/etc/callgate/agent.yaml`` when it exists), then the built-in default.
+``/etc/callgate/agent.yaml`` when it exists), then the built-in default. The
+same for every command: ``run`` and ``config check`` take ``--policy`` and
+``--ledger`` over the agent config's ``policy:`` and ``ledger:`` too
+(:func:`overridden`).
+
+Every command's ``--from``/``--to``/``--at``/``--since`` is read by
+:mod:`agent.days` (shared with the web console's query parameters), and only
+there: a bad or out-of-range day is a :class:`~agent.days.DayError`, one line
+and exit 2 like a :class:`UsageError`.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from agent.money import clip
+from agent.money import clip, fixed
 from agent.yamlfile import ConfigError
 
 if TYPE_CHECKING:
@@ -62,8 +70,29 @@ def agent_config(args: argparse.Namespace) -> AgentConfig | None:
         config = load_agent_config(path)
     except ConfigError as exc:
         raise UsageError(str(exc).replace("\n", "; ")) from None
+    overridden(config, args)
     args._agent_config = config
     return config
+
+
+def overridden(config: AgentConfig, args: argparse.Namespace) -> list[str]:
+    """Put ``--policy``/``--ledger`` (or their environment variables) in place of the
+    agent config's own, as for every other command, ``run`` and ``config check``
+    included; what was replaced, one note each."""
+    notes = []
+    named = getattr(args, "policy", None) or os.environ.get("CALLGATE_POLICY")
+    if named and Path(named).resolve() != config.policy_path:
+        source = "--policy" if getattr(args, "policy", None) else "CALLGATE_POLICY"
+        notes.append(f"policy: {named} (from {source}; {config.path} names "
+                     f"{config.policy_path})")
+        config.policy_path = Path(named).resolve()
+    url = getattr(args, "ledger", None) or os.environ.get("CALLGATE_LEDGER")
+    if url and url != config.ledger:
+        source = "--ledger" if getattr(args, "ledger", None) else "CALLGATE_LEDGER"
+        notes.append(f"ledger: {clip(url, 200)} (from {source}; {config.path} names "
+                     f"{clip(config.ledger, 200)})")
+        config.ledger = url
+    return notes
 
 
 def policy_path(args: argparse.Namespace) -> Path:
@@ -181,6 +210,8 @@ def account_zone(args: argparse.Namespace, account: str, named: str | None = Non
     """
     from agent.finance import zone
 
+    if named is not None and not named.strip():
+        raise UsageError("--tz must not be blank (an IANA name such as Asia/Shanghai)")
     return zone(None if named else try_policy(args), account, named)
 
 
@@ -190,8 +221,8 @@ def now() -> datetime:
 
 
 def _default(obj: Any) -> Any:
-    if isinstance(obj, Decimal):
-        return str(obj)
+    if isinstance(obj, Decimal):  # every Decimal the CLI prints is an amount of money
+        return fixed(obj)
     if isinstance(obj, datetime):
         return obj.isoformat()
     if isinstance(obj, Path):

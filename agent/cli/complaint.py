@@ -29,10 +29,11 @@ from agent.cli.common import (
     operator_name,
     print_json,
 )
-from agent.cli.ledger import _day, _local, _start_of, _table
+from agent.cli.ledger import _local, _table
 from agent.cli.notify import publish_event
 from agent.compliance import actions
 from agent.compliance.actions import checked, complaint_json
+from agent.days import day_start, parse_period
 from agent.gate.policy import Policy
 from agent.ledger.compliance import typed_ticket
 from agent.money import CURRENCY, format_amount
@@ -122,8 +123,9 @@ async def _list(args: argparse.Namespace) -> int:
         _, zone = policy_account(args, args.account)
     else:
         load_policy(args)  # the same checks as every command: a usable policy
-    start = _start_of(_day(args.start, "--from"), zone) if args.start else None
-    end = _start_of(_day(args.end, "--to") + timedelta(days=1), zone) if args.end else None
+    first, last = parse_period(args.start, args.end)
+    start = day_start(first, zone) if first else None
+    end = day_start(last + timedelta(days=1), zone) if last else None
     if start and end and end <= start:
         raise UsageError("--to is before --from")
     async with OpenedLedger(args) as ledger:

@@ -6,7 +6,9 @@ takes a call — the policy it names, the PBX secret, the listen addresses, the
 MQTT settings and the ledger (reachable; a store that does not exist yet is
 noted, since ``run`` creates it). Both commands share :func:`agent.daemon.preflight`
 with ``run``, so a config that passes here does not fail there for a reason
-either could have seen. Exit 0 valid, 1 not (one line per problem).
+either could have seen. ``--policy``/``--ledger`` (or ``CALLGATE_POLICY``/
+``CALLGATE_LEDGER``) replace the config's ``policy:``/``ledger:`` here as in
+``run``, with a note saying so. Exit 0 valid, 1 not (one line per problem).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from agent.cli.common import DEFAULT_CONFIG, CheckFailed, print_json
+from agent.cli.common import DEFAULT_CONFIG, CheckFailed, overridden, print_json
 from agent.money import clip
 
 
@@ -53,6 +55,7 @@ async def _check(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             problems.extend(str(e) for e in exc.errors)
     if config is not None:
+        notes.extend(overridden(config, args))  # --policy/--ledger, as run takes them
         try:
             policy = preflight(config, notes)
             summary = policy.summary()

@@ -31,12 +31,14 @@ from typing import Any
 from agent import finance
 from agent.cli.common import (
     OpenedLedger,
+    UsageError,
     account_zone,
     load_policy,
     now,
     operator_name,
     print_json,
 )
+from agent.days import parse_instant, parse_period
 from agent.finance import (
     FINANCE_KINDS,
     MONEY_KINDS,
@@ -153,8 +155,13 @@ def _money(amount: Decimal) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int]) -> str:
-    """Aligned columns; the columns in ``right`` (amounts, counts) right-aligned."""
-    rows = [list(r) for r in rows]
+    """Aligned columns; the columns in ``right`` (amounts, counts) right-aligned.
+
+    A cell is shown on one line whatever it holds: a newline or an escape sequence
+    in a note written before notes were checked (or by another tool) is shown
+    escaped (``\\n``), so it can neither break the table nor drive the terminal.
+    """
+    rows = [[_one_line(c) for c in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -164,6 +171,12 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: set[int
         ).rstrip()
 
     return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def _one_line(cell: str) -> str:
+    if cell.isprintable():
+        return cell
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cell)
 
 
 # -- finance commands ------------------------------------------------------------------
@@ -223,17 +236,17 @@ async def _init(args: argparse.Namespace) -> int:
 async def _balance(args: argparse.Namespace) -> int:
     from agent.cli.report import account_names, balance_as_of
 
-    if args.at:
+    if args.at is not None:
         return await balance_as_of(args)
     names = account_names(args)
     async with OpenedLedger(args) as ledger:
-        if args.account:
+        if args.account is not None:
             balances = [await ledger.balance(args.account)]
         else:
             balances = await ledger.balances()
     if args.json:
         named = [{**finance.balance_json(b), "name": names.get(b.account)} for b in balances]
-        print_json(named[0] if args.account else {"accounts": named})
+        print_json(named[0] if args.account is not None else {"accounts": named})
         return 0
     if not balances:
         print("no accounts in the ledger yet")
@@ -246,7 +259,7 @@ async def _balance(args: argparse.Namespace) -> int:
 
 async def _history(args: argparse.Namespace) -> int:
     zone = account_zone(args, args.account, args.tz)
-    since = finance.since(args.since, zone) if args.since else None
+    since = None if args.since is None else parse_instant(args.since, zone, "--since")
     async with OpenedLedger(args) as ledger:
         postings = await ledger.history(args.account, since)
     if args.json:
@@ -265,7 +278,12 @@ async def _history(args: argparse.Namespace) -> int:
 async def _statement(args: argparse.Namespace) -> int:
     from agent.cli.report import account_names
 
+    first, last = parse_period(args.start, args.end)  # refused before the ledger is opened
     zone = account_zone(args, args.account, args.tz)
+    today = now().astimezone(zone).date()
+    if first is not None and last is None and first > today:
+        raise UsageError(f"--from {first} is after today ({today} in {zone}), the default "
+                         "--to")
     name = account_names(args).get(args.account, "")
     async with OpenedLedger(args) as ledger:
         statement = await finance.statement(ledger, args.account, zone, args.start, args.end,

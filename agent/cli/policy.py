@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.calls import CallInfo, Direction
-from agent.cli.common import CheckFailed, UsageError, load_policy, now, policy_path, print_json
+from agent.cli.common import (
+    CheckFailed,
+    UsageError,
+    load_policy,
+    now,
+    policy_path,
+    print_json,
+)
+from agent.days import parse_instant
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState
-from agent.money import AmountError, format_amount, parse_amount
+from agent.money import AmountError, clip, format_amount, parse_amount
 from agent.yamlfile import ConfigError
 
 if TYPE_CHECKING:
@@ -47,9 +55,22 @@ def register(sub: Any) -> None:
     explain.add_argument("--at", help="ISO time (default: now); without a zone: the account's")
     explain.add_argument("--direction", choices=["outbound", "inbound"], default="outbound")
     explain.add_argument("--balance", help="available balance (default: the ledger's)")
-    explain.add_argument("--live-calls", type=int, default=None)
+    explain.add_argument("--live-calls", type=_count, default=None,
+                         help=f"live calls of the account (0 to {MAX_LIVE_CALLS}; default: "
+                              "the ledger's)")
     explain.add_argument("--json", action="store_true")
     explain.set_defaults(func=_explain)
+
+
+MAX_LIVE_CALLS = 1_000_000  # far above any line count a customer rents
+
+
+def _count(text: str) -> int:
+    """``--live-calls``: a whole number of calls, 0 or more."""
+    if not text.isascii() or not text.isdigit() or int(text) > MAX_LIVE_CALLS:
+        raise UsageError(f"--live-calls {clip(text)!r} must be a whole number from 0 to "
+                         f"{MAX_LIVE_CALLS}")
+    return int(text)
 
 
 async def _check(args: argparse.Namespace) -> int:
@@ -132,18 +153,10 @@ async def _explain(args: argparse.Namespace) -> int:
     if account is None:
         known = ", ".join(sorted(policy.accounts)) or "none"
         raise UsageError(f"unknown account {args.account!r} (accounts: {known})")
-    if args.at:
-        try:
-            at = datetime.fromisoformat(args.at)
-        except ValueError:
-            raise UsageError(
-                f"--at {args.at!r} is not an ISO time (e.g. 2026-11-24T09:30)"
-            ) from None
-        if at.tzinfo is None:
-            at = at.replace(tzinfo=account.hours.timezone)
-        at = at.astimezone(UTC)
-    else:
-        at = now()
+    at = now() if args.at is None else parse_instant(args.at, account.hours.timezone, "--at")
+    if args.caller_id is not None and not args.caller_id.strip():
+        raise UsageError("--from must not be blank: the presented caller ID (leave it out "
+                         "for the account's first number)")
     caller = args.caller_id or next(iter(sorted(account.caller_ids)), "")
     request = CallInfo(
         call_id="explain", direction=Direction(args.direction), caller_id=caller,

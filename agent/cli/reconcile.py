@@ -26,7 +26,7 @@ import csv
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from agent.cli.common import (
     print_json,
     try_policy,
 )
+from agent.days import day_start, parse_period
 from agent.ledger import CallRecord, Cdr, Ledger, LedgerError
 from agent.money import CURRENCY, format_amount
 
@@ -88,13 +89,6 @@ def _zone(name: str) -> tzinfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
         raise UsageError(f"--timezone {name!r} is not a known timezone") from None
-
-
-def _day(text: str, what: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {text!r} is not a date (YYYY-MM-DD)") from None
 
 
 def _layout(args: argparse.Namespace, zone: tzinfo) -> tuple[Path, Layout]:
@@ -228,11 +222,9 @@ def _unmatched_rater(args: argparse.Namespace) -> Callable[[CdrRow], Decimal | N
 
 async def _reconcile(args: argparse.Namespace) -> int:
     zone = _zone(args.timezone)
-    first, last = _day(args.start, "--from"), _day(args.end, "--to")
-    if last < first:
-        raise UsageError(f"--to {last} is before --from {first}")
-    start = datetime.combine(first, time(0), tzinfo=zone).astimezone(UTC)
-    end = datetime.combine(last + timedelta(days=1), time(0), tzinfo=zone).astimezone(UTC)
+    first, last = parse_period(args.start, args.end)
+    assert first is not None and last is not None  # both are required options
+    start, end = day_start(first, zone), day_start(last + timedelta(days=1), zone)
     path, layout = _layout(args, zone)
     reading = read_rows(path, layout, start, end)
     merged = reading.rows

@@ -12,19 +12,25 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from datetime import date
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.cli.common import OpenedLedger, UsageError, load_policy, print_json
+from agent.cli.common import (
+    OpenedLedger,
+    UsageError,
+    load_policy,
+    print_json,
+)
+from agent.cli.ledger import _table  # one table layout for every listing
+from agent.days import parse_instant, parse_period
 from agent.finance import (
     REPORT_COLUMNS,
     Directory,
     directory_of,
     gather,
     report_csv_rows,
-    report_days,
     report_json,
 )
 from agent.finance import utc as _utc
@@ -35,7 +41,7 @@ from agent.ledger.report import (
     balance_at,
     totals,
 )
-from agent.money import CURRENCY, clip, format_amount
+from agent.money import CURRENCY, clip, fixed, format_amount
 
 
 def register(commands: Any) -> None:
@@ -70,7 +76,7 @@ def directory(args: argparse.Namespace, *, quiet: bool = False) -> Directory:
     """The policy's names and zones; a policy that cannot be loaded is a note, not an error."""
     tz = getattr(args, "tz", None)
     override = None
-    if tz:
+    if tz is not None:  # blank too: refused below, not read as "not given"
         try:
             override = ZoneInfo(tz)
         except (ZoneInfoNotFoundError, ValueError, OSError):
@@ -93,42 +99,21 @@ def account_names(args: argparse.Namespace) -> dict[str, str]:
 
 
 # -- periods -------------------------------------------------------------------------------
-def _day(text: str, what: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"{what} {clip(text)!r} is not a date (YYYY-MM-DD)") from None
-
-
 def _days(args: argparse.Namespace) -> tuple[date, date]:
-    return report_days(args.start, args.end)
-
-
-def _instant(day: date, zone: tzinfo) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
-
-
-def _period(first: date, last: date, zone: tzinfo) -> tuple[datetime, datetime]:
-    return _instant(first, zone), _instant(last + timedelta(days=1), zone)
+    first, last = parse_period(args.start, args.end)
+    assert first is not None and last is not None  # both options are required
+    return first, last
 
 
 def _money(amount: Decimal) -> str:
     return format_amount(amount)
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
-
-
 async def _gather(args: argparse.Namespace, d: Directory, first: date, last: date,
                   only: str | None = None) -> list[tuple[AccountReport, list[Flagged]]]:
     async with OpenedLedger(args) as ledger:
+        if only is not None:
+            await ledger.balance(only)  # an account the ledger does not have is refused
         return await gather(ledger, d, first, last, only)
 
 
@@ -193,7 +178,7 @@ async def _flagged(args: argparse.Namespace) -> int:
                       "billsec", "caller", "callee", "note"])
         for f in items:
             out.writerow([_utc(f.at), f.account, d.name(f.account), f.call_id, f.kind,
-                          ",".join(f.flags), _money(f.amount),
+                          ",".join(f.flags), fixed(f.amount),
                           "" if f.billsec is None else f.billsec,
                           f.cdr.caller if f.cdr else "", f.cdr.callee if f.cdr else "", f.note])
         return 0
@@ -217,27 +202,17 @@ def _flagged_json(f: Flagged, d: Directory) -> dict[str, Any]:
 
 
 # -- ledger balance --at -------------------------------------------------------------------
-def _moment(text: str, zone: tzinfo) -> datetime:
-    """A date is the end of that day (its closing balance); an ISO time is that instant."""
-    if len(text) == 10:
-        return _instant(_day(text, "--at") + timedelta(days=1), zone) - timedelta(microseconds=1)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--at {clip(text)!r} is neither a date (YYYY-MM-DD) nor an ISO "
-                         "time") from None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
-
-
 async def balance_as_of(args: argparse.Namespace) -> int:
     """``callgate ledger balance [ACCOUNT] --at TIME``."""
     d = directory(args, quiet=True)
-    _moment(args.at, d.fallback)  # a bad --at is refused before the ledger is opened
+    # A date is the end of that day (its closing balance); an ISO time is that instant.
+    parse_instant(args.at, d.fallback, "--at")  # a bad --at is refused before the ledger
     rows = []
     async with OpenedLedger(args) as ledger:
-        accounts = [args.account] if args.account else [b.account for b in await ledger.balances()]
+        accounts = ([args.account] if args.account is not None
+                    else [b.account for b in await ledger.balances()])
         for account in accounts:
-            at = _moment(args.at, d.zone(account))
+            at = parse_instant(args.at, d.zone(account), "--at", day_end=True)
             found = balance_at(account, await ledger.history(account), at)
             if found is not None:
                 rows.append(found)
@@ -245,7 +220,7 @@ async def balance_as_of(args: argparse.Namespace) -> int:
         entries = [{"account": b.account, "name": d.name(b.account) or None, "at": b.at,
                     "posted": b.posted, "held": b.held, "available": b.available,
                     "closed": b.closed} for b in rows]
-        if args.account:
+        if args.account is not None:
             print_json(entries[0] if entries else {"account": args.account, "at": None,
                                                    "posted": None, "note": "no postings yet"})
         else:

@@ -56,6 +56,8 @@ async def _calls(args: argparse.Namespace) -> int:
 
     ledger = await open_store(args)
     try:
+        if args.account is not None:
+            await ledger.balance(args.account)  # an account the ledger lacks is refused
         records = await ledger.live_calls(args.account)
     except LedgerError as exc:
         raise UsageError(str(exc)) from None

@@ -27,12 +27,28 @@ EXIT = {"healthy": 0, "degraded": 1, "down": 2}
 def register(sub: Any) -> None:
     status = sub.add_parser("status", help="the running daemon's health (0 ok, 1 degraded, 2 down)")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--timeout", type=float, default=5.0,
-                        help="seconds to wait for the daemon (default 5)")
+    status.add_argument("--timeout", type=_seconds, default=5.0,
+                        help=f"seconds to wait for the daemon (default 5, at most {MAX_TIMEOUT})")
     status.add_argument("--listen", metavar="HOST:PORT",
                         help="the daemon's metrics listener, instead of reading it from the "
                              "agent config (for a user who may not read agent.yaml)")
     status.set_defaults(func=_status)
+
+
+MAX_TIMEOUT = 3600  # a health check that waits longer is a hung monitoring job
+
+
+def _seconds(text: str) -> float:
+    """``--timeout``: a finite number of seconds above 0 (nan, inf, 0 or -1 would never
+    or always time out)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--timeout {clip(text)!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_TIMEOUT:  # False for nan too
+        raise UsageError(f"--timeout {clip(text)!r} must be more than 0 and at most "
+                         f"{MAX_TIMEOUT} seconds")
+    return value
 
 
 def _endpoint(args: argparse.Namespace) -> tuple[str, int]:
@@ -81,8 +97,6 @@ async def fetch_status(host: str, port: int, timeout: float) -> dict[str, Any]:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be greater than zero")
     host, port = _endpoint(args)
     where = f"{host}:{port}"
     try:
@@ -132,7 +146,11 @@ def render(doc: dict[str, Any], where: str) -> str:
                  f"({_ago(doc.get('uptime_seconds', 0))})")
     pbx = doc.get("pbx") or {}
     lines.append(f"  pbx         {pbx.get('kind')}: "
-                 + ("connected" if pbx.get("connected") else "NOT connected"))
+                 + ("connected" if pbx.get("connected") else "NOT connected")
+                 + (" but SLOW (answering late)" if pbx.get("state") == "slow" else "")
+                 + (f"; {pbx.get('command_timeouts', 0)} command timeouts, "
+                    f"{pbx.get('reconnects', 0)} reconnects"
+                    if pbx.get("command_timeouts") or pbx.get("reconnects") else ""))
     ledger = doc.get("ledger") or {}
     lines.append(f"  ledger      {ledger.get('url')}: " + (
         f"reachable ({ledger.get('probe_ms')} ms)" if ledger.get("reachable")

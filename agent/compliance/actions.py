@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
+from agent.days import DayError, parse_instant
 from agent.finance import NotFound, Refused
 from agent.gate.dnc import dnc_number
 from agent.gate.numbers import Normalizer
@@ -60,19 +61,17 @@ def policy_account(policy: Any, account: str) -> ZoneInfo:
 
 
 def at_time(text: str | None, zone: ZoneInfo, now: datetime) -> datetime | None:
-    """``--at`` in UTC: an ISO time (naive: in the account's zone), not in the future; None
-    without it (the ledger dates the complaint when it records it: a retry is a replay)."""
-    if not text:
+    """``--at`` in UTC: an ISO time or a day (naive: in the account's zone), inside the
+    calendar range every command accepts, not in the future; None without it (the ledger
+    dates the complaint when it records it: a retry is a replay). Blank is refused."""
+    if text is None:
         return None
     try:
-        at = datetime.fromisoformat(text)
-    except ValueError:
-        raise Refused(f"--at {text!r} is not an ISO time (e.g. 2026-11-24T09:30)") from None
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=zone)
-    at = at.astimezone(UTC)
+        at = parse_instant(text, zone, "--at")
+    except DayError as exc:
+        raise Refused(str(exc)) from None
     if at > now + timedelta(minutes=5):
-        raise Refused(f"--at {text} is in the future")
+        raise Refused(f"--at {clip(text)} is in the future")
     return at
 
 

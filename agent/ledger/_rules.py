@@ -26,7 +26,7 @@ from agent.ledger.model import (
 from agent.money import format_amount
 from agent.rating import Tariff, rate
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,
@@ -272,14 +272,18 @@ class Settlement:
     capped: bool
 
 
+def check_call_amount(amount: int) -> None:
+    if amount < 0:
+        raise RefusedOperation("a call's amount must not be negative")
+
+
 def settle_plan(held: int, amount: int) -> Settlement:
     """Charge ``amount`` from the call's open holds and release the rest.
 
     A call can never be charged more than its holds: the excess is dropped and
     the CDR flagged ``capped`` (invariant 3; the meter is meant to prevent it).
     """
-    if amount < 0:
-        raise RefusedOperation("a call's amount must not be negative")
+    check_call_amount(amount)
     charge = min(amount, held)
     return Settlement(charge=charge, release=held - charge, capped=amount > held)
 

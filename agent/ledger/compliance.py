@@ -147,7 +147,7 @@ def check_text(value: str, what: str) -> str:
     return check_note(value, what)
 
 
-def breaks_a_line(ch: str) -> bool:
+def _breaks_a_line(ch: str) -> bool:
     """Control and format characters, line and paragraph separators: a newline would
     split a list's row or a log line, an escape sequence would repaint the terminal."""
     category = unicodedata.category(ch)
@@ -158,7 +158,7 @@ def check_note(value: str, what: str = "a note") -> str:
     """Free text kept with a record (a note, a reason): one line, at most NOTE_LIMIT."""
     if len(value) > NOTE_LIMIT:
         raise RefusedOperation(f"{what} is {len(value)} characters; at most {NOTE_LIMIT}")
-    bad = next((ch for ch in value if breaks_a_line(ch)), None)
+    bad = next((ch for ch in value if _breaks_a_line(ch)), None)
     if bad is not None:
         raise RefusedOperation(f"{what} must be one line of text: it holds {bad!r}")
     return value

@@ -24,6 +24,9 @@ import asyncpg
 
 from agent.ledger import _rules as rules
 from agent.ledger._pg_compliance import PgCompliance
+from agent.ledger._pg_schema import MIGRATION_LOCK as MIGRATION_LOCK
+from agent.ledger._pg_schema import MIGRATIONS as MIGRATIONS
+from agent.ledger._pg_schema import migrate
 from agent.ledger.model import (
     AccountSnapshot,
     Admission,
@@ -42,139 +45,6 @@ from agent.ledger.model import (
 from agent.money import MINOR_UNIT
 
 T = TypeVar("T")
-
-MIGRATIONS: list[list[str]] = [
-    [  # 1: accounts, postings, calls and their CDRs
-        """CREATE TABLE accounts (
-            id TEXT PRIMARY KEY,
-            posted BIGINT NOT NULL DEFAULT 0,
-            held BIGINT NOT NULL DEFAULT 0,
-            closed BOOLEAN NOT NULL DEFAULT false,
-            created_at TIMESTAMPTZ NOT NULL)""",
-        """CREATE TABLE postings (
-            id BIGSERIAL PRIMARY KEY,
-            account TEXT NOT NULL REFERENCES accounts(id),
-            kind TEXT NOT NULL,
-            amount BIGINT NOT NULL,
-            at TIMESTAMPTZ NOT NULL,
-            ref TEXT NOT NULL,
-            key TEXT NOT NULL,
-            call_id TEXT,
-            note TEXT NOT NULL DEFAULT '',
-            UNIQUE (account, key))""",
-        "CREATE INDEX postings_account_at ON postings (account, at)",
-        "CREATE INDEX postings_call ON postings (call_id) WHERE call_id IS NOT NULL",
-        """CREATE TABLE calls (
-            call_id TEXT PRIMARY KEY,
-            account TEXT NOT NULL REFERENCES accounts(id),
-            node TEXT NOT NULL,
-            caller TEXT NOT NULL,
-            callee TEXT NOT NULL,
-            tariff_name TEXT NOT NULL,
-            rate BIGINT NOT NULL,
-            increment INTEGER NOT NULL,
-            minimum INTEGER NOT NULL,
-            admitted_at TIMESTAMPTZ NOT NULL,
-            answered_at TIMESTAMPTZ,
-            paid_seconds INTEGER NOT NULL DEFAULT 0,
-            held BIGINT NOT NULL DEFAULT 0,
-            steps INTEGER NOT NULL DEFAULT 0,
-            status TEXT NOT NULL,
-            ended_at TIMESTAMPTZ)""",
-        "CREATE INDEX calls_account_status ON calls (account, status)",
-        """CREATE TABLE cdrs (
-            call_id TEXT PRIMARY KEY REFERENCES calls(call_id),
-            account TEXT NOT NULL,
-            caller TEXT NOT NULL,
-            callee TEXT NOT NULL,
-            answered_at TIMESTAMPTZ,
-            ended_at TIMESTAMPTZ NOT NULL,
-            billsec INTEGER NOT NULL,
-            billed_seconds INTEGER NOT NULL,
-            amount BIGINT NOT NULL,
-            cause TEXT NOT NULL,
-            cut_off BOOLEAN NOT NULL,
-            flags TEXT NOT NULL,
-            node TEXT NOT NULL,
-            submitted TEXT NOT NULL)""",
-        "CREATE INDEX cdrs_account_ended ON cdrs (account, ended_at)",
-    ],
-    [  # 2: the attempts log for frequency and rate caps, shared by every node
-        """CREATE TABLE attempts (
-            id BIGSERIAL PRIMARY KEY,
-            account TEXT NOT NULL,
-            destination TEXT NOT NULL,
-            at TIMESTAMPTZ NOT NULL,
-            allowed BOOLEAN NOT NULL,
-            reason TEXT NOT NULL)""",
-        "CREATE INDEX attempts_account_at ON attempts (account, at)",
-        "CREATE INDEX attempts_at ON attempts (at)",
-    ],
-    [  # 3: the gate's reads stay O(live calls) and O(attempts to one number) as history grows
-        "CREATE INDEX calls_live ON calls (account) WHERE status <> 'ended'",
-        "CREATE INDEX attempts_callee ON attempts (account, destination, at)",
-    ],
-    [  # 4: calls_live serves every query of calls by account (see the SQLite ledger)
-        "DROP INDEX calls_account_status",
-    ],
-    [  # 5: who made each finance posting (blank for the agent's own holds and charges)
-        "ALTER TABLE postings ADD COLUMN operator TEXT NOT NULL DEFAULT ''",
-    ],
-    [  # 6: a settled call corrected from the PBX's own CDR (its billsec, the signed correction)
-        "ALTER TABLE cdrs ADD COLUMN pbx_billsec INTEGER",
-        "ALTER TABLE cdrs ADD COLUMN correction BIGINT NOT NULL DEFAULT 0",
-    ],
-    [  # 7: compliance (see the SQLite ledger)
-        """CREATE TABLE dnc (
-            account TEXT NOT NULL,
-            number TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            operator TEXT NOT NULL,
-            added_at TIMESTAMPTZ NOT NULL,
-            seq BIGINT NOT NULL,
-            PRIMARY KEY (account, number))""",
-        """CREATE TABLE dnc_log (
-            seq BIGSERIAL PRIMARY KEY,
-            account TEXT NOT NULL,
-            number TEXT NOT NULL,
-            added BOOLEAN NOT NULL,
-            reason TEXT NOT NULL,
-            operator TEXT NOT NULL,
-            at TIMESTAMPTZ NOT NULL)""",
-        """CREATE TABLE complaints (
-            ticket TEXT PRIMARY KEY,
-            account TEXT NOT NULL,
-            callee TEXT NOT NULL,
-            at TIMESTAMPTZ NOT NULL,
-            fine BIGINT NOT NULL,
-            operator TEXT NOT NULL,
-            note TEXT NOT NULL,
-            recorded_at TIMESTAMPTZ NOT NULL,
-            withdrawn_at TIMESTAMPTZ,
-            withdrawn_by TEXT,
-            withdraw_note TEXT NOT NULL DEFAULT '')""",
-        "CREATE INDEX complaints_account_at ON complaints (account, at)",
-        """CREATE TABLE suspensions (
-            account TEXT PRIMARY KEY,
-            reason TEXT NOT NULL,
-            operator TEXT NOT NULL,
-            at TIMESTAMPTZ NOT NULL)""",
-        """CREATE TABLE account_log (
-            id BIGSERIAL PRIMARY KEY,
-            account TEXT NOT NULL,
-            action TEXT NOT NULL,
-            reason TEXT NOT NULL,
-            operator TEXT NOT NULL,
-            at TIMESTAMPTZ NOT NULL)""",
-        "ALTER TABLE attempts ADD COLUMN caller TEXT NOT NULL DEFAULT ''",
-        "CREATE INDEX attempts_caller ON attempts (account, caller, at)",
-    ],
-]
-assert len(MIGRATIONS) == rules.SCHEMA_VERSION
-
-# Any 64-bit constant: serialises schema creation/migration between agents
-# starting at once against the same database.
-MIGRATION_LOCK = 0x63616C6C67617465  # "callgate"
 
 # What a lost, unreachable, shutting-down or exhausted server raises in asyncpg:
 # SQLSTATE classes 08 (connection), 57 (operator intervention: admin shutdown,
@@ -195,6 +65,10 @@ async def _keep_session(conn: Any) -> None:
     """Pool reset hook: a no-op. The ledger leaves no session state behind (no SET,
     LISTEN or session advisory locks; its locks are transaction-scoped), and the
     default reset costs a round trip on every release."""
+
+
+_ADMISSIONS = {"admitted": Admission.ADMITTED, "lines_busy": Admission.LINES_BUSY,
+               "no_funds": Admission.NO_FUNDS}
 
 
 def _posting(row: asyncpg.Record, unit: Decimal) -> Posting:
@@ -325,7 +199,7 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
             raise LedgerUnavailable(f"the PostgreSQL ledger at {where} refused us: {exc}") from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
-                unit, created = await _migrate(conn, where, minor_unit, create)
+                unit, created = await migrate(conn, where, minor_unit, create)
         except asyncpg.PostgresError as exc:
             await pool.close()
             raise LedgerError(
@@ -487,13 +361,16 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
 
     async def answer_call(self, call_id: str, answered_at: datetime) -> CallRecord:
         when = rules.check_time(answered_at)
-        async with self._tx() as conn:
-            await conn.execute(
-                "UPDATE calls SET status = 'answered', answered_at = $1"
-                " WHERE call_id = $2 AND status = 'admitted'",
+        async with self._conn() as conn:
+            # One statement, one round trip: the updated row, or the row as it is
+            # when the call was not waiting for its answer.
+            row = await conn.fetchrow(
+                "WITH u AS (UPDATE calls SET status = 'answered', answered_at = $1"
+                "   WHERE call_id = $2 AND status = 'admitted' RETURNING *)"
+                " SELECT * FROM u UNION ALL"
+                " SELECT * FROM calls WHERE call_id = $2 AND NOT EXISTS (SELECT 1 FROM u)",
                 when, call_id,
             )
-            row = await conn.fetchrow("SELECT * FROM calls WHERE call_id = $1", call_id)
         if row is None:
             raise rules.unknown_call(call_id)
         return _call(row, self.unit)
@@ -501,7 +378,15 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
     async def hold(
         self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
     ) -> bool:
-        return await self._run(self._hold_job(call_id, step, amount, paid_seconds, at))
+        job = self._hold_job(call_id, step, amount, paid_seconds, at)
+        async with self._conn() as conn:
+            quick = await conn.fetchval(
+                "SELECT callgate_hold($1, $2, $3, $4, $5)",
+                call_id, rules.positive_units(amount, self.unit, what="hold"), paid_seconds,
+                rules.check_time(at), rules.hold_key(call_id, step))
+        if quick != "careful":
+            return bool(quick == "held")
+        return await self._run(job)
 
     def _hold_job(
         self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
@@ -559,8 +444,22 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         ended = rules.check_time(cdr.ended_at)
         answered = rules.check_time(cdr.answered_at) if cdr.answered_at else None
         unit = self.unit
+        rules.check_call_amount(amount)
+        async with self._conn() as conn:
+            quick = await conn.fetchrow(
+                "SELECT * FROM callgate_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                " $12, $13, $14, $15)",
+                cdr.call_id, cdr.account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
+                cdr.billed_seconds, amount, cdr.cause, cdr.cut_off, json.dumps(list(cdr.flags)),
+                json.dumps([*cdr.flags, "capped"]), cdr.node, fingerprint,
+            )
+        if quick is not None:
+            if quick["submitted"] != fingerprint:
+                raise rules.settle_conflict(cdr.call_id)
+            return _cdr(quick, unit)
 
         async def run(conn: Any) -> Cdr:
+            # The careful path: only to say why the function settled nothing.
             call = await conn.fetchrow(
                 "SELECT account, held FROM calls WHERE call_id = $1 FOR UPDATE", cdr.call_id
             )
@@ -686,7 +585,7 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         self, account: str, destination: str, at: datetime, allowed: bool, reason: str,
         caller: str = "",
     ) -> None:
-        async with self._tx() as conn:
+        async with self._conn() as conn:  # one statement: its own transaction
             await _insert_attempt(conn, account, destination, at, allowed, reason, caller)
 
     # -- the gate: one read and one write per decision -------------------------
@@ -745,55 +644,19 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         admitted = rules.check_time(call.admitted_at)
         key = rules.hold_key(call.call_id, 1)
 
-        async def fresh(conn: Any) -> Admission | None:
-            """The usual case — a new call — in three round trips; None: take the slow path."""
-            # Locking the account row serialises admissions across every node. The
-            # count must come from a later statement: under READ COMMITTED a
-            # subquery of the locking SELECT keeps the snapshot taken before it
-            # waited for the lock, and would miss the calls admitted meanwhile.
-            closed = await conn.fetchval(
-                "SELECT closed FROM accounts WHERE id = $1 FOR UPDATE", call.account)
-            if closed is None or closed or call.answered_at is not None:
-                return None  # unknown or closed account: the careful path says why
-            row = await conn.fetchrow(
-                "SELECT EXISTS (SELECT 1 FROM calls WHERE call_id = $2) AS known,"
-                " (SELECT count(*) FROM calls WHERE account = $1 AND status != 'ended') AS live",
-                call.account, call.call_id,
-            )
-            if row["known"]:
-                return None  # a replay: the careful path answers it
-            if max_live is not None and row["live"] >= max_live:
-                await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                      "concurrency_limit", caller)
-                return Admission.LINES_BUSY
-            # The conditional UPDATE is the balance check; the inserts happen only if
-            # it matched, all in one statement.
-            held = await conn.fetchval(
-                "WITH acc AS (UPDATE accounts SET held = held + $1"
-                "   WHERE id = $2 AND posted - held >= $1 RETURNING id),"
-                " c AS (INSERT INTO calls (call_id, account, node, caller, callee, tariff_name,"
-                "   rate, increment, minimum, admitted_at, status, held, paid_seconds, steps)"
-                "   SELECT $3, id, $4, $5, $6, $7, $8, $9, $10, $11, 'admitted', $1, $12, 1"
-                "   FROM acc RETURNING call_id),"
-                " p AS (INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
-                "   SELECT id, 'hold', $1, $11, $3, $13, $3 FROM acc RETURNING 1),"
-                " t AS (INSERT INTO attempts (account, destination, at, allowed, reason, caller)"
-                "   SELECT id, $6, $11, true, $14, $15 FROM acc RETURNING 1)"
-                " SELECT count(*) FROM acc",
-                units, call.account, call.call_id, call.node, call.caller, call.callee,
-                call.tariff_name, rate, call.increment, call.minimum, admitted, paid_seconds,
-                key, reason, caller,
-            )
-            if held:
-                return Admission.ADMITTED
-            await _insert_attempt(conn, call.account, call.callee, admitted, False,
-                                  "insufficient_balance", caller)
-            return Admission.NO_FUNDS
+        if call.answered_at is None:
+            async with self._conn() as conn:
+                quick = await conn.fetchval(
+                    "SELECT callgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                    " $13, $14, $15, $16)",
+                    call.call_id, call.account, call.node, call.caller, call.callee,
+                    call.tariff_name, rate, call.increment, call.minimum, admitted, units,
+                    paid_seconds, key, max_live, reason, caller,
+                )
+            if quick != "careful":
+                return _ADMISSIONS[quick]
 
         async def run(conn: Any) -> Admission:
-            quick = await fresh(conn)
-            if quick is not None:
-                return quick
             if not await admit(conn):
                 await _insert_attempt(conn, call.account, call.callee, call.admitted_at,
                                       False, "concurrency_limit", caller)
@@ -858,67 +721,6 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
                 )
             }
         return rules.audit(accounts, account_sums, calls, call_sums, self.unit)
-
-
-async def _migrate(conn: Any, where: str, minor_unit: Decimal, create: bool = True
-                   ) -> tuple[Decimal, bool]:
-    """Bring the store to the current schema; return its minor unit and whether it was new."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-    created = await conn.fetchval("SELECT to_regclass('meta')") is None
-    if created:
-        schemas = await conn.fetchval("SELECT current_setting('search_path')")
-        if not create:
-            raise LedgerError(
-                f"no ledger at {where}: the database has no callgate tables in its search "
-                f"path ({schemas}); create them with `callgate ledger init`, or check "
-                "--ledger / CALLGATE_LEDGER / agent.yaml"
-            )
-        if await conn.fetchval("SELECT to_regclass('accounts')") is not None:
-            raise LedgerError(f"{where} has an accounts table but is not a callgate ledger")
-        if await conn.fetchval("SELECT current_schema()") is None:
-            # ?search_path=callgate on a database without that schema: make it.
-            first = _first_schema(schemas)
-            if first is None:
-                raise LedgerError(
-                    f"{where}: the search_path ({schemas}) names no schema to create the "
-                    "ledger in; add ?search_path=callgate to the URL"
-                )
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(first)}")
-        await conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        await conn.executemany(
-            "INSERT INTO meta (key, value) VALUES ($1, $2)",
-            [("schema_version", "0"), ("minor_unit", str(minor_unit))],
-        )
-    meta = {r["key"]: r["value"] for r in await conn.fetch("SELECT key, value FROM meta")}
-    version = int(meta["schema_version"])
-    if version > rules.SCHEMA_VERSION:
-        raise LedgerError(
-            f"ledger {where} has schema version {version}, newer than this callgate "
-            f"understands ({rules.SCHEMA_VERSION}); upgrade callgate"
-        )
-    for step in MIGRATIONS[version:]:
-        for statement in step:
-            await conn.execute(statement)
-    if version < rules.SCHEMA_VERSION:
-        await conn.execute(
-            "UPDATE meta SET value = $1 WHERE key = 'schema_version'", str(rules.SCHEMA_VERSION)
-        )
-    return Decimal(meta["minor_unit"]), created
-
-
-def _first_schema(search_path: str) -> str | None:
-    """The first schema a search_path names (not ``$user``), unquoted."""
-    for part in search_path.split(","):
-        name = part.strip()
-        if name.startswith('"') and name.endswith('"') and len(name) >= 2:
-            name = name[1:-1].replace('""', '"')
-        if name and name != "$user":
-            return name
-    return None
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 async def _insert_attempt(conn: Any, account: str, destination: str, at: datetime,

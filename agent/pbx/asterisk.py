@@ -10,9 +10,12 @@ Three jobs, one object (:class:`AsteriskAdapter`, an :class:`agent.calls.PbxCont
   dials only when ``CALLGATE_RESULT`` is exactly ``ALLOW`` (config/asterisk).
 * **Metering** (AMI): log in, list the live channels with ``CoreShowChannels``
   before trusting any event, then turn events into :mod:`agent.calls` events
-  (:class:`agent.pbx.ami.CallTracker`). A ``Ping`` without a reply within
-  ``ping_timeout`` counts the connection as dead (half-open TCP); it is
-  reopened with exponential backoff.
+  (:class:`agent.pbx.ami.CallTracker`). A slow Asterisk is told from a dead
+  one (:mod:`agent.pbx.liveness`): a ``Ping`` or action answered late makes
+  the link *slow* (actions fail, the link and its events stay); only no byte
+  at all for ``dead_after`` while a ``Pong`` is due, or the kernel (end of
+  stream, TCP user timeout), counts it as dead; it is then reopened with
+  exponential backoff.
 * **Control**: ``AbsoluteTimeout`` for the PBX-side deadline (a later one
   replaces the earlier, DESIGN.md facts), ``Hangup`` with a numeric cause.
   An action in flight when the connection drops fails with :class:`PbxError`
@@ -26,6 +29,7 @@ moves bytes, keeps time and reconnects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 from collections.abc import Callable, Coroutine, Mapping
@@ -51,6 +55,7 @@ from agent.calls import (
 )
 from agent.gate.decision import Decision, Reason
 from agent.pbx import agi, ami
+from agent.pbx.liveness import DOWN, SLOW, UP, CommandTimer, LinkHealth, is_dead, keepalive
 
 log = structlog.get_logger(__name__)
 
@@ -80,7 +85,8 @@ class AsteriskSettings:
     watch_only_contexts: frozenset[str] = frozenset()  # decided from AMI events
     outbound_contexts: frozenset[str] = frozenset()  # empty = any call with an accountcode / AGI
     ping_interval: float = 10.0
-    ping_timeout: float = 5.0  # also the limit for any AMI action's reply
+    ping_timeout: float = 5.0  # also the limit for any AMI action's reply (doubled while slow)
+    dead_after: float = 30.0  # no byte at all for this long while a Pong is due = dead
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     cdr_wait: float = 2.0  # wait for a Cdr after Hangup before computing billsec
@@ -111,9 +117,14 @@ class _AmiSession:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         on_event: Callable[[ami.Message], None],
+        health: LinkHealth | None = None,
+        timer: CommandTimer | None = None,
     ) -> None:
         self.reader = reader
         self.writer = writer
+        self.health = health or LinkHealth()
+        self.timer = timer or CommandTimer(5.0, 30.0)
+        self.last_rx = asyncio.get_running_loop().time()
         self.parser = ami.AmiParser()
         self.on_event = on_event
         self.banner: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -125,6 +136,7 @@ class _AmiSession:
         """Read until EOF; returns why the stream ended."""
         while True:
             data = await self.reader.read(READ_SIZE)
+            self.last_rx = asyncio.get_running_loop().time()
             self.parser.receive_data(data)
             for event in self.parser.events():
                 if isinstance(event, ami.Message):
@@ -166,9 +178,12 @@ class _AmiSession:
             pending.future.set_result((response, items))
 
     async def action(
-        self, name: str, fields: Mapping[str, str | int] | None, timeout: float
+        self, name: str, fields: Mapping[str, str | int] | None, timeout: float | None = None
     ) -> tuple[ami.Message, list[ami.Message]]:
-        """Send one action; its response (and list items). PbxError if the link drops."""
+        """Send one action; its response (and list items). PbxError if the link drops
+        or no reply comes within ``timeout`` (default: the backed-off command timeout);
+        a late reply is dropped. The link itself is never closed here."""
+        timeout = self.timer.current if timeout is None else timeout
         if self.closed_reason:
             raise PbxError(f"AMI {name} not sent: {self.closed_reason}")
         action_id = f"callgate-{next(self._ids)}"
@@ -178,12 +193,29 @@ class _AmiSession:
         self._pending[action_id] = _Pending(name, future)
         self.writer.write(ami.format_action(name, action_id, fields))
         try:
-            async with asyncio.timeout(timeout):
-                return await future
+            async with asyncio.timeout(None if math.isinf(timeout) else timeout):
+                reply = await future
         except TimeoutError:
-            raise PbxError(f"AMI {name}: no reply within {timeout:g} s") from None
+            self.late(name, timeout)
+            raise PbxError(f"AMI {name}: no reply within {timeout:g} s (Asterisk slow; "
+                           "the link is kept)") from None
         finally:
             self._pending.pop(action_id, None)
+        self.timer.answered()
+        if self.health.state == SLOW:
+            self.health.state = UP
+            log.info("ami.caught_up")
+        return reply
+
+    def late(self, name: str, timeout: float) -> None:
+        """A reply missed its timeout: the PBX is slow (not dead: see _ping)."""
+        self.health.command_timeouts += 1
+        self.timer.missed()
+        if self.health.state == UP:
+            self.health.state = SLOW
+        silent = asyncio.get_running_loop().time() - self.last_rx
+        log.warning("ami.slow", action=name, timeout=timeout, silent_seconds=round(silent, 1),
+                    next_timeout=self.timer.current)
 
     def close(self, reason: str) -> None:
         if self.closed_reason:
@@ -290,6 +322,9 @@ class AsteriskAdapter:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected_changed = asyncio.Event()
         self.sessions = 0  # completed logins, for tests and health
+        self.health = LinkHealth()  # the AMI link: up / slow / down (metrics, /status)
+        self._timer = CommandTimer(settings.ping_timeout, settings.dead_after)
+        self._expiry_changed = asyncio.Event()  # a call now waits for its Cdr
 
     # -- public ----------------------------------------------------------
     @property
@@ -348,6 +383,9 @@ class AsteriskAdapter:
 
     async def active_calls(self) -> list[ActiveCall]:
         session = self._require_session("CoreShowChannels")
+        if self.health.state == SLOW:
+            # A drowning PBX is not asked for its whole channel list as well.
+            raise PbxError("Asterisk is answering late; the live calls are listed later")
         items, answers = await self._list_channels(session)
         probe = ami.CallTracker(
             outbound_contexts=self.settings.outbound_contexts,
@@ -375,7 +413,7 @@ class AsteriskAdapter:
         self, name: str, fields: Mapping[str, str | int], call_id: str
     ) -> ami.Message:
         session = self._require_session(name)
-        response, _ = await session.action(name, fields, self.settings.ping_timeout)
+        response, _ = await session.action(name, fields)
         if response.name == "Success":
             return response
         message = response.get("Message")
@@ -396,8 +434,10 @@ class AsteriskAdapter:
             was_trusted = self._trusted
             self._session = None
             self._trusted = False
+            self.health.state = DOWN
             self._connected_changed.set()
             if was_trusted:
+                self.health.reconnects += 1
                 delay = self.settings.reconnect_min
                 for event in self.tracker.flush():
                     self._emit(event)
@@ -412,7 +452,8 @@ class AsteriskAdapter:
         s = self.settings
         async with asyncio.timeout(s.ping_timeout):
             reader, writer = await asyncio.open_connection(s.ami_host, s.ami_port, limit=READ_SIZE)
-        session = _AmiSession(reader, writer, self._on_message)
+        session = _AmiSession(reader, writer, self._on_message, self.health, self._timer)
+        keepalive(writer.get_extra_info("socket"), s.dead_after)
         self._buffer = []
         reading = asyncio.create_task(self._read(session))
         # Actions waiting for a reply fail at once when the stream ends, not
@@ -439,6 +480,7 @@ class AsteriskAdapter:
             items, answers = await self._list_channels(session)
             calls = self.tracker.adopt(items, answers, self.clock())
             self._trusted = True
+            self.health.state = UP
             self.sessions += 1
             self._emit(PbxConnected(calls))
             buffered, self._buffer = self._buffer, []
@@ -467,28 +509,58 @@ class AsteriskAdapter:
         raise _SessionLost(reason)
 
     async def _ping(self, session: _AmiSession) -> None:
+        """A ``Ping`` every ``ping_interval``. A late ``Pong`` makes the link slow;
+        the session is lost only when nothing at all (no event, no reply) has
+        come for ``dead_after`` while the Pong is due (:mod:`agent.pbx.liveness`)."""
         s = self.settings
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(s.ping_interval)
+            sent = loop.time()
+            pong = asyncio.ensure_future(session.action("Ping", None, math.inf))
             try:
-                await session.action("Ping", None, s.ping_timeout)
+                wait = s.ping_timeout
+                while True:
+                    done, _ = await asyncio.wait({pong}, timeout=wait)
+                    if done:
+                        pong.result()  # PbxError when the link dropped meanwhile
+                        break
+                    now = loop.time()
+                    if is_dead(now, session.last_rx, sent, s.dead_after):
+                        raise _SessionLost(
+                            f"no byte from Asterisk for {s.dead_after:g} s and no Pong: "
+                            "AMI connection presumed dead")
+                    if wait == s.ping_timeout:
+                        session.late("Ping", s.ping_timeout)
+                    wait = max(0.05, min(s.ping_timeout, s.dead_after - (now - session.last_rx)))
             except PbxError:
-                raise _SessionLost(
-                    f"no Pong within {s.ping_timeout:g} s: AMI connection presumed dead"
-                ) from None
+                raise _SessionLost(session.closed_reason or "AMI connection lost") from None
+            finally:
+                pong.cancel()
 
     async def _expire(self) -> None:
-        step = min(0.25, max(0.01, self.settings.cdr_wait / 4))
+        """End hung-up calls whose Cdr did not come in time: one timer, armed for
+        the earliest such call (none while no call waits)."""
         while True:
-            await asyncio.sleep(step)
+            due = self.tracker.next_expiry()
+            self._expiry_changed.clear()
+            if due is None:
+                await self._expiry_changed.wait()
+                continue
+            delay = (due - self.clock()).total_seconds()
+            if delay > 0:
+                # capped: a clock far from the PBX's must not park a waiting call
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(delay, max(self.settings.cdr_wait, 0.05))):
+                        await self._expiry_changed.wait()
+                continue
             for event in self.tracker.expire(self.clock()):
                 self._emit(event)
 
     async def _list_channels(
         self, session: _AmiSession
     ) -> tuple[list[ami.Message], dict[str, datetime | None]]:
-        timeout = self.settings.ping_timeout
-        response, items = await session.action("CoreShowChannels", None, timeout)
+        response, items = await session.action("CoreShowChannels", None)
         if response.name != "Success":
             raise PbxError(f"AMI CoreShowChannels refused: {response.get('Message')}")
         channels = [m for m in items if m.name == "CoreShowChannel"]
@@ -502,15 +574,20 @@ class AsteriskAdapter:
             # CDR(answer,u): the answer time as epoch seconds, free of the
             # PBX's time zone (func_cdr "u" option); "0"/empty = not answered.
             fields = {"Channel": item.get("Channel"), "Variable": "CDR(answer,u)"}
-            reply, _ = await session.action("Getvar", fields, timeout)
+            reply, _ = await session.action("Getvar", fields)
             try:
                 value = float(reply.get("Value") or 0)
             except ValueError:
                 return None
             return datetime.fromtimestamp(value, UTC) if value > 0 else None
 
-        times = await asyncio.gather(*(answer_time(m) for m in up))
-        return channels, {m.get("Uniqueid"): t for m, t in zip(up, times, strict=True)}
+        # Only channels whose answer the events did not tell are asked (after a
+        # reconnect to a restarted Asterisk: all; in a periodic listing: next to none).
+        answers = {m.get("Uniqueid"): self.tracker.answered_at(m.get("Uniqueid")) for m in up}
+        ask = [m for m in up if answers[m.get("Uniqueid")] is None]
+        times = await asyncio.gather(*(answer_time(m) for m in ask))
+        answers.update({m.get("Uniqueid"): t for m, t in zip(ask, times, strict=True)})
+        return channels, answers
 
     def _on_message(self, msg: ami.Message) -> None:
         now = self.clock()
@@ -524,8 +601,11 @@ class AsteriskAdapter:
         self._feed(msg, now)
 
     def _feed(self, msg: ami.Message, received_at: datetime) -> None:
+        idle = self.tracker.next_expiry() is None
         for event in self.tracker.feed(msg, received_at):
             self._emit(event)
+        if idle and self.tracker.next_expiry() is not None:
+            self._expiry_changed.set()  # calls join the wait in expiry order
 
     def _emit(self, event: CallEvent) -> None:
         try:

@@ -8,24 +8,23 @@ Three jobs, one object (:class:`FreeswitchAdapter`, an :class:`agent.calls.PbxCo
   ``callgate_max_seconds`` and hang a refused call up with its cause (traces
   06a-06d). The shipped dialplan re-checks ``callgate_result`` after the socket,
   so a gate that is down or silent refuses the call (config/freeswitch/README.md).
-* **Metering** (inbound ESL): authenticate, subscribe to the few channel events
-  we need, list live calls after every (re)connect, and turn A-leg events into
-  :mod:`agent.calls` events for the sink.
+* **Metering** (inbound ESL): authenticate, subscribe to the A-leg's answer and
+  end only (an ESL filter drops every B-leg event), list live calls after every
+  (re)connect, and turn those events into :mod:`agent.calls` events for the sink.
 * **Control**: ``uuid_kill`` to cut a call; ``sched_api`` groups for a PBX-side
   deadline that is replaced without a gap (DESIGN.md, verified facts).
 
-The event -> call-event translation (:class:`CallTracker`) is pure; the asyncio
-shell around it only moves bytes, times out and reconnects.
+The event -> call-event translation and what to subscribe to live in
+:mod:`agent.pbx.freeswitch_calls` (pure); the inbound connection itself, with
+its slow-or-dead verdict, in :mod:`agent.pbx.freeswitch_link`. This module is
+the shell: it serves the gate, keeps the link up and reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
-import uuid as uuidlib
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +34,6 @@ import structlog
 
 from agent.calls import (
     ActiveCall,
-    CallAnswered,
     CallEnded,
     CallEvent,
     CallGone,
@@ -52,36 +50,32 @@ from agent.calls import (
 from agent.gate.decision import Decision, Reason
 from agent.pbx.esl import (
     ApiResponse,
-    AuthRequest,
     ChannelData,
     CommandReply,
     ConnectionClosed,
-    DisconnectNotice,
     EncodedHeaders,
     EslEvent,
     EslParser,
     HeaderBlock,
-    Headers,
     ParseError,
     commands,
-    is_number,
 )
+from agent.pbx.freeswitch_calls import (
+    EVENT_FILTERS,
+    SUBSCRIBED_EVENTS,
+    CallTracker,
+    call_info,
+    parse_show_channels,
+    subscription,
+    usec_to_datetime,
+)
+from agent.pbx.freeswitch_link import EslLink, PbxSlow
+from agent.pbx.liveness import DOWN, SLOW, UP, CommandTimer, LinkHealth
 
 log = structlog.get_logger("callgate.freeswitch")
 
-# The channel events the tracker reads (CHANNEL_HANGUP is not needed:
-# HANGUP_COMPLETE has the cause and billsec, trace 01b), HEARTBEAT so a silent
-# link is noticed, BACKGROUND_JOB for bgapi replies (04b).
-SUBSCRIBED_EVENTS = (
-    "CHANNEL_CREATE",
-    "CHANNEL_ANSWER",
-    "CHANNEL_BRIDGE",
-    "CHANNEL_HANGUP_COMPLETE",
-    "HEARTBEAT",
-    "BACKGROUND_JOB",
-)
 NO_SUCH_CHANNEL = "-ERR No such channel!"  # uuid_kill / uuid_getvar on a dead uuid (07)
-COMMAND_TIMEOUT = 5.0  # seconds for one api reply before the link counts as dead
+COMMAND_TIMEOUT = 5.0  # seconds for a reply before a command fails (doubled while slow)
 LIST_PIPELINE = 100  # uuid_dump commands in flight while listing live calls
 GATE_IO_TIMEOUT = 2.0  # seconds for the connect reply / command replies on the gate socket
 
@@ -104,121 +98,10 @@ class FreeswitchSettings:
     watch_only_contexts: frozenset[str] = frozenset()  # decided from CHANNEL_CREATE
     outbound_contexts: frozenset[str] = frozenset()  # empty = any A-leg with an accountcode
     heartbeat_timeout: float = 45.0  # HEARTBEAT comes every 20 s (README "Subscriptions")
+    command_timeout: float = COMMAND_TIMEOUT  # a command fails after it; the link stays
+    dead_after: float = 30.0  # no byte at all for this long while a reply is due = dead
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
-
-
-# --------------------------------------------------------------------------
-# Pure translation: ESL headers -> agent.calls
-# --------------------------------------------------------------------------
-
-
-def usec_to_datetime(value: str | None) -> datetime | None:
-    """FreeSWITCH µs epoch (``Caller-Channel-Answered-Time``) to UTC; ``0`` = never."""
-    if not value or not is_number(value) or value == "0":
-        return None
-    try:
-        return datetime.fromtimestamp(int(value) / 1_000_000, UTC)
-    except (OverflowError, ValueError, OSError):  # garbage, not a time
-        return None
-
-
-def is_a_leg(headers: Headers) -> bool:
-    """The originating leg: ``Call-Direction: inbound`` (the B-leg toward the
-    callee is ``outbound`` with ``Other-Leg-Unique-ID`` = the A-leg, trace 01b)."""
-    return headers.get("Call-Direction") == "inbound"
-
-
-def direction_of(headers: Headers, settings: FreeswitchSettings) -> Direction:
-    """Outbound when the A-leg is in a configured outbound (or watch-only)
-    context; with none configured, when it carries an accountcode (set by the
-    outbound dialplan; absent on CHANNEL_CREATE, trace 01b) or a gate result."""
-    context = headers.get("Caller-Context", "")
-    if settings.outbound_contexts or settings.watch_only_contexts:
-        gated = context in settings.outbound_contexts or context in settings.watch_only_contexts
-        return Direction.OUTBOUND if gated else Direction.INBOUND
-    if headers.get("variable_accountcode") or "variable_callgate_result" in headers:
-        return Direction.OUTBOUND
-    return Direction.INBOUND
-
-
-def call_info(
-    headers: Headers, settings: FreeswitchSettings, direction: Direction | None = None
-) -> CallInfo:
-    """CallInfo from a channel event, ``uuid_dump`` or the outbound ``connect`` reply.
-
-    The destination is ``variable_callgate_dest`` when the dialplan set it (the
-    number without the routing prefix, trace 06a), else ``Caller-Destination-Number``.
-    """
-    return CallInfo(
-        call_id=headers.get("Unique-ID", ""),
-        direction=direction or direction_of(headers, settings),
-        caller_id=headers.get("Caller-Caller-ID-Number", ""),
-        destination=headers.get("variable_callgate_dest")
-        or headers.get("Caller-Destination-Number", ""),
-        accountcode=headers.get("variable_accountcode", ""),
-        endpoint=headers.get("Channel-Name", ""),
-        context=headers.get("Caller-Context", ""),
-        caller_name=headers.get("Caller-Caller-ID-Name", ""),
-    )
-
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value and is_number(value) else None
-
-
-class CallTracker:
-    """ESL channel events in, :mod:`agent.calls` events out. Pure and bounded.
-
-    State is one small entry per live A-leg, dropped at its
-    CHANNEL_HANGUP_COMPLETE or by :meth:`reset` after a reconnect.
-    """
-
-    def __init__(self, settings: FreeswitchSettings) -> None:
-        self.settings = settings
-        self._answered: set[str] = set()
-
-    def reset(self) -> None:
-        """Forget everything: at each (re)connect, before the subscription."""
-        self._answered = set()
-
-    def mark_answered(self, call_ids: set[str]) -> None:
-        """Calls the PBX listed as answered: their answer is not reported again."""
-        self._answered |= call_ids
-
-    def feed(self, event: EslEvent) -> list[CallEvent]:
-        name = event.name
-        h = event.headers
-        if name not in ("CHANNEL_CREATE", "CHANNEL_ANSWER", "CHANNEL_BRIDGE",
-                        "CHANNEL_HANGUP_COMPLETE") or not is_a_leg(h):
-            return []
-        call_id = h.get("Unique-ID", "")
-        if not call_id:
-            return []
-        if name == "CHANNEL_CREATE":
-            at = usec_to_datetime(h.get("Event-Date-Timestamp")) or now_utc()
-            return [CallRequested(call_info(h, self.settings), at)]
-        if name == "CHANNEL_HANGUP_COMPLETE":
-            self._answered.discard(call_id)
-            ended = usec_to_datetime(h.get("Caller-Channel-Hangup-Time"))
-            ended = ended or usec_to_datetime(h.get("Event-Date-Timestamp")) or now_utc()
-            return [CallEnded(
-                call_id=call_id,
-                ended_at=ended,
-                cause=h.get("Hangup-Cause", ""),
-                cause_code=_int(h.get("variable_hangup_cause_q850")),
-                billsec=_int(h.get("variable_billsec")),
-                answered_at=usec_to_datetime(h.get("Caller-Channel-Answered-Time")),
-                call=call_info(h, self.settings),
-            )]
-        # CHANNEL_ANSWER or CHANNEL_BRIDGE of the A-leg: the first one with an
-        # answer time is the answer. B-leg answers ~20 ms earlier are ignored so
-        # the time matches the A-leg's billsec (trace 01b).
-        answered_at = usec_to_datetime(h.get("Caller-Channel-Answered-Time"))
-        if answered_at is None or call_id in self._answered:
-            return []
-        self._answered.add(call_id)
-        return [CallAnswered(call_id, answered_at, call_info(h, self.settings))]
 
 
 # switch_scheduler.c: a `+N` task runs at epoch second floor(now) + N, found by a
@@ -240,16 +123,6 @@ def deadline_seconds(now: datetime, at: datetime) -> int:
     """
     second = math.floor(now.timestamp() + SEND_MARGIN)
     return math.floor(at.timestamp() - SCHEDULER_POLL - second)
-
-
-def parse_show_channels(body: bytes) -> list[dict[str, str]]:
-    """Rows of ``show channels as json``; ``{"row_count": 0}`` has no rows (07)."""
-    try:
-        obj = json.loads(body.decode("utf-8", "replace"))
-    except ValueError as exc:
-        raise PbxError(f"FreeSWITCH sent unreadable `show channels as json`: {exc}") from exc
-    rows = obj.get("rows", []) if isinstance(obj, dict) else []
-    return [r for r in rows if isinstance(r, dict)]
 
 
 def gate_commands(decision: Decision) -> bytes:
@@ -286,120 +159,6 @@ def over_budget(budget: float) -> Decision:
 # --------------------------------------------------------------------------
 
 
-class _EslLink:
-    """One authenticated inbound ESL connection: commands with FIFO replies,
-    bgapi jobs by Job-UUID, events to a callback."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 on_event: Callable[[EslEvent], None]) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.on_event = on_event
-        self.parser = EslParser()
-        self.pending: deque[tuple[str, asyncio.Future[CommandReply | ApiResponse]]] = deque()
-        self.jobs: dict[str, asyncio.Future[bytes]] = {}
-        self.last_rx = asyncio.get_running_loop().time()
-        self.closed_reason = ""
-        self._greeting: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    async def read_loop(self) -> None:
-        try:
-            while True:
-                data = await self.reader.read(65536)
-                self.last_rx = asyncio.get_running_loop().time()
-                self.parser.receive_data(data)
-                for frame in self.parser.events():
-                    if isinstance(frame, ConnectionClosed):
-                        self.closed_reason = self.closed_reason or "FreeSWITCH closed the ESL link"
-                        return
-                    self._dispatch(frame)
-                if not data:
-                    return
-        except OSError as exc:
-            self.closed_reason = f"ESL read failed: {exc}"
-        finally:
-            self.fail_all(self.closed_reason or "ESL link closed")
-
-    def _dispatch(self, frame: object) -> None:
-        if isinstance(frame, EslEvent):
-            if frame.name == "BACKGROUND_JOB":
-                job = self.jobs.pop(frame.headers.get("Job-UUID", ""), None)
-                if job is not None and not job.done():
-                    job.set_result(frame.body)
-                return
-            self.on_event(frame)
-        elif isinstance(frame, CommandReply | ApiResponse):
-            if not self.pending:
-                log.warning("esl.unexpected_reply", frame=repr(frame)[:200])
-                return
-            _, fut = self.pending.popleft()
-            if not fut.done():
-                fut.set_result(frame)
-        elif isinstance(frame, AuthRequest):
-            if not self._greeting.done():
-                self._greeting.set_result(None)
-        elif isinstance(frame, DisconnectNotice):
-            self.closed_reason = "FreeSWITCH sent a disconnect notice"
-        elif isinstance(frame, ParseError):
-            log.warning("esl.parse_error", reason=frame.reason)
-
-    def fail_all(self, reason: str) -> None:
-        err = PbxError(f"{reason}; the command is not replayed (reconcile instead)")
-        while self.pending:
-            cmd, fut = self.pending.popleft()
-            if not fut.done():
-                fut.set_exception(PbxError(f"{reason} while waiting for `{cmd}`; not replayed"))
-        for job in self.jobs.values():
-            if not job.done():
-                job.set_exception(err)
-        self.jobs.clear()
-        if not self._greeting.done():
-            self._greeting.set_exception(PbxError(f"{reason} before the auth/request greeting"))
-
-    async def greeting(self) -> None:
-        await self._greeting
-
-    async def send(self, label: str, data: bytes,
-                   timeout: float = COMMAND_TIMEOUT) -> CommandReply | ApiResponse:
-        if self.writer.is_closing():
-            raise PbxError(f"ESL link is down; `{label}` not sent")
-        fut: asyncio.Future[CommandReply | ApiResponse] = (
-            asyncio.get_running_loop().create_future())
-        self.pending.append((label, fut))
-        self.writer.write(data)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            self.close(f"FreeSWITCH did not answer `{label}` within {timeout:g} s")
-            raise PbxError(f"FreeSWITCH did not answer `{label}` within {timeout:g} s") from None
-
-    async def api(self, cmd: str, timeout: float = COMMAND_TIMEOUT) -> ApiResponse:
-        reply = await self.send(f"api {cmd}", commands.api(cmd), timeout)
-        if not isinstance(reply, ApiResponse):
-            raise PbxError(f"`api {cmd}` got {reply.reply_text!r} instead of an api/response")
-        return reply
-
-    async def bgapi(self, cmd: str, timeout: float = COMMAND_TIMEOUT) -> bytes:
-        job = str(uuidlib.uuid4())
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.jobs[job] = fut
-        try:
-            reply = await self.send(f"bgapi {cmd}", commands.bgapi(cmd, job), timeout)
-            if not isinstance(reply, CommandReply) or not reply.ok:
-                raise PbxError(f"`bgapi {cmd}` refused: {reply!r}")
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise PbxError(f"no BACKGROUND_JOB for `bgapi {cmd}` within {timeout:g} s") from None
-        finally:
-            self.jobs.pop(job, None)
-
-    def close(self, reason: str) -> None:
-        self.closed_reason = self.closed_reason or reason
-        self.writer.close()
-
-
 class FreeswitchAdapter:
     """FreeSWITCH as a :class:`~agent.calls.PbxControl`, plus the inline gate."""
 
@@ -410,7 +169,7 @@ class FreeswitchAdapter:
         self.sink = sink
         self.clock = clock
         self.tracker = CallTracker(settings)
-        self._link: _EslLink | None = None
+        self._link: EslLink | None = None
         self._connected = False
         self._held: list[CallEvent] | None = None  # events seen while listing calls
         self._deadline_group: dict[str, str] = {}  # call id -> armed sched_api group
@@ -420,6 +179,7 @@ class FreeswitchAdapter:
         self._connected_event = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.gate_connections = 0  # gate sockets served (for metrics)
+        self.health = LinkHealth()  # the inbound link: up / slow / down (metrics, /status)
 
     # -- public surface -------------------------------------------------------
 
@@ -502,6 +262,9 @@ class FreeswitchAdapter:
 
     async def active_calls(self) -> list[ActiveCall]:
         link = self._require_link()
+        if self.health.state == SLOW:
+            # A drowning PBX is not asked for its whole channel list as well.
+            raise PbxSlow("FreeSWITCH is answering late; the live calls are listed later")
         return await self._list_calls(link)
 
     async def bgapi(self, cmd: str) -> str:
@@ -511,7 +274,7 @@ class FreeswitchAdapter:
 
     # -- control --------------------------------------------------------------
 
-    def _require_link(self) -> _EslLink:
+    def _require_link(self) -> EslLink:
         if self._link is None or not self._connected:
             raise PbxError("not connected to FreeSWITCH ESL")
         return self._link
@@ -527,22 +290,23 @@ class FreeswitchAdapter:
         if not text.startswith("+OK"):
             raise PbxError(f"uuid_kill {call_id} {cause} failed: {text}")
 
-    async def _list_calls(self, link: _EslLink) -> list[ActiveCall]:
-        """Live A-legs: ``show channels as json``, then ``uuid_dump`` of each.
+    async def _list_calls(self, link: EslLink) -> list[ActiveCall]:
+        """Live A-legs: ``show channels as json``, read against what the events
+        told (:meth:`CallTracker.listing`); ``uuid_dump`` only for an answered
+        channel whose answer was not seen (after a (re)connect, every one).
 
         The channel list lags the events by about a second (README, "API reply
-        bodies"): a channel that just ended is still listed, but ``uuid_dump``
-        answers ``-ERR No such channel!`` for it, so it is dropped here. The
-        dump also has the answer time, which the list lacks.
+        bodies"): a channel that just ended is still listed; the tracker knows
+        it ended, and ``uuid_dump`` answers ``-ERR No such channel!`` for it.
         """
         rows = parse_show_channels((await link.api("show channels as json")).body)
-        uuids = [r["uuid"] for r in rows if r.get("direction") == "inbound" and r.get("uuid")]
+        listing = self.tracker.listing(rows)
         dumps: list[ApiResponse] = []
-        for i in range(0, len(uuids), LIST_PIPELINE):
+        for i in range(0, len(listing.to_dump), LIST_PIPELINE):
             # Replies come back in command order, so a batch can be in flight at once.
             dumps += await asyncio.gather(*(link.api(f"uuid_dump {u}")
-                                            for u in uuids[i : i + LIST_PIPELINE]))
-        calls: list[ActiveCall] = []
+                                            for u in listing.to_dump[i : i + LIST_PIPELINE]))
+        calls = list(listing.calls)
         for dump in dumps:
             if not dump.ok:  # listed but already gone: "-ERR No such channel!"
                 continue
@@ -573,13 +337,15 @@ class FreeswitchAdapter:
 
     async def _session(self) -> bool:
         s = self.settings
-        async with asyncio.timeout(COMMAND_TIMEOUT):
+        async with asyncio.timeout(s.command_timeout):
             reader, writer = await asyncio.open_connection(s.esl_host, s.esl_port)
-        link = _EslLink(reader, writer, self._on_event)
+        link = EslLink(reader, writer, self._on_event, health=self.health,
+                       timer=CommandTimer(s.command_timeout, s.dead_after),
+                       dead_after=s.dead_after)
         reader_task = asyncio.create_task(link.read_loop())
         up = False
         try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
+            async with asyncio.timeout(s.command_timeout):
                 await link.greeting()
             reply = await link.send("auth", commands.auth(s.password))
             if not isinstance(reply, CommandReply) or not reply.ok:
@@ -588,26 +354,27 @@ class FreeswitchAdapter:
                     f"FreeSWITCH at {s.esl_host}:{s.esl_port} refused the ESL password "
                     f"({text}); give pbx.esl the password of event_socket.conf.xml")
             self.tracker.reset()
-            reply = await link.send("event", commands.events(SUBSCRIBED_EVENTS))
-            if not isinstance(reply, CommandReply) or not reply.ok:
-                raise PbxError(f"FreeSWITCH refused the event subscription: {reply!r}")
+            for cmd in subscription(s):
+                reply = await link.send(cmd.decode().strip(), cmd)
+                if not isinstance(reply, CommandReply) or not reply.ok:
+                    raise PbxError(f"FreeSWITCH refused `{cmd.decode().strip()}`: {reply!r}")
             self._link = link
             self._held = []  # events from here on wait until the calls are listed
             self._connected = True  # commands may flow while listing
+            self.health.state = UP
             calls = await self._list_calls(link)
             held, self._held = self._held, None
-            ended = {e.call_id for e in held if isinstance(e, CallEnded)}
-            self.tracker.mark_answered({c.call.call_id for c in calls
-                                        if c.answered_at is not None} - ended)
+            # the tracker saw the held events already: a call that ended is not marked
+            self.tracker.mark_answered(calls)
             self._deliver(PbxConnected(tuple(calls)))
             for event in held:
                 self._deliver(event)
             up = True
             self._connected_event.set()
             log.info("freeswitch.esl_connected", calls=len(calls))
-            watchdog = asyncio.create_task(self._watchdog(link))
+            watchdog = asyncio.create_task(link.watch(s.heartbeat_timeout))
             try:
-                await reader_task
+                await asyncio.wait({reader_task, watchdog}, return_when="FIRST_COMPLETED")
             finally:
                 watchdog.cancel()
             return up
@@ -615,6 +382,7 @@ class FreeswitchAdapter:
             self._connected = False
             self._connected_event.clear()
             self._held = None
+            self.health.state = DOWN
             if self._link is link:
                 self._link = None
             link.close("session ended")
@@ -623,21 +391,8 @@ class FreeswitchAdapter:
                 await reader_task
             link.fail_all(link.closed_reason or "ESL link closed")
             if up:
+                self.health.reconnects += 1
                 self._deliver(PbxDisconnected(link.closed_reason or "ESL link closed"))
-
-    async def _watchdog(self, link: _EslLink) -> None:
-        """Half-open links send nothing: ping with ``api status`` after silence."""
-        loop = asyncio.get_running_loop()
-        timeout = self.settings.heartbeat_timeout
-        while True:
-            await asyncio.sleep(min(5.0, timeout / 3))
-            if loop.time() - link.last_rx < timeout:
-                continue
-            try:
-                await link.api("status", timeout=min(5.0, timeout))
-            except PbxError:
-                link.close(f"no traffic for {timeout:g} s and no reply to `api status`")
-                return
 
     def _on_event(self, event: EslEvent) -> None:
         for call_event in self.tracker.feed(event):
@@ -773,6 +528,7 @@ async def _read_frames(reader: asyncio.StreamReader, parser: EslParser, count: i
 
 
 __all__ = [
+    "EVENT_FILTERS",
     "SUBSCRIBED_EVENTS",
     "CallTracker",
     "EslAuthError",
@@ -780,4 +536,5 @@ __all__ = [
     "FreeswitchSettings",
     "call_info",
     "gate_commands",
+    "parse_show_channels",
 ]

@@ -87,6 +87,7 @@ class AsteriskSimulator(AmiServer):
         self.secret = secret
         self.agi_address = agi_address
         self.auth_fail_delay = auth_fail_delay
+        self.action_delay = 0.0
         self.cdr = cdr
         self.timestampevents = timestampevents
         self.dialplan_events = dialplan_events

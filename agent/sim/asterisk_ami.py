@@ -66,6 +66,7 @@ class AmiServer:
     username: str
     secret: str
     auth_fail_delay: float
+    action_delay: float  # > 0: every action answered this late (an overloaded PBX)
     timestampevents: bool
     eventfilter: EventFilter
     actions: list[ami.Message]
@@ -99,7 +100,12 @@ class AmiServer:
                     continue
                 parser.receive_data(data)
                 for msg in parser.events():
-                    if isinstance(msg, ami.Message) and not await self._action(session, msg):
+                    if not isinstance(msg, ami.Message):
+                        continue
+                    if self.action_delay > 0 and session.logged_in:
+                        # Replies late, in order; events still flow meanwhile.
+                        await asyncio.sleep(self.action_delay)
+                    if not await self._action(session, msg):
                         return
         except (OSError, asyncio.CancelledError):
             # A cancelled connection handler makes Python 3.11's streams

@@ -192,6 +192,13 @@ class _EslServerConn:
         self.events: set[str] = set()
         self.closed = False
         self.frozen = False  # half-open: reads nothing, sends nothing, never closes
+        self.filters: list[tuple[str, str]] = []  # `filter` (an event passes if any matches)
+
+    def wants(self, name: str, headers: list[tuple[str, str]]) -> bool:
+        """mod_event_socket: subscribed, and with filters, one of them matches."""
+        if self.closed or (name not in self.events and "ALL" not in self.events):
+            return False
+        return not self.filters or any(pair in self.filters for pair in headers)
 
     def write(self, data: bytes) -> None:
         if not self.closed and not self.frozen and not self.writer.is_closing():
@@ -248,8 +255,21 @@ class _EslServerConn:
             self.events.clear()
             self.write(_reply("+OK no longer listening for events"))
         elif word == "filter":
-            self.write(_reply("+OK filter added. " + arg))
+            header, _, value = arg.partition(" ")
+            if header == "delete":
+                header, _, value = value.partition(" ")
+                self.filters = [] if header == "all" else [
+                    f for f in self.filters if f != (header, value) and (value or f[0] != header)]
+                self.write(_reply(f"+OK filter deleted. [{header}][{value}]"))
+            elif not value:
+                self.write(_reply("-ERR invalid syntax"))  # trace 07
+            else:
+                self.filters.append((header, value))
+                self.write(_reply(f"+OK filter added. [{header}]=[{value}]"))
         elif word == "api":
+            if self.sim.command_delay > 0:
+                # A drowning FreeSWITCH: replies late, in order; events still flow.
+                await asyncio.sleep(self.sim.command_delay)
             self.write(_api_response(self.sim.api(arg)))
         elif word == "bgapi":
             headers = dict(r.split(": ", 1) for r in rest if ": " in r)
@@ -280,6 +300,7 @@ class FreeswitchSimulator:
         self.socket_timeout = socket_timeout  # the sim bounds a silent gate; FreeSWITCH waits
         self.scheduler_poll = scheduler_poll
         self.hunt_order = read_hunt_order()  # the shipped dialplan, read now
+        self.command_delay = 0.0  # > 0: every api reply this late (an overloaded PBX)
         self.esl_address: tuple[str, int] = ("127.0.0.1", 0)
         self.channels: dict[str, SimChannel] = {}
         self._listed: dict[str, SimChannel] = {}  # what `show channels` still shows
@@ -714,13 +735,12 @@ class FreeswitchSimulator:
         self._broadcast(name, self._channel_headers(name, chan, extra))
 
     def _broadcast(self, name: str, headers: list[tuple[str, str]], body: bytes = b"") -> None:
-        targets = [c for c in self._conns
-                   if not c.closed and (name in c.events or "ALL" in c.events)]
-        if not targets:
-            return
         if headers[0][0] != "Event-Name":
             headers = [("Event-Name", name), ("Core-UUID", CORE_UUID),
                        ("Event-Date-Timestamp", str(_now_us())), *headers]
+        targets = [c for c in self._conns if c.wants(name, headers)]
+        if not targets:
+            return
         if body:
             headers = [*headers, ("Content-Length", str(len(body)))]
         payload = _block(headers) + b"\n" + body

@@ -50,6 +50,7 @@ from agent.ledger import (
     RefusedOperation,
     UnknownAccount,
 )
+from agent.money import fixed
 from agent.web.auth import (
     Credentials,
     FailureLimit,
@@ -175,8 +176,8 @@ def client(request: web.Request) -> str:
 
 # -- JSON ---------------------------------------------------------------------------
 def _default(obj: Any) -> Any:
-    if isinstance(obj, Decimal):
-        return str(obj)
+    if isinstance(obj, Decimal):  # an amount, as the CLI's --json gives it
+        return fixed(obj)
     if isinstance(obj, datetime):
         return obj.isoformat()
     if hasattr(obj, "value"):

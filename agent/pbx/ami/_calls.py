@@ -147,6 +147,11 @@ class CallTracker:
         call = self._live.get(call_id)
         return call.info if call else None
 
+    def answered_at(self, call_id: str) -> datetime | None:
+        """The answer time of a live call, when the events (or a listing) told it."""
+        call = self._live.get(call_id)
+        return call.answered_at if call else None
+
     def live_calls(self) -> list[ActiveCall]:
         return [ActiveCall(c.info, c.answered_at, c.created_at) for c in self._live.values()]
 
