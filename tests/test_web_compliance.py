@@ -368,3 +368,25 @@ async def test_a_note_or_reason_of_more_than_one_line_is_bad_input(
     ]
     for api, argv in cases:
         assert "must be one line of text" in await same_refusal(s, capsys, 400, api, argv)
+
+
+async def test_a_blank_account_or_time_is_refused_not_read_as_not_given(
+        served: Served, capsys: Any) -> None:
+    """`--account ""` listed every complaint (or the global do-not-call list) and the API's
+    `?account=` every one; the API's `"at": ""` recorded a complaint dated now where the
+    CLI's `--at ""` is refused. A typo'd blank is never an answer for everything."""
+    s = served
+    assert (await post(s, "acme", "topup", amount="1200", ref="B1"))[0] == 201
+    assert (await complain(s, callee=CALLEE, ticket="T-1", at=an_hour_ago()))[0] == 201
+    assert "unknown account ''" in await same_refusal(
+        s, capsys, 404, ("GET", "/api/v1/complaints?account=", {}),
+        ["complaint", "list", "--account", ""])
+    assert "unknown account ''" in await same_refusal(
+        s, capsys, 404, ("GET", "/api/v1/dnc?account=", {}), ["dnc", "list", "--account", ""])
+    assert "is neither a date nor an ISO time" in await same_refusal(
+        s, capsys, 400, ("POST", "/api/v1/accounts/acme/complaint",
+                         {"callee": CALLEE, "ticket": "T-2", "at": ""}),
+        ["complaint", "add", "--account", "acme", "--callee", CALLEE, "--ticket", "T-2",
+         "--at", ""])
+    status, body = await call(s, "GET", "/api/v1/dnc?all=maybe", "read")
+    assert status == 400 and body["error"] == "all must be true or false"

@@ -119,7 +119,7 @@ async def _add(args: argparse.Namespace) -> int:
 
 async def _list(args: argparse.Namespace) -> int:
     zone: ZoneInfo | Any = UTC
-    if args.account:
+    if args.account is not None:  # --account "" is an unknown account, not "every account"
         _, zone = policy_account(args, args.account)
     else:
         load_policy(args)  # the same checks as every command: a usable policy

@@ -93,7 +93,7 @@ async def _remove(args: argparse.Namespace) -> int:
 async def _list(args: argparse.Namespace) -> int:
     # Times in the account's zone; entries of many accounts (or for everyone) in UTC.
     zone: Any = UTC
-    if args.account:
+    if args.account is not None:  # --account "" is an unknown account, not the global list
         _, zone = policy_account(args, args.account)
     else:
         load_policy(args)  # the same checks as every command: a usable policy

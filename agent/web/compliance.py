@@ -104,7 +104,9 @@ async def add_complaint(request: web.Request) -> web.Response:
     data = await body(request)
     fields(data, ("callee", "ticket", "at", "note"), ("callee", "ticket"), "a complaint")
     req = actions.complaint(c.policy(), name, text(data, "callee"), text(data, "ticket"),
-                            text(data, "at") or None, text(data, "note"), c.now())
+                            # "at": "" is the CLI's --at "": refused, not "now"
+                            None if data.get("at") is None else text(data, "at"),
+                            text(data, "note"), c.now())
     outcome = await record_complaint(c, req, principal(request).name)
     balance = await c.ledger.balance(name) if req.fine else None
     return json_response({
@@ -116,9 +118,11 @@ async def add_complaint(request: web.Request) -> web.Response:
 
 async def list_complaints(request: web.Request) -> web.Response:
     c = console(request)
-    account = request.query.get("account") or None
+    # ?account= (blank) is an unknown account, as the CLI's --account "": never "all"
+    account = request.query.get("account")
     policy = c.policy()
-    zone: Any = actions.policy_account(policy, account) if account else ZoneInfo("UTC")
+    zone: Any = (actions.policy_account(policy, account) if account is not None
+                 else ZoneInfo("UTC"))
     start_text, end_text = request.query.get("from"), request.query.get("to")
     start = finance.start_of(finance.day(start_text, "--from"), zone) if start_text else None
     end = (finance.start_of(finance.day(end_text, "--to") + timedelta(days=1), zone)
@@ -190,11 +194,14 @@ async def remove_dnc(c: Any, account: str | None, number: str, reason: str,
 
 async def dnc_list(request: web.Request) -> web.Response:
     c = console(request)
-    account = request.query.get("account") or None
-    everyone = request.query.get("all", "") in ("1", "true")
-    if account and everyone:
+    account = request.query.get("account")  # blank: an unknown account, as in the CLI
+    flag = request.query.get("all", "false")
+    if flag not in ("true", "false", "1", "0"):
+        raise finance.Refused("all must be true or false")
+    everyone = flag in ("true", "1")
+    if account is not None and everyone:
         raise finance.Refused("argument --all: not allowed with argument --account")
-    if account:
+    if account is not None:
         actions.policy_account(c.policy(), account)
     entries = await c.ledger.dnc_list("" if everyone else account)
     return json_response({"entries": [actions.entry_json(x) for x in entries]})
