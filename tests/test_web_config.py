@@ -333,3 +333,23 @@ async def test_serve_publishes_the_clis_events_on_mqtt(tmp_path: Path) -> None:
     payload = json.loads(bytes(message.payload))  # type: ignore[arg-type]
     assert (payload["action"], payload["ticket"], payload["operator"], payload["fine"]) == (
         "added", "T-web", "payments", "1000.0000")
+
+
+def test_serve_logs_a_broken_policy_edit_and_keeps_the_last_good_one(tmp_path: Path) -> None:
+    """A broken edit on a finance host was dropped silently: nobody learnt the policy in
+    force was not the file's."""
+    from structlog.testing import capture_logs
+
+    from agent.cli.web import _PolicyFile
+    from agent.gate.policy import load_policy
+
+    policy, _, _, _ = write_files(tmp_path)
+    source = _PolicyFile(policy, load_policy(policy))
+    good = source()
+    policy.write_text(policy.read_text() + "accounts: [oops\n")
+    with capture_logs() as logs:
+        assert source() is good
+        assert source() is good  # once per edit, not once per request
+    refused = [x for x in logs if x["event"] == "web.policy_refused"]
+    assert len(refused) == 1 and refused[0]["log_level"] == "error", logs
+    assert str(policy) in refused[0]["error"] and "\n" not in refused[0]["error"]

@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent import eventloop
 from agent.cli.common import (
     CheckFailed,
@@ -120,8 +122,13 @@ class _PolicyFile:
             from agent.gate.policy import load_policy as load
             from agent.yamlfile import ConfigError
 
-            with contextlib.suppress(ConfigError, OSError):
+            try:
                 self.policy = load(self.path)
+            except (ConfigError, OSError) as exc:  # logged once per edit, as the daemon does
+                structlog.get_logger("callgate.web").error(
+                    "web.policy_refused", path=str(self.path),
+                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+                    action="the previous policy stays in force")
         return self.policy
 
 
