@@ -353,3 +353,16 @@ def test_serve_logs_a_broken_policy_edit_and_keeps_the_last_good_one(tmp_path: P
     refused = [x for x in logs if x["event"] == "web.policy_refused"]
     assert len(refused) == 1 and refused[0]["log_level"] == "error", logs
     assert str(policy) in refused[0]["error"] and "\n" not in refused[0]["error"]
+
+
+@pytest.mark.parametrize("option", ["--listen", "--tokens", "--users"])
+def test_serve_refuses_a_blank_option_instead_of_its_default(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str) -> None:
+    """`serve --listen ""` served on 127.0.0.1:8090 and `--users ""` ran without the users
+    file: a blank ("$UNSET") is refused like --ledger "", never read as not given."""
+    _, tokens, _, _ = write_files(tmp_path)
+    args = {"--listen": "127.0.0.1:1", "--tokens": str(tokens), option: ""}
+    argv = ["--policy", str(tmp_path / "policy.yaml"), "--ledger",
+            f"sqlite://{tmp_path}/ledger.db", "serve", *(x for kv in args.items() for x in kv)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"callgate: error: {option} must not be blank\n"

@@ -42,10 +42,15 @@ from agent.cli.common import (
 
 
 def register(sub: Any) -> None:
+    from agent.cli import _not_blank  # blank is refused, never "not given" (the default)
+
     serve = sub.add_parser("serve", help="run only the finance console (HTTP API and pages)")
-    serve.add_argument("--listen", help="HOST:PORT (default: web.listen, else 127.0.0.1:8090)")
-    serve.add_argument("--tokens", help="tokens file (default: web.tokens_file)")
-    serve.add_argument("--users", help="users file (default: web.users_file)")
+    serve.add_argument("--listen", type=_not_blank("--listen"),
+                       help="HOST:PORT (default: web.listen, else 127.0.0.1:8090)")
+    serve.add_argument("--tokens", type=_not_blank("--tokens"),
+                       help="tokens file (default: web.tokens_file)")
+    serve.add_argument("--users", type=_not_blank("--users"),
+                       help="users file (default: web.users_file)")
     serve.add_argument("--allow-plaintext-remote", action="store_true",
                        help="serve a non-loopback address without TLS (behind a TLS proxy)")
     serve.set_defaults(func=_serve)
