@@ -306,6 +306,11 @@ async def test_bodies_are_bounded(served: Served) -> None:
             served.base + "/api/v1/accounts/acme/topup", data=chunks(),
             headers={**served.auth("finance"), "Content-Type": "application/json"}) as r:
         assert r.status == 413
+    # Nested thousands deep inside the size limit: bad JSON (400), not an internal error.
+    status, body = await call(served, "POST", "/api/v1/accounts/acme/topup", "finance",
+                              data=b"[" * 15_000,
+                              headers={"Content-Type": "application/json"})
+    assert status == 400 and body["error"] == "the body is not valid JSON", body
     assert await postings(served) == []
 
 

@@ -227,7 +227,7 @@ async def body(request: web.Request) -> dict[str, Any]:
         raise ApiError(415, "send the body as application/json")
     try:
         data = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # "[[[[…" nested thousands deep fits the size limit
         raise finance.Refused("the body is not valid JSON") from None
     if not isinstance(data, dict):
         raise finance.Refused("the body must be a JSON object")
