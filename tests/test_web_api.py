@@ -11,7 +11,7 @@ import asyncio
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
@@ -468,3 +468,28 @@ async def test_a_note_or_reason_is_one_line_and_blanks_around_a_reference_are_dr
     assert len(await postings(s)) == 1
     status, body = await post(s, "acme", "topup", amount=True, ref="B2")
     assert status == 400 and body["error"].startswith("amount true is not an amount"), body
+
+
+async def test_read_routes_refuse_what_the_cli_refuses(served: Served, capsys: Any) -> None:
+    """A blank ?since=, ?tz=, ?from= was read as "not given" (every posting, the policy's
+    zone, the default period), an unknown ?account= of /calls answered no calls, and a
+    --from after today had another message: the CLI refuses each with its line."""
+    s = served
+    assert (await post(s, "acme", "topup", amount="100", ref="B1"))[0] == 201
+    future = (datetime.now(UTC) + timedelta(days=40)).date().isoformat()
+    cases = [
+        ("/api/v1/accounts/acme/history?since=", ["ledger", "history", "acme", "--since", ""]),
+        ("/api/v1/accounts/acme/history?tz=", ["ledger", "history", "acme", "--tz", ""]),
+        ("/api/v1/accounts/acme/statement?tz=%20",
+         ["ledger", "statement", "acme", "--tz", " "]),
+        ("/api/v1/accounts/acme/statement?from=", ["ledger", "statement", "acme", "--from", ""]),
+        (f"/api/v1/accounts/acme/statement?from={future}",
+         ["ledger", "statement", "acme", "--from", future]),
+        ("/api/v1/calls?account=ghost", ["calls", "--account", "ghost"]),
+        ("/api/v1/complaints?from=", ["complaint", "list", "--from", ""]),
+    ]
+    for path, argv in cases:
+        status, body = await call(s, "GET", path, "read")
+        code, err = await cli(s, capsys, *argv)
+        assert code == 2 and 400 <= status < 500, (path, status, body, err)
+        assert err == f"callgate: error: {body['error']}", (path, body, err)

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent import finance
+from agent import days, finance
 from agent.ledger import Balance, CallRecord, PostingKind, UnknownAccount
 from agent.money import CURRENCY
 from agent.web.auth import Role
@@ -80,7 +80,10 @@ async def account_balance(c: Any, account: str) -> tuple[Balance, bool]:
 
 
 def zone_of(c: Any, account: str, named: str | None = None) -> Any:
-    """The account's timezone: ``tz`` (``--tz``), the policy's, else UTC (the CLI's rule)."""
+    """The account's timezone: ``tz`` (``--tz``), the policy's, else UTC (the CLI's rule).
+    A blank ``?tz=`` is refused as the CLI's ``--tz ""`` is, never read as not given."""
+    if named is not None and not named.strip():
+        raise finance.Refused("--tz must not be blank (an IANA name such as Asia/Shanghai)")
     return finance.zone(c.policy(), account, named or None)
 
 
@@ -162,8 +165,8 @@ async def account(request: web.Request) -> web.Response:
 async def history(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
     zone = zone_of(c, name, request.query.get("tz"))
-    since_text = _query(request, "since", required=False)
-    start = finance.since(since_text, zone) if since_text else None
+    since_text = request.query.get("since")  # blank: refused, as the CLI's --since ""
+    start = finance.since(since_text, zone) if since_text is not None else None
     postings = await c.ledger.history(name, start)
     return json_response({"account": name, "timezone": str(zone),
                           "postings": [finance.posting_json(p) for p in postings]})
@@ -172,9 +175,18 @@ async def history(request: web.Request) -> web.Response:
 async def statement(request: web.Request) -> web.Response:
     c, name = console(request), request.match_info["account"]
     fmt = _format(request)
+    # The CLI's checks, in its order: a blank ?from=/?to= is refused (never the default),
+    # and a --from after today without --to names the default --to.
+    start, end = request.query.get("from"), request.query.get("to")
+    try:
+        first, last = days.parse_period(start, end)
+    except days.DayError as exc:
+        raise finance.Refused(str(exc)) from None
     where = zone_of(c, name, request.query.get("tz"))
-    start = _query(request, "from", required=False) or None
-    end = _query(request, "to", required=False) or None
+    today = c.now().astimezone(where).date()
+    if first is not None and last is None and first > today:
+        raise finance.Refused(f"--from {first} is after today ({today} in {where}), the "
+                              "default --to")
     s = await finance.statement(c.ledger, name, where, start, end, c.now(),
                                 customer_name(c.policy(), name))
     if fmt == "csv":
@@ -195,7 +207,9 @@ async def report_route(request: web.Request) -> web.Response:
 
 async def calls(request: web.Request) -> web.Response:
     c = console(request)
-    only = request.query.get("account") or None
+    only = request.query.get("account")
+    if only is not None:
+        await c.ledger.balance(only)  # an account the ledger lacks is refused, as in the CLI
     now = c.now()
     records = await c.ledger.live_calls(only)
     return json_response({"calls": [call_json(r, now) for r in records],

@@ -124,9 +124,11 @@ async def list_complaints(request: web.Request) -> web.Response:
     zone: Any = (actions.policy_account(policy, account) if account is not None
                  else ZoneInfo("UTC"))
     start_text, end_text = request.query.get("from"), request.query.get("to")
-    start = finance.start_of(finance.day(start_text, "--from"), zone) if start_text else None
+    # A blank ?from=/?to= is refused, as the CLI's --from "": never "no bound".
+    start = (finance.start_of(finance.day(start_text, "--from"), zone)
+             if start_text is not None else None)
     end = (finance.start_of(finance.day(end_text, "--to") + timedelta(days=1), zone)
-           if end_text else None)
+           if end_text is not None else None)
     if start and end and end <= start:
         raise finance.Refused("--to is before --from")
     found = await c.ledger.complaints(account, start, end)
