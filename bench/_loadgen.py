@@ -104,6 +104,16 @@ async def open_loop_answers(one_call: Callable[[], Awaitable[Answer]], rate: flo
     """
     loop = asyncio.get_running_loop()
     cpu = time.process_time()
+    lags: list[float] = []
+    done = False
+
+    async def lag_monitor() -> None:  # this process's own lateness, part of every latency
+        while not done:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - t - 0.01)
+
+    monitor = asyncio.ensure_future(lag_monitor())
     start = loop.time()
     tasks = []
     n = int(rate * seconds)
@@ -114,6 +124,8 @@ async def open_loop_answers(one_call: Callable[[], Awaitable[Answer]], rate: flo
         tasks.append(asyncio.ensure_future(one_call()))
     got = await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = loop.time() - start
+    done = True
+    await monitor
     answers = [x for x in got if isinstance(x, tuple)]
     every = sorted(lat for lat, _, _ in answers)
     served = sorted(lat for lat, ok, _ in answers if ok)
@@ -133,6 +145,7 @@ async def open_loop_answers(one_call: Callable[[], Awaitable[Answer]], rate: flo
             "p50_ms": pct(every, 50), "p99_ms": pct(every, 99),
             "max_ms": round(every[-1] * 1000, 3) if every else float("nan"),
             "served_p99_ms": pct(served, 99), "refused": refused,
+            "client_lag_p99_ms": pct(sorted(lags), 99),
             "client_cpu_ms": round((time.process_time() - cpu) * 1000 / max(n, 1), 4)}
 
 
@@ -155,6 +168,7 @@ def overload_figures(saturation: dict[str, object], loads: dict[str, dict[str, o
         out[f"{label}_p99_ms"] = res["p99_ms"]
         out[f"{label}_p99_vs_budget"] = round(p99, 3)
         out[f"{label}_errors"] = res["errors"]
+        out[f"{label}_client_lag_p99_ms"] = res["client_lag_p99_ms"]
         out[f"{label}_refused"] = res["refused"]
         out[f"{label}_server_cpu_ms"] = res.get("server_cpu_ms")
         out[f"{label}_client_cpu_ms"] = res.get("client_cpu_ms")
@@ -172,7 +186,8 @@ def overload_lines(figures: dict[str, object], labels: list[str]) -> str:
             f"{figures[f'{label}_served_per_s']}/s = {figures[f'{label}_served_vs_sat']}x "
             f"saturation; every answer p50 {figures[f'{label}_p50_ms']} ms p99 "
             f"{figures[f'{label}_p99_ms']} ms = {figures[f'{label}_p99_vs_budget']}x budget; "
-            f"unanswered {figures[f'{label}_errors']}; refused {figures[f'{label}_refused']}")
+            f"unanswered {figures[f'{label}_errors']}; refused {figures[f'{label}_refused']}; "
+            f"load generator's own lag p99 {figures[f'{label}_client_lag_p99_ms']} ms")
     lines.append("target (served >= 0.9x saturation, p99 <= budget, none unanswered): "
                  + ("met" if figures["overload_target_met"] else "missed"))
     return "\n".join(lines)
