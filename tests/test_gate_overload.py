@@ -249,6 +249,7 @@ async def test_a_cancelled_waiter_leaves_the_queue_and_its_slot_goes_on(
             a, b = await asyncio.gather(first, last)
         assert (a.allow, b.allow) == (True, True)
         assert (gate.slots.busy, len(gate.slots.waiting)) == (0, 0)
+        assert sorted(c.call_id for c in await ledger.live_calls()) == ["first", "last"]
 
 
 # -- both gates over real sockets -------------------------------------------------
