@@ -110,7 +110,17 @@ async def exchange(host: str, port: int, request: bytes, vary: bool = False) -> 
         commands = 0
         allowed = False
         reason = "closed"
-        while line := await reader.readline():
+        while True:
+            try:
+                line = await reader.readline()
+            except ConnectionResetError:
+                if commands:
+                    raise
+                # Shed unread (agent/pbx/_listener.py): the request still unread, the
+                # close is a reset. Asterisk's AGI() fails and the dialplan refuses.
+                return time.perf_counter() - t0, False, "reset"
+            if not line:
+                break
             commands += 1
             allowed |= line.startswith(b"SET VARIABLE CALLGATE_RESULT") and b"ALLOW" in line
             if line.startswith(b"SET VARIABLE CALLGATE_REASON "):

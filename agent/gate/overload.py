@@ -18,9 +18,9 @@ gatekeeper's shell turns its verdicts into futures and timers:
   ahead of it cannot drain in time: the wait is predicted from the measured
   time a decision holds its slot (an exponentially weighted mean), so the
   queue's bound follows the budget and the ledger's speed, with no fixed length;
-* a waiter is handed a freed slot only if it can still finish in time
-  (:meth:`Slots.release`); one that cannot is refused there, and one whose
-  turn does not come before ``deadline - service`` gives up
+* a waiter is handed a freed slot only if it can still finish in time, with
+  ``HEADROOM`` (:meth:`Slots.release`); one that cannot is refused there, and
+  one whose turn does not come before ``deadline - HEADROOM * service`` gives up
   (:meth:`Slots.give_up_at`, :meth:`Slots.leave`).
 
 A refused request never reached the ledger: no read, no admission, no hold.
@@ -39,6 +39,13 @@ ledger; 32 is the concurrency the gate benches saturate it with."""
 
 SMOOTHING = 0.2
 """Weight of the newest service time in the mean: about the last ten decisions."""
+
+HEADROOM = 2.0
+"""A request goes to the ledger only while ``HEADROOM`` times the mean service time
+still fits before its deadline: the mean is a mean, and under load one decision in
+several takes twice as long. One that started too late times out in the ledger
+(``ledger_unavailable``) after holding a slot that a request in time could have
+used: bench/gate_ledger.py --overload showed such timeouts at 1.0."""
 
 
 class Verdict(enum.Enum):
@@ -86,7 +93,7 @@ class Slots:
             # run can bring it down again. The ledger calls keep the deadline anyway.
             self.busy += 1
             return Verdict.START, None
-        if now + self.predicted_wait(len(self.waiting)) + self.service > deadline:
+        if now + self.predicted_wait(len(self.waiting)) + HEADROOM * self.service > deadline:
             self.refused += 1
             return Verdict.REFUSE, None
         waiter = Waiter(deadline)
@@ -95,7 +102,7 @@ class Slots:
 
     def give_up_at(self, waiter: Waiter) -> float:
         """When a waiter not yet handed a slot must stop waiting to be answered in time."""
-        return waiter.deadline - self.service
+        return waiter.deadline - HEADROOM * self.service
 
     def leave(self, waiter: Waiter) -> None:
         """A waiter gave up (its give_up_at passed): it is refused, ledger untouched."""
@@ -117,7 +124,7 @@ class Slots:
         refused: list[Waiter] = []
         while self.waiting and self.busy < self.slots:
             waiter = self.waiting.popleft()
-            if now + self.service >= waiter.deadline:
+            if now + HEADROOM * self.service >= waiter.deadline:
                 refused.append(waiter)
                 self.refused += 1
                 continue
