@@ -3,10 +3,18 @@
 Both gates (FastAGI, the ESL outbound socket) serve one connection per call.
 Under overload the event loop falls behind, the kernel's accept queue fills and
 overflows, and the PBX's connection attempts are dropped and retried a second
-later or more: far past the decision budget, with no answer at all. So past
-``max_pending`` connections in flight a new one is closed at once, unread:
+later or more: far past the decision budget, with no answer at all. So past a
+bound on the connections in flight a new one is closed at once, unread:
 accepting and closing it costs a few tens of microseconds where reading and
 answering it costs a few hundred, and the loop keeps up with the accept queue.
+
+The bound is sized from the decision budget by Little's law: the gate answers
+``rate`` connections a second (measured, refusals included), so ``rate x
+budget / 2`` connections in flight are answered in half the budget; more only
+make every one of them later (each needs several turns of the loop, and a turn
+grows with the connections in it). It never falls below ``MIN_PENDING`` (a
+burst after a quiet spell is served while the rate is measured) nor exceeds
+``max_pending``.
 
 A connection closed unread is refused by the shipped dialplans, which dial
 only when the gate set ``ALLOW`` (``CALLGATE_RESULT`` / ``callgate_result``
@@ -27,12 +35,14 @@ import structlog
 
 log = structlog.get_logger("callgate.gate")
 
-DEFAULT_MAX_PENDING = 256
-"""Gate connections in flight past which new ones are shed. Below saturation a
-few dozen are in flight (calls/s x latency: 600/s x 50 ms = 30); the gatekeeper's
-queue holds at most what it can decide within the budget, a few hundred at most
-on the SQLite ledger. 256 is only reached when the loop itself is behind."""
+DEFAULT_MAX_PENDING = 1024
+"""The bound's ceiling, whatever the measured rate: 2,000 calls/s x 0.5 s."""
 
+MIN_PENDING = 32
+"""The bound's floor: the gatekeeper's ledger slots (agent/gate/overload.py), so
+the ledger can be kept busy whatever the measured rate."""
+
+RATE_WINDOW = 1.0  # seconds over which answered connections are counted
 SHED_LOG_EVERY = 1.0  # seconds: shed connections are summed into one warning per second
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -42,13 +52,13 @@ class _Counted(asyncio.StreamReaderProtocol):
     """A served connection, in ``live`` from creation until its connection is lost."""
 
     def __init__(self, reader: asyncio.StreamReader, handler: Handler,
-                 live: weakref.WeakSet[_Counted]) -> None:
+                 listener: GateListener) -> None:
         super().__init__(reader, handler)
-        self._live = live
-        live.add(self)
+        self._listener = listener
+        listener._live.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._live.discard(self)
+        self._listener._done(self)
         super().connection_lost(exc)
 
 
@@ -63,15 +73,20 @@ class GateListener:
     ``asyncio.start_server`` would) up to ``max_pending`` connections at once,
     and sheds the rest."""
 
-    def __init__(self, handler: Handler, *, limit: int, max_pending: int) -> None:
+    def __init__(self, handler: Handler, *, limit: int, max_pending: int,
+                 budget: float) -> None:
         if max_pending < 1:
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         self.handler = handler
         self.limit = limit
         self.max_pending = max_pending
+        self.budget = budget
         # Weak: a protocol whose transport could not be made is dropped, never leaked.
         self._live: weakref.WeakSet[_Counted] = weakref.WeakSet()
         self.shed = 0  # connections closed unread, since start
+        self.rate = 0.0  # connections answered per second, over the last RATE_WINDOW
+        self._answered = 0
+        self._window = 0.0
         self._unlogged = 0
         self._logged = 0.0
 
@@ -80,16 +95,28 @@ class GateListener:
         """Connections accepted and not yet closed."""
         return len(self._live)
 
+    @property
+    def bound(self) -> int:
+        """Connections in flight past which new ones are shed (see the module docstring)."""
+        return min(self.max_pending, max(MIN_PENDING, int(self.rate * self.budget / 2)))
+
+    def _done(self, protocol: _Counted) -> None:
+        self._live.discard(protocol)
+        now = asyncio.get_running_loop().time()
+        self._answered += 1
+        if now - self._window >= RATE_WINDOW:
+            self.rate = self._answered / (now - self._window) if self._window else 0.0
+            self._window, self._answered = now, 0
+
     def __call__(self) -> asyncio.Protocol:
         loop = asyncio.get_running_loop()
-        if len(self._live) >= self.max_pending:
+        if len(self._live) >= self.bound:
             self.shed += 1
             self._unlogged += 1
             now = loop.time()
             if now - self._logged >= SHED_LOG_EVERY:
                 log.warning("gate.shed", connections=self._unlogged, pending=len(self._live),
-                            max_pending=self.max_pending)
+                            bound=self.bound, answered_per_s=round(self.rate, 1))
                 self._logged, self._unlogged = now, 0
             return _Shed()
-        return _Counted(asyncio.StreamReader(limit=self.limit, loop=loop), self.handler,
-                        self._live)
+        return _Counted(asyncio.StreamReader(limit=self.limit, loop=loop), self.handler, self)

@@ -86,7 +86,7 @@ class AsteriskSettings:
     reconnect_max: float = 30.0
     cdr_wait: float = 2.0  # wait for a Cdr after Hangup before computing billsec
     fastagi_read_timeout: float = 5.0  # for the request headers and each reply
-    gate_max_pending: int = DEFAULT_MAX_PENDING  # FastAGI connections in flight; more are shed
+    gate_max_pending: int = DEFAULT_MAX_PENDING  # ceiling of the in-flight bound (_listener)
 
 
 class AmiLoginRefused(PbxError):
@@ -325,7 +325,8 @@ class AsteriskAdapter:
             # Past gate_max_pending connections in flight new ones are closed
             # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
             self.listener = GateListener(self._serve_agi, limit=READ_SIZE,
-                                         max_pending=self.settings.gate_max_pending)
+                                         max_pending=self.settings.gate_max_pending,
+                                         budget=self.settings.decision_budget)
             self._server = await asyncio.get_running_loop().create_server(
                 self.listener, host, port, backlog=1024
             )

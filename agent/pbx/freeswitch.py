@@ -102,7 +102,7 @@ class FreeswitchSettings:
     password: str = ""
     outbound_listen: tuple[str, int] | None = ("127.0.0.1", 8084)  # None = no inline gate
     decision_budget: float = 0.5  # seconds; past it the gate answers DENY ledger_unavailable
-    gate_max_pending: int = DEFAULT_MAX_PENDING  # gate sockets in flight; more are shed
+    gate_max_pending: int = DEFAULT_MAX_PENDING  # ceiling of the in-flight bound (_listener)
     watch_only_contexts: frozenset[str] = frozenset()  # decided from CHANNEL_CREATE
     outbound_contexts: frozenset[str] = frozenset()  # empty = any A-leg with an accountcode
     heartbeat_timeout: float = 45.0  # HEARTBEAT comes every 20 s (README "Subscriptions")
@@ -457,7 +457,8 @@ class FreeswitchAdapter:
                 # Past gate_max_pending connections in flight new ones are closed
                 # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
                 self.listener = GateListener(self._serve_gate, limit=64 * 1024,
-                                             max_pending=self.settings.gate_max_pending)
+                                             max_pending=self.settings.gate_max_pending,
+                                             budget=self.settings.decision_budget)
                 server = await asyncio.get_running_loop().create_server(
                     self.listener, host, port, backlog=1024)
                 sock = server.sockets[0].getsockname()
