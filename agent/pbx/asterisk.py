@@ -322,7 +322,7 @@ class AsteriskAdapter:
             host, port = self.settings.fastagi_listen
             # A burst of calls must not overflow the accept queue (a dropped SYN
             # costs the caller a 1 s retransmit); 1024 as for the ESL gate.
-            # Past gate_max_pending connections in flight new ones are closed
+            # Past the in-flight bound (at most gate_max_pending) new ones are closed
             # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
             self.listener = GateListener(self._serve_agi, limit=READ_SIZE,
                                          max_pending=self.settings.gate_max_pending,

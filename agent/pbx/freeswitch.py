@@ -454,7 +454,7 @@ class FreeswitchAdapter:
         try:
             if self.settings.outbound_listen is not None:
                 host, port = self.settings.outbound_listen
-                # Past gate_max_pending connections in flight new ones are closed
+                # Past the in-flight bound (at most gate_max_pending) new ones are closed
                 # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
                 self.listener = GateListener(self._serve_gate, limit=64 * 1024,
                                              max_pending=self.settings.gate_max_pending,
