@@ -10,11 +10,14 @@ answering it costs a few hundred, and the loop keeps up with the accept queue.
 
 The bound is sized from the decision budget by Little's law: the gate answers
 ``rate`` connections a second (measured, refusals included), so ``rate x
-budget / 2`` connections in flight are answered in half the budget; more only
-make every one of them later (each needs several turns of the loop, and a turn
-grows with the connections in it). It never falls below ``MIN_PENDING`` (a
-burst after a quiet spell is served while the rate is measured) nor exceeds
-``max_pending``.
+budget`` connections in flight are answered within the budget on average; more
+only make every one of them later (each needs several turns of the loop, and a
+turn grows with the connections in it). The rate measured includes the peer's
+own turns, so a slow PBX lowers the bound too: its calls would be late anyway.
+(Half the budget was tried: bench/gate_esl.py --overload then shed so much that
+2x the saturation rate served 0.33x of it, RESULTS.md session 7.) It never
+falls below ``MIN_PENDING`` (a burst after a quiet spell is served while the
+rate is measured) nor exceeds ``max_pending``.
 
 A connection closed unread is refused by the shipped dialplans, which dial
 only when the gate set ``ALLOW`` (``CALLGATE_RESULT`` / ``callgate_result``
@@ -98,7 +101,7 @@ class GateListener:
     @property
     def bound(self) -> int:
         """Connections in flight past which new ones are shed (see the module docstring)."""
-        return min(self.max_pending, max(MIN_PENDING, int(self.rate * self.budget / 2)))
+        return min(self.max_pending, max(MIN_PENDING, int(self.rate * self.budget)))
 
     def _done(self, protocol: _Counted) -> None:
         self._live.discard(protocol)
