@@ -164,7 +164,7 @@ class Gatekeeper:
             raise
 
     def _release(self, loop: asyncio.AbstractEventLoop, held: float | None) -> None:
-        """Give a slot back and wake the waiters the admission hands slots to (or refuses)."""
+        """Give a slot back and wake the waiters it hands slots to (or refuses)."""
         now = loop.time()
         started, refused = self.slots.release(now, held)
         while True:
