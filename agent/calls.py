@@ -60,6 +60,10 @@ class CallInfo:
     endpoint: str = ""  # Asterisk channel name / FreeSWITCH channel name
     context: str = ""
     caller_name: str = ""
+    # When the PBX's gate connection arrived (the event loop's clock): the decision
+    # budget runs from here, not from when the gatekeeper got to it (issue 21).
+    # None: not from a gate socket (watch-only, tests); the budget starts at the gate.
+    received_at: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,13 @@ recent attempts) within the decision budget, calls the pure
 it in the ledger (an atomic concurrency check across every node sharing the
 ledger) and logs the attempt for the frequency and rate caps. A ledger that
 does not answer in time is ``ledger_unavailable``, and the policy's fail mode
-decides. The first billing unit is held at admission, and ``max_seconds`` of
+decides. The decision budget runs from the moment the PBX connected
+(``CallInfo.received_at``, stamped by the adapter at accept), and at most
+``slots`` decisions use the ledger at once (:mod:`agent.gate.overload`): a
+request that could not be decided before its deadline is refused at once as
+``overloaded`` without touching the ledger (no read, no hold), again with the
+policy's fail mode (``open``: allowed unmetered for ``fail_open_max_seconds``,
+as for ``ledger_unavailable``). The first billing unit is held at admission, and ``max_seconds`` of
 an allowed call is the talk time already paid (that first unit, plus the ring
 allowance): that is the limit the dialplan arms, and the meter extends it as
 the call pays on. A stopping agent refuses new calls (``shutting_down``). An
@@ -35,6 +41,7 @@ import structlog
 from agent.calls import CallInfo, Direction
 from agent.gate.decide import decide
 from agent.gate.decision import AccountState, Decision, DncView, Reason
+from agent.gate.overload import DEFAULT_SLOTS, Slots, Verdict
 from agent.gate.policy import AccountPolicy, Policy
 from agent.ledger import Admission, CallRecord, Ledger, LedgerError
 from agent.meter.clock import Clock
@@ -42,6 +49,7 @@ from agent.meter.clock import Clock
 log = structlog.get_logger("callgate.gate")
 
 CPS_WINDOW = timedelta(seconds=1)  # cps_limit counts allowed attempts in the last second
+OVERLOAD_LOG_EVERY = 1.0  # seconds: overload refusals are summed into one warning per second
 
 OnDecision = Callable[[CallInfo, Decision, float], None]
 
@@ -75,6 +83,7 @@ class Gatekeeper:
         ring_allowance: int = 0,
         on_decision: OnDecision | None = None,
         live_dnc: DncView | None = None,
+        slots: int = DEFAULT_SLOTS,
     ) -> None:
         self.live_dnc = live_dnc
         self.ledger = ledger
@@ -85,6 +94,9 @@ class Gatekeeper:
         self.ring_allowance = ring_allowance
         self.on_decision = on_decision
         self.accepting = True
+        self.slots = Slots(slots)
+        self._overload_logged = 0.0  # loop time of the last gate.overloaded warning
+        self._overload_unlogged = 0  # refusals since then
 
     async def __call__(self, call: CallInfo) -> Decision:
         started = time.perf_counter()
@@ -113,9 +125,103 @@ class Gatekeeper:
             return Decision(False, Reason.SHUTTING_DOWN, "the agent is stopping")
         if account is None:
             return decide(policy, AccountState(balance=None), call, now)
-        # One deadline for the whole decision (read and admission together), so the
-        # answer is ours — logged, counted, published — before the adapter gives up.
-        deadline = asyncio.get_running_loop().time() + self.budget
+        # One deadline for the whole decision (waiting for a slot, read and admission
+        # together), from when the PBX connected, so the answer is ours (logged,
+        # counted, published) before the adapter gives up and within the PBX's wait.
+        loop = asyncio.get_running_loop()
+        arrived = loop.time() if call.received_at is None else call.received_at
+        deadline = arrived + self.budget
+        if not await self._slot(loop, deadline):
+            return self._overloaded(policy, account, call, now, loop.time() - arrived)
+        began = loop.time()
+        try:
+            return await self._ledger_decision(policy, account, call, now, deadline)
+        finally:
+            self._release(loop, loop.time() - began)
+
+    async def _slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
+        """Take a ledger slot now, or wait in line for one while that can still pay off.
+        False: refused (see :class:`~agent.gate.overload.Slots`), ledger untouched."""
+        verdict, waiter = self.slots.arrive(loop.time(), deadline)
+        if verdict is Verdict.START:
+            return True
+        if verdict is Verdict.REFUSE or waiter is None:
+            return False
+        future: asyncio.Future[bool] = loop.create_future()
+        waiter.token = future
+        try:
+            async with asyncio.timeout_at(self.slots.give_up_at(waiter)):
+                return await future
+        except BaseException as exc:
+            # Timed out or cancelled: a slot handed over in the same instant goes
+            # back; a waiter still queued leaves the queue.
+            if future.done() and not future.cancelled() and future.result():
+                self._release(loop, None)
+            else:
+                self.slots.leave(waiter)
+            if isinstance(exc, TimeoutError):
+                return False
+            raise
+
+    def _release(self, loop: asyncio.AbstractEventLoop, held: float | None) -> None:
+        """Give a slot back and wake the waiters it hands slots to (or refuses)."""
+        now = loop.time()
+        started, refused = self.slots.release(now, held)
+        while True:
+            for waiter in refused:
+                future = waiter.token
+                assert isinstance(future, asyncio.Future)
+                if not future.done():
+                    future.set_result(False)
+            gone = 0
+            for waiter in started:
+                future = waiter.token
+                assert isinstance(future, asyncio.Future)
+                if future.done():  # its caller was cancelled meanwhile: pass the slot on
+                    gone += 1
+                else:
+                    future.set_result(True)
+            if not gone:
+                return
+            started, refused = [], []
+            for _ in range(gone):
+                more, passed = self.slots.release(now, None)
+                started += more
+                refused += passed
+
+    def _overloaded(self, policy: Policy, account: AccountPolicy, call: CallInfo,
+                    now: datetime, waited: float) -> Decision:
+        """The answer for a request that cannot be decided in time, under the reason
+        ``overloaded``: the policy's fail mode decides, as for an unreachable ledger.
+
+        Failing closed it is refused without running the rules: under overload the
+        refusals must cost next to nothing (decide() is most of a refusal's CPU, and
+        each one taken from the decisions that can still be served). Failing open the
+        rules that need no ledger (hours, destinations, do-not-call) run first, and a
+        call they refuse keeps its own reason.
+        """
+        self._overload_unlogged += 1
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now - self._overload_logged >= OVERLOAD_LOG_EVERY:
+            log.warning("gate.overloaded", refused=self._overload_unlogged,
+                        waiting=len(self.slots.waiting), busy=self.slots.busy,
+                        service_ms=round(self.slots.service * 1000, 1),
+                        waited_ms=round(waited * 1000, 1))
+            self._overload_logged, self._overload_unlogged = loop_now, 0
+        if policy.prepaid.fail_mode != "open":
+            return Decision(False, Reason.OVERLOADED,
+                            f"the gate is overloaded: no decision within the {self.budget:g} s"
+                            " budget (fail closed)", account.id)
+        decision = decide(policy, AccountState(balance=None, live_dnc=self.live_dnc), call, now)
+        if decision.reason is not Reason.LEDGER_UNAVAILABLE:
+            return decision
+        return replace(decision, reason=Reason.OVERLOADED,
+                       message=f"the gate is overloaded; allowed for {decision.max_seconds} s "
+                               "because the policy fails open")
+
+    async def _ledger_decision(self, policy: Policy, account: AccountPolicy, call: CallInfo,
+                               now: datetime, deadline: float) -> Decision:
+        """Holding a slot: read the account, decide, admit or log the refusal."""
         try:
             async with asyncio.timeout_at(deadline):
                 state = await self._state(account, call, now)
@@ -127,7 +233,7 @@ class Gatekeeper:
         if decision.allow and decision.tariff is not None and state.balance is not None:
             return await self._admit(account, call, decision, now, deadline)
         if state.balance is not None:  # the ledger answers: log the refusal for the caps
-            await self._log_attempt(account, call, decision, now)
+            await self._log_attempt(account, call, decision, now, deadline)
         return decision
 
     async def _state(self, account: AccountPolicy, call: CallInfo, now: Any) -> AccountState:
@@ -185,12 +291,16 @@ class Gatekeeper:
         return replace(decision, max_seconds=limit + self.ring_allowance)
 
     async def _log_attempt(self, account: AccountPolicy, call: CallInfo, decision: Decision,
-                           now: Any) -> None:
+                           now: Any, deadline: float) -> None:
         if not decision.destination:
             return
         try:
-            await self.ledger.record_attempt(account.id, decision.destination, now,
-                                             decision.allow, decision.reason.value,
-                                             account.normalize(call.caller_id))
-        except LedgerError as exc:  # caps degrade, calls do not
-            log.warning("gate.attempt_not_logged", account=account.id, error=str(exc))
+            # Within the deadline too: the refusal is due to the PBX before it is due
+            # to the caps' count.
+            async with asyncio.timeout_at(deadline):
+                await self.ledger.record_attempt(account.id, decision.destination, now,
+                                                 decision.allow, decision.reason.value,
+                                                 account.normalize(call.caller_id))
+        except (TimeoutError, LedgerError) as exc:  # caps degrade, calls do not
+            log.warning("gate.attempt_not_logged", account=account.id,
+                        error=str(exc) or type(exc).__name__)

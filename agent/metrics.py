@@ -238,6 +238,7 @@ class Metrics:
         for reason in sorted(CUTOFF_REASONS | {"other"}):
             self.cutoffs.labels(reason)  # every reason's series exists from the start at 0
         self.decisions.labels("DENY", "ledger_unavailable")  # alertable from 0
+        self.decisions.labels("DENY", "overloaded")
         self.policy_reloads = Counter("callgate_policy_reloads", "Policy reloads by outcome",
                                       ["outcome"], registry=r)
         for outcome in ("ok", "error"):

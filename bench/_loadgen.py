@@ -89,6 +89,110 @@ def summarize(lat: list[float], attempted: int, elapsed: float,
             "client_cpu_ms": round(cpu_seconds * 1000 / max(attempted, 1), 4)}
 
 
+Answer = tuple[float, bool, str]
+"""One gate exchange as the caller saw it: latency in seconds, allowed, the reason set."""
+
+
+async def open_loop_answers(one_call: Callable[[], Awaitable[Answer]], rate: float,
+                            seconds: float) -> dict[str, object]:
+    """Offer ``rate`` calls/s on a fixed schedule and count every answer, refusals too.
+
+    What an overload run needs: ``served_per_s`` (allowed calls per second of the
+    run), the latency of *every* answer (``p99_ms``: what each caller waited,
+    allowed or refused) and of the allowed ones (``served_p99_ms``), the refusals
+    by reason, and ``errors`` (no answer at all: a connection refused or dropped).
+    """
+    loop = asyncio.get_running_loop()
+    cpu = time.process_time()
+    lags: list[float] = []
+    done = False
+
+    async def lag_monitor() -> None:  # this process's own lateness, part of every latency
+        while not done:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - t - 0.01)
+
+    monitor = asyncio.ensure_future(lag_monitor())
+    start = loop.time()
+    tasks = []
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one_call()))
+    got = await asyncio.gather(*tasks, return_exceptions=True)
+    elapsed = loop.time() - start
+    done = True
+    await monitor
+    answers = [x for x in got if isinstance(x, tuple)]
+    every = sorted(lat for lat, _, _ in answers)
+    served = sorted(lat for lat, ok, _ in answers if ok)
+    refused: dict[str, int] = {}
+    for _, ok, reason in answers:
+        if not ok:
+            refused[reason] = refused.get(reason, 0) + 1
+
+    def pct(lat: list[float], p: int) -> float:
+        if len(lat) < 2:
+            return float("nan")
+        return round(statistics.quantiles(lat, n=100)[p - 1] * 1000, 3)
+
+    return {"offered_per_s": rate, "offered": n, "answered": len(answers),
+            "errors": n - len(answers), "served": len(served),
+            "served_per_s": round(len(served) / elapsed, 1),
+            "p50_ms": pct(every, 50), "p99_ms": pct(every, 99),
+            "max_ms": round(every[-1] * 1000, 3) if every else float("nan"),
+            "served_p99_ms": pct(served, 99), "refused": refused,
+            "client_lag_p99_ms": pct(sorted(lags), 99),
+            "client_cpu_ms": round((time.process_time() - cpu) * 1000 / max(n, 1), 4)}
+
+
+def overload_figures(saturation: dict[str, object], loads: dict[str, dict[str, object]],
+                     budget_ms: float) -> dict[str, object]:
+    """The overload target, as ratios within one run: at each multiple of the saturation
+    rate offered, served/s over the saturation's calls/s (target >= 0.9) and the p99 of
+    every answer over the decision budget (target <= 1), with no caller unanswered."""
+    sat = float(str(saturation["calls_per_s"]))
+    out: dict[str, object] = {"sat_calls_per_s": sat, "sat_p99_ms": saturation["p99_ms"],
+                              "budget_ms": budget_ms}
+    met = True
+    for label, res in loads.items():
+        served = float(str(res["served_per_s"])) / sat if sat else 0.0
+        p99 = float(str(res["p99_ms"])) / budget_ms
+        out[f"{label}_offered_per_s"] = res["offered_per_s"]
+        out[f"{label}_served_per_s"] = res["served_per_s"]
+        out[f"{label}_served_vs_sat"] = round(served, 3)
+        out[f"{label}_p50_ms"] = res["p50_ms"]
+        out[f"{label}_p99_ms"] = res["p99_ms"]
+        out[f"{label}_p99_vs_budget"] = round(p99, 3)
+        out[f"{label}_errors"] = res["errors"]
+        out[f"{label}_client_lag_p99_ms"] = res["client_lag_p99_ms"]
+        out[f"{label}_refused"] = res["refused"]
+        out[f"{label}_server_cpu_ms"] = res.get("server_cpu_ms")
+        out[f"{label}_client_cpu_ms"] = res.get("client_cpu_ms")
+        met = met and served >= 0.9 and p99 <= 1.0 and res["errors"] == 0
+    out["overload_target_met"] = met
+    return out
+
+
+def overload_lines(figures: dict[str, object], labels: list[str]) -> str:
+    lines = [f"saturation through the ledger: {figures['sat_calls_per_s']} calls/s "
+             f"(p99 {figures['sat_p99_ms']} ms); budget {figures['budget_ms']:g} ms"]
+    for label in labels:
+        lines.append(
+            f"  offered {label} = {figures[f'{label}_offered_per_s']:g}/s: served "
+            f"{figures[f'{label}_served_per_s']}/s = {figures[f'{label}_served_vs_sat']}x "
+            f"saturation; every answer p50 {figures[f'{label}_p50_ms']} ms p99 "
+            f"{figures[f'{label}_p99_ms']} ms = {figures[f'{label}_p99_vs_budget']}x budget; "
+            f"unanswered {figures[f'{label}_errors']}; refused {figures[f'{label}_refused']}; "
+            f"load generator's own lag p99 {figures[f'{label}_client_lag_p99_ms']} ms")
+    lines.append("target (served >= 0.9x saturation, p99 <= budget, none unanswered): "
+                 + ("met" if figures["overload_target_met"] else "missed"))
+    return "\n".join(lines)
+
+
 FIGURES = ("calls_per_s", "p50_ms", "p99_ms", "errors", "server_cpu_ms", "client_cpu_ms")
 """The figures of one load that a gate bench's JSON line carries."""
 
@@ -102,7 +206,8 @@ async def client_figures(script: str, *args: str) -> dict[str, object]:
         sys.executable, script, "--client", *args, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
-    offered = int(str(result["calls"])) + int(str(result["errors"]))
+    offered = int(str(result["offered"])) if "offered" in result else (
+        int(str(result["calls"])) + int(str(result["errors"])))
     result["server_cpu_ms"] = round((time.process_time() - cpu) * 1000 / max(offered, 1), 4)
     return result
 

@@ -22,7 +22,12 @@ Loads: 300 calls/s open loop (arrivals on a fixed schedule), and saturation
 baseline and adapter alternating; the median round is reported, with the
 machine's load average (this box is shared). Usage:
 ``python bench/gate_esl.py [--seconds S] [--rounds R] [--rates 300,2000]
-[--concurrency C]``; the last line is one JSON object.
+[--concurrency C] [--overload 2,5]``; the last line is one JSON object.
+
+``--overload 2,5``: the overload run alone. The ``ledger`` server's saturation
+(``--concurrency`` callers), then 2x and 5x that rate offered open loop, every
+answer counted, refusals too: served calls/s over the saturation's, and the p99
+of every answer (what each caller waited) over the decision budget.
 
 Every load also reports its CPU per call on both sides and the cores 2,000
 calls/s would need at that cost (``_loadgen``: ``server_cpu_ms``, ``client_cpu_ms``).
@@ -46,12 +51,16 @@ from pathlib import Path
 import structlog
 from _loadgen import (
     FIGURES,
+    Answer,
     client_figures,
     closed_loop,
     cores_needed,
     cores_note,
     ledger_gate,
     open_loop,
+    open_loop_answers,
+    overload_figures,
+    overload_lines,
     target_verdicts,
     verdict_word,
 )
@@ -92,10 +101,11 @@ def varied(reply: bytes) -> bytes:
             .replace(b"Caller-Caller-ID-Number: sipp\n", b"Caller-Caller-ID-Number: 2001\n"))
 
 
-async def one_call(host: str, port: int, reply: bytes, vary: bool = False,
-                   gated: bool = True) -> float:
-    """One outbound-socket session; unless ``gated`` is false (the do-nothing peer
-    sets nothing), a session that does not set ``callgate_result=ALLOW`` is an error."""
+async def exchange(host: str, port: int, reply: bytes, vary: bool = False) -> Answer:
+    """One outbound-socket session as FreeSWITCH plays it: its latency, whether the gate
+    set ``callgate_result=ALLOW``, and the ``callgate_reason`` it set. A gate that
+    closes the socket having set nothing leaves the dialplan's ``DENY`` standing
+    (config/freeswitch): that is a refusal, reason ``closed``."""
     t0 = time.perf_counter()
     if vary:
         reply = varied(reply)
@@ -103,11 +113,14 @@ async def one_call(host: str, port: int, reply: bytes, vary: bool = False,
     try:
         buf = b""
         allowed = False
+        reason = ""
         while True:
             while b"\n\n" not in buf:
                 data = await reader.read(65536)
                 if not data:
-                    raise ConnectionError(f"server closed early; got {buf[:80]!r}")
+                    if reason or buf:
+                        raise ConnectionError(f"server closed early; got {buf[:80]!r}")
+                    return time.perf_counter() - t0, False, "closed"
                 buf += data
             block, buf = buf.split(b"\n\n", 1)
             word = block.split(b"\n", 1)[0].split(b" ", 1)[0]
@@ -115,14 +128,24 @@ async def one_call(host: str, port: int, reply: bytes, vary: bool = False,
                 writer.write(reply)
             elif word == b"exit":
                 writer.write(BYE)
-                if not allowed and gated:  # a refusal is quick, and no measure of the gate
-                    raise ConnectionError("the gate did not allow the call")
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, allowed, reason
             else:
                 allowed |= b"callgate_result=ALLOW" in block
+                if b"callgate_reason=" in block:
+                    reason = block.split(b"callgate_reason=", 1)[1].split(b"\n", 1)[0].decode()
                 writer.write(OK)
     finally:
         writer.close()
+
+
+async def one_call(host: str, port: int, reply: bytes, vary: bool = False,
+                   gated: bool = True) -> float:
+    """One outbound-socket session; unless ``gated`` is false (the do-nothing peer
+    sets nothing), a session that does not set ``callgate_result=ALLOW`` is an error."""
+    latency, allowed, _ = await exchange(host, port, reply, vary)
+    if not allowed and gated:  # a refusal is quick, and no measure of the gate
+        raise ConnectionError("the gate did not allow the call")
+    return latency
 
 
 def client_main(argv: list[str]) -> None:
@@ -133,7 +156,10 @@ def client_main(argv: list[str]) -> None:
     reply = next(c.data for c in read_trace(TRACE)
                  if c.conn == "outbound" and c.direction == "RECV")
     assert RECORDED_UUID in reply and RECORDED_DEST in reply, "trace 06a changed"
-    if mode == "rate":
+    if mode == "answers":
+        result = eventloop.run(
+            open_loop_answers(lambda: exchange(host, port, reply, vary), value, seconds))
+    elif mode == "rate":
         result = eventloop.run(
             open_loop(lambda: one_call(host, port, reply, vary, gated), value, seconds))
     else:
@@ -231,6 +257,30 @@ async def bench(seconds: float, rates: list[float], concurrency: int,
     return results
 
 
+async def overload_bench(seconds: float, concurrency: int,
+                         multiples: list[float]) -> dict[str, object]:
+    """The gate through the SQLite ledger, saturated, then offered ``multiples`` of that.
+
+    Saturation is ``concurrency`` callers back to back (every call allowed); each
+    multiple is an open loop at that many times the saturation's calls/s, every
+    answer counted (``_loadgen.open_loop_answers``). One ledger, one run: the
+    ratios compare loads that met the same machine at nearly the same time.
+    """
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    loads: dict[str, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp_dir:
+        async with (FreeswitchSimulator("bench-secret") as sim, ledger_gate(Path(tmp_dir)) as gate,
+                    serving(sim, gate) as adapter):
+            assert adapter.outbound_address is not None
+            budget_ms = adapter.settings.decision_budget * 1000
+            sat = await drive(adapter.outbound_address, "closed", concurrency, seconds, vary=True)
+            rate = float(str(sat["calls_per_s"]))
+            for m in multiples:
+                loads[f"{m:g}x"] = await drive(adapter.outbound_address, "answers", m * rate,
+                                               seconds, vary=True)
+    return overload_figures(sat, loads, budget_ms)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         client_main(sys.argv[2:])
@@ -240,7 +290,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rates", default="300,2000", help="open-loop arrival rates, calls/s")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--overload", default="",
+                    help="only the overload run: saturation through the ledger, then these "
+                         "multiples of it offered, e.g. 2,5")
     args = ap.parse_args()
+    if args.overload:
+        multiples = [float(x) for x in args.overload.split(",")]
+        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples))
+        print(overload_lines(over, [f"{m:g}x" for m in multiples]))
+        print(json.dumps({"bench": "gate_esl", "mode": "overload", "seconds": args.seconds,
+                          "concurrency": args.concurrency,
+                          "loadavg_1m": round(os.getloadavg()[0], 2), **over}))
+        return
     rates = [float(x) for x in args.rates.split(",")]
     r = eventloop.run(bench(args.seconds, rates, args.concurrency, args.rounds))
     for key, val in r.items():

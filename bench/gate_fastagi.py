@@ -21,8 +21,10 @@ Servers, measured in the same run on the same load:
 Loads: 300 calls/s open loop (arrivals on a fixed schedule; more rates with
 ``--rates``), and saturation (a fixed number of callers back to back). Usage:
 ``python bench/gate_fastagi.py [--seconds S] [--rates 300,2000] [--concurrency C]
-[--ledger-only]`` (``--ledger-only``: the ``ledger`` server's open-loop rates alone,
-for A/B runs of a ledger change); the last line is one JSON object.
+[--ledger-only] [--overload 2,5]`` (``--ledger-only``: the ``ledger`` server's open-loop
+rates alone, for A/B runs of a ledger change; ``--overload``: its saturation, then
+those multiples of it offered, every answer counted, as in gate_esl.py); the last
+line is one JSON object.
 
 Each load's figures carry its CPU per call, server and load generator, and the
 cores that cost puts on 2,000 calls/s (see ``_loadgen``).
@@ -45,12 +47,16 @@ from pathlib import Path
 import structlog
 from _loadgen import (
     FIGURES,
+    Answer,
     client_figures,
     closed_loop,
     cores_needed,
     cores_note,
     ledger_gate,
     open_loop,
+    open_loop_answers,
+    overload_figures,
+    overload_lines,
     target_verdicts,
     verdict_word,
 )
@@ -93,31 +99,55 @@ def varied(request: bytes) -> bytes:
             .replace(b"agi_extension: 1006", f"agi_extension: 138{n % 10**8:08d}".encode()))
 
 
-async def one_call(host: str, port: int, request: bytes, vary: bool = False) -> float:
+async def exchange(host: str, port: int, request: bytes, vary: bool = False) -> Answer:
+    """One FastAGI session as Asterisk plays it: its latency, whether the gate set
+    ``CALLGATE_RESULT ALLOW``, and the ``CALLGATE_REASON`` it set (``closed``: the
+    gate closed having set nothing, so the dialplan's check refuses the call)."""
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(varied(request) if vary else request)
         commands = 0
         allowed = False
-        while line := await reader.readline():
+        reason = "closed"
+        while True:
+            try:
+                line = await reader.readline()
+            except ConnectionResetError:
+                if commands:
+                    raise
+                # Shed unread (agent/pbx/_listener.py): the request still unread, the
+                # close is a reset. Asterisk's AGI() fails and the dialplan refuses.
+                return time.perf_counter() - t0, False, "reset"
+            if not line:
+                break
             commands += 1
             allowed |= line.startswith(b"SET VARIABLE CALLGATE_RESULT") and b"ALLOW" in line
+            if line.startswith(b"SET VARIABLE CALLGATE_REASON "):
+                reason = line.split()[3].decode().strip('"')
             writer.write(OK)
-        if commands != 3:
+        if commands not in (0, 3):
             raise ConnectionError(f"expected 3 commands, got {commands}")
-        if not allowed:  # a refusal is quick, and no measure of the gate's work
-            raise ConnectionError("the gate did not allow the call")
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, allowed, reason
     finally:
         writer.close()
+
+
+async def one_call(host: str, port: int, request: bytes, vary: bool = False) -> float:
+    latency, allowed, _ = await exchange(host, port, request, vary)
+    if not allowed:  # a refusal is quick, and no measure of the gate's work
+        raise ConnectionError("the gate did not allow the call")
+    return latency
 
 
 def client_main(argv: list[str]) -> None:
     host, port, mode = argv[0], int(argv[1]), argv[2]
     value, seconds, vary = float(argv[3]), float(argv[4]), argv[5] == "vary"
     request = recorded_request()
-    if mode == "rate":
+    if mode == "answers":
+        result = eventloop.run(
+            open_loop_answers(lambda: exchange(host, port, request, vary), value, seconds))
+    elif mode == "rate":
         result = eventloop.run(
             open_loop(lambda: one_call(host, port, request, vary), value, seconds))
     else:
@@ -205,6 +235,33 @@ async def bench(
     return results
 
 
+async def overload_bench(seconds: float, concurrency: int,
+                         multiples: list[float]) -> dict[str, object]:
+    """The gate through the SQLite ledger, saturated, then offered ``multiples`` of that
+    (see gate_esl.py's ``overload_bench``: the same run over FastAGI)."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    loads: dict[str, dict[str, object]] = {}
+    async with AsteriskSimulator("callgate", "bench-secret") as sim:
+        settings = AsteriskSettings(ami_port=sim.ami_address[1], secret="bench-secret",
+                                    fastagi_listen=("127.0.0.1", 0))  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="callgate-bench-") as tmp_dir:
+            async with ledger_gate(Path(tmp_dir)) as gate:
+                adapter = AsteriskAdapter(settings, gate, lambda e: None)
+                task = asyncio.create_task(adapter.run())
+                await adapter.wait_connected(5)
+                address = adapter.fastagi_address
+                assert address is not None
+                sat = await drive(address, "closed", concurrency, seconds, vary=True)
+                rate = float(str(sat["calls_per_s"]))
+                for m in multiples:
+                    loads[f"{m:g}x"] = await drive(address, "answers", m * rate, seconds,
+                                                   vary=True)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    return overload_figures(sat, loads, settings.decision_budget * 1000)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         client_main(sys.argv[2:])
@@ -215,7 +272,18 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--ledger-only", action="store_true",
                     help="only the gate through the SQLite ledger, at the --rates")
+    ap.add_argument("--overload", default="",
+                    help="only the overload run: saturation through the ledger, then these "
+                         "multiples of it offered, e.g. 2,5")
     args = ap.parse_args()
+    if args.overload:
+        multiples = [float(x) for x in args.overload.split(",")]
+        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples))
+        print(overload_lines(over, [f"{m:g}x" for m in multiples]))
+        print(json.dumps({"bench": "gate_fastagi", "mode": "overload", "seconds": args.seconds,
+                          "concurrency": args.concurrency,
+                          "loadavg_1m": round(os.getloadavg()[0], 2), **over}))
+        return
     rates = [float(x) for x in args.rates.split(",")]
     r = eventloop.run(bench(args.seconds, rates, args.concurrency, args.ledger_only))
     for key, val in r.items():

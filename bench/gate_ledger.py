@@ -10,6 +10,11 @@ same decisions made by pure decide() in the same run. Calls are hung up
 The PostgreSQL/SQLite ratio is the median of ``--rounds`` saturation runs of each,
 interleaved (``--pg-pool-sizes 2,5,10,20`` adds the pool sizes to the rounds).
 The socket part of the gate is measured by gate_fastagi.py / gate_esl.py.
+
+``--overload 2,5``: the Gatekeeper alone with its production budget (0.45 s),
+saturated, then offered 2x and 5x that rate; each request's budget and latency
+count from its scheduled arrival, and every answer counts: served decisions/s
+over the saturation's, p99 of every answer over the budget.
 """
 
 from __future__ import annotations
@@ -118,6 +123,83 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
     return results
 
 
+async def overload(url: str, seconds: float, multiples: list[float], concurrency: int,
+                   tmp: Path, budget: float = 0.45) -> dict[str, object]:
+    """The Gatekeeper alone on ``url`` with its production budget: saturation
+    (``concurrency`` callers back to back), then open loops at ``multiples`` of that
+    rate. Each request arrives (``CallInfo.received_at``) at its scheduled time, so
+    its latency and its budget both count from there, as from a PBX's connection;
+    every answer counts, refusals too."""
+    policy = load_policy(tmp / "policy.yaml")
+    ledger = await open_ledger(url)
+    clock = WallClock()
+    for i in range(ACCOUNTS):
+        await ledger.topup(f"a{i}", Decimal("100000"), ref=f"bench-o-{time.time_ns()}-{i}",
+                           at=clock.now())
+    gate = Gatekeeper(ledger=ledger, policy=lambda: policy, clock=clock, node="bench",
+                      budget=budget)
+    hangups = HangUps(ledger)
+    loop = asyncio.get_running_loop()
+    seq = 0
+
+    async def one(arrived: float) -> tuple[float, bool, str]:
+        nonlocal seq
+        seq += 1
+        a = seq % ACCOUNTS
+        call = CallInfo(f"o{time.time_ns()}-{seq}", Direction.OUTBOUND, f"021{a:08d}",
+                        f"13{seq:09d}", f"a{a}", received_at=arrived)
+        decision = await gate(call)
+        if decision.allow:
+            hangups.later(call, decision.account or "")
+        return loop.time() - arrived, decision.allow, decision.reason.value
+
+    served: list[float] = []
+    end = loop.time() + seconds
+
+    async def caller() -> None:
+        while loop.time() < end:
+            took, ok, _ = await one(loop.time())
+            if ok:
+                served.append(took)
+
+    start = loop.time()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    sat = summarize(served, loop.time() - start)
+    out: dict[str, object] = {"sat_per_s": sat["per_s"], "sat_p99_ms": sat["p99_ms"],
+                              "budget_ms": budget * 1000}
+    met = True
+    for m in multiples:
+        rate = m * sat["per_s"]
+        start = loop.time()
+        tasks = []
+        for i in range(int(rate * seconds)):
+            at = start + i / rate
+            if at > loop.time():
+                await asyncio.sleep(at - loop.time())
+            tasks.append(asyncio.ensure_future(one(at)))
+        answers = await asyncio.gather(*tasks)
+        elapsed = loop.time() - start
+        every = summarize([a[0] for a in answers], elapsed)
+        allowed = [a[0] for a in answers if a[1]]
+        refused: dict[str, int] = {}
+        for _, ok, reason in answers:
+            if not ok:
+                refused[reason] = refused.get(reason, 0) + 1
+        served_ratio = len(allowed) / elapsed / sat["per_s"]
+        p99_ratio = every["p99_ms"] / (budget * 1000)
+        out[f"{m:g}x"] = {"offered_per_s": round(rate, 1),
+                          "served_per_s": round(len(allowed) / elapsed, 1),
+                          "served_vs_sat": round(served_ratio, 3), "p50_ms": every["p50_ms"],
+                          "p99_ms": every["p99_ms"], "p99_vs_budget": round(p99_ratio, 3),
+                          "refused": refused}
+        met = met and served_ratio >= 0.9 and p99_ratio <= 1.0
+    await hangups.wait()
+    out["audit_problems"] = len(await ledger.audit())
+    out["overload_target_met"] = met
+    await ledger.close()
+    return out
+
+
 def pure_decide_rate(tmp: Path, n: int = 50_000) -> float:
     policy = load_policy(tmp / "policy.yaml")
     now = datetime.now(UTC)
@@ -176,6 +258,19 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                                   "load_average_1m": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "policy.yaml").write_text(policy_text())
+        if args.overload:
+            multiples = [float(m) for m in args.overload.split(",")]
+            figures["mode"] = "overload"
+            figures["sqlite"] = await overload(f"sqlite://{tmp}/ledger.db", args.seconds,
+                                               multiples, args.concurrency, Path(tmp))
+            pg_url = await postgres_url()
+            if pg_url is not None:
+                try:
+                    figures["postgres"] = await overload(pg_url, args.seconds, multiples,
+                                                         args.concurrency, Path(tmp))
+                finally:
+                    await drop_schema(pg_url)
+            return figures
         figures["pure_decide_per_s"] = round(pure_decide_rate(Path(tmp)))
         sqlite = await measure(f"sqlite://{tmp}/ledger.db", args.seconds, rates,
                                args.concurrency, Path(tmp))
@@ -213,8 +308,24 @@ def main() -> None:
                         help="also measure PostgreSQL saturation at these pool sizes: 2,5,10,20")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved saturation rounds for the PostgreSQL/SQLite ratio")
+    parser.add_argument("--overload", default="",
+                        help="only the overload run: saturation, then these multiples of it "
+                             "offered (e.g. 2,5), every answer counted")
     args = parser.parse_args()
     figures = eventloop.run(main_async(args))
+    if args.overload:
+        for backend in ("sqlite", "postgres"):
+            r = figures.get(backend)
+            if isinstance(r, dict):
+                print(f"{backend}: saturation {r['sat_per_s']} decisions/s (p99 {r['sat_p99_ms']}"
+                      f" ms); " + "; ".join(
+                          f"offered {k} ({v['offered_per_s']}/s): served {v['served_vs_sat']}x "
+                          f"saturation, p99 {v['p99_ms']} ms = {v['p99_vs_budget']}x budget, "
+                          f"refused {v['refused']}"
+                          for k, v in r.items() if k.endswith("x") and isinstance(v, dict))
+                      + f"; target {'met' if r['overload_target_met'] else 'missed'}")
+        print(json.dumps(figures))
+        return
     for backend in ("sqlite", "postgres"):
         if backend in figures:
             r = figures[backend]

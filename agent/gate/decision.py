@@ -40,6 +40,7 @@ class Reason(StrEnum):
     CALLER_ID_NOT_OWNED = "caller_id_not_owned"
     CONCURRENCY_LIMIT = "concurrency_limit"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
+    OVERLOADED = "overloaded"
     SHUTTING_DOWN = "shutting_down"
 
 
@@ -65,6 +66,9 @@ REASON_HELP: dict[Reason, str] = {
     Reason.CALLER_ID_NOT_OWNED: "the caller ID is not one of the account's own numbers",
     Reason.CONCURRENCY_LIMIT: "all the account's rented lines are busy",
     Reason.LEDGER_UNAVAILABLE: "the ledger could not be read in time (fail closed)",
+    Reason.OVERLOADED: "the gate had more requests than it could decide within the budget, "
+                       "counted from the PBX's connection; refused at once, ledger untouched "
+                       "(fail closed)",
     Reason.SHUTTING_DOWN: "the agent is stopping and takes no new calls",
 }
 
@@ -78,6 +82,7 @@ _DENY_CAUSE: dict[Reason, HangupCause] = {
     Reason.CPS_LIMIT: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.CONCURRENCY_LIMIT: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.LEDGER_UNAVAILABLE: HangupCause.NORMAL_TEMPORARY_FAILURE,
+    Reason.OVERLOADED: HangupCause.NORMAL_TEMPORARY_FAILURE,
     Reason.SHUTTING_DOWN: HangupCause.NORMAL_TEMPORARY_FAILURE,
 }
 

@@ -33,7 +33,7 @@ import contextlib
 import itertools
 import math
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,6 +55,7 @@ from agent.calls import (
 )
 from agent.gate.decision import Decision, Reason
 from agent.pbx import agi, ami
+from agent.pbx._listener import DEFAULT_MAX_PENDING, GateListener
 from agent.pbx.liveness import DOWN, SLOW, UP, CommandTimer, LinkHealth, is_dead, keepalive
 
 log = structlog.get_logger(__name__)
@@ -91,6 +92,7 @@ class AsteriskSettings:
     reconnect_max: float = 30.0
     cdr_wait: float = 2.0  # wait for a Cdr after Hangup before computing billsec
     fastagi_read_timeout: float = 5.0  # for the request headers and each reply
+    gate_max_pending: int = DEFAULT_MAX_PENDING  # ceiling of the in-flight bound (_listener)
 
 
 class AmiLoginRefused(PbxError):
@@ -319,6 +321,7 @@ class AsteriskAdapter:
         self._trusted = False  # events are buffered until CoreShowChannels is in
         self._buffer: list[tuple[ami.Message, datetime]] = []
         self._server: asyncio.Server | None = None
+        self.listener: GateListener | None = None  # the FastAGI socket's, once run() binds it
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connected_changed = asyncio.Event()
         self.sessions = 0  # completed logins, for tests and health
@@ -354,8 +357,13 @@ class AsteriskAdapter:
             host, port = self.settings.fastagi_listen
             # A burst of calls must not overflow the accept queue (a dropped SYN
             # costs the caller a 1 s retransmit); 1024 as for the ESL gate.
-            self._server = await asyncio.start_server(
-                self._serve_agi, host, port, limit=READ_SIZE, backlog=1024
+            # Past the in-flight bound (at most gate_max_pending) new ones are closed
+            # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
+            self.listener = GateListener(self._serve_agi, limit=READ_SIZE,
+                                         max_pending=self.settings.gate_max_pending,
+                                         budget=self.settings.decision_budget)
+            self._server = await asyncio.get_running_loop().create_server(
+                self.listener, host, port, backlog=1024
             )
         try:
             await self._ami_forever()
@@ -643,10 +651,13 @@ class AsteriskAdapter:
 
     # -- gate ------------------------------------------------------------
     async def decide(self, call: CallInfo) -> Decision:
-        """The gate's answer within the budget; refused (fail closed) past it."""
+        """The gate's answer within the budget, counted from the connection's arrival
+        (``call.received_at``); refused (fail closed) past it."""
         budget = self.settings.decision_budget
+        loop = asyncio.get_running_loop()
+        arrived = loop.time() if call.received_at is None else call.received_at
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout_at(arrived + budget):
                 return await self.gate(call)
         except TimeoutError:
             log.warning("gate.over_budget", call_id=call.call_id, account=call.accountcode,
@@ -691,6 +702,9 @@ class AsteriskAdapter:
     async def _gate_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        # The decision budget runs from here: time the request spent reaching us is
+        # time the dialplan is already waiting (issue 21).
+        received = asyncio.get_running_loop().time()
         conn = agi.FastAgiConnection()
         request = await self._next_agi_event(conn, reader)
         if not isinstance(request, agi.AgiRequest):
@@ -699,7 +713,7 @@ class AsteriskAdapter:
         if not request.get("uniqueid"):
             log.warning("fastagi.bad_request", reason="no agi_uniqueid", script=request.script)
             return
-        call = call_from_agi(request, self.tracker)
+        call = replace(call_from_agi(request, self.tracker), received_at=received)
         self.tracker.mark_gated(call.call_id)
         # Not logged here: the gatekeeper logs every decision it makes
         # ("gate.decision"), self.decide() the refusals it makes itself (over

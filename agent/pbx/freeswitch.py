@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,6 +48,7 @@ from agent.calls import (
     PbxError,
 )
 from agent.gate.decision import Decision, Reason
+from agent.pbx._listener import DEFAULT_MAX_PENDING, GateListener
 from agent.pbx.esl import (
     ApiResponse,
     ChannelData,
@@ -95,6 +96,7 @@ class FreeswitchSettings:
     password: str = ""
     outbound_listen: tuple[str, int] | None = ("127.0.0.1", 8084)  # None = no inline gate
     decision_budget: float = 0.5  # seconds; past it the gate answers DENY ledger_unavailable
+    gate_max_pending: int = DEFAULT_MAX_PENDING  # ceiling of the in-flight bound (_listener)
     watch_only_contexts: frozenset[str] = frozenset()  # decided from CHANNEL_CREATE
     outbound_contexts: frozenset[str] = frozenset()  # empty = any A-leg with an accountcode
     heartbeat_timeout: float = 45.0  # HEARTBEAT comes every 20 s (README "Subscriptions")
@@ -180,6 +182,7 @@ class FreeswitchAdapter:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.gate_connections = 0  # gate sockets served (for metrics)
         self.health = LinkHealth()  # the inbound link: up / slow / down (metrics, /status)
+        self.listener: GateListener | None = None  # the gate socket's, once run() binds it
 
     # -- public surface -------------------------------------------------------
 
@@ -211,8 +214,13 @@ class FreeswitchAdapter:
         try:
             if self.settings.outbound_listen is not None:
                 host, port = self.settings.outbound_listen
-                server = await asyncio.start_server(self._serve_gate, host, port,
-                                                    limit=64 * 1024, backlog=1024)
+                # Past the in-flight bound (at most gate_max_pending) new ones are closed
+                # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
+                self.listener = GateListener(self._serve_gate, limit=64 * 1024,
+                                             max_pending=self.settings.gate_max_pending,
+                                             budget=self.settings.decision_budget)
+                server = await asyncio.get_running_loop().create_server(
+                    self.listener, host, port, backlog=1024)
                 sock = server.sockets[0].getsockname()
                 self._outbound_address = (sock[0], sock[1])
                 self._listening.set()
@@ -446,8 +454,10 @@ class FreeswitchAdapter:
 
     async def _decide(self, call: CallInfo) -> Decision:
         budget = self.settings.decision_budget
+        loop = asyncio.get_running_loop()
+        arrived = loop.time() if call.received_at is None else call.received_at
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout_at(arrived + budget):  # from the connection's arrival
                 return await self.gate(call)
         except TimeoutError:
             log.warning("freeswitch.gate_over_budget", call_id=call.call_id,
@@ -468,6 +478,9 @@ class FreeswitchAdapter:
         self.gate_connections += 1
         parser = EslParser()
         loop = asyncio.get_running_loop()
+        # The decision budget runs from here: the `connect` exchange is spent from
+        # it, as the dialplan is already waiting (issue 21).
+        received = loop.time()
         call: CallInfo | None = None
         try:
             async with asyncio.timeout(GATE_IO_TIMEOUT) as io_deadline:
@@ -477,7 +490,8 @@ class FreeswitchAdapter:
                 assert isinstance(channel, ChannelData)
                 if not channel.ok:
                     raise PbxError(f"connect refused: {channel.headers.get('Reply-Text')!r}")
-                call = call_info(channel.headers, self.settings, Direction.OUTBOUND)
+                call = replace(call_info(channel.headers, self.settings, Direction.OUTBOUND),
+                               received_at=received)
                 if not call.call_id:
                     # Every real connect reply names its channel (trace 06a); one
                     # that does not is not a call, and nothing may be admitted for it.
