@@ -116,12 +116,13 @@ async def test_suspension_after_n_complaints_in_the_period(ledger: Any) -> None:
     assert (a.complaints_in_period, b.complaints_in_period) == (1, 2)
     assert not b.suspended and await ledger.suspension("acme") is None
     c = await complain(ledger, "C", when=at(120), callee="13800000003")
-    assert c.suspended and c.complaints_in_period == 3
+    assert c.suspended and c.newly_suspended and c.complaints_in_period == 3
     suspension = await ledger.suspension("acme")
     assert suspension is not None and suspension.operator == "ops1"
     assert "3 complaints within 30 days" in suspension.reason
     d = await complain(ledger, "D", when=at(180), callee="13800000004")
-    assert not d.suspended  # already suspended: no second suspension
+    # Already suspended: no second suspension, and the outcome says it is suspended.
+    assert d.suspended and not d.newly_suspended
     state = await ledger.account_state("acme")
     assert state.suspended == suspension.reason
     assert await ledger.resume("acme", operator="fin1", at=at(300), note="paid")

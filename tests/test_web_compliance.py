@@ -108,6 +108,7 @@ async def test_a_complaint_fines_once_per_ticket_and_puts_the_callee_on_the_list
     assert [e["action"] for e in state["history"]] == ["suspend"]
     assert [(t, p["action"]) for t, p in events] == [("complaint", "added"),
                                                     ("complaint", "added")]
+
     # Listing and showing.
     _, listed = await call(s, "GET", "/api/v1/complaints?account=acme", "read")
     assert [c["ticket"] for c in listed["complaints"]] == ["12321-1", "12321-2"]
@@ -119,6 +120,32 @@ async def test_a_complaint_fines_once_per_ticket_and_puts_the_callee_on_the_list
         "harassment")
     status, missing = await call(s, "GET", "/api/v1/complaints/nope", "read")
     assert status == 404 and missing["error"] == "no complaint with ticket 'nope'"
+
+
+async def test_a_replay_reports_the_accounts_state_now_in_the_api_and_the_cli(
+        served: Served, capsys: Any) -> None:
+    s, at = served, an_hour_ago()
+    assert (await post(s, "acme", "topup", amount="3000", ref="B1"))[0] == 201
+    await complain(s, callee=CALLEE, ticket="R-1", at=at)
+    second = {"callee": "13800138002", "ticket": "R-2", "at": at}
+    status, body = await complain(s, **second)
+    assert status == 201 and (body["suspended"], body["complaints_in_period"]) == (True, 2)
+    # A retry writes nothing but does not claim the account is fine.
+    status, again = await complain(s, **second)
+    assert status == 200 and again["created"] is False
+    assert (again["suspended"], again["complaints_in_period"]) == (True, 2)
+    code, out = await cli(s, capsys, "complaint", "add", "--account", "acme", "--callee",
+                          "13800138002", "--ticket", "R-2", "--at", at, "--json")
+    assert code == 0, out
+    replay = json.loads(out)
+    assert (replay["created"], replay["suspended"], replay["complaints_in_period"]) == (
+        False, True, 2)
+    # After a withdrawal and a resume, a replay says so too: the state now.
+    assert (await call(s, "POST", "/api/v1/complaints/R-1/withdraw", "finance",
+                       {"note": "mistake"}))[0] == 200
+    assert (await call(s, "POST", "/api/v1/accounts/acme/resume", "finance", {}))[0] == 200
+    status, later = await complain(s, **second)
+    assert (status, later["suspended"], later["complaints_in_period"]) == (200, False, 1)
 
 
 async def test_a_retry_without_a_time_is_a_replay(served: Served) -> None:

@@ -106,12 +106,13 @@ async def _add(args: argparse.Namespace) -> int:
                     "suspended": outcome.suspended})
         return 0
     if not outcome.created:
-        print(f"complaint {c.ticket} was already recorded; nothing new written")
+        state = f"; {c.account} is suspended" if outcome.suspended else ""
+        print(f"complaint {c.ticket} was already recorded; nothing new written{state}")
         return 0
     fined = (f"fined {format_amount(c.fine)} {CURRENCY}" if c.fine else "no fine (policy: 0)")
     print(f"complaint {c.ticket}: {c.account}, callee {c.callee}, {fined}; "
           f"{c.callee} is on {c.account}'s do-not-call list")
-    if outcome.suspended:
+    if outcome.newly_suspended:
         print(f"  {c.account} is now suspended: {outcome.complaints_in_period} complaints "
               "in the policy's period (callgate account resume to lift)")
     return 0

@@ -188,7 +188,15 @@ def add_complaint(store: Store, new: NewComplaint) -> Plan[c.ComplaintOutcome]:
     stored = yield store.complaint(new.ticket)
     if stored is not None:
         complaint_replay(stored, new)
-        return c.ComplaintOutcome(stored, created=False)
+        # Nothing written, but the state reported is today's (withdrawals and
+        # suspensions since count), never the defaults a caller would read as
+        # "not suspended".
+        standing = 0
+        if new.suspend is not None:
+            standing = yield store.count_complaints(stored.account,
+                                                    stored.at - new.suspend.period, stored.at)
+        current = yield store.suspension(stored.account)
+        return c.ComplaintOutcome(stored, False, int(standing), current is not None)
     closed = yield store.account_closed(new.account)
     open_account(new.account, closed, needed=bool(new.units), what="a complaint")
     complaint = yield store.insert_complaint(new)
@@ -198,15 +206,16 @@ def add_complaint(store: Store, new: NewComplaint) -> Plan[c.ComplaintOutcome]:
                               f"complaint {new.ticket}", new.operator)
     yield from _dnc_add(store, new.account, new.callee, f"complaint {new.ticket}",
                         new.operator, new.at)
-    standing, suspended = 0, False
+    standing, newly = 0, False
     if new.suspend is not None:
         standing = yield store.count_complaints(new.account, new.at - new.suspend.period,
                                                 new.at)
         why = due_suspension(new.suspend, standing)
         if why is not None:
-            suspended = (yield from _suspend(store, new.account, why, new.operator,
-                                             new.recorded_at)) is None
-    return c.ComplaintOutcome(complaint, True, int(standing), suspended)
+            newly = (yield from _suspend(store, new.account, why, new.operator,
+                                         new.recorded_at)) is None
+    suspended = newly or (yield store.suspension(new.account)) is not None
+    return c.ComplaintOutcome(complaint, True, int(standing), suspended, newly)
 
 
 def withdraw_complaint(store: Store, ticket: str, operator: str, at: datetime, note: str,

@@ -72,8 +72,11 @@ class Complaint:
 class ComplaintOutcome:
     complaint: Complaint
     created: bool  # False: the same ticket again (a replay: nothing written)
-    complaints_in_period: int = 0  # not withdrawn, within the policy's period
-    suspended: bool = False  # this complaint suspended the account
+    # Not withdrawn, within the policy's period up to the complaint's time (0
+    # without a ``complaints`` rule); on a replay counted again, as it stands now.
+    complaints_in_period: int = 0
+    suspended: bool = False  # the account is suspended now (after this request)
+    newly_suspended: bool = False  # this complaint suspended it (never on a replay)
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,7 +165,7 @@ async def complaint_post(request: web.Request) -> web.StreamResponse:
     fined = f"fined {format_amount(x.fine)} {CURRENCY}" if x.fine else "no fine (policy: 0)"
     message = (f"complaint {x.ticket}: {fined} (by {x.operator}); {x.callee} is on "
                f"{x.account}'s do-not-call list")
-    if outcome.suspended:
+    if outcome.newly_suspended:
         message += (f"; {x.account} is now suspended ({outcome.complaints_in_period} "
                     "complaints in the policy's period)")
     return _done(request, name, message)
