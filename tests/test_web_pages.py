@@ -208,6 +208,14 @@ async def test_a_complaint_is_reviewed_then_confirmed_once(served: Served) -> No
             review = await r.text()
             assert "the balance goes from 200.00 to 1200.00" in review
         assert (await ledger.balance("acme")).posted == 200
+        # A bad note at the confirm step: the form again with the line, nothing written.
+        async with http.post(f"{base}/complaints/withdraw", data={
+                "ticket": "12321-9", "step": "confirm", "note": "wrong\nnumber",
+                "csrf": csrf}) as r:
+            html = await r.text()
+            assert r.status == 400 and 'id="error"' in html and 'id="confirm"' in html
+            assert "note" in html and "the balance goes from 200.00 to 1200.00" in html
+        assert (await ledger.balance("acme")).posted == 200
         async with http.post(f"{base}/complaints/withdraw", data={
                 "ticket": "12321-9", "step": "confirm", "note": "wrong number",
                 "csrf": csrf}) as r:

@@ -213,22 +213,36 @@ async def withdraw_post(request: web.Request) -> web.StreamResponse:
     if found is None:
         raise finance.NotFound(f"the ledger has no complaint {ticket!r}")
     if form.get("step") == "confirm":
-        x, changed = await core.withdraw_complaint(c, ticket, note, principal(request).name)
+        try:
+            x, changed = await core.withdraw_complaint(c, ticket, note,
+                                                       principal(request).name)
+        except (finance.Refused, LedgerError) as exc:
+            # A bad note (or a ledger refusal): the same form again with the line,
+            # as every other form does, not a bare error page.
+            return await _withdraw_form(request, found, note, one_line(str(exc)),
+                                        status_of(exc))
         return _done(request, x.account, (
             f"complaint {x.ticket} withdrawn: {format_amount(x.fine)} {CURRENCY} credited back "
             f"to {x.account}; {x.callee} stays on its do-not-call list") if changed else
             f"complaint {x.ticket} was already withdrawn; nothing new written")
-    balance, _ = await api.account_balance(c, found.account)
+    return await _withdraw_form(request, found, note)
+
+
+async def _withdraw_form(request: web.Request, found: Any, note: str, error: str = "",
+                         status: int = 200) -> web.Response:
+    """The confirm step of a withdrawal: what it does to the balance, and the note."""
+    balance, _ = await api.account_balance(console(request), found.account)
     what = (f"Withdraw complaint <strong>{e(found.ticket)}</strong> of {e(found.account)}: "
             f"the fine of {money(found.fine)} {CURRENCY} is credited back, the balance goes "
             f"from {money(balance.posted)} to {money(balance.posted + found.fine)}. "
             f"{e(found.callee)} stays on the do-not-call list.")
-    body = (f'<p id="summary">{what}</p><form method="post" action="/complaints/withdraw">'
-            f"{csrf_field(request)}{_hidden({'ticket': ticket, 'step': 'confirm'})}"
-            + _input("note", "Why (kept with the complaint)", {"note": note})
-            + '<p class="actions"><button type="submit" id="confirm">Confirm</button>'
-            f'<a href="{e(_account_url(found.account))}">Back</a></p></form>')
-    return render(request, f"Confirm: withdraw complaint {ticket}", body)
+    body = _error(error) + (
+        f'<p id="summary">{what}</p><form method="post" action="/complaints/withdraw">'
+        f"{csrf_field(request)}{_hidden({'ticket': found.ticket, 'step': 'confirm'})}"
+        + _input("note", "Why (kept with the complaint)", {"note": note})
+        + '<p class="actions"><button type="submit" id="confirm">Confirm</button>'
+        f'<a href="{e(_account_url(found.account))}">Back</a></p></form>')
+    return render(request, f"Confirm: withdraw complaint {found.ticket}", body, status)
 
 
 # -- do-not-call and suspension (no money: one step) --------------------------------------------
