@@ -180,6 +180,13 @@ async def test_json_fields_that_are_not_the_clis(served: Served) -> None:
     status, body = await call(served, "POST", "/api/v1/accounts/acme/topup", "finance",
                               data=b"{not json", headers={"Content-Type": "application/json"})
     assert status == 400 and body["error"] == "the body is not valid JSON"
+    # A key twice: refused, not "the last one wins" (which ref did the client mean?).
+    for data, key in ((b'{"amount": "100", "ref": "A", "ref": "B"}', "ref"),
+                      (b'{"amount": "100", "ref": "A", "x": {"k": 1, "k": 2}}', "k")):
+        status, body = await call(served, "POST", "/api/v1/accounts/acme/topup", "finance",
+                                  data=data, headers={"Content-Type": "application/json"})
+        assert (status, body["error"]) == (
+            400, f"the body has the key {key!r} more than once"), body
     status, body = await call(served, "POST", "/api/v1/accounts/acme/topup", "finance",
                               data=b"amount=100&ref=B1")
     assert status == 415

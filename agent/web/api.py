@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -236,11 +237,26 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 # -- postings ----------------------------------------------------------------------------
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: ``{"ref": "A", "ref": "B"}`` is refused,
+    not read as its last value (which of two refs did the client mean?)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise finance.Refused(f"the body has the key {key!r} more than once")
+        data[key] = value
+    return data
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 async def body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "send the body as application/json")
     try:
-        data = await request.json()
+        data = await request.json(loads=_loads)
     except (ValueError, RecursionError):  # "[[[[…" nested thousands deep fits the size limit
         raise finance.Refused("the body is not valid JSON") from None
     if not isinstance(data, dict):
