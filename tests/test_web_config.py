@@ -31,7 +31,8 @@ from agent.web.listen import plaintext_remote
 from agent.yamlfile import ConfigError
 from tests.daemon_harness import Agent, free_port, sim_port, simulator, write_config
 from tests.test_mqtt import mosquitto  # noqa: F401  (a fixture)
-from tests.web_harness import POLICY, write_files
+from tests.test_web_api import call
+from tests.web_harness import POLICY, console_at, write_files
 
 
 # -- where it may listen ---------------------------------------------------------------------
@@ -353,6 +354,42 @@ def test_serve_logs_a_broken_policy_edit_and_keeps_the_last_good_one(tmp_path: P
     refused = [x for x in logs if x["event"] == "web.policy_refused"]
     assert len(refused) == 1 and refused[0]["log_level"] == "error", logs
     assert str(policy) in refused[0]["error"] and "\n" not in refused[0]["error"]
+
+
+async def test_serve_answers_requests_while_a_slow_policy_reload_runs(
+        ledger_url: str, tmp_path: Path) -> None:
+    """The reload ran on the request's event loop: a policy with large do-not-call files
+    stalled every request of the console while it loaded."""
+    import threading
+
+    from agent.cli.web import _PolicyFile
+    from agent.gate.policy import load_policy
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(path: Path) -> Any:  # a policy whose do-not-call files take a while
+        started.set()
+        if not release.wait(timeout=5):  # on the loop, nobody can release it
+            raise RuntimeError("the reload blocked the event loop")
+        return load_policy(path)
+
+    async with console_at(ledger_url, tmp_path) as s:
+        source = _PolicyFile(s.policy_path, load_policy(s.policy_path), load=slow)
+        s.console.policy = source
+        old = source()
+        s.policy_path.write_text(s.policy_path.read_text() + "# edited\n")
+        try:
+            for _ in range(2):  # the request that notices the edit, and one during the reload
+                status, body = await asyncio.wait_for(
+                    call(s, "GET", "/api/v1/accounts/acme/suspension", "read"), 10)
+                assert status == 200, body
+            assert await asyncio.to_thread(started.wait, 10)
+            assert source() is old  # answered from the policy in force meanwhile
+        finally:
+            release.set()
+        assert source._reloading is not None
+        await asyncio.wait_for(source._reloading, 10)
+        assert source() is not old
 
 
 @pytest.mark.parametrize("option", ["--listen", "--tokens", "--users"])

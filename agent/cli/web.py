@@ -24,6 +24,7 @@ import contextlib
 import getpass
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,19 @@ def _user(args: argparse.Namespace) -> int:
 
 
 class _PolicyFile:
-    """The policy, loaded again when its file changes; a bad edit keeps the old one."""
+    """The policy, loaded again when its file changes; a bad edit keeps the old one.
 
-    def __init__(self, path: Path, policy: Any) -> None:
+    Called by every request on the event loop, so the reload runs in a thread
+    (as the daemon's policy watcher does): a policy with large do-not-call files
+    takes seconds to load, and requests are answered from the policy in force
+    meanwhile. Without a running loop (a script, a test) it loads in line.
+    """
+
+    def __init__(self, path: Path, policy: Any, load: Callable[[Path], Any] | None = None) -> None:
         self.path, self.policy = path, policy
+        self._load = load
         self._stamp = self._read_stamp()
+        self._reloading: asyncio.Task[None] | None = None
 
     def _read_stamp(self) -> tuple[int, int]:
         try:
@@ -121,20 +130,51 @@ class _PolicyFile:
         return (st.st_mtime_ns, st.st_size)
 
     def __call__(self) -> Any:
+        if self._reloading is not None and not self._reloading.done():
+            return self.policy  # one reload at a time; an edit meanwhile is seen after it
         stamp = self._read_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
-            from agent.gate.policy import load_policy as load
-            from agent.yamlfile import ConfigError
-
             try:
-                self.policy = load(self.path)
-            except (ConfigError, OSError) as exc:  # logged once per edit, as the daemon does
-                structlog.get_logger("callgate.web").error(
-                    "web.policy_refused", path=str(self.path),
-                    error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                    action="the previous policy stays in force")
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._reload_now()
+            else:
+                self._reloading = loop.create_task(self._reload_off_loop(),
+                                                   name="policy-reload")
         return self.policy
+
+    def _loader(self) -> Callable[[Path], Any]:
+        if self._load is None:
+            from agent.gate.policy import load_policy
+
+            self._load = load_policy
+        return self._load
+
+    def _reload_now(self) -> None:
+        from agent.yamlfile import ConfigError
+
+        try:
+            self.policy = self._loader()(self.path)
+        except (ConfigError, OSError) as exc:
+            self._refused(exc)
+
+    async def _reload_off_loop(self) -> None:
+        from agent.yamlfile import ConfigError
+
+        try:
+            self.policy = await asyncio.to_thread(self._loader(), self.path)
+        except (ConfigError, OSError) as exc:
+            self._refused(exc)
+        except Exception:  # a task nobody awaits: log it, keep the policy in force
+            structlog.get_logger("callgate.web").exception(
+                "web.policy_reload_failed", path=str(self.path))
+
+    def _refused(self, exc: Exception) -> None:  # logged once per edit, as the daemon does
+        structlog.get_logger("callgate.web").error(
+            "web.policy_refused", path=str(self.path),
+            error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            action="the previous policy stays in force")
 
 
 def _spec(args: argparse.Namespace) -> tuple[Any, Path]:
