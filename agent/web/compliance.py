@@ -19,9 +19,10 @@ Roles (the least each needs; roles are ordered read < finance < admin):
 Idempotency: a complaint is recorded once per ticket (the same ticket with the
 same content again answers 200 with the original and ``"created": false``;
 with other content 409). Its ``complaints_in_period`` and ``suspended`` are the
-account's state now, on a replay too (withdrawals and suspensions since count). Adding an entry that exists, removing one that does
-not, suspending a suspended account and resuming an active one write nothing
-and answer 200 with ``"added"``/``"removed"``/``"changed": false``.
+account's state now, on a replay too (withdrawals and suspensions since count).
+Adding an entry that exists, removing one that does not, suspending a suspended
+account and resuming an active one write nothing and answer 200 with
+``"added"``/``"removed"``/``"changed": false``.
 """
 
 from __future__ import annotations
