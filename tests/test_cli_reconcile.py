@@ -87,15 +87,15 @@ def test_every_kind_of_line_and_exit_1(cli: Any, tmp_path: Path) -> None:
     assert next(iter(lines)) == "escaped"  # the most serious first
     escaped = lines["escaped"]
     assert (escaped["kind"], escaped["pbx_billsec"], escaped["pbx_amount"],
-            escaped["ledger_amount"]) == ("missing_in_ledger", 95, "0.26", None)
+            escaped["ledger_amount"]) == ("missing_in_ledger", 95, "0.2600", None)
     diff = lines["diff"]
     assert (diff["pbx_billsec"], diff["ledger_billsec"], diff["pbx_amount"],
-            diff["ledger_amount"], diff["difference"]) == (70, 40, "0.26", "0.13", "-0.13")
+            diff["ledger_amount"], diff["difference"]) == (70, 40, "0.2600", "0.1300", "-0.1300")
     prov = lines["prov"]
     assert (prov["kind"], prov["pbx_amount"], prov["ledger_amount"]) == (
-        "needs_correction", "0.13", "0.26")
+        "needs_correction", "0.1300", "0.2600")
     assert lines["grace"]["kind"] == "explained" and "grace" in lines["grace"]["note"]
-    assert (lines["nopbx"]["kind"], lines["nopbx"]["ledger_amount"]) == ("missing_in_pbx", "0.13")
+    assert (lines["nopbx"]["kind"], lines["nopbx"]["ledger_amount"]) == ("missing_in_pbx", "0.1300")
     assert "eq" not in lines and report["unexplained"] == 4
     code, out, _ = reconcile(cli, mixed_file(tmp_path), "--json", "--all")
     matched = {x["call_id"]: x for x in json.loads(out)["lines"]}["ledger-x"]
@@ -124,7 +124,7 @@ def test_csv_report(cli: Any, tmp_path: Path) -> None:
     assert [(r["kind"], r["call_id"], r["unexplained"]) for r in rows][:3] == [
         ("missing_in_ledger", "escaped", "yes"), ("charged_differently", "diff", "yes"),
         ("needs_correction", "prov", "yes")]
-    assert rows[1]["difference"] == "-0.13"
+    assert rows[1]["difference"] == "-0.1300"
 
 
 def test_apply_corrects_only_provisional_calls_and_is_idempotent(

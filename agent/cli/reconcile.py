@@ -48,7 +48,7 @@ from agent.cli.common import (
 )
 from agent.days import day_start, parse_period
 from agent.ledger import CallRecord, Cdr, Ledger, LedgerError
-from agent.money import CURRENCY, format_amount
+from agent.money import CURRENCY, fixed, format_amount
 
 
 def register(commands: Any) -> None:
@@ -325,8 +325,9 @@ def _money(amount: Decimal | None) -> str:
 
 
 def _exact(amount: Decimal | None) -> str | None:
-    """An amount as text: exact, at least two decimals (``0.13``, ``-0.13``)."""
-    return None if amount is None else format_amount(amount)
+    """An amount as JSON and CSV carry it, as every other command's: the minor unit's
+    places (``0.1300``, ``-0.1300``), exact when finer (:func:`agent.money.fixed`)."""
+    return None if amount is None else fixed(amount)
 
 
 def _line_json(x: Line) -> dict[str, Any]:
