@@ -740,11 +740,15 @@ class _TimedLedger:
         target = getattr(self._ledger, name)
         if not callable(target) or name.startswith("_"):
             return target
+        timer = self._metrics.ledger_timer
 
         async def timed(*args: Any, **kwargs: Any) -> Any:
-            with self._metrics.ledger_timer(name):
+            with timer(name):
                 return await target(*args, **kwargs)
 
+        # Made once per operation, not on every call (several per call placed):
+        # later lookups find it on the instance and skip __getattr__.
+        setattr(self, name, timed)
         return timed
 
 

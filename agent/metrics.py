@@ -226,6 +226,8 @@ class Metrics:
                                 registry=r)
         self.open_holds_amount = Gauge("callgate_open_holds_amount",
                                        "Sum of open holds, in the ledger currency", registry=r)
+        self._ledger_children: dict[str, Any] = {}
+        self._decision_children: dict[tuple[str, str], Any] = {}
         self.ledger_latency = Histogram("callgate_ledger_operation_seconds",
                                         "Ledger operation latency by operation", ["op"],
                                         buckets=_LEDGER_BUCKETS, registry=r)
@@ -306,11 +308,20 @@ class Metrics:
         self._pbx_link: _PbxLinkCollector | None = None
 
     def decision(self, result: str, reason: str, seconds: float) -> None:
-        self.decisions.labels(result, str(reason)).inc()
+        key = (result, str(reason))
+        child = self._decision_children.get(key)
+        if child is None:  # a few dozen pairs at most: the reason codes are a closed set
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
         self.gate_latency.observe(seconds)
 
     def ledger_timer(self, op: str) -> contextlib.AbstractContextManager[object]:
-        return self.ledger_latency.labels(op).time()
+        # The labelled child per operation, looked up once (labels() takes a lock
+        # and builds a key on every call; a call placed makes several ledger calls).
+        child = self._ledger_children.get(op)
+        if child is None:
+            child = self._ledger_children[op] = self.ledger_latency.labels(op)
+        return child.time()
 
     def risk(self, reading: RiskReadingLike, short_alert: bool, answer_alert: bool) -> None:
         account = reading.account
