@@ -8,7 +8,11 @@ p50/p99 at 300/s and 2,000/s offered load and at saturation, each against the
 same decisions made by pure decide() in the same run. Calls are hung up
 (settled at zero) shortly after admission so rented lines free up, as in life.
 The PostgreSQL/SQLite ratio is the median of ``--rounds`` saturation runs of each,
-interleaved (``--pg-pool-sizes 2,5,10,20`` adds the pool sizes to the rounds).
+interleaved (``--pg-pool-sizes 2,5,10,20`` adds the pool sizes to the rounds); each
+round also gives the CPU per decision, of this process (client; all of it for
+SQLite) and of the PostgreSQL backends serving it (server, read from /proc: the
+server runs on this machine), a figure far steadier than throughput on a shared
+machine.
 The socket part of the gate is measured by gate_fastagi.py / gate_esl.py.
 
 ``--overload 2,5``: the Gatekeeper alone with its production budget (0.45 s),
@@ -63,9 +67,49 @@ def summarize(lat: list[float], elapsed: float) -> dict[str, float]:
             "p99_ms": round(q[98] * 1000, 3)}
 
 
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a local process has used; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ServerCpu:
+    """CPU of the PostgreSQL backends serving this ledger (found by application_name;
+    the server must run on this machine, as the bench's does)."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.start: dict[int, float] = {}
+
+    async def _pids(self) -> list[int]:
+        import asyncpg
+
+        conn = await asyncpg.connect("postgresql://root@127.0.0.1:5432/test")
+        try:
+            rows = await conn.fetch("SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+                                    self.app)
+        finally:
+            await conn.close()
+        return [r[0] for r in rows]
+
+    async def begin(self) -> None:
+        self.start = {pid: _proc_cpu(pid) for pid in await self._pids()}
+
+    async def used(self) -> float:
+        # A backend the pool opened during the run counts whole.
+        return sum(_proc_cpu(pid) - self.start.get(pid, 0.0) for pid in await self._pids())
+
+
 async def measure(url: str, seconds: float, rates: list[float], concurrency: int,
                   tmp: Path, saturation_only: bool = False) -> dict[str, object]:
     policy = load_policy(tmp / "policy.yaml")
+    server = None
+    if url.startswith("postgres"):
+        server = ServerCpu(f"gate_ledger_{os.getpid()}_{time.time_ns()}")
+        url += f"&application_name={server.app}"
     ledger = await open_ledger(url)
     clock = WallClock()
     for i in range(ACCOUNTS):
@@ -114,9 +158,18 @@ async def measure(url: str, seconds: float, rates: list[float], concurrency: int
         while loop.time() < end:
             lat.append(await one())
 
+    if server is not None:
+        await server.begin()
     start = loop.time()
+    client_cpu = time.process_time()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     results["saturation"] = summarize(lat, loop.time() - start)
+    # CPU per decision during saturation (hang-ups included, as for SQLite): this
+    # process (the agent's side; SQLite's worker thread is in it) and the server's.
+    cpu = {"client_ms": round((time.process_time() - client_cpu) * 1000 / max(len(lat), 1), 3)}
+    if server is not None:
+        cpu["server_ms"] = round(await server.used() * 1000 / max(len(lat), 1), 3)
+    results["cpu_per_decision"] = cpu
     await hangups.wait()
     results["audit_problems"] = len(await ledger.audit())
     await ledger.close()
@@ -234,22 +287,25 @@ async def drop_schema(url: str) -> None:
     await conn.close()
 
 
-async def saturation(url: str, args: argparse.Namespace, tmp: Path) -> float:
-    """Saturation alone (decisions/s), on a fresh store: a fresh schema for PostgreSQL."""
+async def saturation(url: str, args: argparse.Namespace, tmp: Path
+                     ) -> tuple[float, dict[str, float]]:
+    """Saturation alone (decisions/s) and the CPU per decision, on a fresh store: a fresh
+    schema for PostgreSQL."""
     if url.startswith("sqlite"):
         store = tmp / f"sat-{time.time_ns()}.db"
         result = await measure(f"sqlite://{store}", args.seconds, [], args.concurrency, tmp,
                                saturation_only=True)
         store.unlink()
-        return float(result["saturation"]["per_s"])  # type: ignore[index]
-    schema_url = await postgres_url()
-    assert schema_url is not None
-    try:
-        result = await measure(schema_url + url, args.seconds, [], args.concurrency, tmp,
-                               saturation_only=True)
-    finally:
-        await drop_schema(schema_url)
-    return float(result["saturation"]["per_s"])  # type: ignore[index]
+    else:
+        schema_url = await postgres_url()
+        assert schema_url is not None
+        try:
+            result = await measure(schema_url + url, args.seconds, [], args.concurrency, tmp,
+                                   saturation_only=True)
+        finally:
+            await drop_schema(schema_url)
+    return (float(result["saturation"]["per_s"]),  # type: ignore[index]
+            result["cpu_per_decision"])  # type: ignore[return-value]
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
@@ -287,13 +343,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             # load on a shared machine falls on both; the median of each.
             sizes = [""] + [f"&pool_size={int(x)}" for x in args.pg_pool_sizes.split(",") if x]
             runs: dict[str, list[float]] = {"sqlite": [], **{f"postgres{s}": [] for s in sizes}}
+            cpus: dict[str, list[dict[str, float]]] = {k: [] for k in runs}
             for _ in range(args.rounds):
-                runs["sqlite"].append(await saturation("sqlite", args, Path(tmp)))
-                for size in sizes:
-                    runs[f"postgres{size}"].append(await saturation(size, args, Path(tmp)))
+                for key, url in [("sqlite", "sqlite"), *((f"postgres{s}", s) for s in sizes)]:
+                    per_s, cpu = await saturation(url, args, Path(tmp))
+                    runs[key].append(per_s)
+                    cpus[key].append(cpu)
             medians = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+            cpu_medians = {k: {part: round(statistics.median(c[part] for c in v), 3)
+                               for part in v[0]} for k, v in cpus.items()}
             figures["rounds"] = {"count": args.rounds, "saturation_per_s": runs,
-                                 "median_per_s": medians}
+                                 "median_per_s": medians, "cpu_per_decision": cpus,
+                                 "median_cpu_per_decision_ms": cpu_medians}
             figures["postgres_vs_sqlite"] = round(medians["postgres"] / medians["sqlite"], 2)
     return figures
 
@@ -341,8 +402,10 @@ def main() -> None:
     rounds = figures.get("rounds")
     if isinstance(rounds, dict):
         for key, value in rounds["median_per_s"].items():
+            cpu = rounds["median_cpu_per_decision_ms"][key]
             print(f"saturation alone, median of {rounds['count']} interleaved rounds: "
-                  f"{key.replace('&', ' ')}: {value} decisions/s")
+                  f"{key.replace('&', ' ')}: {value} decisions/s; CPU per decision "
+                  + ", ".join(f"{part.removesuffix('_ms')} {ms} ms" for part, ms in cpu.items()))
     print(json.dumps(figures))
 
 
