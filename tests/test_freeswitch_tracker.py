@@ -243,3 +243,16 @@ def test_uuid_dump_gives_the_live_call_07() -> None:
         "acme", "15550777", Direction.OUTBOUND)
     assert call.endpoint == "sofia/internal/sipp@127.0.0.1:5261"
     assert usec_to_datetime(headers.get("Caller-Channel-Answered-Time")) is not None
+
+
+def test_an_event_without_a_timestamp_is_dated_by_the_injected_clock() -> None:
+    """The tracker is pure: an end without its own times takes the adapter's clock,
+    never the wall clock read inside it."""
+    from agent.pbx.esl import EncodedHeaders, HeaderBlock
+
+    block = "\n".join(["Event-Name: CHANNEL_HANGUP_COMPLETE", "Unique-ID: u-1",
+                       "Call-Direction: inbound", "Hangup-Cause: NORMAL_CLEARING"])
+    event = EslEvent("CHANNEL_HANGUP_COMPLETE", EncodedHeaders(HeaderBlock(block)))
+    fixed = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ended = CallTracker(FreeswitchSettings(), clock=lambda: fixed).feed(event)
+    assert [e.ended_at for e in ended if isinstance(e, CallEnded)] == [fixed]

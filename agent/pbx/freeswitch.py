@@ -170,7 +170,7 @@ class FreeswitchAdapter:
         self.gate = gate
         self.sink = sink
         self.clock = clock
-        self.tracker = CallTracker(settings)
+        self.tracker = CallTracker(settings, clock)
         self._link: EslLink | None = None
         self._connected = False
         self._held: list[CallEvent] | None = None  # events seen while listing calls

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -169,8 +169,10 @@ class CallTracker:
     ``ENDED_MEMORY`` ended ids (``show channels`` still lists them for a while).
     """
 
-    def __init__(self, settings: Contexts) -> None:
+    def __init__(self, settings: Contexts,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.settings = settings
+        self.clock = clock  # only for an event without its own timestamp (the adapter's)
         self._answered: dict[str, ActiveCall] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()
 
@@ -219,12 +221,12 @@ class CallTracker:
         if not call_id:
             return []
         if name == "CHANNEL_CREATE":
-            at = usec_to_datetime(h.get("Event-Date-Timestamp")) or datetime.now(UTC)
+            at = usec_to_datetime(h.get("Event-Date-Timestamp")) or self.clock()
             return [CallRequested(call_info(h, self.settings), at)]
         if name == "CHANNEL_HANGUP_COMPLETE":
             self._end(call_id)
             ended = usec_to_datetime(h.get("Caller-Channel-Hangup-Time"))
-            ended = ended or usec_to_datetime(h.get("Event-Date-Timestamp")) or datetime.now(UTC)
+            ended = ended or usec_to_datetime(h.get("Event-Date-Timestamp")) or self.clock()
             return [CallEnded(
                 call_id=call_id,
                 ended_at=ended,
