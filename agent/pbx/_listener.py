@@ -30,10 +30,9 @@ stamps the handshake's last ACK, and ``TCP_INFO`` gives the milliseconds since
 in the queue is shed, and the decision budget of one that is served runs from
 its arrival in the queue, not from the accept (:func:`arrived_at`): from the
 moment the PBX connected, as issue 21 asks. (Only once late connections have
-kept coming for ``LATE_SPELL`` of the budget: a burst behind one stall is not overload.)
-Shedding the oldest drains the
-queue at the cost of an accept and a reset each, and the calls behind them are
-served while they still can be.
+kept coming for ``LATE_SPELL`` of the budget: a burst behind one stall is not
+overload.) Shedding the oldest drains the queue at the cost of an accept and a
+reset each, and the calls behind them are served while they still can be.
 
 Both checks run before any StreamReader, StreamWriter or Task exists: the
 count in the protocol factory, the age in ``connection_made``; a shed
