@@ -39,6 +39,26 @@ from agent.meter.clock import WallClock
 
 OneCall = Callable[[], Awaitable[float]]
 
+CLIENT_CPUS: set[int] | None = None
+"""The cores the load generator's process is pinned to (:func:`pin`); None: not pinned."""
+
+
+def pin(spec: str) -> str:
+    """``--pin SERVER/CLIENT`` (e.g. ``0/1``): this process (the gate: its loop and
+    every thread it starts later, the SQLite worker too) on the SERVER cores, the load
+    generator's process on the CLIENT cores, so neither takes CPU from the other and
+    the gate's figures are those of the cores it was given. Call it before the gate
+    starts any thread. Returns a line saying what was pinned where."""
+    if not spec:
+        return "not pinned: the gate and the load generator share every core"
+    global CLIENT_CPUS
+    server, _, client = spec.partition("/")
+    server_cpus = {int(c) for c in server.split(",")}
+    CLIENT_CPUS = {int(c) for c in client.split(",")} if client else None
+    os.sched_setaffinity(0, server_cpus)
+    return (f"pinned: the gate on cores {sorted(server_cpus)}, the load generator on "
+            f"{sorted(CLIENT_CPUS) if CLIENT_CPUS else 'any'}")
+
 
 async def open_loop(one_call: OneCall, rate: float, seconds: float) -> dict[str, object]:
     """Start calls at a fixed rate, whatever the latency (the load a PBX offers)."""
@@ -162,6 +182,10 @@ def overload_figures(saturation: dict[str, object], loads: dict[str, dict[str, o
         served = float(str(res["served_per_s"])) / sat if sat else 0.0
         p99 = float(str(res["p99_ms"])) / budget_ms
         out[f"{label}_offered_per_s"] = res["offered_per_s"]
+        # What the generator actually offered, and how late it started calls: a
+        # generator that cannot offer the load measures nothing.
+        out[f"{label}_offered_achieved_per_s"] = res.get("offered_achieved_per_s")
+        out[f"{label}_launch_lag_p99_ms"] = res.get("launch_lag_p99_ms")
         out[f"{label}_served_per_s"] = res["served_per_s"]
         out[f"{label}_served_vs_sat"] = round(served, 3)
         out[f"{label}_p50_ms"] = res["p50_ms"]
@@ -172,6 +196,9 @@ def overload_figures(saturation: dict[str, object], loads: dict[str, dict[str, o
         out[f"{label}_refused"] = res["refused"]
         out[f"{label}_server_cpu_ms"] = res.get("server_cpu_ms")
         out[f"{label}_client_cpu_ms"] = res.get("client_cpu_ms")
+        for key, value in res.items():
+            if key.startswith("gate_"):
+                out[f"{label}_{key}"] = value
         met = met and served >= 0.9 and p99 <= 1.0 and res["errors"] == 0
     out["overload_target_met"] = met
     return out
@@ -182,12 +209,18 @@ def overload_lines(figures: dict[str, object], labels: list[str]) -> str:
              f"(p99 {figures['sat_p99_ms']} ms); budget {figures['budget_ms']:g} ms"]
     for label in labels:
         lines.append(
-            f"  offered {label} = {figures[f'{label}_offered_per_s']:g}/s: served "
+            f"  offered {label} = {figures[f'{label}_offered_per_s']:g}/s "
+            f"(achieved {figures.get(f'{label}_offered_achieved_per_s')}/s, launches late "
+            f"p99 {figures.get(f'{label}_launch_lag_p99_ms')} ms): served "
             f"{figures[f'{label}_served_per_s']}/s = {figures[f'{label}_served_vs_sat']}x "
             f"saturation; every answer p50 {figures[f'{label}_p50_ms']} ms p99 "
             f"{figures[f'{label}_p99_ms']} ms = {figures[f'{label}_p99_vs_budget']}x budget; "
             f"unanswered {figures[f'{label}_errors']}; refused {figures[f'{label}_refused']}; "
             f"load generator's own lag p99 {figures[f'{label}_client_lag_p99_ms']} ms")
+        seen = {k[len(label) + 1:]: v for k, v in figures.items()
+                if k.startswith(f"{label}_gate_")}
+        if seen:
+            lines.append(f"    the gate's side: {seen}")
     lines.append("target (served >= 0.9x saturation, p99 <= budget, none unanswered): "
                  + ("met" if figures["overload_target_met"] else "missed"))
     return "\n".join(lines)
@@ -204,6 +237,9 @@ async def client_figures(script: str, *args: str) -> dict[str, object]:
     cpu = time.process_time()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, script, "--client", *args, stdout=asyncio.subprocess.PIPE)
+    if CLIENT_CPUS is not None:
+        # Before it has done anything that matters: the interpreter is still starting.
+        os.sched_setaffinity(proc.pid, CLIENT_CPUS)
     out, _ = await proc.communicate()
     result: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
     offered = int(str(result["offered"])) if "offered" in result else (
@@ -315,6 +351,8 @@ async def ledger_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable
             hangups.later(call, "acme")
         return decision
 
+    gate.gatekeeper = gatekeeper  # type: ignore[attr-defined]  # for gate_view
+
     try:
         yield gate
     finally:
@@ -323,3 +361,52 @@ async def ledger_gate(tmp: Path) -> AsyncIterator[Callable[[CallInfo], Awaitable
         await ledger.close()
         if problems:
             raise AssertionError(f"ledger audit after the bench: {problems[:3]}")
+
+
+@contextlib.asynccontextmanager
+async def gate_view(listener: Any, gatekeeper: Any) -> AsyncIterator[dict[str, object]]:
+    """What the gate's side saw during a load, sampled every 10 ms: its loop's
+    lateness, the connections in flight, the listener's shed count, the requests
+    waiting for a ledger slot and the slot's mean service time. The dict is filled
+    when the block ends."""
+    loop = asyncio.get_running_loop()
+    out: dict[str, object] = {}
+    lags: list[float] = []
+    pending: list[int] = []
+    waiting: list[int] = []
+    service: list[float] = []
+    shed0 = listener.shed if listener is not None else 0
+    refused0 = gatekeeper.slots.refused if gatekeeper is not None else 0
+    done = False
+
+    async def sample() -> None:
+        while not done:
+            t = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - t - 0.01)
+            if listener is not None:
+                pending.append(listener.pending)
+            if gatekeeper is not None:
+                waiting.append(len(gatekeeper.slots.waiting))
+                service.append(gatekeeper.slots.service)
+
+    task = asyncio.ensure_future(sample())
+    try:
+        yield out
+    finally:
+        done = True
+        await task
+
+        def p(xs: list[float], q: int) -> float:
+            return round(statistics.quantiles(sorted(xs), n=100)[q - 1], 4) if len(xs) > 1 \
+                else float("nan")
+
+        out["gate_loop_lag_p50_ms"] = round(p(lags, 50) * 1000, 1)
+        out["gate_loop_lag_p99_ms"] = round(p(lags, 99) * 1000, 1)
+        if listener is not None:
+            out["gate_pending_max"] = max(pending, default=0)
+            out["gate_shed"] = listener.shed - shed0
+        if gatekeeper is not None:
+            out["gate_waiting_max"] = max(waiting, default=0)
+            out["gate_service_p50_ms"] = round(p(service, 50) * 1000, 1)
+            out["gate_slots_refused"] = gatekeeper.slots.refused - refused0

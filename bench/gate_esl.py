@@ -48,6 +48,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import _leanload
 import structlog
 from _loadgen import (
     FIGURES,
@@ -56,11 +57,13 @@ from _loadgen import (
     closed_loop,
     cores_needed,
     cores_note,
+    gate_view,
     ledger_gate,
     open_loop,
     open_loop_answers,
     overload_figures,
     overload_lines,
+    pin,
     target_verdicts,
     verdict_word,
 )
@@ -156,7 +159,14 @@ def client_main(argv: list[str]) -> None:
     reply = next(c.data for c in read_trace(TRACE)
                  if c.conn == "outbound" and c.direction == "RECV")
     assert RECORDED_UUID in reply and RECORDED_DEST in reply, "trace 06a changed"
-    if mode == "answers":
+    payload = (lambda: varied(reply)) if vary else (lambda: reply)
+    if mode == "lean-answers":
+        result = eventloop.run(_leanload.open_loop(_leanload.EslPeer, host, port, payload,
+                                                   value, seconds))
+    elif mode == "lean-closed":
+        result = eventloop.run(_leanload.closed_loop(_leanload.EslPeer, host, port, payload,
+                                                     int(value), seconds))
+    elif mode == "answers":
         result = eventloop.run(
             open_loop_answers(lambda: exchange(host, port, reply, vary), value, seconds))
     elif mode == "rate":
@@ -257,8 +267,8 @@ async def bench(seconds: float, rates: list[float], concurrency: int,
     return results
 
 
-async def overload_bench(seconds: float, concurrency: int,
-                         multiples: list[float]) -> dict[str, object]:
+async def overload_bench(seconds: float, concurrency: int, multiples: list[float],
+                         generator: str = "lean") -> dict[str, object]:
     """The gate through the SQLite ledger, saturated, then offered ``multiples`` of that.
 
     Saturation is ``concurrency`` callers back to back (every call allowed); each
@@ -273,11 +283,15 @@ async def overload_bench(seconds: float, concurrency: int,
                     serving(sim, gate) as adapter):
             assert adapter.outbound_address is not None
             budget_ms = adapter.settings.decision_budget * 1000
-            sat = await drive(adapter.outbound_address, "closed", concurrency, seconds, vary=True)
+            closed, answers = ("lean-closed", "lean-answers") if generator == "lean" else (
+                "closed", "answers")
+            sat = await drive(adapter.outbound_address, closed, concurrency, seconds, vary=True)
             rate = float(str(sat["calls_per_s"]))
             for m in multiples:
-                loads[f"{m:g}x"] = await drive(adapter.outbound_address, "answers", m * rate,
-                                               seconds, vary=True)
+                async with gate_view(adapter.listener, getattr(gate, "gatekeeper", None)) as seen:
+                    loads[f"{m:g}x"] = await drive(adapter.outbound_address, answers, m * rate,
+                                                   seconds, vary=True)
+                loads[f"{m:g}x"].update(seen)
     return overload_figures(sat, loads, budget_ms)
 
 
@@ -293,13 +307,23 @@ def main() -> None:
     ap.add_argument("--overload", default="",
                     help="only the overload run: saturation through the ledger, then these "
                          "multiples of it offered, e.g. 2,5")
+    ap.add_argument("--pin", default="",
+                    help="SERVER/CLIENT cores, e.g. 0/1: the gate's process on one, the load "
+                         "generator's on the other (default: not pinned)")
+    ap.add_argument("--generator", choices=("lean", "streams"), default="lean",
+                    help="--overload's load generator: lean (Protocols, bench/_leanload.py) "
+                         "or streams (the asyncio-streams one of session 7)")
     args = ap.parse_args()
+    pinned = pin(args.pin)
+    print(pinned)
     if args.overload:
         multiples = [float(x) for x in args.overload.split(",")]
-        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples))
+        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples,
+                                            args.generator))
         print(overload_lines(over, [f"{m:g}x" for m in multiples]))
         print(json.dumps({"bench": "gate_esl", "mode": "overload", "seconds": args.seconds,
-                          "concurrency": args.concurrency,
+                          "concurrency": args.concurrency, "pin": args.pin or None,
+                          "generator": args.generator,
                           "loadavg_1m": round(os.getloadavg()[0], 2), **over}))
         return
     rates = [float(x) for x in args.rates.split(",")]

@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _leanload
 import structlog
 from _loadgen import (
     FIGURES,
@@ -52,11 +53,13 @@ from _loadgen import (
     closed_loop,
     cores_needed,
     cores_note,
+    gate_view,
     ledger_gate,
     open_loop,
     open_loop_answers,
     overload_figures,
     overload_lines,
+    pin,
     target_verdicts,
     verdict_word,
 )
@@ -144,7 +147,14 @@ def client_main(argv: list[str]) -> None:
     host, port, mode = argv[0], int(argv[1]), argv[2]
     value, seconds, vary = float(argv[3]), float(argv[4]), argv[5] == "vary"
     request = recorded_request()
-    if mode == "answers":
+    payload = (lambda: varied(request)) if vary else (lambda: request)
+    if mode == "lean-answers":
+        result = eventloop.run(_leanload.open_loop(_leanload.AgiPeer, host, port, payload,
+                                                   value, seconds))
+    elif mode == "lean-closed":
+        result = eventloop.run(_leanload.closed_loop(_leanload.AgiPeer, host, port, payload,
+                                                     int(value), seconds))
+    elif mode == "answers":
         result = eventloop.run(
             open_loop_answers(lambda: exchange(host, port, request, vary), value, seconds))
     elif mode == "rate":
@@ -235,8 +245,8 @@ async def bench(
     return results
 
 
-async def overload_bench(seconds: float, concurrency: int,
-                         multiples: list[float]) -> dict[str, object]:
+async def overload_bench(seconds: float, concurrency: int, multiples: list[float],
+                         generator: str = "lean") -> dict[str, object]:
     """The gate through the SQLite ledger, saturated, then offered ``multiples`` of that
     (see gate_esl.py's ``overload_bench``: the same run over FastAGI)."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
@@ -251,11 +261,16 @@ async def overload_bench(seconds: float, concurrency: int,
                 await adapter.wait_connected(5)
                 address = adapter.fastagi_address
                 assert address is not None
-                sat = await drive(address, "closed", concurrency, seconds, vary=True)
+                closed, answers = ("lean-closed", "lean-answers") if generator == "lean" else (
+                    "closed", "answers")
+                sat = await drive(address, closed, concurrency, seconds, vary=True)
                 rate = float(str(sat["calls_per_s"]))
                 for m in multiples:
-                    loads[f"{m:g}x"] = await drive(address, "answers", m * rate, seconds,
-                                                   vary=True)
+                    async with gate_view(adapter.listener,
+                                         getattr(gate, "gatekeeper", None)) as seen:
+                        loads[f"{m:g}x"] = await drive(address, answers, m * rate, seconds,
+                                                       vary=True)
+                    loads[f"{m:g}x"].update(seen)
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -275,13 +290,23 @@ def main() -> None:
     ap.add_argument("--overload", default="",
                     help="only the overload run: saturation through the ledger, then these "
                          "multiples of it offered, e.g. 2,5")
+    ap.add_argument("--pin", default="",
+                    help="SERVER/CLIENT cores, e.g. 0/1: the gate's process on one, the load "
+                         "generator's on the other (default: not pinned)")
+    ap.add_argument("--generator", choices=("lean", "streams"), default="lean",
+                    help="--overload's load generator: lean (Protocols, bench/_leanload.py) "
+                         "or streams (the asyncio-streams one of session 7)")
     args = ap.parse_args()
+    pinned = pin(args.pin)
+    print(pinned)
     if args.overload:
         multiples = [float(x) for x in args.overload.split(",")]
-        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples))
+        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples,
+                                            args.generator))
         print(overload_lines(over, [f"{m:g}x" for m in multiples]))
         print(json.dumps({"bench": "gate_fastagi", "mode": "overload", "seconds": args.seconds,
-                          "concurrency": args.concurrency,
+                          "concurrency": args.concurrency, "pin": args.pin or None,
+                          "generator": args.generator,
                           "loadavg_1m": round(os.getloadavg()[0], 2), **over}))
         return
     rates = [float(x) for x in args.rates.split(",")]

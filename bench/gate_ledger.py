@@ -36,7 +36,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import structlog
-from _loadgen import HangUps
+from _loadgen import HangUps, pin
 
 from agent import eventloop
 from agent.calls import CallInfo, Direction
@@ -317,6 +317,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
         if args.overload:
             multiples = [float(m) for m in args.overload.split(",")]
             figures["mode"] = "overload"
+            figures["pin"] = args.pin or None
             figures["sqlite"] = await overload(f"sqlite://{tmp}/ledger.db", args.seconds,
                                                multiples, args.concurrency, Path(tmp))
             pg_url = await postgres_url()
@@ -372,7 +373,12 @@ def main() -> None:
     parser.add_argument("--overload", default="",
                         help="only the overload run: saturation, then these multiples of it "
                              "offered (e.g. 2,5), every answer counted")
+    parser.add_argument("--pin", default="",
+                        help="cores for this process (the Gatekeeper, its SQLite worker and "
+                             "the in-process load), e.g. 0; PostgreSQL's backends are not "
+                             "pinned (default: not pinned)")
     args = parser.parse_args()
+    print(pin(args.pin))
     figures = eventloop.run(main_async(args))
     if args.overload:
         for backend in ("sqlite", "postgres"):

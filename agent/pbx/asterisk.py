@@ -55,7 +55,7 @@ from agent.calls import (
 )
 from agent.gate.decision import Decision, Reason
 from agent.pbx import agi, ami
-from agent.pbx._listener import DEFAULT_MAX_PENDING, GateListener
+from agent.pbx._listener import BACKLOG, DEFAULT_MAX_PENDING, GateListener, arrived_at
 from agent.pbx.liveness import DOWN, SLOW, UP, CommandTimer, LinkHealth, is_dead, keepalive
 
 log = structlog.get_logger(__name__)
@@ -356,14 +356,14 @@ class AsteriskAdapter:
         if self.settings.fastagi_listen is not None:
             host, port = self.settings.fastagi_listen
             # A burst of calls must not overflow the accept queue (a dropped SYN
-            # costs the caller a 1 s retransmit); 1024 as for the ESL gate.
+            # costs the caller a 1 s retransmit): _listener.BACKLOG, as for the ESL gate.
             # Past the in-flight bound (at most gate_max_pending) new ones are closed
             # unread (agent/pbx/_listener.py): the dialplan refuses them at once.
             self.listener = GateListener(self._serve_agi, limit=READ_SIZE,
                                          max_pending=self.settings.gate_max_pending,
                                          budget=self.settings.decision_budget)
             self._server = await asyncio.get_running_loop().create_server(
-                self.listener, host, port, backlog=1024
+                self.listener, host, port, backlog=BACKLOG
             )
         try:
             await self._ami_forever()
@@ -702,9 +702,10 @@ class AsteriskAdapter:
     async def _gate_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        # The decision budget runs from here: time the request spent reaching us is
-        # time the dialplan is already waiting (issue 21).
-        received = asyncio.get_running_loop().time()
+        # The decision budget runs from the connection's arrival in the accept queue
+        # (the listener read its age): time the request spent reaching us is time the
+        # dialplan is already waiting (issue 21).
+        received = arrived_at(reader)
         conn = agi.FastAgiConnection()
         request = await self._next_agi_event(conn, reader)
         if not isinstance(request, agi.AgiRequest):

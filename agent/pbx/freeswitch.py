@@ -48,7 +48,7 @@ from agent.calls import (
     PbxError,
 )
 from agent.gate.decision import Decision, Reason
-from agent.pbx._listener import DEFAULT_MAX_PENDING, GateListener
+from agent.pbx._listener import BACKLOG, DEFAULT_MAX_PENDING, GateListener, arrived_at
 from agent.pbx.esl import (
     ApiResponse,
     ChannelData,
@@ -220,7 +220,7 @@ class FreeswitchAdapter:
                                              max_pending=self.settings.gate_max_pending,
                                              budget=self.settings.decision_budget)
                 server = await asyncio.get_running_loop().create_server(
-                    self.listener, host, port, backlog=1024)
+                    self.listener, host, port, backlog=BACKLOG)
                 sock = server.sockets[0].getsockname()
                 self._outbound_address = (sock[0], sock[1])
                 self._listening.set()
@@ -478,9 +478,10 @@ class FreeswitchAdapter:
         self.gate_connections += 1
         parser = EslParser()
         loop = asyncio.get_running_loop()
-        # The decision budget runs from here: the `connect` exchange is spent from
-        # it, as the dialplan is already waiting (issue 21).
-        received = loop.time()
+        # The decision budget runs from the connection's arrival in the accept queue
+        # (the listener read its age): that wait and the `connect` exchange are spent
+        # from it, as the dialplan is already waiting (issue 21).
+        received = arrived_at(reader)
         call: CallInfo | None = None
         try:
             async with asyncio.timeout(GATE_IO_TIMEOUT) as io_deadline:
