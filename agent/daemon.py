@@ -435,6 +435,7 @@ class Daemon:
                 lambda: float(sum((c.held for c in meter.live.values()), Decimal(0))))
             self.metrics.pbx_connected.set_function(lambda: 1 if adapter.connected else 0)
             self.metrics.watch_pbx_link(adapter.health)
+            self.metrics.watch_gate_listener(lambda: getattr(adapter, "listener", None))
             loop = asyncio.get_running_loop()
             self.metrics.asyncio_tasks.set_function(lambda: len(asyncio.all_tasks(loop)))
             sync = self.dnc_sync

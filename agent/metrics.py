@@ -52,6 +52,12 @@ share counters. What the daemon calls on :class:`Metrics`:
   ``callgate_pbx_slow`` (1 while the PBX answers late but the link is alive),
   ``callgate_pbx_command_timeouts_total``, ``callgate_pbx_late_replies_total``
   and ``callgate_pbx_reconnects_total`` (links dropped as dead and reopened).
+- ``watch_gate_listener(listener)``: the gate socket's shedding
+  (agent/pbx/_listener.py), read at scrape time through a callable, since the
+  adapter binds its listener only once it runs:
+  ``callgate_gate_shed_total{why="pending"|"late"}`` (connections reset unread:
+  past the in-flight bound, or late in the accept queue) and
+  ``callgate_gate_pending`` (connections in flight).
 - ``watch_publisher(publisher)``: export an
   :class:`~agent.events.mqtt.EventPublisher`'s ``depth``, ``dropped``,
   ``published`` and ``connected``, read at scrape time.
@@ -156,6 +162,40 @@ class _PbxLinkCollector(Collector):
         yield CounterMetricFamily("callgate_pbx_reconnects",
                                   "PBX links dropped as dead (silent, closed) and reopened",
                                   value=h.reconnects)
+
+
+class GateListenerLike(Protocol):
+    """What :meth:`Metrics.watch_gate_listener` reads (agent.pbx._listener.GateListener)."""
+
+    @property
+    def shed(self) -> int: ...
+    @property
+    def shed_late(self) -> int: ...
+    @property
+    def pending(self) -> int: ...
+
+
+class _GateListenerCollector(Collector):
+    """The gate socket's shed connections, read at scrape time (none before it binds)."""
+
+    def __init__(self, listener: Callable[[], GateListenerLike | None]) -> None:
+        self._listener = listener
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        gate = self._listener()
+        shed = CounterMetricFamily(
+            "callgate_gate_shed",
+            "Gate connections reset unread under overload (the dialplan refuses the call): "
+            "past the in-flight bound (pending) or late in the accept queue (late)",
+            labels=["why"])
+        late = gate.shed_late if gate is not None else 0
+        pending = (gate.shed - late) if gate is not None else 0
+        shed.add_metric(["pending"], pending)
+        shed.add_metric(["late"], late)
+        yield shed
+        yield GaugeMetricFamily("callgate_gate_pending",
+                                "Gate connections accepted and not yet answered",
+                                value=gate.pending if gate is not None else 0)
 
 
 class RiskReadingLike(Protocol):
@@ -306,6 +346,7 @@ class Metrics:
         r.register(_AccountLiveCollector(self))
         self._publisher: _PublisherCollector | None = None
         self._pbx_link: _PbxLinkCollector | None = None
+        self._gate_listener: _GateListenerCollector | None = None
 
     def decision(self, result: str, reason: str, seconds: float) -> None:
         key = (result, str(reason))
@@ -393,6 +434,12 @@ class Metrics:
             self.registry.unregister(self._pbx_link)
         self._pbx_link = _PbxLinkCollector(health)
         self.registry.register(self._pbx_link)
+
+    def watch_gate_listener(self, listener: Callable[[], GateListenerLike | None]) -> None:
+        if self._gate_listener is not None:
+            self.registry.unregister(self._gate_listener)
+        self._gate_listener = _GateListenerCollector(listener)
+        self.registry.register(self._gate_listener)
 
     def watch_publisher(self, publisher: PublisherStats) -> None:
         if self._publisher is not None:

@@ -74,6 +74,7 @@ def exported_names() -> set[str]:
         connected = True
 
     metrics.watch_publisher(Publisher())
+    metrics.watch_gate_listener(lambda: None)
     metrics.watch_accounts({"acme": Decimal(1)}, dict)
     names = set()
     for family in metrics.registry.collect():

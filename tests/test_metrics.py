@@ -359,3 +359,28 @@ async def test_pbx_link_health_is_exported(served: tuple[Metrics, _Readiness, in
     health.state = "up"
     metrics.watch_pbx_link(health)  # watching again replaces, never duplicates
     assert _samples((await _get(port, "/metrics"))[2])[("callgate_pbx_slow", ())] == 0
+
+
+async def test_gate_sheds_are_exported(served: tuple[Metrics, _Readiness, int]) -> None:
+    from agent.pbx._listener import GateListener
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    metrics, _, port = served
+    listener: GateListener | None = None
+    metrics.watch_gate_listener(lambda: listener)
+    s = _samples((await _get(port, "/metrics"))[2])  # before the adapter binds: zeros
+    assert s[("callgate_gate_shed_total", (("why", "pending"),))] == 0
+    assert s[("callgate_gate_shed_total", (("why", "late"),))] == 0
+    assert s[("callgate_gate_pending", ())] == 0
+    listener = GateListener(handler, limit=1024, max_pending=1024, budget=0.5)
+    listener._shed("pending")
+    listener._shed("pending")
+    listener._shed("late", 0.3)
+    s = _samples((await _get(port, "/metrics"))[2])
+    assert s[("callgate_gate_shed_total", (("why", "pending"),))] == 2
+    assert s[("callgate_gate_shed_total", (("why", "late"),))] == 1
+    metrics.watch_gate_listener(lambda: listener)  # watching again replaces, never duplicates
+    assert _samples((await _get(port, "/metrics"))[2])[
+        ("callgate_gate_shed_total", (("why", "late"),))] == 1
