@@ -237,3 +237,41 @@ async def test_a_batch_the_server_refuses_is_run_one_by_one(
         assert await ledger.audit() == []
     finally:
         await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_batched_state_reads_answer_what_single_reads_do(pg_url: str) -> None:
+    """Reads with every window set or not, to known and unknown accounts, suspended or not:
+    the batch answers each exactly as a read alone."""
+    ledger = await _open(pg_url)
+    try:
+        await ledger.topup("acme", D("10"), ref="f1", at=T0)
+        await ledger.topup("beta", D("5"), ref="f2", at=T0)
+        assert await ledger.admit_and_hold(call("live", "acme"), None, RATE, 60,
+                                           reason="ok") is Admission.ADMITTED
+        for n in range(6):
+            at = T0.replace(minute=n * 10)
+            await ledger.record_attempt("acme", f"13{n % 2}", at, n != 3, "ok",
+                                        caller=f"02{n % 3}")
+        async with ledger._conn() as conn:
+            await conn.execute("INSERT INTO suspensions VALUES ('beta', 'complaints', 'ops',"
+                               " now())")
+        queries = []
+        for account in ("acme", "beta", "nobody"):
+            for since in (None, T0, T0.replace(minute=25)):
+                for who in ("020", "021"):
+                    queries.append(dict(account=account, account_since=since,
+                                        callee_since=since, destination="130",
+                                        cps_since=since, caller=who, caller_hour_since=since,
+                                        caller_day_since=T0 if since else None))
+        alone = [await ledger.account_state(q.pop("account"), **q) for q in
+                 [dict(q) for q in queries]]
+        together = await asyncio.gather(*(ledger.account_state(q.pop("account"), **q)
+                                          for q in [dict(q) for q in queries]))
+        assert ledger._reads.batches > 0
+        assert list(together) == alone
+        assert alone[2].account_attempts == 6 and alone[2].live_calls == 1  # 5 + the admission
+        assert alone[8].suspended == "complaints"
+        assert not alone[14].known
+    finally:
+        await ledger.close()

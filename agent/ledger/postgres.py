@@ -168,7 +168,7 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
 
     def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str, *,
                  max_posting: Decimal = rules.DEFAULT_MAX_POSTING, created: bool = False,
-                 lanes: int = LANES) -> None:
+                 lanes: int | None = None) -> None:
         self._pool = pool
         self.unit = unit
         self.where = where
@@ -176,6 +176,7 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         self.created = created  # this open made the store
         # Group commit (agent/ledger/_pg_batch.py): per kind of request, this many
         # statements in flight; what queues behind them goes as one batch.
+        lanes = LANES if lanes is None else lanes
         self._reads: Lane[tuple[Any, ...], Any] = Lane(lanes, self._read_one, self._read_many,
                                                        abandonable=True)
         self._admits: Lane[tuple[Any, ...], str] = Lane(lanes, self._admit_one,
