@@ -7,6 +7,10 @@ settlement), and a hold raises the account's ``held`` with one conditional
 UPDATE, which PostgreSQL re-evaluates against the newest row version after
 waiting for a concurrent writer, so holds from any node can never overdraw.
 Lock order is always call, then account, so two writers cannot deadlock.
+Requests of one kind that queue up while the agent's statements of that kind
+are busy go to the server together, as one batch statement and one commit
+(group commit, agent/ledger/_pg_batch.py); a batch locks its calls, then its
+accounts, each in id order, and runs the single request's function per element.
 """
 
 from __future__ import annotations
