@@ -24,6 +24,7 @@ from agent.ledger import (
     UnknownAccount,
     open_ledger,
 )
+from agent.ledger import _pg_statements as sql
 from agent.ledger import postgres as pg_backend
 from agent.ledger._pg_batch import BatchFailed, Lane
 from agent.ledger.model import LedgerError
@@ -215,7 +216,7 @@ async def test_a_batch_the_server_refuses_is_run_one_by_one(
         for fn in ("callgate_admit_batch", "callgate_hold_batch", "callgate_settle_batch"):
             async with ledger._conn() as conn:
                 await conn.execute(f"DROP FUNCTION {fn}")
-        monkeypatch.setattr(pg_backend, "_STATE_MANY", pg_backend._STATE_MANY.replace(
+        monkeypatch.setattr(sql, "STATE_MANY", sql.STATE_MANY.replace(
             "ORDER BY k.n", "ORDER BY 1 / (k.n - k.n)"))
         states = await asyncio.gather(*(ledger.account_state("acme") for _ in range(10)))
         assert {s.available for s in states} == {RATE * 10}

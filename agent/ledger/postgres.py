@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from agent.ledger import _pg_statements as sql
 from agent.ledger import _rules as rules
 from agent.ledger._pg_batch import BatchFailed, Lane
 from agent.ledger._pg_compliance import PgCompliance
@@ -703,35 +704,35 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
     # -- the lanes' statements: one request alone, or a batch of them ---------------
     async def _read_one(self, req: tuple[Any, ...]) -> Any:
         async with self._conn() as conn:
-            return await conn.fetchrow(_STATE_ONE, *req)
+            return await conn.fetchrow(sql.STATE_ONE, *req)
 
     async def _read_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[Any]:
         columns = [list(c) for c in zip(*reqs, strict=True)]
-        return list(await self._batch(lambda conn: conn.fetch(_STATE_MANY, *columns)))
+        return list(await self._batch(lambda conn: conn.fetch(sql.STATE_MANY, *columns)))
 
     async def _admit_one(self, req: tuple[Any, ...]) -> str:
         async with self._conn() as conn:
-            return str(await conn.fetchval(_ADMIT_ONE, *req))
+            return str(await conn.fetchval(sql.ADMIT_ONE, *req))
 
     async def _admit_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[str]:
         columns = [list(c) for c in zip(*reqs, strict=True)]
-        return list(await self._batch(lambda conn: conn.fetchval(_ADMIT_MANY, *columns)))
+        return list(await self._batch(lambda conn: conn.fetchval(sql.ADMIT_MANY, *columns)))
 
     async def _hold_one(self, req: tuple[Any, ...]) -> str:
         async with self._conn() as conn:
-            return str(await conn.fetchval(_HOLD_ONE, *req))
+            return str(await conn.fetchval(sql.HOLD_ONE, *req))
 
     async def _hold_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[str]:
         columns = [list(c) for c in zip(*reqs, strict=True)]
-        return list(await self._batch(lambda conn: conn.fetchval(_HOLD_MANY, *columns)))
+        return list(await self._batch(lambda conn: conn.fetchval(sql.HOLD_MANY, *columns)))
 
     async def _settle_one(self, req: tuple[Any, ...]) -> Any:
         async with self._conn() as conn:
-            return await conn.fetchrow(_SETTLE_ONE, *req)
+            return await conn.fetchrow(sql.SETTLE_ONE, *req)
 
     async def _settle_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[Any]:
         columns = [list(c) for c in zip(*reqs, strict=True)]
-        rows = await self._batch(lambda conn: conn.fetch(_SETTLE_MANY, *columns))
+        rows = await self._batch(lambda conn: conn.fetch(sql.SETTLE_MANY, *columns))
         by_place = {row["n"]: row for row in rows}
         return [by_place.get(n) for n in range(1, len(reqs) + 1)]
 
@@ -774,58 +775,3 @@ async def _insert_attempt(conn: Any, account: str, destination: str, at: datetim
         " VALUES ($1, $2, $3, $4, $5, $6)",
         account, destination, rules.check_time(at), allowed, reason, caller,
     )
-
-# The lanes' statements (see PostgresLedger._reads and the rest).
-_STATE_MANY_COLUMNS = (
-    "SELECT a.posted, a.held, a.closed,"
-    " (SELECT count(*) FROM calls c WHERE c.account = k.id AND c.status != 'ended') AS live,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = k.id"
-    "   AND t.allowed AND k.a_since IS NOT NULL AND t.at >= k.a_since) AS acc_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = k.id"
-    "   AND t.allowed AND k.c_since IS NOT NULL AND t.destination = k.dest"
-    "   AND t.at >= k.c_since) AS callee_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = k.id"
-    "   AND t.allowed AND k.s_since IS NOT NULL AND t.at >= k.s_since) AS cps_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = k.id AND t.caller = k.caller"
-    "   AND t.allowed AND k.h_since IS NOT NULL AND t.at >= k.h_since) AS hour_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = k.id AND t.caller = k.caller"
-    "   AND t.allowed AND k.d_since IS NOT NULL AND t.at >= k.d_since) AS day_n,"
-    " (SELECT s.reason FROM suspensions s WHERE s.account = k.id) AS suspended"
-)
-# One account's state: the row, the live count, every attempt count, the suspension.
-_STATE_ONE = (
-    "SELECT a.posted, a.held, a.closed,"
-    " (SELECT count(*) FROM calls c WHERE c.account = $1 AND c.status != 'ended')"
-    "   AS live,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-    "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-    "   AND t.allowed AND $3::timestamptz IS NOT NULL AND t.destination = $4"
-    "   AND t.at >= $3) AS callee_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-    "   AND t.allowed AND $5::timestamptz IS NOT NULL AND t.at >= $5) AS cps_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
-    "   AND t.allowed AND $7::timestamptz IS NOT NULL AND t.at >= $7) AS hour_n,"
-    " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
-    "   AND t.allowed AND $8::timestamptz IS NOT NULL AND t.at >= $8) AS day_n,"
-    " (SELECT s.reason FROM suspensions s WHERE s.account = $1) AS suspended"
-    " FROM (SELECT $1::text AS id) k LEFT JOIN accounts a ON a.id = k.id"
-)
-# The same for several requests, one row each, in their order (the columns with the
-# request's fields for parameters).
-_STATE_MANY = (
-    _STATE_MANY_COLUMNS + " FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[],"
-    " $4::text[], $5::timestamptz[], $6::text[], $7::timestamptz[], $8::timestamptz[])"
-    " WITH ORDINALITY AS k(id, a_since, c_since, dest, s_since, caller, h_since, d_since, n)"
-    " LEFT JOIN accounts a ON a.id = k.id ORDER BY k.n"
-)
-_ADMIT_ONE = ("SELECT callgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
-              " $14, $15, $16)")
-_ADMIT_MANY = ("SELECT callgate_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-               " $13, $14, $15, $16)")
-_HOLD_ONE = "SELECT callgate_hold($1, $2, $3, $4, $5)"
-_HOLD_MANY = "SELECT callgate_hold_batch($1, $2, $3, $4, $5)"
-_SETTLE_ONE = ("SELECT * FROM callgate_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-               " $12, $13, $14, $15)")
-_SETTLE_MANY = ("SELECT b.n, (b.cdr).* FROM callgate_settle_batch($1, $2, $3, $4, $5, $6, $7,"
-                " $8, $9, $10, $11, $12, $13, $14, $15) b")
