@@ -180,8 +180,8 @@ async def test_postgres_an_older_store_is_migrated(pg_url: str) -> None:
 
 @pytest.mark.postgres
 async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_url: str) -> None:
-    """7 -> 8 adds the admission, hold and settlement functions; a call live across the
-    upgrade is held and settled by them."""
+    """7 -> 8 adds the admission, hold and settlement functions (and 8 -> 9 their batch
+    forms); a call live across the upgrade is held and settled by them."""
     # A version 7 store with an account of 10 and a live call holding 0.13.
     await _pg_exec(
         pg_url,
@@ -203,7 +203,8 @@ async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_
     dsn, _ = pg_backend.split_options(pg_url)
     conn = await asyncpg.connect(dsn)
     try:
-        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "8"
+        assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'"
+                                   ) == str(rules.SCHEMA_VERSION)
         functions = {r[0] for r in await conn.fetch(
             "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")}
         assert {"callgate_admit", "callgate_hold", "callgate_settle"} <= functions
@@ -220,6 +221,55 @@ async def test_postgres_a_version_7_store_gains_the_one_round_trip_functions(pg_
             settled = await ledger.settle_call(Cdr(call_id, "acme", "021", "138", None, T0,
                                                    0, 0, D(0), "NO_ANSWER"))
             assert settled.amount == 0
+        assert (await ledger.balance("acme")).held == 0
+        assert await ledger.audit() == []
+    finally:
+        await ledger.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_a_version_8_store_gains_the_batch_functions(pg_url: str) -> None:
+    """8 -> 9 adds the batch forms of admission, hold and settlement (group commit);
+    calls live across the upgrade are held and settled in batches, and the audit holds."""
+    await _pg_exec(
+        pg_url,
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO meta VALUES ('schema_version', '8'), ('minor_unit', '0.0001')",
+        *(statement for step in pg_backend.MIGRATIONS[:8] for statement in step),
+        "INSERT INTO accounts (id, posted, held, created_at)"
+        " VALUES ('acme', 1000000, 26000, now())",
+        "INSERT INTO postings (account, kind, amount, at, ref, key)"
+        " VALUES ('acme', 'topup', 1000000, now(), 'T1', 'topup:T1')",
+        *(f"INSERT INTO calls (call_id, account, node, caller, callee, tariff_name, rate,"
+          f" increment, minimum, admitted_at, status, held, paid_seconds, steps)"
+          f" VALUES ('old-{n}', 'acme', 'pbx-1', '021', '138', 'standard', 1300, 60, 60,"
+          f" now(), 'admitted', 1300, 60, 1)" for n in range(20)),
+        *(f"INSERT INTO postings (account, kind, amount, at, ref, key, call_id)"
+          f" VALUES ('acme', 'hold', 1300, now(), 'old-{n}', 'hold:old-{n}:1', 'old-{n}')"
+          for n in range(20)),
+    )
+    ledger = await open_ledger(pg_url)
+    try:
+        assert isinstance(ledger, pg_backend.PostgresLedger)
+        dsn, _ = pg_backend.split_options(pg_url)
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") == "9"
+            functions = {r[0] for r in await conn.fetch(
+                "SELECT proname FROM pg_proc WHERE pronamespace = current_schema()::regnamespace")}
+            assert {"callgate_admit_batch", "callgate_hold_batch",
+                    "callgate_settle_batch"} <= functions
+        finally:
+            await conn.close()
+        held = await asyncio.gather(*(ledger.hold(f"old-{n}", 2, D("0.13"), 120, T0)
+                                      for n in range(20)))
+        assert all(held)
+        assert ledger._holds.batches > 0
+        settled = await asyncio.gather(*(
+            ledger.settle_call(Cdr(f"old-{n}", "acme", "021", "138", None, T0, 0, 0, D(0),
+                                   "NO_ANSWER")) for n in range(20)))
+        assert [c.amount for c in settled] == [D(0)] * 20
+        assert ledger._settles.batches > 0
         assert (await ledger.balance("acme")).held == 0
         assert await ledger.audit() == []
     finally:

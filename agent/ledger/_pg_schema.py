@@ -4,7 +4,8 @@ starting at once against one database migrate it once).
 
 MIGRATIONS[n] takes a store from schema version n to n + 1; the tables are the
 SQLite ledger's, the functions (schema 8) do the usual admission, hold and
-settlement in one round trip each (agent/ledger/postgres.py calls them).
+settlement in one round trip each, and their batch forms (schema 9) do several
+of one kind in one statement and one commit (agent/ledger/postgres.py calls them).
 """
 
 from __future__ import annotations
@@ -162,6 +163,82 @@ BEGIN
 END
 $$"""
 
+# Group commit (schema 9): several requests of one kind that queued up while the
+# agent's lanes were busy (agent/ledger/_pg_batch.py) go as one statement, one
+# transaction and one commit. Each element is the schema 8 function itself,
+# called in the order the requests arrived, so the money rules are the same
+# function; an element answering 'careful' (or nothing) is explained by the
+# Python path, alone, afterwards. Every lock the batch will need is taken first,
+# in a stable order, so batches from any number of nodes cannot deadlock with
+# one another or with single writers: calls by call id, then accounts by id (the
+# lock order of every writer is call, then account). An error anywhere takes the
+# whole batch back; the agent then runs its elements one by one.
+ADMIT_BATCH_FUNCTION = """
+CREATE FUNCTION callgate_admit_batch(
+    p_call_id TEXT[], p_account TEXT[], p_node TEXT[], p_caller TEXT[], p_callee TEXT[],
+    p_tariff TEXT[], p_rate BIGINT[], p_increment INTEGER[], p_minimum INTEGER[],
+    p_at TIMESTAMPTZ[], p_units BIGINT[], p_paid INTEGER[], p_key TEXT[],
+    p_max_live BIGINT[], p_reason TEXT[], p_caller_key TEXT[]
+) RETURNS TEXT[] LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_out TEXT[] := '{}';
+BEGIN
+    PERFORM 1 FROM accounts WHERE id = ANY(p_account) ORDER BY id FOR UPDATE;
+    FOR i IN 1 .. cardinality(p_call_id) LOOP
+        v_out := v_out || callgate_admit(
+            p_call_id[i], p_account[i], p_node[i], p_caller[i], p_callee[i], p_tariff[i],
+            p_rate[i], p_increment[i], p_minimum[i], p_at[i], p_units[i], p_paid[i],
+            p_key[i], p_max_live[i], p_reason[i], p_caller_key[i]);
+    END LOOP;
+    RETURN v_out;
+END
+$$"""
+
+HOLD_BATCH_FUNCTION = """
+CREATE FUNCTION callgate_hold_batch(
+    p_call_id TEXT[], p_units BIGINT[], p_paid INTEGER[], p_at TIMESTAMPTZ[], p_key TEXT[]
+) RETURNS TEXT[] LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_out TEXT[] := '{}';
+BEGIN
+    PERFORM 1 FROM calls WHERE call_id = ANY(p_call_id) ORDER BY call_id FOR UPDATE;
+    PERFORM 1 FROM accounts WHERE id IN (SELECT account FROM calls
+        WHERE call_id = ANY(p_call_id)) ORDER BY id FOR UPDATE;
+    FOR i IN 1 .. cardinality(p_call_id) LOOP
+        v_out := v_out || callgate_hold(p_call_id[i], p_units[i], p_paid[i], p_at[i],
+                                        p_key[i]);
+    END LOOP;
+    RETURN v_out;
+END
+$$"""
+
+# One row per element that callgate_settle answered, numbered by its place in
+# the batch (from 1); an element without a row is explained by the Python path.
+SETTLE_BATCH_FUNCTION = """
+CREATE FUNCTION callgate_settle_batch(
+    p_call_id TEXT[], p_account TEXT[], p_caller TEXT[], p_callee TEXT[],
+    p_answered TIMESTAMPTZ[], p_ended TIMESTAMPTZ[], p_billsec INTEGER[], p_billed INTEGER[],
+    p_amount BIGINT[], p_cause TEXT[], p_cut_off BOOLEAN[], p_flags TEXT[],
+    p_flags_capped TEXT[], p_node TEXT[], p_submitted TEXT[]
+) RETURNS SETOF cdrs_numbered LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    v_cdr cdrs%ROWTYPE;
+BEGIN
+    PERFORM 1 FROM calls WHERE call_id = ANY(p_call_id) ORDER BY call_id FOR UPDATE;
+    PERFORM 1 FROM accounts WHERE id IN (SELECT account FROM calls
+        WHERE call_id = ANY(p_call_id)) ORDER BY id FOR UPDATE;
+    FOR i IN 1 .. cardinality(p_call_id) LOOP
+        SELECT * INTO v_cdr FROM callgate_settle(
+            p_call_id[i], p_account[i], p_caller[i], p_callee[i], p_answered[i], p_ended[i],
+            p_billsec[i], p_billed[i], p_amount[i], p_cause[i], p_cut_off[i], p_flags[i],
+            p_flags_capped[i], p_node[i], p_submitted[i]);
+        IF FOUND THEN
+            RETURN NEXT ROW(i, v_cdr)::cdrs_numbered;
+        END IF;
+    END LOOP;
+END
+$$"""
+
 MIGRATIONS: list[list[str]] = [
     [  # 1: accounts, postings, calls and their CDRs
         """CREATE TABLE accounts (
@@ -292,6 +369,12 @@ MIGRATIONS: list[list[str]] = [
         ADMIT_FUNCTION,
         HOLD_FUNCTION,
         SETTLE_FUNCTION,
+    ],
+    [  # 9: their batch forms, for group commit (nothing else changes)
+        "CREATE TYPE cdrs_numbered AS (n INTEGER, cdr cdrs)",
+        ADMIT_BATCH_FUNCTION,
+        HOLD_BATCH_FUNCTION,
+        SETTLE_BATCH_FUNCTION,
     ],
 ]
 assert len(MIGRATIONS) == rules.SCHEMA_VERSION

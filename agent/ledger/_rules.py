@@ -26,7 +26,7 @@ from agent.ledger.model import (
 from agent.money import format_amount
 from agent.rating import Tariff, rate
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 FINANCE_KINDS = (
     PostingKind.TOPUP,
     PostingKind.PENALTY,

@@ -7,13 +7,17 @@ settlement), and a hold raises the account's ``held`` with one conditional
 UPDATE, which PostgreSQL re-evaluates against the newest row version after
 waiting for a concurrent writer, so holds from any node can never overdraw.
 Lock order is always call, then account, so two writers cannot deadlock.
+Requests of one kind that queue up while the agent's statements of that kind
+are busy go to the server together, as one batch statement and one commit
+(group commit, agent/ledger/_pg_batch.py); a batch locks its calls, then its
+accounts, each in id order, and runs the single request's function per element.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +26,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from agent.ledger import _pg_statements as sql
 from agent.ledger import _rules as rules
+from agent.ledger._pg_batch import BatchFailed, Lane
 from agent.ledger._pg_compliance import PgCompliance
 from agent.ledger._pg_schema import MIGRATION_LOCK as MIGRATION_LOCK
 from agent.ledger._pg_schema import MIGRATIONS as MIGRATIONS
@@ -66,6 +72,11 @@ async def _keep_session(conn: Any) -> None:
     LISTEN or session advisory locks; its locks are transaction-scoped), and the
     default reset costs a round trip on every release."""
 
+
+# Statements of one kind (state reads, admissions, holds, settlements) in flight
+# at once per agent; requests beyond wait and go together as one batch. Measured
+# with bench/gate_ledger.py (bench/RESULTS.md, session 8).
+LANES = 2
 
 _ADMISSIONS = {"admitted": Admission.ADMITTED, "lines_busy": Admission.LINES_BUSY,
                "no_funds": Admission.NO_FUNDS}
@@ -161,12 +172,23 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
     """The ledger in PostgreSQL. Open with :meth:`open`; close with :meth:`close`."""
 
     def __init__(self, pool: asyncpg.Pool, unit: Decimal, where: str, *,
-                 max_posting: Decimal = rules.DEFAULT_MAX_POSTING, created: bool = False) -> None:
+                 max_posting: Decimal = rules.DEFAULT_MAX_POSTING, created: bool = False,
+                 lanes: int | None = None) -> None:
         self._pool = pool
         self.unit = unit
         self.where = where
         self.max_posting = max_posting
         self.created = created  # this open made the store
+        # Group commit (agent/ledger/_pg_batch.py): per kind of request, this many
+        # statements in flight; what queues behind them goes as one batch.
+        lanes = LANES if lanes is None else lanes
+        self._reads: Lane[tuple[Any, ...], Any] = Lane(lanes, self._read_one, self._read_many,
+                                                       abandonable=True)
+        self._admits: Lane[tuple[Any, ...], str] = Lane(lanes, self._admit_one,
+                                                        self._admit_many, abandonable=True)
+        self._holds: Lane[tuple[Any, ...], str] = Lane(lanes, self._hold_one, self._hold_many)
+        self._settles: Lane[tuple[Any, ...], Any] = Lane(lanes, self._settle_one,
+                                                         self._settle_many)
 
     @classmethod
     async def open(
@@ -211,7 +233,20 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         return cls(pool, unit, where, max_posting=max_posting, created=created)
 
     async def close(self) -> None:
+        for lane in (self._reads, self._admits, self._holds, self._settles):
+            await lane.wait()
         await self._pool.close()
+
+    async def _batch(self, fn: Callable[[Any], Awaitable[T]]) -> T:
+        """Run one batch statement; a refusal of the whole batch (any server error but a
+        lost connection) is BatchFailed, so its elements are sent one by one."""
+        try:
+            async with self._conn() as conn:
+                return await fn(conn)
+        except LedgerUnavailable:
+            raise
+        except asyncpg.PostgresError as exc:
+            raise BatchFailed(str(exc)) from exc
 
     @asynccontextmanager
     async def _tx(self, isolation: str = "read_committed") -> AsyncIterator[Any]:
@@ -379,11 +414,9 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         self, call_id: str, step: int, amount: Decimal, paid_seconds: int, at: datetime
     ) -> bool:
         job = self._hold_job(call_id, step, amount, paid_seconds, at)
-        async with self._conn() as conn:
-            quick = await conn.fetchval(
-                "SELECT callgate_hold($1, $2, $3, $4, $5)",
-                call_id, rules.positive_units(amount, self.unit, what="hold"), paid_seconds,
-                rules.check_time(at), rules.hold_key(call_id, step))
+        quick = await self._holds.submit((
+            call_id, rules.positive_units(amount, self.unit, what="hold"), paid_seconds,
+            rules.check_time(at), rules.hold_key(call_id, step)))
         if quick != "careful":
             return bool(quick == "held")
         return await self._run(job)
@@ -445,14 +478,11 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         answered = rules.check_time(cdr.answered_at) if cdr.answered_at else None
         unit = self.unit
         rules.check_call_amount(amount)
-        async with self._conn() as conn:
-            quick = await conn.fetchrow(
-                "SELECT * FROM callgate_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-                " $12, $13, $14, $15)",
-                cdr.call_id, cdr.account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
-                cdr.billed_seconds, amount, cdr.cause, cdr.cut_off, json.dumps(list(cdr.flags)),
-                json.dumps([*cdr.flags, "capped"]), cdr.node, fingerprint,
-            )
+        quick = await self._settles.submit((
+            cdr.call_id, cdr.account, cdr.caller, cdr.callee, answered, ended, cdr.billsec,
+            cdr.billed_seconds, amount, cdr.cause, cdr.cut_off, json.dumps(list(cdr.flags)),
+            json.dumps([*cdr.flags, "capped"]), cdr.node, fingerprint,
+        ))
         if quick is not None:
             if quick["submitted"] != fingerprint:
                 raise rules.settle_conflict(cdr.call_id)
@@ -600,27 +630,9 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         s_since = rules.check_time(cps_since) if cps_since else None
         h_since = rules.check_time(caller_hour_since) if caller_hour_since else None
         d_since = rules.check_time(caller_day_since) if caller_day_since else None
-        # One round trip: the row, the live count and both attempt counts together.
-        async with self._conn() as conn:
-            row = await conn.fetchrow(
-                "SELECT a.posted, a.held, a.closed,"
-                " (SELECT count(*) FROM calls c WHERE c.account = $1 AND c.status != 'ended')"
-                "   AS live,"
-                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-                "   AND t.allowed AND $2::timestamptz IS NOT NULL AND t.at >= $2) AS acc_n,"
-                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-                "   AND t.allowed AND $3::timestamptz IS NOT NULL AND t.destination = $4"
-                "   AND t.at >= $3) AS callee_n,"
-                " (SELECT count(*) FROM attempts t WHERE t.account = $1"
-                "   AND t.allowed AND $5::timestamptz IS NOT NULL AND t.at >= $5) AS cps_n,"
-                " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
-                "   AND t.allowed AND $7::timestamptz IS NOT NULL AND t.at >= $7) AS hour_n,"
-                " (SELECT count(*) FROM attempts t WHERE t.account = $1 AND t.caller = $6"
-                "   AND t.allowed AND $8::timestamptz IS NOT NULL AND t.at >= $8) AS day_n,"
-                " (SELECT s.reason FROM suspensions s WHERE s.account = $1) AS suspended"
-                " FROM (SELECT $1::text AS id) k LEFT JOIN accounts a ON a.id = k.id",
-                account, a_since, c_since, destination, s_since, caller, h_since, d_since,
-            )
+        # One round trip: the row, the live count and every attempt count together.
+        row = await self._reads.submit(
+            (account, a_since, c_since, destination, s_since, caller, h_since, d_since))
         live = int(row["live"])
         account_attempts = int(row["acc_n"])
         callee_attempts = int(row["callee_n"])
@@ -645,14 +657,11 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
         key = rules.hold_key(call.call_id, 1)
 
         if call.answered_at is None:
-            async with self._conn() as conn:
-                quick = await conn.fetchval(
-                    "SELECT callgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                    " $13, $14, $15, $16)",
-                    call.call_id, call.account, call.node, call.caller, call.callee,
-                    call.tariff_name, rate, call.increment, call.minimum, admitted, units,
-                    paid_seconds, key, max_live, reason, caller,
-                )
+            quick = await self._admits.submit((
+                call.call_id, call.account, call.node, call.caller, call.callee,
+                call.tariff_name, rate, call.increment, call.minimum, admitted, units,
+                paid_seconds, key, max_live, reason, caller,
+            ))
             if quick != "careful":
                 return _ADMISSIONS[quick]
 
@@ -691,6 +700,42 @@ class PostgresLedger(rules.FinanceFront, PgCompliance):
                 "DELETE FROM attempts WHERE at < $1", rules.check_time(before)
             )
         return int(status.split()[-1])  # "DELETE <count>"
+
+    # -- the lanes' statements: one request alone, or a batch of them ---------------
+    async def _read_one(self, req: tuple[Any, ...]) -> Any:
+        async with self._conn() as conn:
+            return await conn.fetchrow(sql.STATE_ONE, *req)
+
+    async def _read_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[Any]:
+        columns = [list(c) for c in zip(*reqs, strict=True)]
+        return list(await self._batch(lambda conn: conn.fetch(sql.STATE_MANY, *columns)))
+
+    async def _admit_one(self, req: tuple[Any, ...]) -> str:
+        async with self._conn() as conn:
+            return str(await conn.fetchval(sql.ADMIT_ONE, *req))
+
+    async def _admit_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[str]:
+        columns = [list(c) for c in zip(*reqs, strict=True)]
+        return list(await self._batch(lambda conn: conn.fetchval(sql.ADMIT_MANY, *columns)))
+
+    async def _hold_one(self, req: tuple[Any, ...]) -> str:
+        async with self._conn() as conn:
+            return str(await conn.fetchval(sql.HOLD_ONE, *req))
+
+    async def _hold_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[str]:
+        columns = [list(c) for c in zip(*reqs, strict=True)]
+        return list(await self._batch(lambda conn: conn.fetchval(sql.HOLD_MANY, *columns)))
+
+    async def _settle_one(self, req: tuple[Any, ...]) -> Any:
+        async with self._conn() as conn:
+            return await conn.fetchrow(sql.SETTLE_ONE, *req)
+
+    async def _settle_many(self, reqs: Sequence[tuple[Any, ...]]) -> list[Any]:
+        columns = [list(c) for c in zip(*reqs, strict=True)]
+        rows = await self._batch(lambda conn: conn.fetch(sql.SETTLE_MANY, *columns))
+        by_place = {row["n"]: row for row in rows}
+        return [by_place.get(n) for n in range(1, len(reqs) + 1)]
+
 
     # -- consistency ----------------------------------------------------------
     async def audit(self) -> list[str]:
