@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -266,3 +267,84 @@ async def test_do_not_call_and_suspension_pages_per_role(served: Served) -> None
     assert await ledger.dnc_list() == []
     assert [(e.action, e.operator) for e in await ledger.account_events("acme")] == [
         ("suspend", "clerk"), ("resume", "clerk")]
+
+
+async def test_the_do_not_call_page_for_every_account(ledger_url: str, tmp_path: Path) -> None:
+    """`/dnc`: the entries for everyone (`dnc … --all`), added by finance, removed by admin,
+    with the per-account pages' rules, messages and CSRF/role checks; on both backends."""
+    async with console_at(ledger_url, tmp_path) as served:
+        ledger, base, url = served.console.ledger, served.base, served.base + "/dnc"
+        # An account's own entry is not one for everyone: not listed here.
+        await ledger.dnc_add("acme", "13800138000", reason="asked", operator="boss",
+                             at=datetime.now(UTC))
+        async with browser() as http:
+            await sign_in(http, served, user="viewer", password=PASSWORD)
+            async with http.get(f"{base}/accounts") as r:
+                assert 'href="/dnc"' in await r.text()  # in the console's navigation
+            async with http.get(url) as r:
+                html = await r.text()
+                assert r.status == 200 and "Live entries (0)" in html
+                assert "13800138000" not in html and "/dnc/add" not in html
+            async with http.get(f"{url}/add") as r:
+                assert r.status == 403 and "needs finance" in await r.text()
+        async with browser() as http:
+            await sign_in(http, served, user="clerk", password=PASSWORD)
+            async with http.get(url) as r:
+                assert 'href="/dnc/add"' in await r.text()
+            csrf = await form_page(http, f"{url}/add")
+            form = {"number": "139 0013 9000", "reason": "regulator", "csrf": csrf}
+            before = await ledger.dnc_list()
+            for bad, status, line in (
+                    ({"number": "12ab"}, 400, "number: &#x27;12ab&#x27; is not a phone number"),
+                    ({"reason": " "}, 400, "--reason must not be blank"),
+                    ({"reason": "a\nb"}, 400, "must be one line of text"),
+                    ({"csrf": "forged"}, 403, "the form has expired")):
+                async with http.post(f"{url}/add", data={**form, **bad}) as r:
+                    html = await r.text()
+                    assert r.status == status and line in html, html[-800:]
+                assert await ledger.dnc_list() == before
+            async with http.post(f"{url}/add", data=form) as r:
+                html = await r.text()
+                assert r.url.path == "/dnc"
+                assert ('id="flash">13900139000 is on the do-not-call list of everyone (all '
+                        "agents within a second)") in html
+            [entry] = await ledger.dnc_list("")
+            assert (entry.account, entry.number, entry.reason, entry.operator) == (
+                "", "13900139000", "regulator", "clerk")
+            when = entry.added_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+            assert "Added (UTC)" in html and "Live entries (1)" in html
+            row = re.search(r'<div id="dnc">.*</div>', html, re.S)
+            assert row and all(x in row.group(0) for x in (
+                "13900139000", "regulator", "clerk", when)), html[-800:]
+            assert "13800138000" not in html
+            assert "/dnc/remove" not in html  # removing is admin's
+            async with http.post(f"{url}/add", data=form) as r:  # a double click: a replay
+                assert ("13900139000 was already on the do-not-call list of everyone"
+                        in await r.text())
+            assert await ledger.dnc_list("") == [entry]
+            async with http.post(f"{url}/remove", data={"number": entry.number,
+                                                        "csrf": csrf}) as r:
+                assert r.status == 403 and "needs admin" in await r.text()
+            assert await ledger.dnc_list("") == [entry]
+        async with browser() as http:
+            await sign_in(http, served, token=served.tokens["admin"])
+            async with http.get(url) as r:
+                html = await r.text()
+                assert 'action="/dnc/remove"' in html
+            csrf = hidden(html, "csrf")
+            async with http.post(f"{url}/remove", data={"number": "13900139000",
+                                                        "csrf": "forged"}) as r:
+                assert r.status == 403
+            assert await ledger.dnc_list("") == [entry]
+            async with http.post(f"{url}/remove", data={"number": "13900139000",
+                                                        "csrf": csrf}) as r:
+                html = await r.text()
+                assert r.url.path == "/dnc"
+                assert "13900139000 removed from the do-not-call list of everyone" in html
+                assert "Live entries (0)" in html
+            async with http.post(f"{url}/remove", data={"number": "13900139000",
+                                                        "csrf": csrf}) as r:
+                assert "13900139000 was not on the do-not-call list of everyone" in (
+                    await r.text())
+        assert [(x.account, x.number) for x in await ledger.dnc_list()] == [
+            ("acme", "13800138000")]

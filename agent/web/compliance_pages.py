@@ -3,6 +3,9 @@
 The account page gets a compliance section (:func:`section`): whether the
 account is suspended, its complaints and its live do-not-call entries, with
 the actions the clerk's role allows (the API's roles, agent/web/compliance.py).
+The entries for every account (``callgate dnc … --all``) have their own page,
+``/dnc`` (:func:`everyone_page`): the same table, add form and remove button as
+an account's, by the same handlers with no account (:func:`_scope` is None).
 
 A complaint posts a fine and a withdrawal credits it back, so both are two
 steps like the money forms: the form is checked by the CLI's rules
@@ -18,14 +21,17 @@ nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from agent import finance
 from agent.compliance import actions
 from agent.ledger import LedgerError
+from agent.ledger.compliance import GLOBAL, DncEntry
 from agent.money import CURRENCY, format_amount
 from agent.web import api
 from agent.web import compliance as core
@@ -38,6 +44,7 @@ from agent.web.pages import (
     _table,
     csrf_field,
     e,
+    flash,
     money,
     render,
 )
@@ -56,9 +63,27 @@ def _input(name: str, label: str, values: dict[str, str], required: bool = False
             + (f"<small> {e(hint)}</small>" if hint else ""))
 
 
-def _done(request: web.Request, account: str, message: str) -> web.StreamResponse:
+EVERYONE_URL = "/dnc"  # the page of the do-not-call entries for every account
+
+
+def _scope(request: web.Request) -> str | None:
+    """The account a do-not-call page is for; None on the pages for every account."""
+    return request.match_info.get("account")
+
+
+def _back(account: str | None) -> str:
+    """Where a form returns: the account's page, or the page of the entries for everyone."""
+    return EVERYONE_URL if account is None else _account_url(account)
+
+
+def _whose(account: str | None) -> str:
+    """Whose do-not-call list it is, in a message: the CLI's words ("everyone")."""
+    return "everyone" if account is None else account
+
+
+def _done(request: web.Request, account: str | None, message: str) -> web.StreamResponse:
     _session(request).flash = message
-    raise web.HTTPSeeOther(_account_url(account))
+    raise web.HTTPSeeOther(_back(account))
 
 
 def _hidden(values: dict[str, str]) -> str:
@@ -104,20 +129,48 @@ async def section(request: web.Request, account: str) -> str:
         _table(["Ticket", "Callee", "At", "Fine", "Status", "Operator", ""], rows, {3})
         if rows else "<p>None.</p>"))
     entries = await c.ledger.dnc_list(account)
+    parts.append(f"<h3>Live do-not-call entries ({len(entries)})</h3>"
+                 + _dnc_table(request, entries, zone, f"{url}/dnc/remove", "Added"))
+    return "".join(parts)
+
+
+def _dnc_table(request: web.Request, entries: Sequence[DncEntry], zone: ZoneInfo,
+               remove_url: str, added: str) -> str:
+    """Live do-not-call entries (the first 200), a "Remove" button on each for an admin."""
+    admin = principal(request).role >= Role.ADMIN
     rows = []
     for entry in entries[:200]:
         action = ""
-        if who.role >= Role.ADMIN:
-            action = (f'<form method="post" action="{e(url)}/dnc/remove">'
+        if admin:
+            action = (f'<form method="post" action="{e(remove_url)}">'
                       f"{csrf_field(request)}{_hidden({'number': entry.number})}"
                       '<button type="submit">Remove</button></form>')
         rows.append([e(entry.number), e(finance.local(entry.added_at, zone)),
                      e(entry.operator), e(entry.reason), action])
     more = f"<p>The first 200 of {len(entries)}.</p>" if len(entries) > 200 else ""
-    parts.append(f'<h3>Live do-not-call entries ({len(entries)})</h3><div id="dnc">' + (
-        _table(["Number", "Added", "Operator", "Reason", ""], rows, set())
-        if rows else "<p>None.</p>") + more + "</div>")
-    return "".join(parts)
+    return '<div id="dnc">' + (
+        _table(["Number", e(added), "Operator", "Reason", ""], rows, set())
+        if rows else "<p>None.</p>") + more + "</div>"
+
+
+# -- the do-not-call entries for every account -------------------------------------------------
+async def everyone_page(request: web.Request) -> web.Response:
+    """The live entries that apply to every account (``callgate dnc list --all``).
+
+    Their times are in UTC, as the CLI lists them: they belong to no account's zone."""
+    c = console(request)
+    c.policy()  # a usable policy, as the CLI's ``dnc list`` checks
+    entries = await c.ledger.dnc_list(GLOBAL)
+    parts = [flash(request),
+             "<p>A number here is refused for every account, on every agent within a "
+             "second, until an admin removes it.</p>"]
+    if principal(request).role >= Role.FINANCE:
+        parts.append(f'<p class="actions"><a href="{EVERYONE_URL}/add">Add to do-not-call'
+                     "</a></p>")
+    parts.append(f"<h2>Live entries ({len(entries)})</h2>"
+                 + _dnc_table(request, entries, ZoneInfo("UTC"), f"{EVERYONE_URL}/remove",
+                              "Added (UTC)"))
+    return render(request, "Do-not-call for every account", "".join(parts))
 
 
 # -- complaints ----------------------------------------------------------------------------------
@@ -256,14 +309,15 @@ SIMPLE = {  # path: (title, fields (name, label, required))
 
 def _simple_form(request: web.Request, path: str, values: dict[str, str], error: str = "",
                  status: int = 200) -> web.Response:
-    name = request.match_info["account"]
+    name = _scope(request)
     title, fields = SIMPLE[path]
     body = _error(error) + (
         f'<form method="post" action="">{csrf_field(request)}'
         + "".join(_input(f, label, values, required) for f, label, required in fields)
         + f'<p class="actions"><button type="submit" id="submit">{e(title)}</button>'
-        f'<a href="{e(_account_url(name))}">Cancel</a></p></form>')
-    return render(request, f"{title}: {name}", body, status)
+        f'<a href="{e(_back(name))}">Cancel</a></p></form>')
+    return render(request, f"{title}: {'every account' if name is None else name}", body,
+                  status)
 
 
 def simple_routes(path: str) -> tuple[Any, Any]:
@@ -273,7 +327,7 @@ def simple_routes(path: str) -> tuple[Any, Any]:
 
     @needs(Role.FINANCE)
     async def act(request: web.Request) -> web.StreamResponse:
-        c, name = console(request), request.match_info["account"]
+        c, name = console(request), _scope(request)  # None: the list of every account
         form = await _form(request)
         _check_csrf(request, form)
         values = {f: form.get(f, "") for f, _, _ in SIMPLE[path][1]}
@@ -282,16 +336,19 @@ def simple_routes(path: str) -> tuple[Any, Any]:
             if path == "dnc/add":
                 entry, added = await core.add_dnc(c, name, values["number"], values["reason"],
                                                   who)
-                message = (f"{entry.number} is on the do-not-call list of {name} (all agents "
-                           "within a second)" if added else
-                           f"{entry.number} was already on the do-not-call list of {name}")
+                whose = _whose(name)
+                message = (f"{entry.number} is on the do-not-call list of {whose} (all "
+                           "agents within a second)" if added else
+                           f"{entry.number} was already on the do-not-call list of {whose}")
             elif path == "suspension/suspend":
-                _, changed = await core.suspend_account(c, name, values["reason"], who)
-                message = (f"{name} suspended: its calls are refused on every agent" if changed
-                           else f"{name} was already suspended")
+                account = request.match_info["account"]
+                _, changed = await core.suspend_account(c, account, values["reason"], who)
+                message = (f"{account} suspended: its calls are refused on every agent"
+                           if changed else f"{account} was already suspended")
             else:
-                changed = await core.resume_account(c, name, values["note"], who)
-                message = f"{name} resumed" if changed else f"{name} was not suspended"
+                account = request.match_info["account"]
+                changed = await core.resume_account(c, account, values["note"], who)
+                message = f"{account} resumed" if changed else f"{account} was not suspended"
         except (finance.Refused, LedgerError) as exc:
             return _simple_form(request, path, values, one_line(str(exc)), status_of(exc))
         return _done(request, name, message)
@@ -301,13 +358,14 @@ def simple_routes(path: str) -> tuple[Any, Any]:
 
 @needs(Role.ADMIN)
 async def dnc_remove_post(request: web.Request) -> web.StreamResponse:
-    c, name = console(request), request.match_info["account"]
+    c, name = console(request), _scope(request)  # None: the list of every account
     form = await _form(request)
     _check_csrf(request, form)
     _, number, removed = await core.remove_dnc(c, name, form.get("number", ""),
                                                form.get("reason", ""), principal(request).name)
-    return _done(request, name, f"{number} removed from the do-not-call list of {name}"
-                 if removed else f"{number} was not on the do-not-call list of {name}")
+    whose = _whose(name)
+    return _done(request, name, f"{number} removed from the do-not-call list of {whose}"
+                 if removed else f"{number} was not on the do-not-call list of {whose}")
 
 
 def add_routes(app: web.Application) -> None:
@@ -320,4 +378,10 @@ def add_routes(app: web.Application) -> None:
         r.add_get(f"/accounts/{{account}}/{path}", show)
         r.add_post(f"/accounts/{{account}}/{path}", act)
     r.add_post("/accounts/{account}/dnc/remove", dnc_remove_post)
+    # The entries for every account: the same add form and remove, with no account.
+    r.add_get(EVERYONE_URL, everyone_page)
+    show, act = simple_routes("dnc/add")
+    r.add_get(f"{EVERYONE_URL}/add", show)
+    r.add_post(f"{EVERYONE_URL}/add", act)
+    r.add_post(f"{EVERYONE_URL}/remove", dnc_remove_post)
 

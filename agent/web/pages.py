@@ -99,6 +99,7 @@ def render(request: web.Request, title: str, body: str, status: int = 200,
     nav = ""
     if who is not None:
         nav = (f'<a href="/accounts">Balances</a><a href="/report">Month-end report</a>'
+               '<a href="/dnc">Do-not-call for every account</a>'
                f'<span>{e(who.name)} ({e(who.role.label)})</span>'
                f'<form method="post" action="/logout">{csrf_field(request)}'
                '<button type="submit">Sign out</button></form>')
@@ -117,6 +118,15 @@ def error_page(request: web.Request, status: int, message: str,
         PRINCIPAL) else '<p><a href="/login">Sign in</a></p>'
     return render(request, f"Error {status}", f'<p class="error" role="alert">{e(message)}</p>'
                   + back, status, headers)
+
+
+def flash(request: web.Request) -> str:
+    """The message of the last write, shown once on the page the form returned to."""
+    session = _session(request)
+    if session is None or not session.flash:
+        return ""
+    message, session.flash = session.flash, ""
+    return f'<p class="ok" role="status" id="flash">{e(message)}</p>'
 
 
 def _table(headers: list[str], rows: list[list[str]], numeric: set[int]) -> str:
@@ -257,12 +267,7 @@ async def account_page(request: web.Request) -> web.Response:
     policy = c.policy()
     balance, in_ledger = await api.account_balance(c, name)
     who = principal(request)
-    flash = ""
-    session = _session(request)
-    if session is not None and session.flash:
-        flash = f'<p class="ok" role="status" id="flash">{e(session.flash)}</p>'
-        session.flash = ""
-    parts = [flash, _table(["Balance", "Held", "Available", "Status"], [[
+    parts = [flash(request), _table(["Balance", "Held", "Available", "Status"], [[
         f'<span id="balance">{money(balance.posted)}</span>', money(balance.held),
         f'<span id="available">{money(balance.available)}</span>',
         "closed" if balance.closed else ("open" if in_ledger else "no top-up yet")]], {0, 1, 2})]
