@@ -67,6 +67,23 @@ def test_the_late_state_needs_a_spell_of_late_arrivals_and_ends_when_one_is_fres
     assert not listener.too_late(limit + 0.01, 11.0 + spell / 2)  # a new spell begins
 
 
+
+def test_the_late_state_ends_after_a_quiet_spell() -> None:
+    """An overload that ends with its last late connections (none accepted fresh
+    after them: the load just stopped) leaves no late state behind: a burst behind
+    one stall minutes later begins a new spell and is served, not shed at once."""
+    async def unused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("never served here")
+
+    listener = GateListener(unused, limit=1024, max_pending=1024, budget=0.4)
+    limit, spell = AGE_SHARE * 0.4, LATE_SPELL * 0.4
+    assert not listener.too_late(limit + 0.01, 10.0)
+    assert listener.too_late(limit + 0.01, 10.001 + spell)  # overload: shed
+    # ... the load stops; ten minutes later a burst queues behind one stall:
+    assert not listener.too_late(limit + 0.01, 610.0)
+    assert not listener.too_late(limit + 0.01, 610.0 + spell / 2)
+    assert listener.too_late(limit + 0.01, 610.001 + spell)  # it keeps coming: shed
+
 async def test_queue_age_is_the_wait_in_the_accept_queue() -> None:
     ages: list[float] = []
     made = asyncio.Event()

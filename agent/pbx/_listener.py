@@ -86,7 +86,8 @@ once from a simulator in the gate's own loop: up to ~100 of them are accepted
 250 to 360 ms old, over up to ~150 ms, and are served (the gatekeeper's
 deadline, counted from each one's arrival, still holds for them). The late
 state ends when a connection is accepted younger than half the limit: the
-queue has drained."""
+queue has drained; or when none came late for a whole budget: the overload
+stopped with its last late ones, and a burst after the quiet spell is a new one."""
 
 BACKLOG = 4096
 """The listening socket's accept queue (the kernel caps it at net.core.somaxconn,
@@ -218,6 +219,7 @@ class GateListener:
         self.age_limit = AGE_SHARE * budget
         self.late_spell = LATE_SPELL * budget
         self._late_since: float | None = None  # loop time late connections began (too_late)
+        self._late_last = 0.0  # loop time of the last late connection (too_late)
         self._oldest = 0.0  # the oldest shed for its age since the last gate.shed warning
         self.rate = 0.0  # connections answered per second, over the last RATE_WINDOW
         self._answered = 0
@@ -250,8 +252,12 @@ class GateListener:
             if age < self.age_limit / 2:
                 self._late_since = None
             return False
-        if self._late_since is None:
+        if self._late_since is None or now - self._late_last > self.budget:
+            # A first late one, or the first after a whole budget without any: the
+            # queue that made the last ones is gone (a standing queue makes them
+            # continually), so this is a new spell, not the old one's tail.
             self._late_since = now
+        self._late_last = now
         return now - self._late_since >= self.late_spell
 
     def _shed(self, why: str, age: float = 0.0) -> None:
