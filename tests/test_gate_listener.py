@@ -20,7 +20,13 @@ import structlog
 
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
-from agent.pbx._listener import AGE_SHARE, LATE_SPELL, GateListener, queue_age
+from agent.pbx._listener import (
+    AGE_SHARE,
+    LATE_SPELL,
+    GateListener,
+    queue_age,
+    tcp_info_option,
+)
 from tests.test_gate_overload import agi_request, fastagi, gatekeeper, late_call, untouched
 
 
@@ -83,6 +89,16 @@ def test_the_late_state_ends_after_a_quiet_spell() -> None:
     assert not listener.too_late(limit + 0.01, 610.0)
     assert not listener.too_late(limit + 0.01, 610.0 + spell / 2)
     assert listener.too_late(limit + 0.01, 610.001 + spell)  # it keeps coming: shed
+
+
+def test_the_queue_age_is_read_on_linux_only() -> None:
+    """Linux's struct tcp_info gives its times in milliseconds; FreeBSD has TCP_INFO
+    too, with the same layout, but tcpi_last_data_recv in microseconds: read as
+    milliseconds every connection would look 1000x older and be shed once the late
+    spell passed. Elsewhere no age is read (0.0: nothing is shed for its age)."""
+    assert tcp_info_option("linux") == getattr(socket, "TCP_INFO", None)
+    for platform in ("freebsd14", "darwin", "openbsd7", "win32"):
+        assert tcp_info_option(platform) is None
 
 async def test_queue_age_is_the_wait_in_the_accept_queue() -> None:
     ages: list[float] = []

@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -102,7 +103,14 @@ SHED_LOG_EVERY = 1.0  # seconds: shed connections are summed into one warning pe
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux; elsewhere no age is read
+def tcp_info_option(platform: str) -> int | None:
+    """The TCP_INFO option where its times are read as milliseconds (Linux); None
+    elsewhere, where no age is read. FreeBSD has TCP_INFO and the same layout, but
+    its tcpi_last_data_recv counts microseconds: a 1 ms wait would read as 1 s."""
+    return getattr(socket, "TCP_INFO", None) if platform.startswith("linux") else None
+
+
+_TCP_INFO = tcp_info_option(sys.platform)
 _TCP_INFO_TIMES = struct.Struct("8x13I")  # struct tcp_info up to tcpi_last_ack_recv
 
 
