@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import structlog
 
 from agent.calls import CallInfo
@@ -99,6 +102,33 @@ def test_the_queue_age_is_read_on_linux_only() -> None:
     assert tcp_info_option("linux") == getattr(socket, "TCP_INFO", None)
     for platform in ("freebsd14", "darwin", "openbsd7", "win32"):
         assert tcp_info_option(platform) is None
+
+
+@pytest.mark.skipif(tcp_info_option(sys.platform) is None, reason="TCP_INFO is read on Linux")
+def test_the_queue_age_is_since_the_peer_was_last_heard() -> None:
+    """The younger of tcpi_last_data_recv and tcpi_last_ack_recv: before the 2017 fix
+    "tcp: initialize icsk_ack.lrcvtime at session start time" (Linux 4.11; only some
+    distribution kernels have it backported) a passive connection that has received
+    no data yet, as the ESL gate's, reports tcpi_last_data_recv from a receive time
+    of 0, about its jiffies since boot: read as its age, every FreeSWITCH call would
+    look hours old, its budget spent before it is read, and be refused or shed."""
+    class Sock:
+        def __init__(self, data_ms: int, ack_ms: int) -> None:
+            self.raw = bytes(8) + struct.pack("13I", *([0] * 11), data_ms, ack_ms)
+
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            return self.raw[:size]
+
+    class Transport(asyncio.BaseTransport):
+        def __init__(self, sock: Sock) -> None:
+            super().__init__()
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return self.sock if name == "socket" else default
+
+    assert queue_age(Transport(Sock(3_600_000, 12))) == 0.012  # never received data
+    assert queue_age(Transport(Sock(300, 300))) == 0.3  # its request: both the same
 
 async def test_queue_age_is_the_wait_in_the_accept_queue() -> None:
     ages: list[float] = []

@@ -118,8 +118,9 @@ def queue_age(transport: asyncio.BaseTransport) -> float:
     """Seconds since the kernel last heard from this just-accepted connection's peer:
     its handshake's final ACK (the ESL peer sends nothing first) or its request (a
     FastAGI peer writes at once), so, at accept, about the time it waited in the
-    accept queue. Millisecond resolution (``tcpi_last_ack_recv``,
-    ``tcpi_last_data_recv``); 0.0 where TCP_INFO cannot be read."""
+    accept queue. Millisecond resolution (the younger of ``tcpi_last_ack_recv`` and
+    ``tcpi_last_data_recv``: kernels before 4.11 report the latter from 0, i.e. hours,
+    on a connection that has received no data); 0.0 where TCP_INFO cannot be read."""
     sock = transport.get_extra_info("socket")
     if sock is None or _TCP_INFO is None:
         return 0.0
@@ -128,7 +129,7 @@ def queue_age(transport: asyncio.BaseTransport) -> float:
         times = _TCP_INFO_TIMES.unpack_from(raw)
     except (OSError, struct.error):
         return 0.0
-    return float(max(times[11], times[12])) / 1000  # last_data_recv, last_ack_recv (ms)
+    return float(min(times[11], times[12])) / 1000  # last_data_recv, last_ack_recv (ms)
 
 
 class _Reader(asyncio.StreamReader):
