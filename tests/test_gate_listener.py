@@ -13,14 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
+import sys
 import time
 from pathlib import Path
 
+import pytest
 import structlog
 
 from agent.calls import CallInfo
 from agent.gate.decision import Decision, Reason
-from agent.pbx._listener import AGE_SHARE, LATE_SPELL, GateListener, queue_age
+from agent.pbx._listener import (
+    AGE_SHARE,
+    LATE_SPELL,
+    GateListener,
+    queue_age,
+    tcp_info_option,
+)
 from tests.test_gate_overload import agi_request, fastagi, gatekeeper, late_call, untouched
 
 
@@ -66,6 +75,60 @@ def test_the_late_state_needs_a_spell_of_late_arrivals_and_ends_when_one_is_fres
     assert not listener.too_late(limit / 4, 11.0)  # a fresh one: the queue drained
     assert not listener.too_late(limit + 0.01, 11.0 + spell / 2)  # a new spell begins
 
+
+
+def test_the_late_state_ends_after_a_quiet_spell() -> None:
+    """An overload that ends with its last late connections (none accepted fresh
+    after them: the load just stopped) leaves no late state behind: a burst behind
+    one stall minutes later begins a new spell and is served, not shed at once."""
+    async def unused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise AssertionError("never served here")
+
+    listener = GateListener(unused, limit=1024, max_pending=1024, budget=0.4)
+    limit, spell = AGE_SHARE * 0.4, LATE_SPELL * 0.4
+    assert not listener.too_late(limit + 0.01, 10.0)
+    assert listener.too_late(limit + 0.01, 10.001 + spell)  # overload: shed
+    # ... the load stops; ten minutes later a burst queues behind one stall:
+    assert not listener.too_late(limit + 0.01, 610.0)
+    assert not listener.too_late(limit + 0.01, 610.0 + spell / 2)
+    assert listener.too_late(limit + 0.01, 610.001 + spell)  # it keeps coming: shed
+
+
+def test_the_queue_age_is_read_on_linux_only() -> None:
+    """Linux's struct tcp_info gives its times in milliseconds; FreeBSD has TCP_INFO
+    too, with the same layout, but tcpi_last_data_recv in microseconds: read as
+    milliseconds every connection would look 1000x older and be shed once the late
+    spell passed. Elsewhere no age is read (0.0: nothing is shed for its age)."""
+    assert tcp_info_option("linux") == getattr(socket, "TCP_INFO", None)
+    for platform in ("freebsd14", "darwin", "openbsd7", "win32"):
+        assert tcp_info_option(platform) is None
+
+
+@pytest.mark.skipif(tcp_info_option(sys.platform) is None, reason="TCP_INFO is read on Linux")
+def test_the_queue_age_is_since_the_peer_was_last_heard() -> None:
+    """The younger of tcpi_last_data_recv and tcpi_last_ack_recv: before the 2017 fix
+    "tcp: initialize icsk_ack.lrcvtime at session start time" (Linux 4.11; only some
+    distribution kernels have it backported) a passive connection that has received
+    no data yet, as the ESL gate's, reports tcpi_last_data_recv from a receive time
+    of 0, about its jiffies since boot: read as its age, every FreeSWITCH call would
+    look hours old, its budget spent before it is read, and be refused or shed."""
+    class Sock:
+        def __init__(self, data_ms: int, ack_ms: int) -> None:
+            self.raw = bytes(8) + struct.pack("13I", *([0] * 11), data_ms, ack_ms)
+
+        def getsockopt(self, level: int, option: int, size: int) -> bytes:
+            return self.raw[:size]
+
+    class Transport(asyncio.BaseTransport):
+        def __init__(self, sock: Sock) -> None:
+            super().__init__()
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return self.sock if name == "socket" else default
+
+    assert queue_age(Transport(Sock(3_600_000, 12))) == 0.012  # never received data
+    assert queue_age(Transport(Sock(300, 300))) == 0.3  # its request: both the same
 
 async def test_queue_age_is_the_wait_in_the_accept_queue() -> None:
     ages: list[float] = []

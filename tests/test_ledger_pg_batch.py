@@ -130,6 +130,41 @@ async def test_a_request_given_up_while_queued(abandonable: bool) -> None:
     assert sent == ([1, 3] if abandonable else [1, 2, 3])
 
 
+
+@pytest.mark.parametrize("abandonable", [True, False])
+async def test_a_request_given_up_while_its_failed_batch_is_resent(abandonable: bool) -> None:
+    """A batch the server refused goes again one by one; an admission whose caller
+    gave up meanwhile (the gate's deadline) is not sent alone any more: it would
+    admit a call the PBX was told to refuse, its hold and line kept until the
+    meter drops it. A settlement still stands."""
+    gates = {n: asyncio.Event() for n in range(4)}
+    sent: list[int] = []
+
+    async def one(req: int) -> int:
+        sent.append(req)
+        await gates[req].wait()
+        return req * 10
+
+    async def many(reqs: Sequence[int]) -> list[int]:
+        raise BatchFailed("deadlock detected")
+
+    lane: Lane[int, int] = Lane(1, one, many, abandonable=abandonable)
+    first = asyncio.ensure_future(lane.submit(0))
+    await asyncio.sleep(0)
+    queued = [asyncio.ensure_future(lane.submit(n)) for n in (1, 2, 3)]
+    await asyncio.sleep(0)
+    gates[0].set()
+    async with asyncio.timeout(5):
+        while sent != [0, 1]:  # the batch failed; its first element goes alone
+            await asyncio.sleep(0)
+    queued[2].cancel()  # its caller gives up while the fallback is under way
+    for gate in gates.values():
+        gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*queued[:2]) == [10, 20]
+    await lane.wait()
+    assert sent == ([0, 1, 2] if abandonable else [0, 1, 2, 3])
+
 # -- the batch functions on PostgreSQL ---------------------------------------------------
 async def _open(pg_url: str) -> pg_backend.PostgresLedger:
     ledger = await open_ledger(pg_url)

@@ -95,7 +95,10 @@ class Lane(Generic[Req, Res]):
                 results = await self._many([req for req, _ in batch])
             except BatchFailed:
                 for req, future in batch:
-                    await self._alone(req, future)
+                    # One whose caller gave up meanwhile is still unsent: dropped, as
+                    # from the queue (an admission the PBX was told to refuse).
+                    if not (self._abandonable and future.cancelled()):
+                        await self._alone(req, future)
                 return
             except BaseException as exc:
                 for _, future in batch:

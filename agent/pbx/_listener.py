@@ -51,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import cast
@@ -86,7 +87,8 @@ once from a simulator in the gate's own loop: up to ~100 of them are accepted
 250 to 360 ms old, over up to ~150 ms, and are served (the gatekeeper's
 deadline, counted from each one's arrival, still holds for them). The late
 state ends when a connection is accepted younger than half the limit: the
-queue has drained."""
+queue has drained; or when none came late for a whole budget: the overload
+stopped with its last late ones, and a burst after the quiet spell is a new one."""
 
 BACKLOG = 4096
 """The listening socket's accept queue (the kernel caps it at net.core.somaxconn,
@@ -101,7 +103,14 @@ SHED_LOG_EVERY = 1.0  # seconds: shed connections are summed into one warning pe
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-_TCP_INFO = getattr(socket, "TCP_INFO", None)  # Linux; elsewhere no age is read
+def tcp_info_option(platform: str) -> int | None:
+    """The TCP_INFO option where its times are read as milliseconds (Linux); None
+    elsewhere, where no age is read. FreeBSD has TCP_INFO and the same layout, but
+    its tcpi_last_data_recv counts microseconds: a 1 ms wait would read as 1 s."""
+    return getattr(socket, "TCP_INFO", None) if platform.startswith("linux") else None
+
+
+_TCP_INFO = tcp_info_option(sys.platform)
 _TCP_INFO_TIMES = struct.Struct("8x13I")  # struct tcp_info up to tcpi_last_ack_recv
 
 
@@ -109,8 +118,9 @@ def queue_age(transport: asyncio.BaseTransport) -> float:
     """Seconds since the kernel last heard from this just-accepted connection's peer:
     its handshake's final ACK (the ESL peer sends nothing first) or its request (a
     FastAGI peer writes at once), so, at accept, about the time it waited in the
-    accept queue. Millisecond resolution (``tcpi_last_ack_recv``,
-    ``tcpi_last_data_recv``); 0.0 where TCP_INFO cannot be read."""
+    accept queue. Millisecond resolution (the younger of ``tcpi_last_ack_recv`` and
+    ``tcpi_last_data_recv``: kernels before 4.11 report the latter from 0, i.e. hours,
+    on a connection that has received no data); 0.0 where TCP_INFO cannot be read."""
     sock = transport.get_extra_info("socket")
     if sock is None or _TCP_INFO is None:
         return 0.0
@@ -119,7 +129,7 @@ def queue_age(transport: asyncio.BaseTransport) -> float:
         times = _TCP_INFO_TIMES.unpack_from(raw)
     except (OSError, struct.error):
         return 0.0
-    return float(max(times[11], times[12])) / 1000  # last_data_recv, last_ack_recv (ms)
+    return float(min(times[11], times[12])) / 1000  # last_data_recv, last_ack_recv (ms)
 
 
 class _Reader(asyncio.StreamReader):
@@ -218,6 +228,7 @@ class GateListener:
         self.age_limit = AGE_SHARE * budget
         self.late_spell = LATE_SPELL * budget
         self._late_since: float | None = None  # loop time late connections began (too_late)
+        self._late_last = 0.0  # loop time of the last late connection (too_late)
         self._oldest = 0.0  # the oldest shed for its age since the last gate.shed warning
         self.rate = 0.0  # connections answered per second, over the last RATE_WINDOW
         self._answered = 0
@@ -250,8 +261,12 @@ class GateListener:
             if age < self.age_limit / 2:
                 self._late_since = None
             return False
-        if self._late_since is None:
+        if self._late_since is None or now - self._late_last > self.budget:
+            # A first late one, or the first after a whole budget without any: the
+            # queue that made the last ones is gone (a standing queue makes them
+            # continually), so this is a new spell, not the old one's tail.
             self._late_since = now
+        self._late_last = now
         return now - self._late_since >= self.late_spell
 
     def _shed(self, why: str, age: float = 0.0) -> None:
