@@ -30,6 +30,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import _leanload
+
+from agent import eventloop
 from agent.calls import CallInfo
 from agent.gate.decision import Decision
 from agent.gate.policy import load_policy
@@ -410,3 +413,23 @@ async def gate_view(listener: Any, gatekeeper: Any) -> AsyncIterator[dict[str, o
             out["gate_waiting_max"] = max(waiting, default=0)
             out["gate_service_p50_ms"] = round(p(service, 50) * 1000, 1)
             out["gate_slots_refused"] = gatekeeper.slots.refused - refused0
+
+
+def run_client(mode: str, peer: _leanload.PeerType, host: str, port: int,
+               payload: Callable[[], bytes], value: float, seconds: float,
+               exchange: Callable[[], Awaitable[Answer]],
+               one_call: OneCall) -> dict[str, object]:
+    """One load generator process of a socket gate bench (ESL or FastAGI), by mode:
+    the lean Protocol generator (``lean-answers`` open loop, ``lean-closed``), or the
+    stream one (``answers`` open loop counting every answer, ``rate`` open loop of
+    allowed calls, else a closed loop of ``value`` callers)."""
+    if mode == "lean-answers":
+        return eventloop.run(_leanload.open_loop(peer, host, port, payload, value, seconds))
+    if mode == "lean-closed":
+        return eventloop.run(_leanload.closed_loop(peer, host, port, payload, int(value),
+                                                   seconds))
+    if mode == "answers":
+        return eventloop.run(open_loop_answers(exchange, value, seconds))
+    if mode == "rate":
+        return eventloop.run(open_loop(one_call, value, seconds))
+    return eventloop.run(closed_loop(one_call, int(value), seconds))

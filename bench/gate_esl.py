@@ -54,16 +54,14 @@ from _loadgen import (
     FIGURES,
     Answer,
     client_figures,
-    closed_loop,
     cores_needed,
     cores_note,
     gate_view,
     ledger_gate,
-    open_loop,
-    open_loop_answers,
     overload_figures,
     overload_lines,
     pin,
+    run_client,
     target_verdicts,
     verdict_word,
 )
@@ -160,21 +158,9 @@ def client_main(argv: list[str]) -> None:
                  if c.conn == "outbound" and c.direction == "RECV")
     assert RECORDED_UUID in reply and RECORDED_DEST in reply, "trace 06a changed"
     payload = (lambda: varied(reply)) if vary else (lambda: reply)
-    if mode == "lean-answers":
-        result = eventloop.run(_leanload.open_loop(_leanload.EslPeer, host, port, payload,
-                                                   value, seconds))
-    elif mode == "lean-closed":
-        result = eventloop.run(_leanload.closed_loop(_leanload.EslPeer, host, port, payload,
-                                                     int(value), seconds))
-    elif mode == "answers":
-        result = eventloop.run(
-            open_loop_answers(lambda: exchange(host, port, reply, vary), value, seconds))
-    elif mode == "rate":
-        result = eventloop.run(
-            open_loop(lambda: one_call(host, port, reply, vary, gated), value, seconds))
-    else:
-        result = eventloop.run(
-            closed_loop(lambda: one_call(host, port, reply, vary, gated), int(value), seconds))
+    result = run_client(mode, _leanload.EslPeer, host, port, payload, value, seconds,
+                        lambda: exchange(host, port, reply, vary),
+                        lambda: one_call(host, port, reply, vary, gated))
     print(json.dumps(result))
 
 

@@ -50,16 +50,14 @@ from _loadgen import (
     FIGURES,
     Answer,
     client_figures,
-    closed_loop,
     cores_needed,
     cores_note,
     gate_view,
     ledger_gate,
-    open_loop,
-    open_loop_answers,
     overload_figures,
     overload_lines,
     pin,
+    run_client,
     target_verdicts,
     verdict_word,
 )
@@ -148,21 +146,9 @@ def client_main(argv: list[str]) -> None:
     value, seconds, vary = float(argv[3]), float(argv[4]), argv[5] == "vary"
     request = recorded_request()
     payload = (lambda: varied(request)) if vary else (lambda: request)
-    if mode == "lean-answers":
-        result = eventloop.run(_leanload.open_loop(_leanload.AgiPeer, host, port, payload,
-                                                   value, seconds))
-    elif mode == "lean-closed":
-        result = eventloop.run(_leanload.closed_loop(_leanload.AgiPeer, host, port, payload,
-                                                     int(value), seconds))
-    elif mode == "answers":
-        result = eventloop.run(
-            open_loop_answers(lambda: exchange(host, port, request, vary), value, seconds))
-    elif mode == "rate":
-        result = eventloop.run(
-            open_loop(lambda: one_call(host, port, request, vary), value, seconds))
-    else:
-        result = eventloop.run(
-            closed_loop(lambda: one_call(host, port, request, vary), int(value), seconds))
+    result = run_client(mode, _leanload.AgiPeer, host, port, payload, value, seconds,
+                        lambda: exchange(host, port, request, vary),
+                        lambda: one_call(host, port, request, vary))
     print(json.dumps(result))
 
 
