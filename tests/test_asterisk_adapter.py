@@ -524,3 +524,5 @@ async def test_the_slow_and_dead_limits_come_from_agent_yaml(tmp_path: Path) -> 
         # dead_after (2) after the last byte, + a reconnect (0.05..) + slack
         assert 2.0 <= loop.time() - stalled_at < 2.0 + 1.0
         assert "no byte from Asterisk for 2 s" in of(events, PbxDisconnected)[0].reason
+        await adapter.hangup(call.call_id, HangupCause.NORMAL_CLEARING)  # the new link works
+        await call.ended()
