@@ -14,7 +14,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import ConfigDict, Field, SecretStr, StrictStr, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.yamlfile import ConfigError, LocatedError, NoBoolNumbers, read_yaml, validate
 
@@ -104,6 +112,41 @@ class PbxSpec(_Strict):
     watch_only_contexts: list[StrictStr] = Field(default_factory=list)
     decision_budget_ms: int = Field(500, ge=10, le=10_000)
     ring_allowance_seconds: int = Field(0, ge=0, le=300)
+    # The control link's slow-or-dead rules (agent/pbx/liveness.py): a command
+    # fails after command_timeout_seconds, doubled while the PBX stays slow up to
+    # command_timeout_max_seconds (default: dead_after_seconds), and the link is
+    # dead only after dead_after_seconds with no byte at all while a reply is due.
+    command_timeout_seconds: float = Field(5.0, ge=1, le=120)
+    command_timeout_max_seconds: float | None = Field(None, ge=1, le=600)
+    dead_after_seconds: float = Field(30.0, ge=1, le=600, validate_default=True)
+
+    @field_validator("command_timeout_max_seconds")
+    @classmethod
+    def _max_not_below_first(cls, value: float | None, info: ValidationInfo) -> float | None:
+        first = info.data.get("command_timeout_seconds")
+        if value is not None and first is not None and value < first:
+            raise ValueError(f"{value:g} s is shorter than pbx.command_timeout_seconds "
+                             f"({first:g} s), the timeout it backs off from")
+        return value
+
+    @field_validator("dead_after_seconds")
+    @classmethod
+    def _dead_after_not_below_timeout(cls, value: float, info: ValidationInfo) -> float:
+        # validated when defaulted too: command_timeout_seconds: 40 alone would
+        # call a PBX dead before its first command may time out.
+        first = info.data.get("command_timeout_seconds")
+        if first is not None and value < first:
+            raise ValueError(f"{value:g} s is shorter than pbx.command_timeout_seconds "
+                             f"({first:g} s): a PBX would be called dead before a command "
+                             f"may time out; set it to at least {first:g} (default 30)")
+        return value
+
+    @property
+    def command_timeout_max(self) -> float:
+        """The ceiling of the backed-off command timeout (default: ``dead_after_seconds``)."""
+        if self.command_timeout_max_seconds is None:
+            return self.dead_after_seconds
+        return self.command_timeout_max_seconds
 
     @model_validator(mode="after")
     def _matches_kind(self) -> Self:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -54,6 +54,10 @@ from agent.meter.clock import Clock, WallClock
 from agent.meter.meter import Meter, MeterSettings
 from agent.status import StatusBoard, verdict
 from agent.yamlfile import ConfigError
+
+if TYPE_CHECKING:  # the adapters are imported when run, the one the config names
+    from agent.pbx.asterisk import AsteriskSettings
+    from agent.pbx.freeswitch import FreeswitchSettings
 
 log = structlog.get_logger("callgate.daemon")
 
@@ -771,35 +775,53 @@ class _LatePbx:
 def make_adapter(config: AgentConfig, gate: Gatekeeper, sink: EventSink,
                  clock: Clock) -> PbxControl:
     """The adapter the config names, with its secrets resolved."""
+    settings = adapter_settings(config)
+    if config.spec.pbx.kind == "asterisk":
+        from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
+
+        assert isinstance(settings, AsteriskSettings)
+        return AsteriskAdapter(settings, gate, sink, clock=clock.now)
+    from agent.pbx.freeswitch import FreeswitchAdapter, FreeswitchSettings
+
+    assert isinstance(settings, FreeswitchSettings)
+    return FreeswitchAdapter(settings, gate, sink, clock=clock.now)
+
+
+def adapter_settings(config: AgentConfig) -> AsteriskSettings | FreeswitchSettings:
+    """The settings of the adapter the config names (``pbx:``), its secret resolved."""
     spec = config.spec.pbx
     budget = spec.decision_budget_ms / 1000
     if spec.kind == "asterisk":
         from agent.config import AmiSpec, FastAgiSpec
-        from agent.pbx.asterisk import AsteriskAdapter, AsteriskSettings
+        from agent.pbx.asterisk import AsteriskSettings
 
         ami = spec.ami or AmiSpec()
         fastagi = spec.fastagi or FastAgiSpec()
-        settings = AsteriskSettings(
+        return AsteriskSettings(
             ami_host=ami.host, ami_port=ami.port, username=ami.username,
             secret=resolve_secret(config),
             fastagi_listen=config.listen(fastagi.listen),
             decision_budget=budget,
             watch_only_contexts=frozenset(spec.watch_only_contexts),
             outbound_contexts=frozenset(spec.outbound_contexts),
+            ping_timeout=spec.command_timeout_seconds,
+            command_timeout_max=spec.command_timeout_max,
+            dead_after=spec.dead_after_seconds,
         )
-        return AsteriskAdapter(settings, gate, sink, clock=clock.now)
     from agent.config import EslSpec, OutboundSocketSpec
-    from agent.pbx.freeswitch import FreeswitchAdapter, FreeswitchSettings
+    from agent.pbx.freeswitch import FreeswitchSettings
 
     esl = spec.esl or EslSpec()
     outbound = spec.outbound_socket or OutboundSocketSpec()
-    fs_settings = FreeswitchSettings(
+    return FreeswitchSettings(
         esl_host=esl.host, esl_port=esl.port, password=resolve_secret(config),
         outbound_listen=config.listen(outbound.listen), decision_budget=budget,
         watch_only_contexts=frozenset(spec.watch_only_contexts),
         outbound_contexts=frozenset(spec.outbound_contexts),
+        command_timeout=spec.command_timeout_seconds,
+        command_timeout_max=spec.command_timeout_max,
+        dead_after=spec.dead_after_seconds,
     )
-    return FreeswitchAdapter(fs_settings, gate, sink, clock=clock.now)
 
 
 def _make_cdr_source(config: AgentConfig, ledger: Ledger, clock: Clock, metrics: Any) -> Any:

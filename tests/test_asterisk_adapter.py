@@ -31,6 +31,8 @@ from agent.calls import (
     PbxDisconnected,
     PbxError,
 )
+from agent.config import load_agent_config
+from agent.daemon import adapter_settings
 from agent.gate.decision import Decision, Reason
 from agent.pbx.asterisk import (
     AmiLoginRefused,
@@ -494,3 +496,33 @@ async def test_a_dead_asterisk_is_reconnected_promptly() -> None:
         assert loop.time() - stalled_at < 1.5
         assert "no byte" in of(events, PbxDisconnected)[0].reason
         assert adapter.health.reconnects == 1 and adapter.health.state == "up"
+
+
+async def test_the_slow_and_dead_limits_come_from_agent_yaml(tmp_path: Path) -> None:
+    """pbx.command_timeout_seconds / command_timeout_max_seconds / dead_after_seconds
+    reach the AMI link: a stalled Asterisk fails an action after 1 s (not 5) and is
+    dead after 2 s (not 30)."""
+    (tmp_path / "agent.yaml").write_text(
+        "node: n1\npbx:\n  kind: asterisk\n  ami: {secret: x}\n"
+        "  command_timeout_seconds: 1\n  command_timeout_max_seconds: 4\n"
+        "  dead_after_seconds: 2\n")
+    s = adapter_settings(load_agent_config(tmp_path / "agent.yaml"))
+    assert isinstance(s, AsteriskSettings)
+    async with harness(ping_interval=0.1, ping_timeout=s.ping_timeout,
+                       command_timeout_max=s.command_timeout_max, dead_after=s.dead_after) as (
+            sim, adapter, events):
+        assert (adapter._timer.base, adapter._timer.ceiling) == (1, 4)
+        call = await sim.place_call(talk_seconds=None)
+        await until(lambda: of(events, CallAnswered))
+        loop = asyncio.get_running_loop()
+        stalled_at = loop.time()
+        sim.stall_ami_connections()  # open, but nothing comes back
+        with pytest.raises(PbxError, match="within 1 s"):
+            await adapter.set_deadline(call.call_id, adapter.clock() + timedelta(seconds=30))
+        assert 0.9 <= loop.time() - stalled_at < 1.9
+        await until(lambda: adapter.sessions == 2)
+        # dead_after (2) after the last byte, + a reconnect (0.05..) + slack
+        assert 2.0 <= loop.time() - stalled_at < 2.0 + 1.0
+        assert "no byte from Asterisk for 2 s" in of(events, PbxDisconnected)[0].reason
+        await adapter.hangup(call.call_id, HangupCause.NORMAL_CLEARING)  # the new link works
+        await call.ended()

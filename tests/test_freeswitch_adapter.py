@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -33,6 +34,8 @@ from agent.calls import (
     PbxDisconnected,
     PbxError,
 )
+from agent.config import load_agent_config
+from agent.daemon import adapter_settings
 from agent.gate.decision import Decision, Reason
 from agent.pbx.freeswitch import EslAuthError, FreeswitchAdapter, FreeswitchSettings
 from agent.sim.freeswitch import FreeswitchSimulator
@@ -551,3 +554,31 @@ async def test_a_dead_freeswitch_is_reconnected_promptly() -> None:
         assert "no byte" in r.of(PbxDisconnected)[0].reason
         assert r.adapter.health.reconnects == 1 and r.adapter.health.state == "up"
         assert [c.call.call_id for c in r.of(PbxConnected)[-1].calls] == [h.call_id]
+
+
+async def test_the_slow_and_dead_limits_come_from_agent_yaml(tmp_path: Path) -> None:
+    """pbx.command_timeout_seconds / command_timeout_max_seconds / dead_after_seconds
+    reach the ESL link: a frozen FreeSWITCH fails a command after 1 s (not 5) and is
+    dead after 2 s (not 30)."""
+    (tmp_path / "agent.yaml").write_text(
+        "node: n1\npbx:\n  kind: freeswitch\n  esl: {password: x}\n"
+        "  command_timeout_seconds: 1\n  command_timeout_max_seconds: 4\n"
+        "  dead_after_seconds: 2\n")
+    s = adapter_settings(load_agent_config(tmp_path / "agent.yaml"))
+    assert isinstance(s, FreeswitchSettings)
+    async with asyncio.timeout(20), rig(command_timeout=s.command_timeout,
+                                        command_timeout_max=s.command_timeout_max,
+                                        dead_after=s.dead_after, heartbeat_timeout=5) as r:
+        link = r.adapter._link
+        assert link is not None and (link.timer.base, link.timer.ceiling) == (1, 4)
+        h = await r.sim.place_call(talk_seconds=None)
+        await r.until(lambda: bool(r.of(CallAnswered, h.call_id)))
+        r.sim.freeze_esl_connections()
+        loop = asyncio.get_running_loop()
+        frozen_at = loop.time()
+        with pytest.raises(PbxError, match="within 1 s"):
+            await r.adapter.hangup(h.call_id, HangupCause.NORMAL_CLEARING)
+        assert 0.9 <= loop.time() - frozen_at < 1.9
+        await r.until(lambda: len(r.of(PbxConnected)) == 2, timeout=6)
+        assert 2.0 <= loop.time() - frozen_at < 2.0 + 1.5  # dead_after + the watchdog's step
+        assert "no byte from FreeSWITCH for 2 s" in r.of(PbxDisconnected)[0].reason

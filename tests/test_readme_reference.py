@@ -33,3 +33,15 @@ def test_every_policy_key_is_in_the_reference():
         PrepaidSpec.model_fields)
     missing = sorted(wanted - keys)
     assert missing == [], f"README's policy reference lacks {missing}"
+
+
+def test_every_pbx_and_meter_key_is_in_the_agent_config_reference() -> None:
+    from agent.config import MeterSpec, PbxSpec
+
+    start = README.index("| key | meaning |", README.index("## Configuration"))
+    reference = README[start:README.index("\n\n", start)]  # the table alone
+    named = " ".join(re.findall(r"^\| (.*?) \|", reference, re.M))  # the key column
+    for section, spec in (("pbx", PbxSpec), ("meter", MeterSpec)):
+        keys = set(re.findall(rf"`{section}\.([a-z_]+)", named))
+        missing = sorted(set(spec.model_fields) - keys)
+        assert missing == [], f"README's agent config reference lacks {section}.{missing}"

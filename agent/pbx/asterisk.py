@@ -87,12 +87,16 @@ class AsteriskSettings:
     outbound_contexts: frozenset[str] = frozenset()  # empty = any call with an accountcode / AGI
     ping_interval: float = 10.0
     ping_timeout: float = 5.0  # also the limit for any AMI action's reply (doubled while slow)
+    command_timeout_max: float | None = None  # backed off up to this (None: dead_after)
     dead_after: float = 30.0  # no byte at all for this long while a Pong is due = dead
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     cdr_wait: float = 2.0  # wait for a Cdr after Hangup before computing billsec
     fastagi_read_timeout: float = 5.0  # for the request headers and each reply
     gate_max_pending: int = DEFAULT_MAX_PENDING  # ceiling of the in-flight bound (_listener)
+
+    def timeout_ceiling(self) -> float:
+        return self.dead_after if self.command_timeout_max is None else self.command_timeout_max
 
 
 class AmiLoginRefused(PbxError):
@@ -326,7 +330,7 @@ class AsteriskAdapter:
         self._connected_changed = asyncio.Event()
         self.sessions = 0  # completed logins, for tests and health
         self.health = LinkHealth()  # the AMI link: up / slow / down (metrics, /status)
-        self._timer = CommandTimer(settings.ping_timeout, settings.dead_after)
+        self._timer = CommandTimer(settings.ping_timeout, settings.timeout_ceiling())
         self._expiry_changed = asyncio.Event()  # a call now waits for its Cdr
 
     # -- public ----------------------------------------------------------

@@ -101,9 +101,13 @@ class FreeswitchSettings:
     outbound_contexts: frozenset[str] = frozenset()  # empty = any A-leg with an accountcode
     heartbeat_timeout: float = 45.0  # HEARTBEAT comes every 20 s (README "Subscriptions")
     command_timeout: float = COMMAND_TIMEOUT  # a command fails after it; the link stays
+    command_timeout_max: float | None = None  # backed off up to this (None: dead_after)
     dead_after: float = 30.0  # no byte at all for this long while a reply is due = dead
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+
+    def timeout_ceiling(self) -> float:
+        return self.dead_after if self.command_timeout_max is None else self.command_timeout_max
 
 
 # switch_scheduler.c: a `+N` task runs at epoch second floor(now) + N, found by a
@@ -348,7 +352,7 @@ class FreeswitchAdapter:
         async with asyncio.timeout(s.command_timeout):
             reader, writer = await asyncio.open_connection(s.esl_host, s.esl_port)
         link = EslLink(reader, writer, self._on_event, health=self.health,
-                       timer=CommandTimer(s.command_timeout, s.dead_after),
+                       timer=CommandTimer(s.command_timeout, s.timeout_ceiling()),
                        dead_after=s.dead_after)
         reader_task = asyncio.create_task(link.read_loop())
         up = False

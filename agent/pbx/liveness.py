@@ -7,14 +7,17 @@ re-listing every channel after the reconnect only adds load. So:
 * a command without a reply within its timeout fails (the caller decides what
   to do, e.g. the meter keeps the earlier PBX-side deadline) but the link is
   kept: its reply, when it comes, is matched in order and dropped. The next
-  commands get a longer timeout (doubled after each miss, up to ``dead_after``)
-  until one is answered in time again;
+  commands get a longer timeout (doubled after each miss, up to a ceiling,
+  ``dead_after`` unless set) until one is answered in time again;
 * the link counts as dead only when *no byte at all* has arrived for
   ``dead_after`` seconds while a reply was awaited (or, idle, after a probe),
   or the kernel says so: end of stream, a reset, or TCP keepalive / user
   timeout (:func:`keepalive`) for a peer host that is gone.
 
-:class:`LinkHealth` holds the readings for metrics and ``/status``.
+:class:`LinkHealth` holds the readings for metrics and ``/status``. The three
+numbers come from agent.yaml: ``pbx.command_timeout_seconds`` (5),
+``pbx.command_timeout_max_seconds`` (the ceiling; default ``dead_after``) and
+``pbx.dead_after_seconds`` (30).
 """
 
 from __future__ import annotations
