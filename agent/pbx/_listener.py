@@ -158,15 +158,15 @@ class _Counted(asyncio.StreamReaderProtocol):
 
 
 class _Gate(asyncio.Protocol):
-    """A connection under the count bound: served unless it is already too old
-    (:data:`AGE_SHARE`), and only then given its stream, writer and task. The
-    transport keeps this protocol, which hands every callback to the served one."""
+    """A connection under the count bound, until ``connection_made`` reads its age:
+    reset if it is already too old (:data:`AGE_SHARE`), else handed to its served
+    protocol (``transport.set_protocol``), which only then gets its stream, writer
+    and task, and takes every later callback directly."""
 
-    __slots__ = ("_inner", "_listener")
+    __slots__ = ("_listener",)
 
     def __init__(self, listener: GateListener) -> None:
         self._listener = listener
-        self._inner: _Counted | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
@@ -179,27 +179,9 @@ class _Gate(asyncio.Protocol):
             return
         reader = _Reader(limit=listener.limit, loop=loop)
         reader.arrived = loop.time() - age
-        self._inner = _Counted(reader, listener.handler, listener)
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._inner is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
+        served = _Counted(reader, listener.handler, listener)
+        transport.set_protocol(served)
+        served.connection_made(transport)
 
 
 class _Shed(asyncio.Protocol):
