@@ -17,6 +17,7 @@ does.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -433,3 +434,30 @@ def run_client(mode: str, peer: _leanload.PeerType, host: str, port: int,
     if mode == "rate":
         return eventloop.run(open_loop(one_call, value, seconds))
     return eventloop.run(closed_loop(one_call, int(value), seconds))
+
+
+def add_overload_args(ap: argparse.ArgumentParser) -> None:
+    """The overload options the socket gate benches share (``--overload``, ``--pin``,
+    ``--generator``)."""
+    ap.add_argument("--overload", default="",
+                    help="only the overload run: saturation through the ledger, then these "
+                         "multiples of it offered, e.g. 2,5")
+    ap.add_argument("--pin", default="",
+                    help="SERVER/CLIENT cores, e.g. 0/1: the gate's process on one, the load "
+                         "generator's on the other (default: not pinned)")
+    ap.add_argument("--generator", choices=("lean", "streams"), default="lean",
+                    help="--overload's load generator: lean (Protocols, bench/_leanload.py) "
+                         "or streams (the asyncio-streams one of session 7)")
+
+
+def run_overload(bench: str, args: argparse.Namespace,
+                 overload_bench: Callable[..., Awaitable[dict[str, object]]]) -> None:
+    """A socket gate bench's ``--overload`` run: the figures, then its JSON line."""
+    multiples = [float(x) for x in args.overload.split(",")]
+    over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples,
+                                        args.generator))
+    print(overload_lines(over, [f"{m:g}x" for m in multiples]))
+    print(json.dumps({"bench": bench, "mode": "overload", "seconds": args.seconds,
+                      "concurrency": args.concurrency, "pin": args.pin or None,
+                      "generator": args.generator,
+                      "loadavg_1m": round(os.getloadavg()[0], 2), **over}))

@@ -49,15 +49,16 @@ import structlog
 from _loadgen import (
     FIGURES,
     Answer,
+    add_overload_args,
     client_figures,
     cores_needed,
     cores_note,
     gate_view,
     ledger_gate,
     overload_figures,
-    overload_lines,
     pin,
     run_client,
+    run_overload,
     target_verdicts,
     verdict_word,
 )
@@ -273,27 +274,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--ledger-only", action="store_true",
                     help="only the gate through the SQLite ledger, at the --rates")
-    ap.add_argument("--overload", default="",
-                    help="only the overload run: saturation through the ledger, then these "
-                         "multiples of it offered, e.g. 2,5")
-    ap.add_argument("--pin", default="",
-                    help="SERVER/CLIENT cores, e.g. 0/1: the gate's process on one, the load "
-                         "generator's on the other (default: not pinned)")
-    ap.add_argument("--generator", choices=("lean", "streams"), default="lean",
-                    help="--overload's load generator: lean (Protocols, bench/_leanload.py) "
-                         "or streams (the asyncio-streams one of session 7)")
+    add_overload_args(ap)
     args = ap.parse_args()
     pinned = pin(args.pin)
     print(pinned)
     if args.overload:
-        multiples = [float(x) for x in args.overload.split(",")]
-        over = eventloop.run(overload_bench(args.seconds, args.concurrency, multiples,
-                                            args.generator))
-        print(overload_lines(over, [f"{m:g}x" for m in multiples]))
-        print(json.dumps({"bench": "gate_fastagi", "mode": "overload", "seconds": args.seconds,
-                          "concurrency": args.concurrency, "pin": args.pin or None,
-                          "generator": args.generator,
-                          "loadavg_1m": round(os.getloadavg()[0], 2), **over}))
+        run_overload("gate_fastagi", args, overload_bench)
         return
     rates = [float(x) for x in args.rates.split(",")]
     r = eventloop.run(bench(args.seconds, rates, args.concurrency, args.ledger_only))
